@@ -1,0 +1,42 @@
+# `make serve` and `make test` work on a fresh clone: they create .venv and install what they need.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU wheel here; on a CUDA box use e.g. `make TORCH_SPEC='torch>=2.3' serve` (or a cu12x index).
+TORCH_SPEC ?= torch==2.13.0
+DEMO_MODEL := models/digits.pt2
+CONFIG ?= configs/default.toml
+
+.PHONY: serve test lint typecheck unit bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, so that resolving the project never pulls a multi-GB CUDA build.
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev,demo]"
+	touch $@
+
+$(DEMO_MODEL): scripts/make_demo_model.py | $(VENV)/.installed
+	$(PY) scripts/make_demo_model.py --out $(dir $(DEMO_MODEL))
+
+serve: $(VENV)/.installed $(DEMO_MODEL)
+	$(PY) -m gpuserve serve --config $(CONFIG)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(VENV)/.installed
+	$(VENV)/bin/mypy
+
+unit: $(VENV)/.installed $(DEMO_MODEL)
+	$(PY) -m pytest
+
+test: lint typecheck unit
+
+bench: $(VENV)/.installed $(DEMO_MODEL)
+	$(PY) scripts/load_test.py
+
+clean:
+	rm -rf $(VENV) models .mypy_cache .ruff_cache .pytest_cache

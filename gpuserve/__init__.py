@@ -1,0 +1,25 @@
+"""gpuserve: serve PyTorch models over HTTP with GPU awareness and dynamic batching."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["Settings", "__version__", "create_app"]
+
+if TYPE_CHECKING:
+    from gpuserve.app import create_app
+    from gpuserve.config import Settings
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so `import gpuserve` (and `gpuserve --help`) does not pay for torch and FastAPI.
+    if name == "create_app":
+        from gpuserve.app import create_app
+
+        return create_app
+    if name == "Settings":
+        from gpuserve.config import Settings
+
+        return Settings
+    raise AttributeError(f"module 'gpuserve' has no attribute {name!r}")

@@ -1,0 +1,244 @@
+"""The HTTP layer: routes, the lifespan that starts the model load, and the one map from errors
+to responses. `/predict` reads: parse the body -> validate each instance against the spec ->
+`ModelService.predict` (batcher -> worker thread) -> encode the outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import fastapi
+import orjson
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gpuserve import __version__
+from gpuserve.config import Settings
+from gpuserve.errors import GpuserveError, InvalidInput, NotReady
+from gpuserve.loading import load_model
+from gpuserve.metrics import Metrics
+from gpuserve.schemas import ErrorResponse, PredictRequest, PredictResponse
+from gpuserve.service import Instance, Loader, ModelService
+from gpuserve.spec import to_array
+
+logger = logging.getLogger("gpuserve.app")
+
+router = APIRouter()
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (413, 422, 500, 503)
+}
+
+
+def create_app(settings: Settings, *, loader: Loader | None = None) -> FastAPI:
+    """Build the ASGI app. The model starts loading when the app's lifespan starts."""
+    metrics = Metrics()
+    service = ModelService(settings.model, settings.device, loader or load_model, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(title="gpuserve", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.service = service
+    app.state.metrics = metrics
+    app.include_router(router)
+    app.add_exception_handler(GpuserveError, _gpuserve_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_middleware(RequestContext, metrics=metrics)
+    return app
+
+
+class RequestContext:
+    """Pure ASGI middleware: a request id for every request, and its count and latency."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        header = (b"x-request-id", request_id.encode())
+        status = 500
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            self.metrics.observe_request(path, status, time.perf_counter() - started)
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            if _REQUEST_ID.match(candidate):
+                return candidate
+            break
+    return uuid.uuid4().hex
+
+
+def _service(request: Request) -> ModelService:
+    service: ModelService = request.app.state.service
+    return service
+
+
+def _json(body: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
+        status_code=status_code,
+        headers=headers,
+        media_type="application/json",
+    )
+
+
+@router.get("/health/live")
+async def live() -> Response:
+    """200 as long as the process serves HTTP, from the first moment, loading or not."""
+    return _json({"status": "alive"})
+
+
+@router.get("/health/ready")
+async def ready(request: Request) -> Response:
+    """200 once the model is on its device and warmed up; 503 with the state otherwise."""
+    body = _service(request).readiness()
+    return _json(body, 200 if body["status"] == "ready" else 503)
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    responses=_ERRORS,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
+        }
+    },
+)
+async def predict(request: Request) -> Response:
+    """Run one instance (`inputs`) or several (`instances`) through the model."""
+    service = _service(request)
+    spec = service.spec  # NotReady (503) while loading, before the body is read
+    body = await request.body()
+    if not body:
+        raise InvalidInput("the request body is empty: send JSON with 'inputs' or 'instances'")
+    try:
+        parsed = PredictRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise InvalidInput(_describe(exc)) from None
+
+    if parsed.instances is not None:
+        limit = service.settings.max_instances_per_request
+        if len(parsed.instances) > limit:
+            raise InvalidInput(f"instances: {len(parsed.instances)} given, at most {limit} allowed")
+        arrays: list[Instance] = [
+            to_array(value, spec.input, f"instances[{i}]")
+            for i, value in enumerate(parsed.instances)
+        ]
+        outputs: Any = await service.predict(arrays)
+    else:
+        outputs = (await service.predict([to_array(parsed.inputs, spec.input, "inputs")]))[0]
+    return _json({"model": spec.name, "outputs": outputs})
+
+
+@router.get("/info")
+async def info(request: Request) -> Response:
+    """The model, its spec, the device, the batcher settings and the versions in use."""
+    service = _service(request)
+    settings: Settings = request.app.state.settings
+    model = service.model
+    body = {
+        "model": model.spec.model_dump(mode="json") if model else None,
+        "state": service.readiness(),
+        "device": service.device.to_dict() if service.device else None,
+        "batching": {
+            "max_batch_size": settings.model.max_batch_size,
+            "max_wait_ms": settings.model.max_wait_ms,
+            "max_instances_per_request": settings.model.max_instances_per_request,
+        },
+        "versions": {
+            "gpuserve": __version__,
+            "python": platform.python_version(),
+            "fastapi": fastapi.__version__,
+            "torch": service.device.torch_version if service.device else None,
+        },
+    }
+    return _json(body)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    registry: Metrics = request.app.state.metrics
+    return Response(registry.render(), media_type=registry.content_type)
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "body"
+        parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)
+
+
+def _error(
+    request: Request, status_code: int, message: str, headers: dict[str, str] | None = None
+) -> Response:
+    request_id = request.scope.get("state", {}).get("request_id", "")
+    return _json({"error": message, "request_id": request_id}, status_code, headers)
+
+
+async def _gpuserve_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GpuserveError)
+    headers = None
+    if isinstance(exc, NotReady):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    if exc.status_code >= 500 and not isinstance(exc, NotReady):
+        logger.error(
+            "request %s failed: %s",
+            request.scope.get("state", {}).get("request_id"),
+            exc.message,
+            exc_info=exc.__cause__ or exc,
+        )
+    return _error(request, exc.status_code, exc.message, headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return _error(request, exc.status_code, str(exc.detail), dict(exc.headers or {}) or None)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    return _error(request, 422, str(exc.errors()))

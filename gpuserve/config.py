@@ -1,0 +1,109 @@
+"""Settings: one class, read from a TOML file, then `GPUSERVE_*` environment variables, then flags.
+
+Nothing is read at import time. `Settings()` reads the environment when it is built, and the
+file named by `config_file` (given as a flag, or as `GPUSERVE_CONFIG_FILE`) at the same moment.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+class ModelSettings(BaseModel):
+    """Which model to serve and how to batch its requests."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: Path = Field(
+        default=Path("models/digits.pt2"),
+        description="The model file: .pt2 (torch.export) or TorchScript. Relative to the "
+        "working directory.",
+    )
+    spec: Path | None = Field(
+        default=None,
+        description="The JSON spec (name, input shape, dtype, labels). Default: the model path "
+        "with a .json suffix.",
+    )
+    name: str | None = Field(default=None, description="Overrides the name in the spec.")
+    max_batch_size: int = Field(default=32, ge=1, le=4096)
+    max_wait_ms: float = Field(
+        default=2.0,
+        ge=0.0,
+        le=10_000.0,
+        description="How long a batch may keep growing while the model is busy. A request that "
+        "arrives while the model is idle is dispatched at once, never on this timer.",
+    )
+    max_instances_per_request: int = Field(default=1024, ge=1)
+    warmup: bool = Field(default=True, description="Run one batch before reporting ready.")
+
+    @property
+    def spec_path(self) -> Path:
+        return self.spec if self.spec is not None else self.path.with_suffix(".json")
+
+
+class Settings(BaseSettings):
+    """Every setting of a gpuserve process. Build it once (see `cli`) and pass it down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GPUSERVE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    config_file: Path | None = Field(default=None, description="TOML file with these settings.")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    model: ModelSettings = ModelSettings()
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE_PATTERN.match(value):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Highest priority first: flags (init kwargs), then the environment, then the file.
+        return (init_settings, env_settings, _TomlFileSource(settings_cls))
+
+
+class _TomlFileSource(PydanticBaseSettingsSource):
+    """Reads the TOML file whose path the higher-priority sources (flags or env) named."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError  # __call__ is overridden; pydantic-settings never calls this.
+
+    def __call__(self) -> dict[str, Any]:
+        path = self.current_state.get("config_file")
+        if path is None:
+            return {}
+        try:
+            with Path(path).open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ValueError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
+        data.pop("config_file", None)
+        return data

@@ -1,0 +1,97 @@
+"""The user contract: how validated instances become one forward pass and come back apart.
+
+The hooks run in the order data flows, all in the batcher's worker thread:
+`collate(instances) -> batch`, `forward(batch) -> output`, `split(output) -> rows`,
+`postprocess(row) -> JSON-able`. The defaults cover a plain tensor-in, tensor-out model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from gpuserve.device import DeviceInfo
+from gpuserve.errors import ModelLoadError
+from gpuserve.spec import ModelSpec
+
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+
+class Handler:
+    """Runs batches of validated instances (numpy arrays shaped as `spec.input`) on a module."""
+
+    def __init__(self, module: torch.nn.Module, spec: ModelSpec, device: DeviceInfo) -> None:
+        self.module = module
+        self.spec = spec
+        self.device = torch.device(device.device)
+        self._input_dtype = _TORCH_DTYPES[spec.input.dtype]
+        # Pinned host memory lets the copy to the GPU run without blocking the worker thread.
+        self._pin = self.device.type == "cuda"
+
+    def __call__(self, instances: list[np.ndarray[Any, Any]]) -> list[Any]:
+        """The batch function the batcher calls: one forward pass for all instances."""
+        with torch.inference_mode():
+            output = self.forward(self.collate(instances))
+            return [self.postprocess(row) for row in self.split(output)]
+
+    def collate(self, instances: list[np.ndarray[Any, Any]]) -> torch.Tensor:
+        """Stack instances into one batch on the model's device."""
+        batch = torch.from_numpy(np.stack(instances))
+        if self._pin:
+            batch = batch.pin_memory()
+        return batch.to(self.device, dtype=self._input_dtype, non_blocking=self._pin)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Run the model. Override for models that take more than one tensor."""
+        output: torch.Tensor = self.module(batch)
+        return output
+
+    def split(self, output: torch.Tensor) -> list[Any]:
+        """Bring the whole batch back to the host once, then cut it into rows."""
+        output = output.float()
+        if self.spec.labels is not None:
+            output = torch.softmax(output, dim=-1)
+        rows: list[Any] = output.cpu().tolist()
+        return rows
+
+    def postprocess(self, row: Any) -> Any:
+        """Shape one row for the JSON response: label and probabilities for a classifier."""
+        if self.spec.labels is None:
+            return row
+        best = max(range(len(row)), key=row.__getitem__)
+        return {"label": self.spec.labels[best], "probabilities": row}
+
+    def warm_up(self) -> None:
+        """Run one batch end to end and check the output's shape against the spec.
+
+        Catches a spec that does not match the model before the server reports ready.
+        """
+        example = self.spec.input.example()
+        try:
+            with torch.inference_mode():
+                output = self.forward(self.collate([example, example]))
+        except Exception as exc:
+            raise ModelLoadError(
+                f"warm-up batch failed: does the input spec {self.spec.input.describe()} match "
+                f"the model? {type(exc).__name__}: {exc}"
+            ) from exc
+        want = self.spec.output.shape
+        got = tuple(output.shape[1:])
+        if len(got) != len(want) or any(w not in (-1, g) for g, w in zip(got, want, strict=True)):
+            raise ModelLoadError(
+                f"warm-up output shape {list(got)} does not match the spec's output "
+                f"{self.spec.output.describe()}"
+            )
+        # The full path, postprocess included, at batch size 1 as a lone request sees it.
+        self([example])

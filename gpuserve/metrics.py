@@ -1,0 +1,99 @@
+"""Prometheus collectors, one registry per app so that several apps (tests) never collide."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class Metrics:
+    """The server's metrics. Names follow Prometheus conventions (`_seconds`, `_total`)."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "gpuserve_requests",
+            "HTTP requests answered, by route and status code.",
+            ["route", "code"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "gpuserve_request_seconds",
+            "Time from request to response, by route.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "gpuserve_batch_size",
+            "Instances per forward pass.",
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_wait_seconds = Histogram(
+            "gpuserve_queue_wait_seconds",
+            "Time the oldest instance of a batch waited before its forward pass began.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.forward_seconds = Histogram(
+            "gpuserve_forward_seconds",
+            "Time of one batch through collate, forward, split and postprocess.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.failed_batches = Counter(
+            "gpuserve_failed_batches",
+            "Batches whose forward pass raised.",
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "gpuserve_queue_depth",
+            "Instances waiting for a batch.",
+            registry=self.registry,
+        )
+        self.ready = Gauge(
+            "gpuserve_ready",
+            "1 when the model is loaded, warmed up and accepting requests.",
+            registry=self.registry,
+        )
+
+    def track_queue_depth(self, read: Callable[[], float]) -> None:
+        """Read the depth when scraped, so nothing polls between scrapes."""
+        self.queue_depth.set_function(read)
+
+    def observe_request(self, route: str, code: int, seconds: float) -> None:
+        self.requests.labels(route, str(code)).inc()
+        self.request_seconds.labels(route).observe(seconds)
+
+    def observe_batch(self, size: int, queue_wait_s: float, forward_s: float, failed: bool) -> None:
+        self.batch_size.observe(size)
+        self.queue_wait_seconds.observe(queue_wait_s)
+        self.forward_seconds.observe(forward_s)
+        if failed:
+            self.failed_batches.inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,40 @@
+"""Request and response bodies of the HTTP API, as pydantic models (they also feed OpenAPI)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class PredictRequest(BaseModel):
+    """One instance under `inputs`, or several under `instances`; exactly one of the two."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: Any = Field(default=None, description="One instance, shaped as the model's input.")
+    instances: list[Any] | None = Field(
+        default=None, description="Several instances; each is batched on its own."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> PredictRequest:
+        if (self.inputs is None) == (self.instances is None):
+            raise ValueError("give exactly one of 'inputs' (one instance) or 'instances' (a list)")
+        if self.instances is not None and not self.instances:
+            raise ValueError("'instances' is empty")
+        return self
+
+
+class PredictResponse(BaseModel):
+    """For `inputs`, `outputs` is that instance's output; for `instances`, a list of them."""
+
+    model: str
+    outputs: Any
+
+
+class ErrorResponse(BaseModel):
+    """Every error the server returns has this shape."""
+
+    error: str
+    request_id: str

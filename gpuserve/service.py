@@ -1,0 +1,195 @@
+"""ModelService: one model's life in the server, from background load to drained shutdown.
+
+It owns the load thread, the batcher, and the readiness state the health checks report. It knows
+nothing of HTTP: `app` turns its answers and errors into responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from gpuserve.batcher import BatchStats, MicroBatcher
+from gpuserve.config import ModelSettings
+from gpuserve.device import DeviceInfo, probe
+from gpuserve.errors import GpuserveError, InferenceError, NotReady
+from gpuserve.metrics import Metrics
+from gpuserve.spec import ModelSpec
+
+logger = logging.getLogger("gpuserve.service")
+
+State = Literal["loading", "ready", "failed", "stopping"]
+Instance = np.ndarray[Any, Any]
+
+
+class BatchModel(Protocol):
+    """What a loader returns: a spec, and a batch function of validated instances."""
+
+    spec: ModelSpec
+
+    def __call__(self, instances: list[Instance]) -> list[Any]: ...
+
+
+Loader = Callable[[ModelSettings, DeviceInfo], BatchModel]
+
+
+class ModelService:
+    """Loads a model in a background thread and serves it through a MicroBatcher."""
+
+    def __init__(
+        self,
+        settings: ModelSettings,
+        device: str,
+        loader: Loader,
+        metrics: Metrics,
+        prober: Callable[[str], DeviceInfo] = probe,
+    ) -> None:
+        self.settings = settings
+        self._device_request = device
+        self._loader = loader
+        self._prober = prober
+        self._metrics = metrics
+        self._state: State = "loading"
+        self._reason: str | None = None
+        self._load_task: asyncio.Task[None] | None = None
+        self.model: BatchModel | None = None
+        self.device: DeviceInfo | None = None
+        self.batcher: MicroBatcher[Instance, Any] | None = None
+        metrics.track_queue_depth(lambda: self.batcher.queue_depth if self.batcher else 0)
+
+    @property
+    def state(self) -> State:
+        if self._state == "ready" and self.batcher is not None and self.batcher.error is not None:
+            return "failed"
+        return self._state
+
+    @property
+    def reason(self) -> str | None:
+        """Why the service is not ready, in words a client can act on."""
+        if self.batcher is not None and self.batcher.error is not None:
+            return self.batcher.error
+        return self._reason
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The model's spec; raises NotReady until the model has loaded."""
+        if self.model is None or self.state != "ready":
+            raise self._not_ready()
+        return self.model.spec
+
+    async def start(self) -> None:
+        """Start loading in the background and return at once."""
+        self._load_task = asyncio.create_task(self._load(), name="gpuserve-load")
+
+    async def predict(self, instances: list[Instance]) -> list[Any]:
+        """Run validated instances through the batcher; one result per instance, in order."""
+        if self.batcher is None or self.state != "ready":
+            raise self._not_ready()
+        futures = [self.batcher.submit(instance) for instance in instances]
+        try:
+            return list(await asyncio.gather(*futures))
+        except GpuserveError:
+            raise
+        except asyncio.CancelledError:
+            # The client went away: drop whatever has not been batched yet.
+            for future in futures:
+                future.cancel()
+            raise
+        except Exception as exc:
+            raise InferenceError("inference failed") from exc
+        finally:
+            for future in futures:
+                if not future.done():
+                    future.cancel()
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Refuse new work, answer what was accepted, and release the worker."""
+        self._state = "stopping"
+        self._reason = "the server is shutting down"
+        self._metrics.ready.set(0)
+        if self._load_task is not None and not self._load_task.done():
+            # A load thread cannot be interrupted; it is a daemon and dies with the process.
+            self._load_task.cancel()
+        if self._load_task is not None:
+            await asyncio.gather(self._load_task, return_exceptions=True)
+        if self.batcher is not None:
+            await self.batcher.stop(timeout_s)
+
+    def readiness(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"status": self.state}
+        if self.reason is not None and self.state != "ready":
+            body["reason"] = self.reason
+        return body
+
+    async def _load(self) -> None:
+        try:
+            model, device = await _in_daemon_thread(self._load_blocking)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._state = "failed"
+            self._reason = f"model failed to load: {exc}"
+            logger.error("model failed to load", exc_info=exc)
+            return
+        if self._state == "stopping":
+            return
+        self.model, self.device = model, device
+        self.batcher = MicroBatcher(
+            model,
+            max_batch_size=self.settings.max_batch_size,
+            max_wait_s=self.settings.max_wait_ms / 1000.0,
+            name=model.spec.name,
+            on_batch=self._observe_batch,
+        )
+        await self.batcher.start()
+        self._state = "ready"
+        self._metrics.ready.set(1)
+        logger.info("%s is ready on %s (%s)", model.spec.name, device.device, device.reason)
+
+    def _load_blocking(self) -> tuple[BatchModel, DeviceInfo]:
+        device = self._prober(self._device_request)
+        logger.info("device: %s (%s): %s", device.device, device.name, device.reason)
+        return self._loader(self.settings, device), device
+
+    def _observe_batch(self, stats: BatchStats) -> None:
+        self._metrics.observe_batch(stats.size, stats.queue_wait_s, stats.forward_s, stats.failed)
+
+    def _not_ready(self) -> NotReady:
+        state = self.state
+        if state == "loading":
+            return NotReady("the model is still loading", retry_after_s=2)
+        if state == "stopping":
+            return NotReady("the server is shutting down", retry_after_s=5)
+        return NotReady(f"the model is unavailable: {self.reason}", retry_after_s=30)
+
+
+async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
+    """Like asyncio.to_thread, but on a daemon thread, so a slow load never blocks exit."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result, exc = fn(), None
+        except BaseException as error:
+            result, exc = None, error
+        # A closed loop means the server stopped while we loaded: nobody is waiting.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, result, exc)
+
+    threading.Thread(target=run, name="gpuserve-load", daemon=True).start()
+    return await future

@@ -1,0 +1,169 @@
+"""The model's declared input and output, and the check every instance passes before it is queued.
+
+Validation happens here, per instance and before batching, so a bad instance is answered with a
+422 and never reaches the model, nor the other requests its batch would have held.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gpuserve.errors import InvalidInput, ModelLoadError
+
+DType = Literal["float32", "float64", "float16", "bfloat16", "int64", "int32", "uint8", "bool"]
+
+# JSON numbers arrive as int64 or float64 arrays; these are the numpy kinds each dtype accepts.
+_ACCEPTED_KINDS: dict[str, str] = {
+    "float32": "iuf",
+    "float64": "iuf",
+    "float16": "iuf",
+    "bfloat16": "iuf",
+    "int64": "iu",
+    "int32": "iu",
+    "uint8": "iu",
+    "bool": "b",
+}
+# numpy has no bfloat16: such inputs travel as float32 and the handler casts on the device.
+_NUMPY_DTYPE: dict[str, str] = {"bfloat16": "float32"}
+
+
+class TensorSpec(BaseModel):
+    """One tensor of one instance (no batch dimension). -1 marks a dimension of any size."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = "input"
+    shape: tuple[int, ...]
+    dtype: DType = "float32"
+    min: float | None = Field(default=None, description="Smallest allowed value, if any.")
+    max: float | None = Field(default=None, description="Largest allowed value, if any.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TensorSpec:
+        if any(dim == 0 or dim < -1 for dim in self.shape):
+            raise ValueError(f"shape {list(self.shape)} has a dimension that is 0 or below -1")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError("min is larger than max")
+        return self
+
+    @property
+    def numpy_dtype(self) -> np.dtype[Any]:
+        return np.dtype(_NUMPY_DTYPE.get(self.dtype, self.dtype))
+
+    def describe(self) -> str:
+        dims = ", ".join("N" if d == -1 else str(d) for d in self.shape)
+        return f"{self.dtype}[{dims}]"
+
+    def example(self) -> np.ndarray[Any, Any]:
+        """A valid instance (variable dimensions set to 1), used for the warm-up batch."""
+        shape = tuple(1 if d == -1 else d for d in self.shape)
+        fill = 0.0 if self.min is None else self.min
+        return np.full(shape, fill, dtype=self.numpy_dtype)
+
+
+class ModelSpec(BaseModel):
+    """What a model takes and returns. Stored as JSON beside the model file."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    input: TensorSpec
+    output: TensorSpec
+    labels: list[str] | None = Field(
+        default=None, description="Class names; when set, outputs carry a label and probabilities."
+    )
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _check_labels(self) -> ModelSpec:
+        if self.labels is not None and self.output.shape[-1:] != (len(self.labels),):
+            raise ValueError(
+                f"{len(self.labels)} labels do not match output shape {list(self.output.shape)}"
+            )
+        return self
+
+    @classmethod
+    def from_file(cls, path: Path) -> ModelSpec:
+        """Read and check a spec file; every failure is a ModelLoadError naming the file."""
+        try:
+            return cls.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            raise ModelLoadError(f"model spec not found: {path}") from None
+        except ValidationError as exc:
+            raise ModelLoadError(f"model spec {path} is invalid: {exc}") from None
+
+    def to_file(self, path: Path) -> None:
+        path.write_text(
+            json.dumps(self.model_dump(mode="json", exclude_none=True), indent=2) + "\n"
+        )
+
+
+def to_array(value: Any, spec: TensorSpec, field: str) -> np.ndarray[Any, Any]:
+    """Turn one JSON instance into an array of the spec's shape and dtype, or raise InvalidInput.
+
+    `field` names the place in the request (`inputs`, `instances[3]`) for the error message.
+    """
+    expected = f"expected {spec.describe()}"
+    if isinstance(value, (str, bytes, dict)) or value is None:
+        raise InvalidInput(f"{field}: {expected}, got {_json_type(value)}")
+    try:
+        # No dtype here: numpy would turn "1" into 1.0 and True into 1.0 if it were given one.
+        array = np.asarray(value)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidInput(
+            f"{field}: {expected}, got a ragged or non-numeric array ({exc})"
+        ) from None
+    if array.dtype.kind not in _ACCEPTED_KINDS[spec.dtype]:
+        got = _kind_name(array)
+        raise InvalidInput(f"{field}: {expected}, got {got}")
+    if not _shape_matches(array.shape, spec.shape):
+        raise InvalidInput(f"{field}: {expected}, got shape {list(array.shape)}")
+    if array.size == 0:
+        raise InvalidInput(f"{field}: {expected}, got an empty array")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InvalidInput(f"{field}: {expected}, got NaN or infinity")
+    if spec.min is not None and array.min() < spec.min:
+        raise InvalidInput(f"{field}: values must be >= {spec.min}, got {array.min()}")
+    if spec.max is not None and array.max() > spec.max:
+        raise InvalidInput(f"{field}: values must be <= {spec.max}, got {array.max()}")
+    target = spec.numpy_dtype
+    if array.dtype.kind == "f" and target.kind == "f":
+        with np.errstate(over="ignore"):
+            converted = array.astype(target)
+        if not np.isfinite(converted).all():
+            raise InvalidInput(f"{field}: values overflow {spec.dtype}")
+        return converted
+    if array.dtype.kind in "iu" and target.kind in "iu":
+        info = np.iinfo(target)
+        if array.min() < info.min or array.max() > info.max:
+            raise InvalidInput(f"{field}: values do not fit in {spec.dtype}")
+    return array.astype(target, copy=False)
+
+
+def _shape_matches(got: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    return len(got) == len(want) and all(w in (-1, g) for g, w in zip(got, want, strict=True))
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "an object"
+    return "a string"
+
+
+def _kind_name(array: np.ndarray[Any, Any]) -> str:
+    return {
+        "b": "booleans",
+        "U": "strings",
+        "S": "strings",
+        "f": "floats",
+        "i": "integers",
+        "u": "integers",
+        "O": "nulls, mixed types or integers too large for int64",
+    }.get(array.dtype.kind, f"values of type {array.dtype}")

@@ -1,0 +1,136 @@
+"""Shared fixtures: the anyio backend, the demo model, and a small fake model for HTTP tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gpuserve.config import ModelSettings
+from gpuserve.device import DeviceInfo
+from gpuserve.spec import ModelSpec, TensorSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CPU = DeviceInfo(device="cpu", kind="cpu", name="test cpu", reason="test")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Path:
+    """The demo model file; `make test` builds it first, this builds it if run bare."""
+    path = ROOT / "models" / "digits.pt2"
+    if not path.exists():
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "scripts" / "make_demo_model.py"),
+                "--out",
+                str(path.parent),
+            ],
+            check=True,
+        )
+    return path
+
+
+class FakeModel:
+    """Sums each instance times `scale`; records every batch it sees. No torch involved."""
+
+    def __init__(self, spec: ModelSpec, scale: float = 1.0) -> None:
+        self.spec = spec
+        self.scale = scale
+        self.batches: list[int] = []
+        self.error: Exception | None = None
+
+    def __call__(self, instances: list[np.ndarray[Any, Any]]) -> list[Any]:
+        self.batches.append(len(instances))
+        if self.error is not None:
+            raise self.error
+        return [float(x.sum()) * self.scale for x in instances]
+
+
+FAKE_SPEC = ModelSpec(
+    name="fake",
+    input=TensorSpec(name="x", shape=(4,), dtype="float32", min=-100, max=100),
+    output=TensorSpec(name="y", shape=(1,), dtype="float32"),
+)
+
+
+@pytest.fixture
+def fake_model() -> FakeModel:
+    return FakeModel(FAKE_SPEC)
+
+
+def fake_loader(model: FakeModel) -> Any:
+    def load(settings: ModelSettings, device: DeviceInfo) -> FakeModel:
+        return model
+
+    return load
+
+
+class ServerProcess:
+    """`gpuserve serve` in a subprocess on a port the OS picks; stopped by its own PID."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.env = env
+        self.process: subprocess.Popen[str] | None = None
+        self.url = ""
+        self.log: list[str] = []
+        self._bound = threading.Event()
+
+    def __enter__(self) -> ServerProcess:
+        command = [sys.executable, "-m", "gpuserve", "serve", "--port", "0", *self.args]
+        self.process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})},
+        )
+        # A thread drains the output (so the server never blocks on a full pipe) and spots the
+        # address uvicorn bound; the wait for it is bounded.
+        self._drainer = threading.Thread(target=self._drain, daemon=True)
+        self._drainer.start()
+        if not self._bound.wait(timeout=60):
+            self.stop()
+            raise RuntimeError("server did not start:\n" + "".join(self.log))
+        return self
+
+    def _drain(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            self.log.append(line)
+            found = re.search(r"Uvicorn running on (http://\S+)", line)
+            if found:
+                self.url = found.group(1)
+                self._bound.set()
+
+    def stop(self, timeout: float = 30) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._drainer.join(timeout=10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        return self.process.returncode
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,221 @@
+"""The HTTP API in-process (httpx over ASGI, lifespan running), with a fake model."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from gpuserve.app import create_app
+from gpuserve.config import ModelSettings, Settings
+from gpuserve.device import DeviceInfo
+from gpuserve.errors import ModelLoadError
+
+from .conftest import FakeModel, fake_loader
+
+pytestmark = pytest.mark.anyio
+
+SETTINGS = Settings(device="cpu", model=ModelSettings(max_instances_per_request=8))
+
+
+@asynccontextmanager
+async def serving(app: FastAPI, wait_ready: bool = True) -> AsyncIterator[httpx.AsyncClient]:
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gpuserve") as client:
+            if wait_ready:
+                await wait_for_status(client, "ready")
+            yield client
+
+
+async def wait_for_status(client: httpx.AsyncClient, status: str) -> dict[str, Any]:
+    with anyio.fail_after(10):
+        while True:
+            body: dict[str, Any] = (await client.get("/health/ready")).json()
+            if body["status"] == status:
+                return body
+            await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def client(fake_model: FakeModel) -> AsyncIterator[httpx.AsyncClient]:
+    async with serving(create_app(SETTINGS, loader=fake_loader(fake_model))) as client:
+        yield client
+
+
+async def test_predict_one_instance(client: httpx.AsyncClient) -> None:
+    response = await client.post("/predict", json={"inputs": [1, 2, 3, 4]})
+    assert response.status_code == 200
+    assert response.json() == {"model": "fake", "outputs": 10.0}
+    assert response.headers["content-type"] == "application/json"
+
+
+async def test_predict_several_instances_in_order(client: httpx.AsyncClient) -> None:
+    instances = [[i, 0, 0, 0] for i in range(6)]
+    response = await client.post("/predict", json={"instances": instances})
+    assert response.status_code == 200
+    assert response.json()["outputs"] == [float(i) for i in range(6)]
+
+
+async def test_concurrent_requests_are_batched_and_routed(
+    client: httpx.AsyncClient, fake_model: FakeModel
+) -> None:
+    responses = await asyncio.gather(
+        *(client.post("/predict", json={"inputs": [i, i, 0, 0]}) for i in range(40))
+    )
+    assert [r.json()["outputs"] for r in responses] == [2.0 * i for i in range(40)]
+    assert sum(fake_model.batches) >= 40
+
+
+BAD_BODIES: list[tuple[str, bytes, str]] = [
+    ("wrong shape", b'{"inputs": [1, 2, 3]}', "inputs: expected float32[4], got shape [3]"),
+    ("wrong type", b'{"inputs": ["a", "b", "c", "d"]}', "inputs: expected float32[4], got strings"),
+    ("nan", b'{"inputs": [NaN, 1, 2, 3]}', "inputs: expected float32[4], got NaN or infinity"),
+    ("infinity", b'{"inputs": [1e999, 1, 2, 3]}', "NaN or infinity"),
+    ("out of range", b'{"inputs": [1, 2, 3, 1000]}', "values must be <= 100"),
+    ("empty body", b"", "the request body is empty"),
+    ("not json", b"{inputs: [1,2,3,4]", "Invalid JSON"),
+    ("json but not an object", b"[1, 2, 3, 4]", "body"),
+    ("neither field", b"{}", "exactly one of 'inputs'"),
+    ("both fields", b'{"inputs": [1,2,3,4], "instances": [[1,2,3,4]]}', "exactly one"),
+    ("extra field", b'{"inputs": [1,2,3,4], "extra": 1}', "extra: Extra inputs are not permitted"),
+    ("empty instances", b'{"instances": []}', "'instances' is empty"),
+    ("bad instance", b'{"instances": [[1,2,3,4], [1,2]]}', "instances[1]: expected float32[4]"),
+    ("too many instances", b'{"instances": [' + b",".join([b"[1,2,3,4]"] * 9) + b"]}", "at most 8"),
+    ("deep nesting", b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", "recursion limit"),
+    ("unicode garbage", '{"inputs": ["\udcff\u202e"]}'.encode("utf-8", "surrogatepass"), ""),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "message"), BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
+async def test_bad_input_is_a_422_that_names_the_problem(
+    client: httpx.AsyncClient, fake_model: FakeModel, case: str, body: bytes, message: str
+) -> None:
+    response = await client.post(
+        "/predict", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()
+    assert message in error["error"]
+    assert error["request_id"] == response.headers["x-request-id"]
+    assert fake_model.batches == [], "a bad request reached the model"
+    good = await client.post("/predict", json={"inputs": [1, 1, 1, 1]})
+    assert good.status_code == 200 and good.json()["outputs"] == 4.0
+
+
+async def test_bad_requests_do_not_disturb_good_ones_batched_beside_them(
+    client: httpx.AsyncClient,
+) -> None:
+    bodies = [{"inputs": [i, 0, 0, 0]} if i % 2 else {"inputs": [i]} for i in range(30)]
+    responses = await asyncio.gather(*(client.post("/predict", json=b) for b in bodies))
+    for i, response in enumerate(responses):
+        if i % 2:
+            assert response.status_code == 200 and response.json()["outputs"] == float(i)
+        else:
+            assert response.status_code == 422
+
+
+async def test_readiness_waits_for_a_slow_load(fake_model: FakeModel) -> None:
+    release = threading.Event()
+
+    def slow_loader(settings: ModelSettings, device: DeviceInfo) -> FakeModel:
+        assert release.wait(timeout=30)
+        return fake_model
+
+    app = create_app(SETTINGS, loader=slow_loader)
+    async with serving(app, wait_ready=False) as client:
+        assert (await client.get("/health/live")).status_code == 200
+        ready = await client.get("/health/ready")
+        assert ready.status_code == 503 and ready.json() == {"status": "loading"}
+        predict = await client.post("/predict", json={"inputs": [1, 2, 3, 4]})
+        assert predict.status_code == 503
+        assert predict.headers["retry-after"] == "2"
+        assert "still loading" in predict.json()["error"]
+        release.set()
+        await wait_for_status(client, "ready")
+        assert (await client.post("/predict", json={"inputs": [1, 2, 3, 4]})).status_code == 200
+
+
+async def test_a_failed_load_keeps_readiness_503_with_the_reason() -> None:
+    def broken_loader(settings: ModelSettings, device: DeviceInfo) -> FakeModel:
+        raise ModelLoadError("model file not found: nowhere.pt2")
+
+    async with serving(create_app(SETTINGS, loader=broken_loader), wait_ready=False) as client:
+        body = await wait_for_status(client, "failed")
+        assert "nowhere.pt2" in body["reason"]
+        assert (await client.get("/health/ready")).status_code == 503
+        assert (await client.get("/health/live")).status_code == 200
+        predict = await client.post("/predict", json={"inputs": [1, 2, 3, 4]})
+        assert predict.status_code == 503 and "nowhere.pt2" in predict.json()["error"]
+
+
+async def test_a_failing_forward_is_a_generic_500_with_a_request_id(
+    client: httpx.AsyncClient, fake_model: FakeModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_model.error = RuntimeError("secret internal detail")
+    response = await client.post(
+        "/predict", json={"inputs": [1, 2, 3, 4]}, headers={"x-request-id": "req-42"}
+    )
+    assert response.status_code == 500
+    assert response.json() == {"error": "inference failed", "request_id": "req-42"}
+    assert "secret internal detail" in caplog.text  # the log has it; the client does not
+    assert (await client.get("/health/ready")).status_code == 200
+
+
+async def test_a_collector_crash_flips_readiness_and_fails_fast(client: httpx.AsyncClient) -> None:
+    service = client._transport.app.state.service  # type: ignore[attr-defined]
+    service.batcher._error = "batch collector crashed: RuntimeError: simulated"
+    ready = await client.get("/health/ready")
+    assert ready.status_code == 503 and "simulated" in ready.json()["reason"]
+    predict = await client.post("/predict", json={"inputs": [1, 2, 3, 4]})
+    assert predict.status_code == 503
+
+
+async def test_request_ids_are_echoed_or_generated(client: httpx.AsyncClient) -> None:
+    echoed = await client.get("/health/live", headers={"x-request-id": "abc-123"})
+    assert echoed.headers["x-request-id"] == "abc-123"
+    generated = await client.get("/health/live", headers={"x-request-id": "bad id\n<script>"})
+    assert "script" not in generated.headers["x-request-id"]
+    assert len(generated.headers["x-request-id"]) == 32
+
+
+async def test_unknown_routes_get_the_error_shape(client: httpx.AsyncClient) -> None:
+    response = await client.get("/nope")
+    assert response.status_code == 404
+    assert response.json()["request_id"] == response.headers["x-request-id"]
+    assert (await client.get("/predict")).status_code == 405
+
+
+async def test_info_describes_model_device_batching_and_versions(client: httpx.AsyncClient) -> None:
+    info = (await client.get("/info")).json()
+    assert info["model"]["name"] == "fake"
+    assert info["model"]["input"]["shape"] == [4]
+    assert info["device"]["device"] == "cpu"
+    assert info["batching"]["max_instances_per_request"] == 8
+    assert info["versions"]["gpuserve"] == "0.1.0"
+
+
+async def test_metrics_count_requests_batches_and_queue(client: httpx.AsyncClient) -> None:
+    await client.post("/predict", json={"inputs": [1, 2, 3, 4]})
+    await client.post("/predict", json={"inputs": [1]})
+    text = (await client.get("/metrics")).text
+    assert 'gpuserve_requests_total{code="200",route="/predict"} 1.0' in text
+    assert 'gpuserve_requests_total{code="422",route="/predict"} 1.0' in text
+    assert 'gpuserve_request_seconds_bucket{le="+Inf",route="/predict"} 2.0' in text
+    assert "gpuserve_batch_size_count 1.0" in text  # the 422 never reached the batcher
+    assert "gpuserve_queue_depth 0.0" in text
+    assert "gpuserve_forward_seconds_count" in text
+    assert "gpuserve_ready 1.0" in text
+
+
+async def test_openapi_documents_predict(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    body = schema["paths"]["/predict"]["post"]["requestBody"]
+    assert "inputs" in body["content"]["application/json"]["schema"]["properties"]

@@ -1,0 +1,249 @@
+"""MicroBatcher with a fake process function: batching, routing, failures, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from gpuserve.batcher import BatchStats, MicroBatcher
+from gpuserve.errors import BatcherClosed
+
+pytestmark = pytest.mark.anyio
+
+
+class GatedDoubler:
+    """Doubles each item. While the gate is closed, the worker blocks inside the forward pass."""
+
+    def __init__(self, poison: int | None = None) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.batches: list[list[int]] = []
+        self.poison = poison
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        self.entered.set()
+        if not self.gate.wait(timeout=30):
+            raise TimeoutError("test gate never opened")
+        if self.poison is not None and self.poison in items:
+            raise ValueError(f"poisoned by {self.poison}")
+        return [item * 2 for item in items]
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Yield to the loop until `condition` holds; bounded so a bug cannot hang the suite."""
+    for _ in range(10_000):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("condition never held")
+
+
+async def started(
+    process: Callable[[list[int]], list[int]], **kwargs: float
+) -> MicroBatcher[int, int]:
+    options = {"max_batch_size": 8, "max_wait_s": 3600.0, **kwargs}
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        process,
+        max_batch_size=int(options["max_batch_size"]),
+        max_wait_s=options["max_wait_s"],
+    )
+    await batcher.start()
+    return batcher
+
+
+async def hold_worker(model: GatedDoubler, batcher: MicroBatcher[int, int]) -> asyncio.Future[int]:
+    """Close the gate and put one item in the worker, so later submits must queue."""
+    model.gate.clear()
+    model.entered.clear()
+    first = batcher.submit(-1)
+    await wait_until(model.entered.is_set)
+    return first
+
+
+async def test_lone_request_is_dispatched_without_waiting_for_the_timer() -> None:
+    model = GatedDoubler()
+    batcher = await started(model, max_wait_s=3600.0)
+    # With an hour-long max_wait, only the idle-dispatch rule can answer within the bound.
+    assert await asyncio.wait_for(batcher.submit(21), timeout=10) == 42
+    assert model.batches == [[21]]
+    await batcher.stop()
+
+
+async def test_concurrent_submits_share_forward_passes() -> None:
+    model = GatedDoubler()
+    batcher = await started(model, max_batch_size=64)
+    first = await hold_worker(model, batcher)
+    futures = [batcher.submit(i) for i in range(20)]
+    model.gate.set()
+    assert await asyncio.gather(*futures) == [i * 2 for i in range(20)]
+    assert await first == -2
+    assert len(model.batches) < 21
+    assert model.batches[1] == list(range(20))
+    await batcher.stop()
+
+
+async def test_batches_never_exceed_max_batch_size() -> None:
+    model = GatedDoubler()
+    batcher = await started(model, max_batch_size=4)
+    first = await hold_worker(model, batcher)
+    futures = [batcher.submit(i) for i in range(50)]
+    model.gate.set()
+    await asyncio.gather(first, *futures)
+    assert max(len(batch) for batch in model.batches) == 4
+    assert sorted(item for batch in model.batches for item in batch) == [-1, *range(50)]
+    await batcher.stop()
+
+
+async def test_each_caller_gets_its_own_result() -> None:
+    batcher = await started(lambda items: [f"out-{item}" for item in items])  # type: ignore[arg-type,misc]
+    values = list(range(100))
+    results = await asyncio.gather(*(batcher.submit(v) for v in values))
+    assert list(results) == [f"out-{v}" for v in values]
+    await batcher.stop()
+
+
+async def test_a_failed_forward_fails_exactly_its_own_batch() -> None:
+    model = GatedDoubler(poison=7)
+    batcher = await started(model, max_batch_size=3)
+    first = await hold_worker(model, batcher)
+    doomed = [batcher.submit(i) for i in (5, 6, 7)]  # a full batch: staged behind the first
+    await wait_until(lambda: batcher.queue_depth == 0)
+    spared = [batcher.submit(i) for i in (8, 9)]
+    model.gate.set()
+    results = await asyncio.gather(first, *doomed, *spared, return_exceptions=True)
+    assert results[0] == -2
+    assert all(isinstance(r, ValueError) for r in results[1:4])
+    assert results[4:] == [16, 18]
+    assert model.batches == [[-1], [5, 6, 7], [8, 9]]
+    await batcher.stop()
+
+
+async def test_a_wrong_number_of_results_fails_the_batch() -> None:
+    batcher = await started(lambda items: items[:-1])
+    with pytest.raises(RuntimeError, match="returned 0 results for a batch of 1"):
+        await batcher.submit(1)
+    await batcher.stop()
+
+
+async def test_a_collector_crash_fails_pending_requests_and_closes_the_batcher() -> None:
+    model = GatedDoubler()
+    batcher = await started(model, max_wait_s=0.0)
+    first = await hold_worker(model, batcher)
+
+    def broken_dispatch() -> None:
+        raise RuntimeError("collector bug")
+
+    batcher._dispatch = broken_dispatch  # type: ignore[method-assign]
+    waiting = batcher.submit(3)
+    with pytest.raises(BatcherClosed, match="collector crashed"):
+        await asyncio.wait_for(waiting, timeout=10)
+    assert batcher.error is not None and "collector bug" in batcher.error
+    assert not batcher.running
+    with pytest.raises(BatcherClosed):
+        batcher.submit(4)
+    model.gate.set()
+    assert await first == -2  # the batch already in the worker still gets its answer
+    await batcher.stop()
+
+
+async def test_max_wait_hands_a_batch_to_the_busy_worker_early() -> None:
+    model = GatedDoubler()
+    batcher = await started(model, max_wait_s=0.0)
+    first = await hold_worker(model, batcher)
+    second = batcher.submit(1)
+    await wait_until(lambda: batcher.queue_depth == 0)  # staged at once: max_wait is zero
+    third = batcher.submit(2)
+    model.gate.set()
+    assert await asyncio.gather(first, second, third) == [-2, 2, 4]
+    assert model.batches == [[-1], [1], [2]]
+    await batcher.stop()
+
+
+async def test_a_batch_keeps_growing_while_the_worker_is_busy_and_max_wait_allows() -> None:
+    model = GatedDoubler()
+    batcher = await started(model, max_wait_s=3600.0)
+    first = await hold_worker(model, batcher)
+    second = batcher.submit(1)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    third = batcher.submit(2)
+    model.gate.set()
+    assert await asyncio.gather(first, second, third) == [-2, 2, 4]
+    assert model.batches == [[-1], [1, 2]]
+    await batcher.stop()
+
+
+async def test_a_cancelled_request_never_reaches_the_model() -> None:
+    model = GatedDoubler()
+    batcher = await started(model)
+    first = await hold_worker(model, batcher)
+    gone = batcher.submit(100)
+    kept = batcher.submit(200)
+    gone.cancel()
+    model.gate.set()
+    assert await kept == 400
+    await first
+    assert all(100 not in batch for batch in model.batches)
+    await batcher.stop()
+
+
+async def test_stop_answers_everything_already_accepted() -> None:
+    model = GatedDoubler()
+    batcher = await started(model, max_batch_size=2)
+    first = await hold_worker(model, batcher)
+    futures = [batcher.submit(i) for i in range(7)]
+    stopping = asyncio.create_task(batcher.stop(timeout_s=30))
+    await wait_until(lambda: not batcher.running)
+    with pytest.raises(BatcherClosed, match="shutting down"):
+        batcher.submit(99)
+    model.gate.set()
+    await stopping
+    assert await first == -2
+    assert [f.result() for f in futures] == [i * 2 for i in range(7)]
+
+
+async def test_stop_fails_what_it_cannot_finish_in_time() -> None:
+    model = GatedDoubler()
+    batcher = await started(model)
+    first = await hold_worker(model, batcher)
+    queued = batcher.submit(1)
+    await batcher.stop(timeout_s=0.05)
+    model.gate.set()
+    for future in (first, queued):
+        with pytest.raises(BatcherClosed, match="stopped before"):
+            await future
+
+
+async def test_on_batch_reports_each_batch_and_its_failures() -> None:
+    seen: list[BatchStats] = []
+    model = GatedDoubler(poison=3)
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        model, max_batch_size=8, max_wait_s=0.0, on_batch=seen.append
+    )
+    await batcher.start()
+    assert await batcher.submit(1) == 2
+    with pytest.raises(ValueError):
+        await batcher.submit(3)
+    await batcher.stop()
+    assert [(s.size, s.failed) for s in seen] == [(1, False), (1, True)]
+    assert all(s.forward_s >= 0 and s.queue_wait_s >= 0 for s in seen)
+
+
+async def test_submit_before_start_is_refused() -> None:
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        lambda items: items, max_batch_size=1, max_wait_s=0
+    )
+    with pytest.raises(BatcherClosed, match="not ready"):
+        batcher.submit(1)
+
+
+def test_invalid_sizes_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        MicroBatcher(lambda items: items, max_batch_size=0, max_wait_s=0)
+    with pytest.raises(ValueError):
+        MicroBatcher(lambda items: items, max_batch_size=1, max_wait_s=-1)

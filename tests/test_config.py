@@ -1,0 +1,111 @@
+"""Settings precedence: file < environment < flags, and clear errors for bad values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from gpuserve.config import ModelSettings, Settings
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "gpuserve.toml"
+    path.write_text(
+        'port = 9000\ndevice = "cpu"\n'
+        '[model]\npath = "m.pt2"\nmax_batch_size = 8\nmax_wait_ms = 1.5\n'
+    )
+    return path
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "GPUSERVE_PORT",
+        "GPUSERVE_CONFIG_FILE",
+        "GPUSERVE_DEVICE",
+        "GPUSERVE_MODEL__MAX_BATCH_SIZE",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_defaults_need_no_file() -> None:
+    settings = Settings()
+    assert settings.port == 8000 and settings.host == "127.0.0.1" and settings.device == "auto"
+    assert settings.model.path == Path("models/digits.pt2")
+    assert settings.model.spec_path == Path("models/digits.json")
+
+
+def test_file_values_are_read(config_file: Path) -> None:
+    settings = Settings(config_file=config_file)
+    assert settings.port == 9000 and settings.device == "cpu"
+    assert settings.model.max_batch_size == 8 and settings.model.max_wait_ms == 1.5
+
+
+def test_environment_beats_file_and_flags_beat_both(
+    config_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GPUSERVE_PORT", "9100")
+    monkeypatch.setenv("GPUSERVE_MODEL__MAX_BATCH_SIZE", "16")
+    from_env = Settings(config_file=config_file)
+    assert from_env.port == 9100
+    assert from_env.model.max_batch_size == 16
+    assert from_env.model.max_wait_ms == 1.5  # nested keys merge: the file's other values stay
+    assert Settings(config_file=config_file, port=9200).port == 9200
+
+
+def test_config_file_can_come_from_the_environment(
+    config_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GPUSERVE_CONFIG_FILE", str(config_file))
+    assert Settings().port == 9000
+
+
+def test_environment_is_read_when_settings_are_built_not_at_import(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert Settings().port == 8000
+    monkeypatch.setenv("GPUSERVE_PORT", "8111")
+    assert Settings().port == 8111
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="config file not found"):
+        Settings(config_file=tmp_path / "nope.toml")
+
+
+def test_invalid_toml_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("port = = 3")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        Settings(config_file=bad)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cuda:", ""])
+def test_bad_device_is_rejected(device: str) -> None:
+    with pytest.raises(ValidationError, match="device must be"):
+        Settings(device=device)
+
+
+def test_device_is_normalised() -> None:
+    assert Settings(device=" CUDA:1 ").device == "cuda:1"
+
+
+def test_unknown_keys_are_rejected(tmp_path: Path) -> None:
+    typo = tmp_path / "typo.toml"
+    typo.write_text("[model]\nmax_batch = 4\n")
+    with pytest.raises(ValidationError, match="max_batch"):
+        Settings(config_file=typo)
+
+
+def test_out_of_range_values_are_rejected() -> None:
+    with pytest.raises(ValidationError):
+        ModelSettings(max_batch_size=0)
+    with pytest.raises(ValidationError):
+        Settings(port=70000)
+
+
+def test_explicit_spec_path_wins() -> None:
+    assert ModelSettings(path=Path("a.pt2"), spec=Path("b.json")).spec_path == Path("b.json")

@@ -1,0 +1,169 @@
+"""Device probe with torch.cuda and NVML mocked: every branch runs here, on a CPU-only machine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from gpuserve import device
+from gpuserve.device import probe
+from gpuserve.errors import DeviceError
+
+GIB = 1024**3
+
+
+class NVMLError_LibraryNotFound(Exception):
+    pass
+
+
+class FakeNVML:
+    """The few pynvml calls the probe makes, over a list of (uuid, free, total) per GPU."""
+
+    def __init__(self, gpus: list[tuple[str, int, int]]) -> None:
+        self.gpus = gpus
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlShutdown(self) -> None:
+        pass
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        return index
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> int:
+        return [g[0] for g in self.gpus].index(uuid)
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> Any:
+        _, free, total = self.gpus[handle]
+        return SimpleNamespace(free=free, total=total, used=total - free)
+
+
+class MissingNVML:
+    def nvmlInit(self) -> None:
+        raise NVMLError_LibraryNotFound("libnvidia-ml.so.1 not found")
+
+
+@pytest.fixture(autouse=True)
+def fresh_probe(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    probe.cache_clear()
+    yield
+    probe.cache_clear()
+
+
+def fake_cuda(
+    monkeypatch: pytest.MonkeyPatch, count: int, nvml: Any, available: bool = True
+) -> None:
+    """Make this CPU torch look like a CUDA build that sees `count` devices."""
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available and count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"Fake GPU {i}")
+    monkeypatch.setattr(device, "_import_pynvml", lambda: nvml)
+
+
+def test_this_cpu_only_torch_falls_back_to_cpu_and_says_why() -> None:
+    info = probe("auto")
+    assert info.device == "cpu" and info.kind == "cpu"
+    assert "CPU-only build" in info.reason
+
+
+def test_cpu_only_torch_on_a_gpu_machine_says_to_install_a_cuda_build(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(device, "_import_pynvml", lambda: FakeNVML([("GPU-a", GIB, 2 * GIB)]))
+    info = probe("auto")
+    assert info.device == "cpu"
+    assert "install a CUDA build" in info.reason
+
+
+def test_no_driver_falls_back_to_cpu_naming_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_cuda(monkeypatch, 0, MissingNVML(), available=False)
+    info = probe("auto")
+    assert info.device == "cpu"
+    assert "NVML" in info.reason and "not found" in info.reason
+
+
+def test_auto_picks_the_gpu_with_the_most_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_cuda(
+        monkeypatch, 2, FakeNVML([("GPU-a", 2 * GIB, 80 * GIB), ("GPU-b", 70 * GIB, 80 * GIB)])
+    )
+    info = probe("auto")
+    assert info.device == "cuda:1" and info.index == 1
+    assert info.name == "Fake GPU 1"
+    assert info.free_memory_bytes == 70 * GIB and info.total_memory_bytes == 80 * GIB
+    assert "most free memory of 2" in info.reason
+
+
+def test_cuda_visible_devices_maps_logical_to_physical_indices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Physical GPU 2 has the most memory; it is torch's cuda:0 once reordered.
+    gpus = [
+        ("GPU-a", 10 * GIB, 80 * GIB),
+        ("GPU-b", 20 * GIB, 80 * GIB),
+        ("GPU-c", 60 * GIB, 80 * GIB),
+    ]
+    fake_cuda(monkeypatch, 2, FakeNVML(gpus))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
+    info = probe("auto")
+    assert info.device == "cuda:0"
+    assert info.free_memory_bytes == 60 * GIB
+
+
+def test_cuda_visible_devices_by_uuid(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpus = [("GPU-a", 50 * GIB, 80 * GIB), ("GPU-b", 5 * GIB, 80 * GIB)]
+    fake_cuda(monkeypatch, 1, FakeNVML(gpus))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-b")
+    info = probe("auto")
+    assert info.device == "cuda:0"
+    assert info.free_memory_bytes == 5 * GIB
+    assert info.reason == "the only visible CUDA device"
+
+
+def test_nvml_failure_falls_back_to_torch_memory_query(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_cuda(monkeypatch, 2, MissingNVML())
+    free = {0: 30 * GIB, 1: 3 * GIB}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (free[i], 40 * GIB))
+    info = probe("auto")
+    assert info.device == "cuda:0"
+    assert "torch.cuda.mem_get_info" in info.reason
+
+
+def test_explicit_cuda_without_a_gpu_is_an_error() -> None:
+    with pytest.raises(DeviceError, match="'cuda' was requested"):
+        probe("cuda")
+
+
+def test_explicit_cuda_index_out_of_range_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_cuda(monkeypatch, 2, FakeNVML([("GPU-a", GIB, GIB), ("GPU-b", GIB, GIB)]))
+    with pytest.raises(DeviceError, match="only 2 CUDA device"):
+        probe("cuda:5")
+
+
+def test_explicit_cuda_index_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_cuda(monkeypatch, 2, FakeNVML([("GPU-a", 9 * GIB, 10 * GIB), ("GPU-b", GIB, 10 * GIB)]))
+    info = probe("cuda:1")
+    assert info.device == "cuda:1"
+    assert info.reason == "cuda:1 was requested"
+
+
+def test_cpu_is_honoured_and_the_answer_is_cached() -> None:
+    first = probe("cpu")
+    assert first.device == "cpu" and first.reason == "cpu was requested"
+    assert probe("cpu") is first
+    assert first.to_dict()["device"] == "cpu"
+
+
+def test_unknown_device_is_an_error() -> None:
+    with pytest.raises(DeviceError, match="unknown device"):
+        probe("tpu")

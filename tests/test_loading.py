@@ -1,0 +1,103 @@
+"""Loading real model files: torch.export and TorchScript, and each way a load can fail."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gpuserve.config import ModelSettings
+from gpuserve.errors import ModelLoadError
+from gpuserve.loading import load_model
+from gpuserve.spec import ModelSpec, TensorSpec
+
+from .conftest import CPU
+
+SPEC = ModelSpec(
+    name="double",
+    input=TensorSpec(shape=(3,)),
+    output=TensorSpec(shape=(3,)),
+)
+
+
+class Double(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+
+def export_to(path: Path, spec: ModelSpec = SPEC) -> ModelSettings:
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(Double(), (torch.zeros(2, 3),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
+    spec.to_file(path.with_suffix(".json"))
+    return ModelSettings(path=path)
+
+
+def test_an_exported_program_loads_and_runs(tmp_path: Path) -> None:
+    handler = load_model(export_to(tmp_path / "double.pt2"), CPU)
+    out = handler([np.array([1, 2, 3], np.float32), np.array([4, 5, 6], np.float32)])
+    assert out == [[2.0, 4.0, 6.0], [8.0, 10.0, 12.0]]
+    assert handler.spec.name == "double"
+
+
+def test_a_torchscript_module_loads_and_runs(tmp_path: Path) -> None:
+    path = tmp_path / "double.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(Double()), str(path))
+    SPEC.to_file(path.with_suffix(".json"))
+    handler = load_model(ModelSettings(path=path, name="renamed"), CPU)
+    assert handler([np.ones(3, np.float32)]) == [[2.0, 2.0, 2.0]]
+    assert handler.spec.name == "renamed"
+
+
+def test_the_demo_model_loads_through_the_same_loader(demo_model: Path) -> None:
+    handler = load_model(ModelSettings(path=demo_model), CPU)
+    (result,) = handler([np.zeros(64, np.float32)])
+    assert set(result) == {"label", "probabilities"}
+    assert sum(result["probabilities"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_missing_model_file_is_named(tmp_path: Path) -> None:
+    SPEC.to_file(tmp_path / "gone.json")
+    with pytest.raises(ModelLoadError, match="model file not found"):
+        load_model(ModelSettings(path=tmp_path / "gone.pt2"), CPU)
+
+
+def test_a_missing_spec_is_named(tmp_path: Path) -> None:
+    settings = export_to(tmp_path / "double.pt2")
+    settings.spec_path.unlink()
+    with pytest.raises(ModelLoadError, match="model spec not found"):
+        load_model(settings, CPU)
+
+
+@pytest.mark.parametrize("suffix", [".pt2", ".pt"])
+def test_a_corrupt_file_is_a_clear_load_error(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"corrupt{suffix}"
+    path.write_bytes(b"definitely not a model")
+    SPEC.to_file(path.with_suffix(".json"))
+    with pytest.raises(ModelLoadError, match=r"could not load .*corrupt"):
+        load_model(ModelSettings(path=path), CPU)
+
+
+def test_an_unknown_format_lists_the_known_ones(tmp_path: Path) -> None:
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"\x00")
+    SPEC.to_file(path.with_suffix(".json"))
+    with pytest.raises(ModelLoadError, match=r"unknown model format '\.onnx'.*\.pt2"):
+        load_model(ModelSettings(path=path), CPU)
+
+
+def test_a_spec_whose_input_does_not_fit_fails_at_warm_up(tmp_path: Path) -> None:
+    wrong = SPEC.model_copy(update={"input": TensorSpec(shape=(5,))})
+    with pytest.raises(ModelLoadError, match=r"warm-up batch failed.*float32\[5\]"):
+        load_model(export_to(tmp_path / "double.pt2", wrong), CPU)
+
+
+def test_a_spec_whose_output_does_not_fit_fails_at_warm_up(tmp_path: Path) -> None:
+    wrong = SPEC.model_copy(update={"output": TensorSpec(shape=(4,))})
+    with pytest.raises(ModelLoadError, match=r"output shape \[3\] does not match"):
+        load_model(export_to(tmp_path / "double.pt2", wrong), CPU)

@@ -1,0 +1,107 @@
+"""Instance validation against the model's spec, and reading spec files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gpuserve.errors import InvalidInput, ModelLoadError
+from gpuserve.spec import ModelSpec, TensorSpec, to_array
+
+PIXELS = TensorSpec(name="pixels", shape=(4,), dtype="float32", min=0, max=16)
+
+
+def test_a_valid_instance_becomes_an_array_of_the_spec_dtype() -> None:
+    array = to_array([0, 1, 2.5, 16], PIXELS, "inputs")
+    assert array.dtype == np.float32
+    assert array.tolist() == [0.0, 1.0, 2.5, 16.0]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ([1, 2, 3], "got shape [3]"),
+        ([[1, 2, 3, 4]], "got shape [1, 4]"),
+        ([1, 2, "3", 4], "got strings"),
+        ("1234", "got a string"),
+        ({"a": 1}, "got an object"),
+        (None, "got null"),
+        ([True, False, True, False], "got booleans"),
+        ([1, 2, None, 4], "got nulls"),
+        ([1, 2, [3], 4], "ragged"),
+        ([1, 2, 10**30, 4], "too large"),
+        ([1, 2, float("nan"), 4], "NaN or infinity"),
+        ([1, 2, float("inf"), 4], "NaN or infinity"),
+        ([1, 2, 3, 17], "must be <= 16"),
+        ([1, 2, 3, -1], "must be >= 0"),
+        ([], "got shape [0]"),
+    ],
+)
+def test_invalid_instances_name_the_field_and_the_expected_shape(value: Any, message: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        to_array(value, PIXELS, "instances[2]")
+    assert caught.value.message.startswith("instances[2]: ")
+    assert message in caught.value.message
+    assert caught.value.status_code == 422
+
+
+def test_float_values_that_overflow_a_narrow_dtype_are_rejected() -> None:
+    half = TensorSpec(shape=(1,), dtype="float16")
+    with pytest.raises(InvalidInput, match="overflow float16"):
+        to_array([1e6], half, "inputs")
+
+
+def test_integer_specs_refuse_floats_and_out_of_range_values() -> None:
+    tokens = TensorSpec(shape=(-1,), dtype="int32")
+    assert to_array([1, 2, 3], tokens, "inputs").dtype == np.int32
+    with pytest.raises(InvalidInput, match="got floats"):
+        to_array([1.5], tokens, "inputs")
+    with pytest.raises(InvalidInput, match="do not fit in int32"):
+        to_array([2**40], tokens, "inputs")
+
+
+def test_variable_dimensions_accept_any_size() -> None:
+    spec = TensorSpec(shape=(-1, 2))
+    assert to_array([[1, 2], [3, 4], [5, 6]], spec, "inputs").shape == (3, 2)
+    assert spec.describe() == "float32[N, 2]"
+    assert spec.example().shape == (1, 2)
+
+
+def test_bool_spec_takes_only_booleans() -> None:
+    flags = TensorSpec(shape=(2,), dtype="bool")
+    assert to_array([True, False], flags, "inputs").tolist() == [True, False]
+    with pytest.raises(InvalidInput, match="got integers"):
+        to_array([1, 0], flags, "inputs")
+
+
+def test_spec_rejects_labels_that_do_not_match_the_output() -> None:
+    with pytest.raises(ValueError, match="3 labels"):
+        ModelSpec(
+            name="m",
+            input=TensorSpec(shape=(2,)),
+            output=TensorSpec(shape=(2,)),
+            labels=["a", "b", "c"],
+        )
+
+
+def test_spec_rejects_zero_dimensions() -> None:
+    with pytest.raises(ValueError, match="dimension"):
+        TensorSpec(shape=(0,))
+
+
+def test_spec_round_trips_through_a_file(tmp_path: Path) -> None:
+    spec = ModelSpec(name="m", input=PIXELS, output=TensorSpec(shape=(2,)), labels=["no", "yes"])
+    spec.to_file(tmp_path / "m.json")
+    assert ModelSpec.from_file(tmp_path / "m.json") == spec
+
+
+def test_missing_or_invalid_spec_files_are_load_errors(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="not found"):
+        ModelSpec.from_file(tmp_path / "none.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"name": "m"}')
+    with pytest.raises(ModelLoadError, match="invalid"):
+        ModelSpec.from_file(bad)
