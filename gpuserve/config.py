@@ -44,6 +44,11 @@ class ModelSettings(BaseModel):
     )
     max_instances_per_request: int = Field(default=1024, ge=1)
     warmup: bool = Field(default=True, description="Run one batch before reporting ready.")
+    freeze_gc: bool = Field(
+        default=True,
+        description="After loading, exempt the objects alive then from garbage collection, "
+        "which otherwise stalls the event loop for 100 ms and more under load.",
+    )
 
     @property
     def spec_path(self) -> Path:

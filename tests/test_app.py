@@ -22,7 +22,7 @@ from .conftest import FakeModel, fake_loader
 
 pytestmark = pytest.mark.anyio
 
-SETTINGS = Settings(device="cpu", model=ModelSettings(max_instances_per_request=8))
+SETTINGS = Settings(device="cpu", model=ModelSettings(max_instances_per_request=8, freeze_gc=False))
 
 
 @asynccontextmanager

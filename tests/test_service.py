@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import anyio
@@ -23,8 +24,11 @@ def cpu_prober(request: str) -> DeviceInfo:
     return CPU
 
 
-def make(loader: object, prober: object = cpu_prober) -> ModelService:
-    return ModelService(ModelSettings(), "cpu", loader, Metrics(), prober)  # type: ignore[arg-type]
+def make(
+    loader: object, prober: object = cpu_prober, settings: ModelSettings | None = None
+) -> ModelService:
+    settings = settings or ModelSettings(freeze_gc=False)
+    return ModelService(settings, "cpu", loader, Metrics(), prober)  # type: ignore[arg-type]
 
 
 async def until_settled(service: ModelService) -> None:
@@ -86,9 +90,25 @@ async def test_a_device_error_fails_the_load_with_its_reason(fake_model: FakeMod
 
 async def test_readiness_metric_follows_the_state(fake_model: FakeModel) -> None:
     metrics = Metrics()
-    service = ModelService(ModelSettings(), "cpu", fake_loader(fake_model), metrics, cpu_prober)
+    settings = ModelSettings(freeze_gc=False)
+    service = ModelService(settings, "cpu", fake_loader(fake_model), metrics, cpu_prober)
     await service.start()
     await until_settled(service)
     assert b"gpuserve_ready 1.0" in metrics.render()
     await service.stop()
     assert b"gpuserve_ready 0.0" in metrics.render()
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+async def test_gc_freeze_after_load_follows_the_setting(
+    fake_model: FakeModel, freeze: bool
+) -> None:
+    gc.unfreeze()
+    try:
+        service = make(fake_loader(fake_model), settings=ModelSettings(freeze_gc=freeze))
+        await service.start()
+        await until_settled(service)
+        assert (gc.get_freeze_count() > 0) is freeze
+        await service.stop()
+    finally:
+        gc.unfreeze()
