@@ -5,12 +5,15 @@ to responses. `/predict` reads: parse the body -> validate each instance against
 
 from __future__ import annotations
 
+import asyncio
+import hmac
+import itertools
 import logging
 import platform
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -25,7 +28,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpuserve import __version__
 from gpuserve.config import Settings
-from gpuserve.errors import GpuserveError, InvalidInput, NotReady
+from gpuserve.errors import (
+    ClientDisconnected,
+    GpuserveError,
+    InvalidInput,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 from gpuserve.loading import load_model
 from gpuserve.metrics import Metrics
 from gpuserve.schemas import ErrorResponse, PredictRequest, PredictResponse
@@ -35,9 +45,14 @@ from gpuserve.spec import to_array
 logger = logging.getLogger("gpuserve.app")
 
 router = APIRouter()
+# Probes must work without a key: Kubernetes and load balancers carry none.
+_OPEN_PATHS = frozenset({"/health/live", "/health/ready"})
+# A random prefix per process and a counter: unique like uuid4, without a syscall per request.
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_ID_COUNTER = itertools.count(1)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (413, 422, 500, 503)
+    code: {"model": ErrorResponse} for code in (401, 413, 415, 422, 500, 503, 504)
 }
 
 
@@ -62,16 +77,17 @@ def create_app(settings: Settings, *, loader: Loader | None = None) -> FastAPI:
     app.add_exception_handler(GpuserveError, _gpuserve_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_middleware(RequestContext, metrics=metrics)
+    app.add_middleware(RequestContext, metrics=metrics, api_keys=settings.api_keys)
     return app
 
 
 class RequestContext:
-    """Pure ASGI middleware: a request id for every request, and its count and latency."""
+    """Pure ASGI middleware: a request id, the API key check, and each request's metrics."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, api_keys: list[str]) -> None:
         self.app = app
         self.metrics = metrics
+        self.api_keys = [key.encode() for key in api_keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -82,6 +98,7 @@ class RequestContext:
         header = (b"x-request-id", request_id.encode())
         status = 500
         started = time.perf_counter()
+        self.metrics.in_flight.inc()
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -91,11 +108,45 @@ class RequestContext:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            if self.api_keys and not self._authorised(scope):
+                await _send_error(
+                    send_with_id, Unauthorized("a valid API key is required"), request_id
+                )
+            else:
+                await self.app(scope, receive, send_with_id)
         finally:
+            self.metrics.in_flight.dec()
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
             self.metrics.observe_request(path, status, time.perf_counter() - started)
+
+    def _authorised(self, scope: Scope) -> bool:
+        if scope["path"] in _OPEN_PATHS:
+            return True
+        presented = b""
+        for name, value in scope["headers"]:
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                presented = value[7:].strip()
+                break
+        # Compare against every key, in constant time, so timing reveals neither key nor match.
+        matches = [hmac.compare_digest(presented, key) for key in self.api_keys]
+        return any(matches)
+
+
+async def _send_error(send: Send, exc: GpuserveError, request_id: str) -> None:
+    response = _json(
+        {"error": exc.message, "request_id": request_id},
+        exc.status_code,
+        {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None,
+    )
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status_code,
+            "headers": response.raw_headers,
+        }
+    )
+    await send({"type": "http.response.body", "body": response.body})
 
 
 def _request_id(scope: Scope) -> str:
@@ -105,7 +156,7 @@ def _request_id(scope: Scope) -> str:
             if _REQUEST_ID.match(candidate):
                 return candidate
             break
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
 
 
 def _service(request: Request) -> ModelService:
@@ -150,9 +201,8 @@ async def predict(request: Request) -> Response:
     """Run one instance (`inputs`) or several (`instances`) through the model."""
     service = _service(request)
     spec = service.spec  # NotReady (503) while loading, before the body is read
-    body = await request.body()
-    if not body:
-        raise InvalidInput("the request body is empty: send JSON with 'inputs' or 'instances'")
+    timeout_s = _timeout(request, service.settings.request_timeout_s)
+    body = await _body(request)
     try:
         parsed = PredictRequest.model_validate_json(body)
     except ValidationError as exc:
@@ -166,10 +216,83 @@ async def predict(request: Request) -> Response:
             to_array(value, spec.input, f"instances[{i}]")
             for i, value in enumerate(parsed.instances)
         ]
-        outputs: Any = await service.predict(arrays)
     else:
-        outputs = (await service.predict([to_array(parsed.inputs, spec.input, "inputs")]))[0]
-    return _json({"model": spec.name, "outputs": outputs})
+        arrays = [to_array(parsed.inputs, spec.input, "inputs")]
+    outputs = await _unless_disconnected(request, service.predict(arrays, timeout_s))
+    single = parsed.instances is None
+    return _json({"model": spec.name, "outputs": outputs[0] if single else outputs})
+
+
+async def _body(request: Request) -> bytes:
+    """The raw body, refused with 415 unless JSON and with 413 past the limit, before parsing."""
+    content_type = request.headers.get("content-type", "application/json")
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise UnsupportedMediaType(f"send the body as application/json, not {media_type!r}")
+    settings: Settings = request.app.state.settings
+    limit = settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():  # also bounds chunked bodies that declare no length
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body:
+        raise InvalidInput("the request body is empty: send JSON with 'inputs' or 'instances'")
+    return body
+
+
+def _timeout(request: Request, default_s: float) -> float:
+    """The request's deadline: the setting, or less if the client asks for less."""
+    header = request.headers.get("x-request-timeout-ms")
+    if header is None:
+        return default_s
+    try:
+        asked_s = int(header) / 1000.0
+    except ValueError:
+        asked_s = 0.0
+    if asked_s <= 0:
+        raise InvalidInput(f"X-Request-Timeout-Ms must be a positive integer, not {header!r}")
+    return min(asked_s, default_s)
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[list[Any]]) -> list[Any]:
+    """Await `work`, but cancel it if the client hangs up first.
+
+    Cancelling drops the request's instances from the queue, so no forward pass is spent on an
+    answer nobody will read. Starlette does not do this on its own for plain responses. A done
+    callback, rather than asyncio.wait, keeps this to one extra task per request.
+    """
+    me = asyncio.current_task()
+    assert me is not None
+    finished = False
+
+    def hung_up(watcher: asyncio.Future[None]) -> None:
+        if not finished and not watcher.cancelled():
+            me.cancel()
+
+    watcher = asyncio.ensure_future(_disconnect(request.receive))
+    watcher.add_done_callback(hung_up)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if watcher.cancelled() or not watcher.done():
+            raise  # cancelled from outside (shutdown), not by the hang-up
+        me.uncancel()
+        raise ClientDisconnected("the client disconnected before its result was ready") from None
+    finally:
+        finished = True
+        watcher.cancel()
+
+
+async def _disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 @router.get("/info")
@@ -222,9 +345,9 @@ def _error(
 async def _gpuserve_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GpuserveError)
     headers = None
-    if isinstance(exc, NotReady):
+    if exc.retry_after_s is not None:
         headers = {"Retry-After": str(exc.retry_after_s)}
-    if exc.status_code >= 500 and not isinstance(exc, NotReady):
+    if exc.status_code == 500:
         logger.error(
             "request %s failed: %s",
             request.scope.get("state", {}).get("request_id"),

@@ -12,8 +12,17 @@ How a batch forms:
   the moment the current batch ends, without a round trip through a busy event loop.
 - At most one batch waits behind the running one; later arrivals form the batch after that.
 
-Every future is resolved: with its own result, with the batch's exception, or with
-`BatcherClosed` when the batcher stops or its collector crashes.
+When things go wrong:
+- The queue is bounded (`max_queue_size`): a submit past it raises `Overloaded` at once.
+- A batch that raises is retried in halves, down to single items, so only the item that fails
+  gets the error and its neighbours get their results.
+- An error that `is_oom` recognises also caps the batch size at half the failed size for
+  `oom_cooldown_s`.
+- A forward pass that runs past `forward_timeout_s` stalls the batcher: everything waiting
+  fails with `BatcherClosed` (503) and `error` says why, until that pass returns.
+
+Every future is resolved: with its own result, with its own error, or with `BatcherClosed`
+when the batcher stops, stalls or its collector crashes.
 """
 
 from __future__ import annotations
@@ -27,10 +36,10 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future as ConcurrentFuture
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from gpuserve.errors import BatcherClosed
+from gpuserve.errors import BatcherClosed, Overloaded
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -41,6 +50,11 @@ logger = logging.getLogger("gpuserve.batcher")
 _MAX_BATCHES_IN_FLIGHT = 2
 
 
+def is_memory_error(exc: BaseException) -> bool:
+    """The default OOM test; the model's handler supplies one that knows its device."""
+    return isinstance(exc, MemoryError)
+
+
 @dataclass(frozen=True, slots=True)
 class BatchStats:
     """What one batch cost, reported to the `on_batch` callback."""
@@ -48,7 +62,8 @@ class BatchStats:
     size: int
     queue_wait_s: float
     forward_s: float
-    failed: bool
+    failed_items: int
+    oom_splits: int
 
 
 @dataclass(slots=True)
@@ -56,6 +71,22 @@ class _Entry(Generic[T, R]):
     item: T
     future: asyncio.Future[R]
     enqueued: float
+
+
+@dataclass(slots=True)
+class _Batch(Generic[T, R]):
+    entries: list[_Entry[T, R]]
+    started: float | None = None  # set by the worker thread when the forward pass begins
+    watchdog: asyncio.TimerHandle | None = None
+
+
+@dataclass(slots=True)
+class _Outcome(Generic[R]):
+    """What the worker hands back: a result or an error per item, in order."""
+
+    results: list[R | BaseException] = field(default_factory=list)
+    forward_s: float = 0.0
+    oom_splits: int = 0
 
 
 class MicroBatcher(Generic[T, R]):
@@ -67,6 +98,10 @@ class MicroBatcher(Generic[T, R]):
         *,
         max_batch_size: int,
         max_wait_s: float,
+        max_queue_size: int | None = None,
+        forward_timeout_s: float | None = None,
+        oom_cooldown_s: float = 30.0,
+        is_oom: Callable[[BaseException], bool] = is_memory_error,
         name: str = "batcher",
         on_batch: Callable[[BatchStats], None] | None = None,
     ) -> None:
@@ -74,19 +109,29 @@ class MicroBatcher(Generic[T, R]):
             raise ValueError("max_batch_size must be at least 1")
         if max_wait_s < 0:
             raise ValueError("max_wait_s must not be negative")
+        if max_queue_size is not None and max_queue_size < 1:
+            raise ValueError("max_queue_size must be at least 1")
         self._process = process
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
+        self.max_queue_size = max_queue_size
+        self.forward_timeout_s = forward_timeout_s
+        self.oom_cooldown_s = oom_cooldown_s
+        self._is_oom = is_oom
         self.name = name
         self._on_batch = on_batch
         self._pending: collections.deque[_Entry[T, R]] = collections.deque()
-        self._in_flight: list[list[_Entry[T, R]]] = []
+        self._in_flight: list[_Batch[T, R]] = []
         self._wake = asyncio.Event()
         self._collector: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
-        self._error: str | None = None
+        self._crashed: str | None = None
+        self._stalled: str | None = None
+        self._stalled_batch: _Batch[T, R] | None = None
+        self._cap = max_batch_size
+        self._cap_until = 0.0
 
     @property
     def queue_depth(self) -> int:
@@ -94,14 +139,19 @@ class MicroBatcher(Generic[T, R]):
         return len(self._pending)
 
     @property
+    def batch_cap(self) -> int:
+        """The largest batch dispatched now: below max_batch_size after an out-of-memory error."""
+        return self._cap if time.monotonic() < self._cap_until else self.max_batch_size
+
+    @property
     def running(self) -> bool:
         """True while the batcher accepts work."""
-        return self._collector is not None and not self._closing and self._error is None
+        return self._collector is not None and not self._closing and self.error is None
 
     @property
     def error(self) -> str | None:
-        """Why the collector crashed, if it did."""
-        return self._error
+        """Why the batcher cannot serve: its collector crashed, or a forward pass is stuck."""
+        return self._crashed or self._stalled
 
     async def start(self) -> None:
         """Start the collector task and the worker thread. Call from the event loop."""
@@ -114,15 +164,32 @@ class MicroBatcher(Generic[T, R]):
     def submit(self, item: T) -> asyncio.Future[R]:
         """Queue one item; the returned future resolves to its result.
 
-        Raises BatcherClosed at once when the batcher is not running. Cancelling the future
-        (a client that went away) drops the item if its batch has not formed yet.
+        Raises BatcherClosed when the batcher is not running and Overloaded when its queue is
+        full, both at once. Cancelling the future (a client that went away, a deadline) drops
+        the item if its batch has not formed yet.
         """
+        return self.submit_many([item])[0]
+
+    def submit_many(self, items: Sequence[T]) -> list[asyncio.Future[R]]:
+        """Queue several items, all or none: a request is never half admitted."""
         if not self.running or self._loop is None:
             raise BatcherClosed(self._closed_reason())
-        future: asyncio.Future[R] = self._loop.create_future()
-        self._pending.append(_Entry(item, future, time.monotonic()))
+        if (
+            self.max_queue_size is not None
+            and len(self._pending) + len(items) > self.max_queue_size
+        ):
+            raise Overloaded(
+                f"the queue is full ({len(self._pending)} of {self.max_queue_size} waiting); "
+                "retry shortly"
+            )
+        now = time.monotonic()
+        futures = []
+        for item in items:
+            future: asyncio.Future[R] = self._loop.create_future()
+            self._pending.append(_Entry(item, future, now))
+            futures.append(future)
         self._wake.set()
-        return future
+        return futures
 
     async def stop(self, timeout_s: float = 30.0) -> None:
         """Stop accepting work, finish what was accepted, then stop the worker.
@@ -141,7 +208,7 @@ class MicroBatcher(Generic[T, R]):
             )
             self._collector.cancel()
             await asyncio.gather(self._collector, return_exceptions=True)
-            self._fail_all(BatcherClosed("the server stopped before this request was answered"))
+            self._fail_waiting(BatcherClosed("the server stopped before this request was answered"))
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=False, cancel_futures=True)
@@ -154,7 +221,7 @@ class MicroBatcher(Generic[T, R]):
                     if self._closing and not self._in_flight:
                         return
                     await self._sleep()
-                elif len(self._in_flight) >= _MAX_BATCHES_IN_FLIGHT:
+                elif len(self._in_flight) >= _MAX_BATCHES_IN_FLIGHT or self._stalled:
                     await self._sleep()
                 elif self._in_flight and not self._closing and self._should_grow():
                     await self._sleep(self._pending[0].enqueued + self.max_wait_s)
@@ -163,14 +230,14 @@ class MicroBatcher(Generic[T, R]):
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
-            self._error = f"batch collector crashed: {type(exc).__name__}: {exc}"
-            logger.exception("%s: %s", self.name, self._error)
+            self._crashed = f"batch collector crashed: {type(exc).__name__}: {exc}"
+            logger.exception("%s: %s", self.name, self._crashed)
             # Batches already in the worker still resolve through _finish; the rest fail now.
-            self._fail_all(BatcherClosed(self._error), in_flight=False)
+            self._fail_waiting(BatcherClosed(self._crashed), in_flight=False)
 
     def _should_grow(self) -> bool:
         """While the worker is busy, keep a small batch open until it is full or old enough."""
-        if len(self._pending) >= self.max_batch_size:
+        if len(self._pending) >= self.batch_cap:
             return False
         return time.monotonic() < self._pending[0].enqueued + self.max_wait_s
 
@@ -180,104 +247,166 @@ class MicroBatcher(Generic[T, R]):
         if until is None:
             await self._wake.wait()
             return
-        try:
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.0, until - time.monotonic())):
                 await self._wake.wait()
-        except TimeoutError:
-            pass
 
     def _drop_abandoned_head(self) -> None:
         while self._pending and self._pending[0].future.done():
             self._pending.popleft()
 
     def _dispatch(self) -> None:
-        batch: list[_Entry[T, R]] = []
-        while self._pending and len(batch) < self.max_batch_size:
+        entries: list[_Entry[T, R]] = []
+        cap = self.batch_cap
+        while self._pending and len(entries) < cap:
             entry = self._pending.popleft()
             if not entry.future.done():  # its client gave up while it was queued
-                batch.append(entry)
-        if not batch:
+                entries.append(entry)
+        if not entries:
             return
         assert self._loop is not None and self._executor is not None
+        batch: _Batch[T, R] = _Batch(entries)
         self._in_flight.append(batch)
-        items = [entry.item for entry in batch]
-        work = self._executor.submit(self._run, items)
+        work = self._executor.submit(self._run, batch, [entry.item for entry in entries])
         work.add_done_callback(functools.partial(self._finish_threadsafe, self._loop, batch))
+        if self.forward_timeout_s is not None:
+            batch.watchdog = self._loop.call_later(
+                self.forward_timeout_s, self._check_stalled, batch
+            )
 
-    def _run(self, items: list[T]) -> tuple[Sequence[R], float, float]:
+    def _run(self, batch: _Batch[T, R], items: list[T]) -> _Outcome[R]:
         """Runs in the worker thread."""
-        started = time.monotonic()
-        results = self._process(items)
-        return results, started, time.monotonic() - started
+        batch.started = time.monotonic()
+        outcome: _Outcome[R] = _Outcome()
+        self._process_isolating(items, outcome)
+        outcome.forward_s = time.monotonic() - batch.started
+        return outcome
+
+    def _process_isolating(self, items: list[T], outcome: _Outcome[R]) -> None:
+        """Process `items`; if that fails, retry each half, so an error lands on its own item."""
+        try:
+            results = self._process(items)
+            if len(results) != len(items):
+                raise RuntimeError(
+                    f"process returned {len(results)} results for a batch of {len(items)}"
+                )
+        except Exception as exc:
+            oom = self._is_oom(exc)
+            if len(items) == 1:
+                logger.error(
+                    "%s: an item failed%s", self.name, " (out of memory)" * oom, exc_info=exc
+                )
+                outcome.results.append(exc)
+                return
+            outcome.oom_splits += oom
+            logger.warning(
+                "%s: batch of %d failed (%s: %s); retrying in halves",
+                self.name,
+                len(items),
+                type(exc).__name__,
+                exc,
+            )
+            middle = len(items) // 2
+            self._process_isolating(items[:middle], outcome)
+            self._process_isolating(items[middle:], outcome)
+        else:
+            outcome.results.extend(results)
 
     def _finish_threadsafe(
         self,
         loop: asyncio.AbstractEventLoop,
-        batch: list[_Entry[T, R]],
-        done: ConcurrentFuture[tuple[Sequence[R], float, float]],
+        batch: _Batch[T, R],
+        done: ConcurrentFuture[_Outcome[R]],
     ) -> None:
         """Runs in the worker thread: hand the finished batch back to the event loop."""
         # A closed loop means stop() has already failed these futures.
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(self._finish, batch, done)
 
-    def _finish(
-        self, batch: list[_Entry[T, R]], done: ConcurrentFuture[tuple[Sequence[R], float, float]]
-    ) -> None:
+    def _finish(self, batch: _Batch[T, R], done: ConcurrentFuture[_Outcome[R]]) -> None:
         """Runs in the event loop when a batch's work is done."""
         if batch in self._in_flight:
             self._in_flight.remove(batch)
+        if batch.watchdog is not None:
+            batch.watchdog.cancel()
+        if batch is self._stalled_batch:
+            logger.warning("%s: the stuck forward pass returned; serving again", self.name)
+            self._stalled, self._stalled_batch = None, None
         self._wake.set()
-        failed = True
-        started = batch[0].enqueued
-        forward_s = 0.0
         try:
-            results, started, forward_s = done.result()
-            if len(results) != len(batch):
-                raise RuntimeError(
-                    f"process returned {len(results)} results for a batch of {len(batch)}"
-                )
-        except BaseException as exc:
-            logger.error("%s: batch of %d failed", self.name, len(batch), exc_info=exc)
-            for entry in batch:
-                if not entry.future.done():
-                    entry.future.set_exception(exc)
-        else:
-            failed = False
-            for entry, result in zip(batch, results, strict=True):
-                if not entry.future.done():
-                    entry.future.set_result(result)
-        self._report(batch, started, forward_s, failed)
+            outcome = done.result()
+        except BaseException as exc:  # cancelled by stop(), or a bug in _run itself
+            outcome = _Outcome(results=[exc] * len(batch.entries))
+        failed = 0
+        for entry, result in zip(batch.entries, outcome.results, strict=True):
+            failed += isinstance(result, BaseException)
+            if entry.future.done():
+                continue
+            if isinstance(result, BaseException):
+                entry.future.set_exception(result)
+            else:
+                entry.future.set_result(result)
+        if outcome.oom_splits:
+            self._cap = max(1, len(batch.entries) // 2)
+            self._cap_until = time.monotonic() + self.oom_cooldown_s
+            logger.warning(
+                "%s: out of memory at batch size %d; capping batches at %d for %.0fs",
+                self.name,
+                len(batch.entries),
+                self._cap,
+                self.oom_cooldown_s,
+            )
+        self._report(batch, outcome, failed)
 
-    def _report(
-        self, batch: list[_Entry[T, R]], started: float, forward_s: float, failed: bool
-    ) -> None:
+    def _check_stalled(self, batch: _Batch[T, R]) -> None:
+        """The watchdog: runs in the event loop `forward_timeout_s` after dispatch."""
+        assert self.forward_timeout_s is not None and self._loop is not None
+        if batch.started is None:  # still waiting behind the running batch: not its fault
+            batch.watchdog = self._loop.call_later(
+                self.forward_timeout_s, self._check_stalled, batch
+            )
+            return
+        overdue = batch.started + self.forward_timeout_s - time.monotonic()
+        if overdue > 0:
+            batch.watchdog = self._loop.call_later(overdue, self._check_stalled, batch)
+            return
+        self._stalled = f"a forward pass has run for more than {self.forward_timeout_s:g}s"
+        self._stalled_batch = batch
+        logger.error("%s: %s; failing waiting requests", self.name, self._stalled)
+        self._fail_waiting(BatcherClosed(f"model unavailable: {self._stalled}"))
+
+    def _report(self, batch: _Batch[T, R], outcome: _Outcome[R], failed: int) -> None:
         if self._on_batch is None:
             return
+        started = batch.started if batch.started is not None else batch.entries[0].enqueued
         stats = BatchStats(
-            size=len(batch),
-            queue_wait_s=max(0.0, started - batch[0].enqueued),
-            forward_s=forward_s,
-            failed=failed,
+            size=len(batch.entries),
+            queue_wait_s=max(0.0, started - batch.entries[0].enqueued),
+            forward_s=outcome.forward_s,
+            failed_items=failed,
+            oom_splits=outcome.oom_splits,
         )
         try:
             self._on_batch(stats)
         except Exception:  # metrics must never break serving
             logger.exception("%s: on_batch callback failed", self.name)
 
-    def _fail_all(self, exc: BaseException, *, in_flight: bool = True) -> None:
+    def _fail_waiting(self, exc: BaseException, *, in_flight: bool = True) -> None:
+        """Fail queued futures and, with `in_flight`, those of batches in the worker too.
+
+        A batch in the worker keeps running; when it returns, _finish finds its futures done.
+        """
         entries = list(self._pending)
         self._pending.clear()
         if in_flight:
-            entries += [entry for batch in self._in_flight for entry in batch]
-            self._in_flight.clear()
+            entries += [entry for batch in self._in_flight for entry in batch.entries]
         for entry in entries:
             if not entry.future.done():
                 entry.future.set_exception(exc)
 
     def _closed_reason(self) -> str:
-        if self._error is not None:
-            return f"model unavailable: {self._error}"
+        if self.error is not None:
+            return f"model unavailable: {self.error}"
         if self._closing:
             return "the server is shutting down"
         return "the model is not ready"

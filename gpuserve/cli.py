@@ -7,11 +7,12 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import uvicorn
 from pydantic import ValidationError
 
 from gpuserve import __version__
@@ -19,6 +20,8 @@ from gpuserve.config import Settings
 from gpuserve.errors import DeviceError
 
 logger = logging.getLogger("gpuserve")
+
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -80,8 +83,6 @@ def _drained(signum: int, frame: FrameType | None) -> None:
 
 
 def _serve(settings: Settings) -> None:
-    import uvicorn
-
     from gpuserve.app import create_app
     from gpuserve.device import probe
 
@@ -90,16 +91,37 @@ def _serve(settings: Settings) -> None:
         probe(settings.device)
     except DeviceError as exc:
         sys.exit(f"gpuserve: {exc.message}")
-    # uvicorn re-raises SIGTERM at the end of its graceful shutdown, under the handler that was
-    # in place before it started. By then every accepted request has been answered, so a drained
-    # SIGTERM should end the process with status 0, as Kubernetes and `docker stop` expect.
-    signal.signal(signal.SIGTERM, _drained)
-    uvicorn.run(
-        create_app(settings),
+    if settings.host not in _LOOPBACK and not settings.api_keys:
+        logger.warning(
+            "listening on %s without API keys: anyone who can reach it can use the model "
+            "(set api_keys or GPUSERVE_API_KEYS)",
+            settings.host,
+        )
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
         # uvicorn would otherwise replace our logging set-up with its own.
         log_config=None,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
     )
+    # uvicorn re-raises SIGTERM at the end of its graceful shutdown, under the handler that was
+    # in place before it started. By then every accepted request has been answered, so a drained
+    # SIGTERM should end the process with status 0, as Kubernetes and `docker stop` expect.
+    signal.signal(signal.SIGTERM, _drained)
+    _DrainingServer(config, app.state.service.begin_shutdown).run()
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's Server, plus: readiness turns 503 the moment a stop signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_signal = on_signal
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._on_signal()
+        super().handle_exit(sig, frame)

@@ -9,11 +9,16 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
@@ -43,6 +48,28 @@ class ModelSettings(BaseModel):
         "arrives while the model is idle is dispatched at once, never on this timer.",
     )
     max_instances_per_request: int = Field(default=1024, ge=1)
+    max_queue_size: int = Field(
+        default=2048,
+        ge=1,
+        description="Instances that may wait for a batch; past it requests get 503 at once.",
+    )
+    request_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Deadline of a request, queue and forward pass included: 504 past it. "
+        "A client may ask for less with the X-Request-Timeout-Ms header.",
+    )
+    forward_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A forward pass running longer marks the model unavailable (503) until it "
+        "returns, and fails the requests waiting for it.",
+    )
+    oom_cooldown_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="After running out of memory, how long batches stay capped at half size.",
+    )
     warmup: bool = Field(default=True, description="Run one batch before reporting ready.")
     freeze_gc: bool = Field(
         default=True,
@@ -70,6 +97,20 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="Larger request bodies get 413 unread."
+    )
+    shutdown_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="On SIGTERM, how long accepted requests may take to finish before exit.",
+    )
+    # NoDecode: the environment gives a comma-separated list, not JSON.
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="When set, every route but the health checks needs "
+        "'Authorization: Bearer <key>'. GPUSERVE_API_KEYS takes a comma-separated list.",
+    )
     model: ModelSettings = ModelSettings()
 
     @field_validator("device")
@@ -79,6 +120,20 @@ class Settings(BaseSettings):
         if not _DEVICE_PATTERN.match(value):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
         return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, keys: list[str]) -> list[str]:
+        if any(len(key) < 16 for key in keys):
+            raise ValueError("API keys must be at least 16 characters long")
+        return keys
 
     @classmethod
     def settings_customise_sources(

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 
 class GpuserveError(Exception):
-    """Base class: a message safe to show a client, and the HTTP status that goes with it."""
+    """Base class: a message safe to show a client, its HTTP status, and when to retry."""
 
     status_code: int = 500
+    retry_after_s: int | None = None
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.message = message
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
 
 
 class InvalidInput(GpuserveError):
@@ -19,18 +22,52 @@ class InvalidInput(GpuserveError):
     status_code = 422
 
 
+class Unauthorized(GpuserveError):
+    """API keys are configured and the request did not carry a valid one."""
+
+    status_code = 401
+
+
+class PayloadTooLarge(GpuserveError):
+    """The body is larger than `max_body_bytes`; refused before it is parsed."""
+
+    status_code = 413
+
+
+class UnsupportedMediaType(GpuserveError):
+    """The body is not declared as JSON."""
+
+    status_code = 415
+
+
 class NotReady(GpuserveError):
     """The model is loading, failed to load, or the server is shutting down."""
 
     status_code = 503
-
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+    retry_after_s = 1
 
 
 class BatcherClosed(NotReady):
-    """The batcher no longer accepts work: it is stopping or its collector crashed."""
+    """The batcher no longer accepts work: it is stopping, stalled, or its collector crashed."""
+
+
+class Overloaded(GpuserveError):
+    """The model's queue is full. Refused at once, so accepted requests keep their latency."""
+
+    status_code = 503
+    retry_after_s = 1
+
+
+class DeadlineExceeded(GpuserveError):
+    """The request's deadline passed before its result was ready."""
+
+    status_code = 504
+
+
+class ClientDisconnected(GpuserveError):
+    """The client hung up while its request waited; nobody reads the answer (nginx's 499)."""
+
+    status_code = 499
 
 
 class InferenceError(GpuserveError):

@@ -72,6 +72,10 @@ class Handler:
         best = max(range(len(row)), key=row.__getitem__)
         return {"label": self.spec.labels[best], "probabilities": row}
 
+    def is_oom(self, exc: BaseException) -> bool:
+        """Whether `exc` means the device ran out of memory (the batcher then splits batches)."""
+        return isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError))
+
     def warm_up(self) -> None:
         """Run one batch end to end and check the output's shape against the spec.
 

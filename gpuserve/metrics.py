@@ -64,14 +64,34 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.failed_batches = Counter(
-            "gpuserve_failed_batches",
-            "Batches whose forward pass raised.",
+        self.failed_items = Counter(
+            "gpuserve_failed_items",
+            "Instances whose forward pass raised, after retrying their batch in halves.",
+            registry=self.registry,
+        )
+        self.oom_splits = Counter(
+            "gpuserve_oom_splits",
+            "Batches split and retried after running out of memory.",
+            registry=self.registry,
+        )
+        self.refused = Counter(
+            "gpuserve_refused",
+            "Requests refused because the queue was full.",
+            registry=self.registry,
+        )
+        self.timed_out = Counter(
+            "gpuserve_timed_out",
+            "Requests answered 504 because their deadline passed.",
             registry=self.registry,
         )
         self.queue_depth = Gauge(
             "gpuserve_queue_depth",
             "Instances waiting for a batch.",
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "gpuserve_requests_in_flight",
+            "HTTP requests received and not yet answered.",
             registry=self.registry,
         )
         self.ready = Gauge(
@@ -88,12 +108,16 @@ class Metrics:
         self.requests.labels(route, str(code)).inc()
         self.request_seconds.labels(route).observe(seconds)
 
-    def observe_batch(self, size: int, queue_wait_s: float, forward_s: float, failed: bool) -> None:
+    def observe_batch(
+        self, size: int, queue_wait_s: float, forward_s: float, failed_items: int, oom_splits: int
+    ) -> None:
         self.batch_size.observe(size)
         self.queue_wait_seconds.observe(queue_wait_s)
         self.forward_seconds.observe(forward_s)
-        if failed:
-            self.failed_batches.inc()
+        if failed_items:
+            self.failed_items.inc(failed_items)
+        if oom_splits:
+            self.oom_splits.inc(oom_splits)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -16,10 +16,16 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from gpuserve.batcher import BatchStats, MicroBatcher
+from gpuserve.batcher import BatchStats, MicroBatcher, is_memory_error
 from gpuserve.config import ModelSettings
 from gpuserve.device import DeviceInfo, probe
-from gpuserve.errors import GpuserveError, InferenceError, NotReady
+from gpuserve.errors import (
+    DeadlineExceeded,
+    GpuserveError,
+    InferenceError,
+    NotReady,
+    Overloaded,
+)
 from gpuserve.metrics import Metrics
 from gpuserve.spec import ModelSpec
 
@@ -88,32 +94,48 @@ class ModelService:
         """Start loading in the background and return at once."""
         self._load_task = asyncio.create_task(self._load(), name="gpuserve-load")
 
-    async def predict(self, instances: list[Instance]) -> list[Any]:
-        """Run validated instances through the batcher; one result per instance, in order."""
+    async def predict(self, instances: list[Instance], timeout_s: float) -> list[Any]:
+        """Run validated instances through the batcher; one result per instance, in order.
+
+        Past `timeout_s` the request fails with DeadlineExceeded, and its instances are dropped
+        from the queue (or their results from the forward pass already under way).
+        """
         if self.batcher is None or self.state != "ready":
             raise self._not_ready()
-        futures = [self.batcher.submit(instance) for instance in instances]
         try:
-            return list(await asyncio.gather(*futures))
-        except GpuserveError:
+            futures = self.batcher.submit_many(instances)
+        except Overloaded:
+            self._metrics.refused.inc()
             raise
-        except asyncio.CancelledError:
-            # The client went away: drop whatever has not been batched yet.
-            for future in futures:
-                future.cancel()
+        try:
+            async with asyncio.timeout(timeout_s) as deadline:
+                return list(await asyncio.gather(*futures))
+        except TimeoutError:
+            if not deadline.expired():
+                raise InferenceError("inference failed") from None  # the model raised it
+            self._metrics.timed_out.inc()
+            raise DeadlineExceeded(
+                f"no result within the request's {timeout_s:g}s deadline"
+            ) from None
+        except GpuserveError:
             raise
         except Exception as exc:
             raise InferenceError("inference failed") from exc
         finally:
+            # Cancelled futures are skipped when batches form: nothing is computed for nobody.
             for future in futures:
                 if not future.done():
                     future.cancel()
 
-    async def stop(self, timeout_s: float = 30.0) -> None:
-        """Refuse new work, answer what was accepted, and release the worker."""
+    def begin_shutdown(self) -> None:
+        """Refuse new requests and report not ready, while accepted requests finish."""
         self._state = "stopping"
         self._reason = "the server is shutting down"
         self._metrics.ready.set(0)
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Refuse new work, answer what was accepted, and release the worker."""
+        self.begin_shutdown()
         if self._load_task is not None and not self._load_task.done():
             # A load thread cannot be interrupted; it is a daemon and dies with the process.
             self._load_task.cancel()
@@ -145,6 +167,10 @@ class ModelService:
             model,
             max_batch_size=self.settings.max_batch_size,
             max_wait_s=self.settings.max_wait_ms / 1000.0,
+            max_queue_size=self.settings.max_queue_size,
+            forward_timeout_s=self.settings.forward_timeout_s,
+            oom_cooldown_s=self.settings.oom_cooldown_s,
+            is_oom=getattr(model, "is_oom", is_memory_error),
             name=model.spec.name,
             on_batch=self._observe_batch,
         )
@@ -161,7 +187,9 @@ class ModelService:
         return self._loader(self.settings, device), device
 
     def _observe_batch(self, stats: BatchStats) -> None:
-        self._metrics.observe_batch(stats.size, stats.queue_wait_s, stats.forward_s, stats.failed)
+        self._metrics.observe_batch(
+            stats.size, stats.queue_wait_s, stats.forward_s, stats.failed_items, stats.oom_splits
+        )
 
     def _not_ready(self) -> NotReady:
         state = self.state

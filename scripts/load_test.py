@@ -84,6 +84,12 @@ def start_server(
     raise SystemExit("server did not become ready in 120 s")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def batch_totals(url: str) -> tuple[float, float]:
     text = httpx.get(f"{url}/metrics").text
     total = re.search(r"^gpuserve_batch_size_sum (\S+)", text, re.M)
@@ -166,15 +172,18 @@ def main() -> None:
     try:
         for concurrency in args.concurrency:
             before = batch_totals(url)
+            cpu_before = cpu_seconds(server.pid)
             if use_wrk:
                 result = run_wrk(url, body, concurrency, args.duration)
             else:
                 result = asyncio.run(run_python(url, body, concurrency, args.duration))
+            cpu = cpu_seconds(server.pid) - cpu_before
             after = batch_totals(url)
             batches = after[1] - before[1]
             result["concurrency"] = concurrency
             result["req_per_s"] = result["requests"] / result["duration_s"]
             result["mean_batch"] = (after[0] - before[0]) / batches if batches else 0.0
+            result["cpu_us_per_req"] = cpu / result["requests"] * 1e6 if result["requests"] else 0.0
             rows.append(result)
     finally:
         server.terminate()
@@ -182,12 +191,12 @@ def main() -> None:
 
     client = "wrk -t1 (pinned to core 1)" if use_wrk else "python httpx client"
     print(f"\nload generator: {client}; server pinned to core 0; {args.duration:.0f} s per row")
-    print("| concurrency | req/s | p50 ms | p99 ms | mean batch | errors | non-2xx |")
+    print("| concurrency | req/s | p50 ms | p99 ms | mean batch | server CPU µs/req | errors |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(
             f"| {r['concurrency']} | {r['req_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
-            f"| {r['mean_batch']:.1f} | {r['errors']} | {r['non_2xx']} |"
+            f"| {r['mean_batch']:.1f} | {r['cpu_us_per_req']:.0f} | {r['errors'] + r['non_2xx']} |"
         )
 
 

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,12 @@ class FakeModel:
         self.scale = scale
         self.batches: list[int] = []
         self.error: Exception | None = None
+        self.delay_s = 0.0
 
     def __call__(self, instances: list[np.ndarray[Any, Any]]) -> list[Any]:
         self.batches.append(len(instances))
+        if self.delay_s:
+            time.sleep(self.delay_s)
         if self.error is not None:
             raise self.error
         return [float(x.sum()) * self.scale for x in instances]

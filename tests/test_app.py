@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ from .conftest import FakeModel, fake_loader
 
 pytestmark = pytest.mark.anyio
 
+JSON = {"content-type": "application/json"}
 SETTINGS = Settings(device="cpu", model=ModelSettings(max_instances_per_request=8, freeze_gc=False))
 
 
@@ -171,11 +173,16 @@ async def test_a_failing_forward_is_a_generic_500_with_a_request_id(
 
 async def test_a_collector_crash_flips_readiness_and_fails_fast(client: httpx.AsyncClient) -> None:
     service = client._transport.app.state.service  # type: ignore[attr-defined]
-    service.batcher._error = "batch collector crashed: RuntimeError: simulated"
+
+    def broken_dispatch() -> None:
+        raise RuntimeError("simulated collector bug")
+
+    service.batcher._dispatch = broken_dispatch
+    stranded = await client.post("/predict", json={"inputs": [1, 2, 3, 4]})
+    assert stranded.status_code == 503 and "simulated" in stranded.json()["error"]
     ready = await client.get("/health/ready")
     assert ready.status_code == 503 and "simulated" in ready.json()["reason"]
-    predict = await client.post("/predict", json={"inputs": [1, 2, 3, 4]})
-    assert predict.status_code == 503
+    assert (await client.post("/predict", json={"inputs": [1, 2, 3, 4]})).status_code == 503
 
 
 async def test_request_ids_are_echoed_or_generated(client: httpx.AsyncClient) -> None:
@@ -183,7 +190,9 @@ async def test_request_ids_are_echoed_or_generated(client: httpx.AsyncClient) ->
     assert echoed.headers["x-request-id"] == "abc-123"
     generated = await client.get("/health/live", headers={"x-request-id": "bad id\n<script>"})
     assert "script" not in generated.headers["x-request-id"]
-    assert len(generated.headers["x-request-id"]) == 32
+    assert re.fullmatch(r"[0-9a-f]{24,}", generated.headers["x-request-id"])
+    again = await client.get("/health/live")
+    assert again.headers["x-request-id"] != generated.headers["x-request-id"]
 
 
 async def test_unknown_routes_get_the_error_shape(client: httpx.AsyncClient) -> None:
@@ -219,3 +228,121 @@ async def test_openapi_documents_predict(client: httpx.AsyncClient) -> None:
     schema = (await client.get("/openapi.json")).json()
     body = schema["paths"]["/predict"]["post"]["requestBody"]
     assert "inputs" in body["content"]["application/json"]["schema"]["properties"]
+
+
+async def test_a_body_not_declared_as_json_is_a_415(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/predict",
+        content=b"inputs=1",
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status_code == 415
+    assert "application/json" in response.json()["error"]
+
+
+async def test_an_oversized_body_is_refused_before_parsing(fake_model: FakeModel) -> None:
+    settings = SETTINGS.model_copy(update={"max_body_bytes": 1024})
+    async with serving(create_app(settings, loader=fake_loader(fake_model))) as client:
+        big = b'{"inputs": [' + b"1," * 1000 + b"1]}"
+        declared = await client.post("/predict", content=big, headers=JSON)
+        assert declared.status_code == 413 and "limit is 1024" in declared.json()["error"]
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(100):
+                yield b"[1,2,3,4]," * 10
+
+        chunked = await client.post("/predict", content=chunks(), headers=JSON)
+        assert chunked.status_code == 413
+        assert fake_model.batches == []
+
+
+async def test_the_deadline_header_turns_a_slow_answer_into_a_504(
+    client: httpx.AsyncClient, fake_model: FakeModel
+) -> None:
+    fake_model.delay_s = 0.5
+    slow = await client.post(
+        "/predict", json={"inputs": [1, 2, 3, 4]}, headers={"x-request-timeout-ms": "20"}
+    )
+    assert slow.status_code == 504 and "deadline" in slow.json()["error"]
+    fake_model.delay_s = 0.0
+    fine = await client.post(
+        "/predict", json={"inputs": [1, 2, 3, 4]}, headers={"x-request-timeout-ms": "5000"}
+    )
+    assert fine.status_code == 200
+    text = (await client.get("/metrics")).text
+    assert "gpuserve_timed_out_total 1.0" in text
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon"])
+async def test_a_bad_deadline_header_is_a_422(client: httpx.AsyncClient, value: str) -> None:
+    response = await client.post(
+        "/predict", json={"inputs": [1, 2, 3, 4]}, headers={"x-request-timeout-ms": value}
+    )
+    assert response.status_code == 422 and "X-Request-Timeout-Ms" in response.json()["error"]
+
+
+async def test_a_full_queue_answers_503_with_retry_after(fake_model: FakeModel) -> None:
+    settings = SETTINGS.model_copy(
+        update={"model": SETTINGS.model.model_copy(update={"max_queue_size": 2})}
+    )
+    fake_model.delay_s = 0.2
+    async with serving(create_app(settings, loader=fake_loader(fake_model))) as client:
+        responses = await asyncio.gather(
+            *(client.post("/predict", json={"inputs": [i, 0, 0, 0]}) for i in range(12))
+        )
+        codes = sorted(r.status_code for r in responses)
+        assert set(codes) == {200, 503} and codes.count(200) >= 2
+        refused = next(r for r in responses if r.status_code == 503)
+        assert refused.headers["retry-after"] == "1" and "queue is full" in refused.json()["error"]
+        for r in responses:
+            if r.status_code == 200:
+                assert r.json()["outputs"] == float(responses.index(r))
+        assert "gpuserve_refused_total" in (await client.get("/metrics")).text
+
+
+KEY = "k" * 24
+
+
+@pytest.fixture
+async def locked(fake_model: FakeModel) -> AsyncIterator[httpx.AsyncClient]:
+    settings = SETTINGS.model_copy(update={"api_keys": [KEY, "another-key-of-16+"]})
+    async with serving(create_app(settings, loader=fake_loader(fake_model))) as client:
+        yield client
+
+
+async def test_api_keys_guard_everything_but_the_health_checks(locked: httpx.AsyncClient) -> None:
+    assert (await locked.get("/health/ready")).status_code == 200
+    assert (await locked.get("/health/live")).status_code == 200
+    for method, path in [("POST", "/predict"), ("GET", "/info"), ("GET", "/metrics")]:
+        response = await locked.request(method, path, json={"inputs": [1, 2, 3, 4]})
+        assert response.status_code == 401, path
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert response.json()["request_id"] == response.headers["x-request-id"]
+    wrong = await locked.post(
+        "/predict", json={"inputs": [1, 2, 3, 4]}, headers={"authorization": f"Bearer {KEY}x"}
+    )
+    assert wrong.status_code == 401
+    right = await locked.post(
+        "/predict", json={"inputs": [1, 2, 3, 4]}, headers={"authorization": f"Bearer {KEY}"}
+    )
+    assert right.status_code == 200
+    second = await locked.get("/info", headers={"authorization": "bearer another-key-of-16+"})
+    assert second.status_code == 200
+
+
+async def test_no_route_lets_a_request_choose_a_path_module_or_device(
+    client: httpx.AsyncClient,
+) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    assert set(schema["paths"]) == {
+        "/health/live",
+        "/health/ready",
+        "/predict",
+        "/info",
+        "/metrics",
+    }
+    for path in schema["paths"].values():
+        for operation in path.values():
+            assert operation.get("parameters", []) == []  # no query or path parameters at all
+    properties = schema["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
+    assert set(properties["schema"]["properties"]) == {"inputs", "instances"}

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from gpuserve.batcher import BatchStats, MicroBatcher
-from gpuserve.errors import BatcherClosed
+from gpuserve.errors import BatcherClosed, Overloaded
 
 pytestmark = pytest.mark.anyio
 
@@ -44,14 +45,10 @@ async def wait_until(condition: Callable[[], bool]) -> None:
 
 
 async def started(
-    process: Callable[[list[int]], list[int]], **kwargs: float
+    process: Callable[[list[int]], list[int]], **options: Any
 ) -> MicroBatcher[int, int]:
-    options = {"max_batch_size": 8, "max_wait_s": 3600.0, **kwargs}
-    batcher: MicroBatcher[int, int] = MicroBatcher(
-        process,
-        max_batch_size=int(options["max_batch_size"]),
-        max_wait_s=options["max_wait_s"],
-    )
+    options = {"max_batch_size": 8, "max_wait_s": 3600.0, **options}
+    batcher: MicroBatcher[int, int] = MicroBatcher(process, **options)
     await batcher.start()
     return batcher
 
@@ -107,19 +104,95 @@ async def test_each_caller_gets_its_own_result() -> None:
     await batcher.stop()
 
 
-async def test_a_failed_forward_fails_exactly_its_own_batch() -> None:
+async def test_a_failing_item_fails_alone_and_its_neighbours_get_results() -> None:
     model = GatedDoubler(poison=7)
     batcher = await started(model, max_batch_size=3)
     first = await hold_worker(model, batcher)
-    doomed = [batcher.submit(i) for i in (5, 6, 7)]  # a full batch: staged behind the first
+    batched = [batcher.submit(i) for i in (5, 6, 7)]  # a full batch: staged behind the first
     await wait_until(lambda: batcher.queue_depth == 0)
-    spared = [batcher.submit(i) for i in (8, 9)]
+    later = [batcher.submit(i) for i in (8, 9)]
     model.gate.set()
-    results = await asyncio.gather(first, *doomed, *spared, return_exceptions=True)
-    assert results[0] == -2
-    assert all(isinstance(r, ValueError) for r in results[1:4])
+    results = await asyncio.gather(first, *batched, *later, return_exceptions=True)
+    assert results[:3] == [-2, 10, 12]
+    assert isinstance(results[3], ValueError)
     assert results[4:] == [16, 18]
-    assert model.batches == [[-1], [5, 6, 7], [8, 9]]
+    # The failed batch was retried in halves until the poisoned item stood alone.
+    assert model.batches == [[-1], [5, 6, 7], [5], [6, 7], [6], [7], [8, 9]]
+    await batcher.stop()
+
+
+async def test_out_of_memory_splits_the_batch_and_caps_later_ones() -> None:
+    seen: list[BatchStats] = []
+
+    def small_memory(items: list[int]) -> list[int]:
+        if len(items) > 2:
+            raise MemoryError(f"no room for {len(items)}")
+        return [item + 1 for item in items]
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        small_memory, max_batch_size=8, max_wait_s=3600, oom_cooldown_s=3600, on_batch=seen.append
+    )
+    await batcher.start()
+    assert await asyncio.gather(*batcher.submit_many(list(range(8)))) == list(range(1, 9))
+    assert (seen[0].size, seen[0].oom_splits, seen[0].failed_items) == (8, 3, 0)
+    assert batcher.batch_cap == 4
+    await asyncio.gather(*batcher.submit_many(list(range(8))))
+    assert max(s.size for s in seen[1:]) <= 4
+    await batcher.stop()
+
+
+async def test_a_custom_oom_test_is_used() -> None:
+    seen: list[BatchStats] = []
+
+    def flaky(items: list[int]) -> list[int]:
+        if len(items) > 1:
+            raise RuntimeError("CUDA out of memory")
+        return items
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        flaky,
+        max_batch_size=4,
+        max_wait_s=3600,
+        is_oom=lambda exc: "out of memory" in str(exc),
+        on_batch=seen.append,
+    )
+    await batcher.start()
+    await asyncio.gather(*batcher.submit_many([1, 2]))
+    assert seen[0].oom_splits == 1 and batcher.batch_cap == 1
+    await batcher.stop()
+
+
+async def test_a_full_queue_refuses_at_once_and_admits_all_or_none() -> None:
+    model = GatedDoubler()
+    batcher = await started(model, max_queue_size=3)
+    first = await hold_worker(model, batcher)
+    await wait_until(lambda: batcher.queue_depth == 0)
+    admitted = batcher.submit_many([1, 2])
+    with pytest.raises(Overloaded, match="queue is full"):
+        batcher.submit_many([3, 4])
+    assert batcher.queue_depth == 2  # the refused request left nothing behind
+    admitted.append(batcher.submit(3))
+    with pytest.raises(Overloaded):
+        batcher.submit(4)
+    model.gate.set()
+    assert await asyncio.gather(first, *admitted) == [-2, 2, 4, 6]
+    await batcher.stop()
+
+
+async def test_a_stuck_forward_fails_waiters_and_recovers_when_it_returns() -> None:
+    model = GatedDoubler()
+    batcher = await started(model, forward_timeout_s=0.05, max_wait_s=0.0)
+    first = await hold_worker(model, batcher)
+    queued = batcher.submit(1)
+    for future in (first, queued):
+        with pytest.raises(BatcherClosed, match=r"more than 0\.05s"):
+            await asyncio.wait_for(future, timeout=10)
+    assert batcher.error is not None and not batcher.running
+    with pytest.raises(BatcherClosed):
+        batcher.submit(2)
+    model.gate.set()
+    await wait_until(lambda: batcher.running)
+    assert await asyncio.wait_for(batcher.submit(3), timeout=10) == 6
     await batcher.stop()
 
 
@@ -230,7 +303,7 @@ async def test_on_batch_reports_each_batch_and_its_failures() -> None:
     with pytest.raises(ValueError):
         await batcher.submit(3)
     await batcher.stop()
-    assert [(s.size, s.failed) for s in seen] == [(1, False), (1, True)]
+    assert [(s.size, s.failed_items) for s in seen] == [(1, 0), (1, 1)]
     assert all(s.forward_s >= 0 and s.queue_wait_s >= 0 for s in seen)
 
 

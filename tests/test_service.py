@@ -48,15 +48,15 @@ async def test_start_returns_before_the_load_finishes(fake_model: FakeModel) -> 
     await service.start()
     assert service.state == "loading"
     with pytest.raises(NotReady, match="still loading"):
-        await service.predict([np.zeros(4, np.float32)])
+        await service.predict([np.zeros(4, np.float32)], 10)
     release.set()
     await until_settled(service)
     assert service.state == "ready" and service.device == CPU
-    assert await service.predict([np.ones(4, np.float32)]) == [4.0]
+    assert await service.predict([np.ones(4, np.float32)], 10) == [4.0]
     await service.stop()
     assert service.state == "stopping"
     with pytest.raises(NotReady, match="shutting down"):
-        await service.predict([np.ones(4, np.float32)])
+        await service.predict([np.ones(4, np.float32)], 10)
 
 
 async def test_stop_while_loading_does_not_wait_for_the_load(fake_model: FakeModel) -> None:
