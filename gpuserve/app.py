@@ -6,6 +6,7 @@ to responses. `/predict` reads: parse the body -> validate each instance against
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import itertools
 import logging
@@ -13,7 +14,7 @@ import platform
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,7 +24,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpuserve import __version__
@@ -78,7 +79,49 @@ def create_app(settings: Settings, *, loader: Loader | None = None) -> FastAPI:
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_middleware(RequestContext, metrics=metrics, api_keys=settings.api_keys)
+    app.openapi = functools.partial(_openapi, app, app.openapi)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI, default: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The OpenAPI document, with /predict's body described by the loaded model's own spec.
+
+    Until the model has loaded the body is described loosely, and the document is not cached.
+    """
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    document = default()
+    service: ModelService = app.state.service
+    if service.model is None:
+        app.openapi_schema = None
+        return document
+    instance = service.model.spec.input.json_schema()
+    limit = service.settings.max_instances_per_request
+    body = document["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
+    body["schema"] = {
+        "oneOf": [
+            {
+                "type": "object",
+                "properties": {"inputs": instance},
+                "required": ["inputs"],
+                "additionalProperties": False,
+            },
+            {
+                "type": "object",
+                "properties": {
+                    "instances": {
+                        "type": "array",
+                        "items": instance,
+                        "minItems": 1,
+                        "maxItems": limit,
+                    }
+                },
+                "required": ["instances"],
+                "additionalProperties": False,
+            },
+        ]
+    }
+    return document
 
 
 class RequestContext:
@@ -179,7 +222,10 @@ async def live() -> Response:
     return _json({"status": "alive"})
 
 
-@router.get("/health/ready")
+@router.get(
+    "/health/ready",
+    responses={503: {"description": "loading, failed or stopping, with a reason"}},
+)
 async def ready(request: Request) -> Response:
     """200 once the model is on its device and warmed up; 503 with the state otherwise."""
     body = _service(request).readiness()
@@ -320,7 +366,11 @@ async def info(request: Request) -> Response:
     return _json(body)
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+)
 async def metrics(request: Request) -> Response:
     """Prometheus text format."""
     registry: Metrics = request.app.state.metrics

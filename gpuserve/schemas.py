@@ -19,10 +19,11 @@ class PredictRequest(BaseModel):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> PredictRequest:
-        if (self.inputs is None) == (self.instances is None):
+        # Presence, not value, decides: {"inputs": null, "instances": [...]} is two fields.
+        if len(self.model_fields_set & {"inputs", "instances"}) != 1:
             raise ValueError("give exactly one of 'inputs' (one instance) or 'instances' (a list)")
-        if self.instances is not None and not self.instances:
-            raise ValueError("'instances' is empty")
+        if "instances" in self.model_fields_set and not self.instances:
+            raise ValueError("'instances' must be a non-empty list")
         return self
 
 

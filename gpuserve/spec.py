@@ -28,6 +28,16 @@ _ACCEPTED_KINDS: dict[str, str] = {
     "uint8": "iu",
     "bool": "b",
 }
+# The values each dtype holds, for the JSON Schema (float bounds rounded inwards).
+_DTYPE_RANGE: dict[str, tuple[float, float]] = {
+    "float32": (-3.4e38, 3.4e38),
+    "float64": (-1.7e308, 1.7e308),
+    "float16": (-65504.0, 65504.0),
+    "bfloat16": (-3.38e38, 3.38e38),
+    "int64": (-(2**63), 2**63 - 1),
+    "int32": (-(2**31), 2**31 - 1),
+    "uint8": (0, 255),
+}
 # numpy has no bfloat16: such inputs travel as float32 and the handler casts on the device.
 _NUMPY_DTYPE: dict[str, str] = {"bfloat16": "float32"}
 
@@ -58,6 +68,24 @@ class TensorSpec(BaseModel):
     def describe(self) -> str:
         dims = ", ".join("N" if d == -1 else str(d) for d in self.shape)
         return f"{self.dtype}[{dims}]"
+
+    def json_schema(self) -> dict[str, Any]:
+        """JSON Schema of one instance: nested arrays of this shape, values within range."""
+        node: dict[str, Any]
+        if self.dtype == "bool":
+            node = {"type": "boolean"}
+        else:
+            low, high = _DTYPE_RANGE[self.dtype]
+            if self.min is not None:
+                low = max(low, self.min)
+            if self.max is not None:
+                high = min(high, self.max)
+            kind = "number" if self.numpy_dtype.kind == "f" else "integer"
+            node = {"type": kind, "minimum": low, "maximum": high}
+        for dim in reversed(self.shape):
+            size = {"minItems": 1} if dim == -1 else {"minItems": dim, "maxItems": dim}
+            node = {"type": "array", "items": node, **size}
+        return node
 
     def example(self) -> np.ndarray[Any, Any]:
         """A valid instance (variable dimensions set to 1), used for the warm-up batch."""
@@ -118,6 +146,8 @@ def to_array(value: Any, spec: TensorSpec, field: str) -> np.ndarray[Any, Any]:
         raise InvalidInput(
             f"{field}: {expected}, got a ragged or non-numeric array ({exc})"
         ) from None
+    if array.dtype.kind == "f" and spec.numpy_dtype.kind in "iu" and _integral(array):
+        array = array.astype(np.int64)  # JSON does not tell 1.0 from 1
     if array.dtype.kind not in _ACCEPTED_KINDS[spec.dtype]:
         got = _kind_name(array)
         raise InvalidInput(f"{field}: {expected}, got {got}")
@@ -143,6 +173,13 @@ def to_array(value: Any, spec: TensorSpec, field: str) -> np.ndarray[Any, Any]:
         if array.min() < info.min or array.max() > info.max:
             raise InvalidInput(f"{field}: values do not fit in {spec.dtype}")
     return array.astype(target, copy=False)
+
+
+def _integral(array: np.ndarray[Any, Any]) -> bool:
+    with np.errstate(invalid="ignore"):
+        return bool(np.isfinite(array).all() and (array == np.round(array)).all()) and bool(
+            array.size == 0 or np.abs(array).max() < 2**63
+        )
 
 
 def _shape_matches(got: tuple[int, ...], want: tuple[int, ...]) -> bool:

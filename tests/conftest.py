@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from gpuserve.config import ModelSettings
 from gpuserve.device import DeviceInfo
@@ -138,3 +139,37 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class SlowNet(torch.nn.Module):
+    """Each batch costs a fixed chain of 1024x1024 matmuls, whatever its size (about 0.1-0.3 s
+    on one core), so a test can hold the worker busy with real compute and no sleep."""
+
+    def __init__(self, rounds: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.rounds = rounds
+        self.square = torch.nn.Parameter(torch.randn(1024, 1024) / 32)
+        self.head = torch.nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.square
+        for _ in range(self.rounds):
+            m = torch.tanh(m @ self.square)
+        return self.head(x) + m.mean() * 0
+
+
+@pytest.fixture(scope="session")
+def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("slow") / "slow.pt2"
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(
+        SlowNet(rounds=5).eval(), (torch.zeros(2, 64),), dynamic_shapes=({0: batch},)
+    )
+    torch.export.save(program, str(path))
+    ModelSpec(
+        name="slow",
+        input=TensorSpec(shape=(64,), dtype="float32"),
+        output=TensorSpec(shape=(10,), dtype="float32"),
+    ).to_file(path.with_suffix(".json"))
+    return path

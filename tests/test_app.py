@@ -88,7 +88,9 @@ BAD_BODIES: list[tuple[str, bytes, str]] = [
     ("neither field", b"{}", "exactly one of 'inputs'"),
     ("both fields", b'{"inputs": [1,2,3,4], "instances": [[1,2,3,4]]}', "exactly one"),
     ("extra field", b'{"inputs": [1,2,3,4], "extra": 1}', "extra: Extra inputs are not permitted"),
-    ("empty instances", b'{"instances": []}', "'instances' is empty"),
+    ("empty instances", b'{"instances": []}', "'instances' must be a non-empty list"),
+    ("null inputs", b'{"inputs": null}', "inputs: expected float32[4], got null"),
+    ("null beside instances", b'{"inputs": null, "instances": [[1,2,3,4]]}', "exactly one"),
     ("bad instance", b'{"instances": [[1,2,3,4], [1,2]]}', "instances[1]: expected float32[4]"),
     ("too many instances", b'{"instances": [' + b",".join([b"[1,2,3,4]"] * 9) + b"]}", "at most 8"),
     ("deep nesting", b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", "recursion limit"),
@@ -227,7 +229,7 @@ async def test_metrics_count_requests_batches_and_queue(client: httpx.AsyncClien
 async def test_openapi_documents_predict(client: httpx.AsyncClient) -> None:
     schema = (await client.get("/openapi.json")).json()
     body = schema["paths"]["/predict"]["post"]["requestBody"]
-    assert "inputs" in body["content"]["application/json"]["schema"]["properties"]
+    assert "oneOf" in body["content"]["application/json"]["schema"]
 
 
 async def test_a_body_not_declared_as_json_is_a_415(client: httpx.AsyncClient) -> None:
@@ -344,5 +346,15 @@ async def test_no_route_lets_a_request_choose_a_path_module_or_device(
     for path in schema["paths"].values():
         for operation in path.values():
             assert operation.get("parameters", []) == []  # no query or path parameters at all
-    properties = schema["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
-    assert set(properties["schema"]["properties"]) == {"inputs", "instances"}
+    body = schema["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
+    fields = {name for branch in body["schema"]["oneOf"] for name in branch["properties"]}
+    assert fields == {"inputs", "instances"}
+
+
+async def test_openapi_describes_the_loaded_models_input(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    body = schema["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
+    one, many = body["schema"]["oneOf"]
+    assert one["properties"]["inputs"]["minItems"] == 4
+    assert one["properties"]["inputs"]["items"]["maximum"] == 100
+    assert many["properties"]["instances"]["maxItems"] == 8

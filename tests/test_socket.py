@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -39,31 +40,46 @@ def batch_counts(metrics_text: str) -> tuple[float, float]:
     return float(ones.group(1)), float(total.group(1))
 
 
-def burst(url: str, images: list[list[float]]) -> list[dict[str, Any]]:
-    """Each image on its own connection; every request is sent before any answer is read.
+def send_all(url: str, bodies: list[bytes]) -> list[http.client.HTTPConnection]:
+    """Each body on its own connection, all sent before any answer is read.
 
     A Python client that sends and awaits in turn is slower than this server, so its requests
     may never overlap; this way they reach the server together, as many clients' would.
     """
     address = urlsplit(url)
     connections = [
-        http.client.HTTPConnection(address.hostname or "", address.port, timeout=30) for _ in images
+        http.client.HTTPConnection(address.hostname or "", address.port, timeout=60) for _ in bodies
     ]
-    try:
-        for connection in connections:
-            connection.connect()
-        for connection, image in zip(connections, images, strict=True):
-            body = json.dumps({"inputs": image})
-            connection.request("POST", "/predict", body, {"content-type": "application/json"})
-        outputs = []
-        for connection in connections:
-            response = connection.getresponse()
-            assert response.status == 200
-            outputs.append(json.loads(response.read())["outputs"])
-        return outputs
-    finally:
-        for connection in connections:
-            connection.close()
+    for connection in connections:
+        connection.connect()
+    for connection, body in zip(connections, bodies, strict=True):
+        connection.request("POST", "/predict", body, {"content-type": "application/json"})
+    return connections
+
+
+def read_all(connections: list[http.client.HTTPConnection]) -> list[tuple[int, dict[str, Any]]]:
+    answers = []
+    for connection in connections:
+        response = connection.getresponse()
+        answers.append((response.status, json.loads(response.read())))
+        connection.close()
+    return answers
+
+
+def burst(url: str, images: list[list[float]]) -> list[dict[str, Any]]:
+    bodies = [json.dumps({"inputs": image}).encode() for image in images]
+    answers = read_all(send_all(url, bodies))
+    assert [status for status, _ in answers] == [200] * len(images)
+    return [body["outputs"] for _, body in answers]
+
+
+def metric(url: str, name: str) -> float:
+    """One sample from /metrics, by its full name with labels; 0 if absent."""
+    text = httpx.get(f"{url}/metrics").text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 async def test_64_concurrent_clients_get_their_own_answers_batched(demo_model: Path) -> None:
@@ -101,3 +117,68 @@ async def test_64_concurrent_clients_get_their_own_answers_batched(demo_model: P
         ) / len(images)
         assert accuracy >= 0.9
         assert server.stop() == 0
+
+
+ONE = json.dumps({"inputs": [1.0] * 64}).encode()
+SLOW_ENV = {"OMP_NUM_THREADS": "1", "GPUSERVE_MODEL__MAX_WAIT_MS": "1"}
+
+
+def slow_server(model: Path, **settings: str) -> ServerProcess:
+    env = {**SLOW_ENV, "GPUSERVE_MODEL__PATH": str(model)}
+    env.update({f"GPUSERVE_{key.upper()}": value for key, value in settings.items()})
+    return ServerProcess("--device", "cpu", env=env)
+
+
+def test_a_flood_of_10x_the_queue_gets_200_or_503_and_the_server_stays_healthy(
+    slow_model: Path,
+) -> None:
+    with slow_server(slow_model, model__max_queue_size="8", model__max_batch_size="4") as server:
+        wait_ready(server.url)
+        answers = read_all(send_all(server.url, [ONE] * 80))
+        codes = [status for status, _ in answers]
+        assert set(codes) <= {200, 503}, codes
+        assert codes.count(200) >= 8 and codes.count(503) >= 1
+        for status, body in answers:
+            if status == 503:
+                assert "queue is full" in body["error"]
+        assert metric(server.url, "gpuserve_refused_total") == codes.count(503)
+        assert httpx.get(f"{server.url}/health/ready").status_code == 200
+        good = httpx.post(f"{server.url}/predict", content=ONE, timeout=30)
+        assert good.status_code == 200
+        assert server.stop() == 0
+
+
+def test_sigterm_answers_every_request_in_flight_then_exits_0(slow_model: Path) -> None:
+    with slow_server(slow_model, model__max_batch_size="16") as server:
+        wait_ready(server.url)
+        connections = send_all(server.url, [ONE] * 100)
+        deadline = time.monotonic() + 30
+        # The metrics request itself is in flight too, hence 101.
+        while metric(server.url, "gpuserve_requests_in_flight") < 101:
+            assert time.monotonic() < deadline, "the requests never all arrived"
+            time.sleep(0.01)
+        assert server.process is not None
+        server.process.send_signal(signal.SIGTERM)
+        answers = read_all(connections)
+        assert [status for status, _ in answers] == [200] * 100
+        assert server.process.wait(timeout=30) == 0
+        assert any("stopped on signal" in line or "Shutting down" in line for line in server.log)
+
+
+def test_a_client_that_hangs_up_while_queued_costs_no_forward_pass(slow_model: Path) -> None:
+    with slow_server(slow_model) as server:
+        wait_ready(server.url)
+        (busy,) = send_all(server.url, [ONE])  # holds the worker for a whole slow batch
+        while metric(server.url, "gpuserve_requests_in_flight") < 2:
+            time.sleep(0.005)
+        quitters = send_all(server.url, [ONE] * 5)
+        for connection in quitters:
+            connection.close()
+        assert read_all([busy])[0][0] == 200
+        assert httpx.post(f"{server.url}/predict", content=ONE, timeout=30).status_code == 200
+        deadline = time.monotonic() + 10
+        while metric(server.url, 'gpuserve_requests_total{code="499",route="/predict"}') < 5:
+            assert time.monotonic() < deadline, "the hang-ups were never noticed"
+            time.sleep(0.01)
+        # Only the two requests whose clients stayed reached the model.
+        assert metric(server.url, "gpuserve_batch_size_sum") == 2

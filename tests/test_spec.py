@@ -105,3 +105,23 @@ def test_missing_or_invalid_spec_files_are_load_errors(tmp_path: Path) -> None:
     bad.write_text('{"name": "m"}')
     with pytest.raises(ModelLoadError, match="invalid"):
         ModelSpec.from_file(bad)
+
+
+def test_integral_floats_are_accepted_for_integer_specs() -> None:
+    tokens = TensorSpec(shape=(2,), dtype="int64")
+    array = to_array([3.0, 4.0], tokens, "inputs")
+    assert array.dtype == np.int64 and array.tolist() == [3, 4]
+
+
+def test_json_schema_describes_shape_dtype_and_range() -> None:
+    schema = PIXELS.json_schema()
+    assert schema == {
+        "type": "array",
+        "items": {"type": "number", "minimum": 0, "maximum": 16},
+        "minItems": 4,
+        "maxItems": 4,
+    }
+    tokens = TensorSpec(shape=(-1,), dtype="uint8").json_schema()
+    assert tokens["minItems"] == 1 and "maxItems" not in tokens
+    assert tokens["items"] == {"type": "integer", "minimum": 0, "maximum": 255}
+    assert TensorSpec(shape=(1,), dtype="bool").json_schema()["items"] == {"type": "boolean"}
