@@ -85,6 +85,7 @@ class _Outcome(Generic[R]):
     """What the worker hands back: a result or an error per item, in order."""
 
     results: list[R | BaseException] = field(default_factory=list)
+    ran: list[int] = field(default_factory=list)  # indices of the entries that were processed
     forward_s: float = 0.0
     oom_splits: int = 0
 
@@ -267,18 +268,22 @@ class MicroBatcher(Generic[T, R]):
         assert self._loop is not None and self._executor is not None
         batch: _Batch[T, R] = _Batch(entries)
         self._in_flight.append(batch)
-        work = self._executor.submit(self._run, batch, [entry.item for entry in entries])
+        work = self._executor.submit(self._run, batch)
         work.add_done_callback(functools.partial(self._finish_threadsafe, self._loop, batch))
         if self.forward_timeout_s is not None:
             batch.watchdog = self._loop.call_later(
                 self.forward_timeout_s, self._check_stalled, batch
             )
 
-    def _run(self, batch: _Batch[T, R], items: list[T]) -> _Outcome[R]:
+    def _run(self, batch: _Batch[T, R]) -> _Outcome[R]:
         """Runs in the worker thread."""
         batch.started = time.monotonic()
+        # A batch handed over early may have lost members since (deadline, hang-up): skip them.
+        # Reading done() across threads is a benign race: at worst one item runs for nobody.
         outcome: _Outcome[R] = _Outcome()
-        self._process_isolating(items, outcome)
+        outcome.ran = [i for i, entry in enumerate(batch.entries) if not entry.future.done()]
+        if outcome.ran:
+            self._process_isolating([batch.entries[i].item for i in outcome.ran], outcome)
         outcome.forward_s = time.monotonic() - batch.started
         return outcome
 
@@ -336,9 +341,11 @@ class MicroBatcher(Generic[T, R]):
         try:
             outcome = done.result()
         except BaseException as exc:  # cancelled by stop(), or a bug in _run itself
-            outcome = _Outcome(results=[exc] * len(batch.entries))
+            everyone = list(range(len(batch.entries)))
+            outcome = _Outcome(results=[exc] * len(everyone), ran=everyone)
         failed = 0
-        for entry, result in zip(batch.entries, outcome.results, strict=True):
+        for index, result in zip(outcome.ran, outcome.results, strict=True):
+            entry = batch.entries[index]
             failed += isinstance(result, BaseException)
             if entry.future.done():
                 continue
@@ -347,12 +354,12 @@ class MicroBatcher(Generic[T, R]):
             else:
                 entry.future.set_result(result)
         if outcome.oom_splits:
-            self._cap = max(1, len(batch.entries) // 2)
+            self._cap = max(1, len(outcome.ran) // 2)
             self._cap_until = time.monotonic() + self.oom_cooldown_s
             logger.warning(
                 "%s: out of memory at batch size %d; capping batches at %d for %.0fs",
                 self.name,
-                len(batch.entries),
+                len(outcome.ran),
                 self._cap,
                 self.oom_cooldown_s,
             )
@@ -376,11 +383,11 @@ class MicroBatcher(Generic[T, R]):
         self._fail_waiting(BatcherClosed(f"model unavailable: {self._stalled}"))
 
     def _report(self, batch: _Batch[T, R], outcome: _Outcome[R], failed: int) -> None:
-        if self._on_batch is None:
+        if self._on_batch is None or not outcome.ran:
             return
         started = batch.started if batch.started is not None else batch.entries[0].enqueued
         stats = BatchStats(
-            size=len(batch.entries),
+            size=len(outcome.ran),
             queue_wait_s=max(0.0, started - batch.entries[0].enqueued),
             forward_s=outcome.forward_s,
             failed_items=failed,

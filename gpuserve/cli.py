@@ -91,12 +91,7 @@ def _serve(settings: Settings) -> None:
         probe(settings.device)
     except DeviceError as exc:
         sys.exit(f"gpuserve: {exc.message}")
-    if settings.host not in _LOOPBACK and not settings.api_keys:
-        logger.warning(
-            "listening on %s without API keys: anyone who can reach it can use the model "
-            "(set api_keys or GPUSERVE_API_KEYS)",
-            settings.host,
-        )
+    _warn_if_exposed(settings)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -113,6 +108,15 @@ def _serve(settings: Settings) -> None:
     # SIGTERM should end the process with status 0, as Kubernetes and `docker stop` expect.
     signal.signal(signal.SIGTERM, _drained)
     _DrainingServer(config, app.state.service.begin_shutdown).run()
+
+
+def _warn_if_exposed(settings: Settings) -> None:
+    if settings.host not in _LOOPBACK and not settings.api_keys:
+        logger.warning(
+            "listening on %s without API keys: anyone who can reach it can use the model "
+            "(set api_keys or GPUSERVE_API_KEYS)",
+            settings.host,
+        )
 
 
 class _DrainingServer(uvicorn.Server):

@@ -358,3 +358,31 @@ async def test_openapi_describes_the_loaded_models_input(client: httpx.AsyncClie
     assert one["properties"]["inputs"]["minItems"] == 4
     assert one["properties"]["inputs"]["items"]["maximum"] == 100
     assert many["properties"]["instances"]["maxItems"] == 8
+
+
+async def test_a_request_whose_deadline_passes_in_the_queue_never_runs(
+    client: httpx.AsyncClient, fake_model: FakeModel
+) -> None:
+    fake_model.delay_s = 0.3
+    busy = asyncio.create_task(client.post("/predict", json={"inputs": [1, 0, 0, 0]}))
+    await asyncio.sleep(0.05)  # the first request is in the worker now
+    late = await client.post(
+        "/predict", json={"inputs": [2, 0, 0, 0]}, headers={"x-request-timeout-ms": "30"}
+    )
+    assert late.status_code == 504
+    assert (await busy).status_code == 200
+    assert fake_model.batches == [1]  # the expired request was dropped, never batched
+
+
+async def test_a_stuck_forward_turns_readiness_503_until_it_returns(fake_model: FakeModel) -> None:
+    model_settings = SETTINGS.model.model_copy(update={"forward_timeout_s": 0.05})
+    settings = SETTINGS.model_copy(update={"model": model_settings})
+    async with serving(create_app(settings, loader=fake_loader(fake_model))) as client:
+        fake_model.delay_s = 0.5
+        stuck = await client.post("/predict", json={"inputs": [1, 2, 3, 4]})
+        assert stuck.status_code == 503 and "more than 0.05s" in stuck.json()["error"]
+        ready = await client.get("/health/ready")
+        assert ready.status_code == 503 and "more than 0.05s" in ready.json()["reason"]
+        fake_model.delay_s = 0.0
+        await wait_for_status(client, "ready")
+        assert (await client.post("/predict", json={"inputs": [1, 2, 3, 4]})).status_code == 200

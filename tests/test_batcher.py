@@ -320,3 +320,16 @@ def test_invalid_sizes_are_rejected() -> None:
         MicroBatcher(lambda items: items, max_batch_size=0, max_wait_s=0)
     with pytest.raises(ValueError):
         MicroBatcher(lambda items: items, max_batch_size=1, max_wait_s=-1)
+
+
+async def test_a_staged_batch_skips_members_cancelled_before_it_starts() -> None:
+    model = GatedDoubler()
+    batcher = await started(model, max_wait_s=0.0)
+    first = await hold_worker(model, batcher)
+    gone, kept = batcher.submit(5), batcher.submit(6)
+    await wait_until(lambda: batcher.queue_depth == 0)  # both handed to the worker's queue
+    gone.cancel()
+    model.gate.set()
+    assert await first == -2 and await kept == 12
+    assert model.batches == [[-1], [6]]
+    await batcher.stop()

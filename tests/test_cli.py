@@ -7,6 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from gpuserve.cli import _warn_if_exposed
+from gpuserve.config import Settings
+
 from .conftest import ROOT
 
 
@@ -52,3 +57,12 @@ def test_an_invalid_setting_is_explained(tmp_path: Path) -> None:
     result = gpuserve("serve", "--config", str(config))
     assert result.returncode == 1
     assert "max_batch_size" in result.stderr and "greater than or equal to 1" in result.stderr
+
+
+def test_serving_beyond_loopback_without_keys_warns(caplog: pytest.LogCaptureFixture) -> None:
+    _warn_if_exposed(Settings(host="0.0.0.0"))
+    assert "without API keys" in caplog.text
+    caplog.clear()
+    _warn_if_exposed(Settings(host="0.0.0.0", api_keys=["x" * 20]))
+    _warn_if_exposed(Settings(host="127.0.0.1"))
+    assert caplog.text == ""

@@ -109,3 +109,9 @@ def test_out_of_range_values_are_rejected() -> None:
 
 def test_explicit_spec_path_wins() -> None:
     assert ModelSettings(path=Path("a.pt2"), spec=Path("b.json")).spec_path == Path("b.json")
+
+
+def test_the_shipped_config_loads() -> None:
+    settings = Settings(config_file=Path(__file__).parent.parent / "configs" / "default.toml")
+    assert settings.model.path == Path("models/digits.pt2")
+    assert settings.model.max_queue_size == 2048 and settings.api_keys == []
