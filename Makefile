@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_MODEL := models/digits.pt2
 CONFIG ?= configs/default.toml
 
-.PHONY: serve test lint typecheck unit bench clean
+.PHONY: serve test lint typecheck unit bench bench-peers clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,8 +35,14 @@ unit: $(VENV)/.installed $(DEMO_MODEL)
 
 test: lint typecheck unit
 
+# Needs wrk (Debian: apt-get install wrk). bench: the quick load test; bench-peers: the full
+# side-by-side comparison with LitServe and a naive server (about 15 minutes).
 bench: $(VENV)/.installed $(DEMO_MODEL)
 	$(PY) scripts/load_test.py
+
+bench-peers: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) scripts/bench.py --repeats 2
 
 clean:
 	rm -rf $(VENV) models .mypy_cache .ruff_cache .pytest_cache

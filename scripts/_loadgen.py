@@ -1,0 +1,130 @@
+"""Shared by the benchmark scripts: start a server pinned to a core, drive it with wrk, stop it.
+
+Each server runs in its own process group, started here, and is stopped by that group's id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [[%s]]
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'RESULT {"requests": %%d, "duration_s": %%f, "errors": %%d, "non_2xx": %%d, '
+    .. '"p50_ms": %%f, "p99_ms": %%f}\\n',
+    summary.requests, summary.duration / 1e6, e.connect + e.read + e.write + e.timeout,
+    e.status, latency:percentile(50) / 1e3, latency:percentile(99) / 1e3))
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def pinned(command: list[str], core: int | None) -> list[str]:
+    """Pin to one core with taskset, where there is a second core for the load generator."""
+    if core is None or shutil.which("taskset") is None or (os.cpu_count() or 1) < 2:
+        return command
+    return ["taskset", "-c", str(core), *command]
+
+
+def start(
+    command: list[str], ready_url: str, env: dict[str, str], cwd: Path
+) -> subprocess.Popen[bytes]:
+    """Start a server on core 0 and wait (bounded) until `ready_url` answers 200."""
+    # One thread for torch: the server has one core, and more threads would fight the loop.
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **env}
+    process = subprocess.Popen(
+        pinned(command, 0),
+        cwd=cwd,
+        env=full_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{command} exited with {process.returncode}")
+        try:
+            if httpx.get(ready_url, timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    stop(process)
+    raise RuntimeError(f"{command} did not become ready in 180 s")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the server's own process group (it may have workers), then SIGKILL if needed."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User plus system CPU seconds of a process and all its descendants (Linux /proc)."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry.name)
+        parents[pid] = int(fields[1])
+        times[pid] = (int(fields[11]) + int(fields[12])) / tick
+    total = 0.0
+    for pid, seconds in times.items():
+        walker = pid
+        while walker > 1 and walker != root:
+            walker = parents.get(walker, 0)
+        if walker == root:
+            total += seconds
+    return total
+
+
+def run_wrk(url: str, body: str, concurrency: int, duration: float) -> dict[str, Any]:
+    """wrk with one thread on core 1; returns requests, duration, errors and p50/p99 in ms."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(WRK_SCRIPT % body)
+    try:
+        command = ["wrk", "-t1", f"-c{concurrency}", f"-d{int(duration)}s", "--timeout", "10s"]
+        command += ["-s", script.name, url]
+        out = subprocess.run(
+            pinned(command, 1), capture_output=True, text=True, timeout=duration + 60
+        ).stdout
+    finally:
+        os.unlink(script.name)
+    line = next(line for line in out.splitlines() if line.startswith("RESULT "))
+    result: dict[str, Any] = json.loads(line.removeprefix("RESULT "))
+    result["req_per_s"] = result["requests"] / result["duration_s"]
+    return result
