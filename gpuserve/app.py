@@ -152,9 +152,8 @@ class RequestContext:
 
         try:
             if self.api_keys and not self._authorised(scope):
-                await _send_error(
-                    send_with_id, Unauthorized("a valid API key is required"), request_id
-                )
+                refusal = Unauthorized("a valid API key is required")
+                await _error_response(refusal, request_id)(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
         finally:
@@ -174,22 +173,6 @@ class RequestContext:
         # Compare against every key, in constant time, so timing reveals neither key nor match.
         matches = [hmac.compare_digest(presented, key) for key in self.api_keys]
         return any(matches)
-
-
-async def _send_error(send: Send, exc: GpuserveError, request_id: str) -> None:
-    response = _json(
-        {"error": exc.message, "request_id": request_id},
-        exc.status_code,
-        {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None,
-    )
-    await send(
-        {
-            "type": "http.response.start",
-            "status": response.status_code,
-            "headers": response.raw_headers,
-        }
-    )
-    await send({"type": "http.response.body", "body": response.body})
 
 
 def _request_id(scope: Scope) -> str:
@@ -385,33 +368,36 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _error(
-    request: Request, status_code: int, message: str, headers: dict[str, str] | None = None
-) -> Response:
-    request_id = request.scope.get("state", {}).get("request_id", "")
-    return _json({"error": message, "request_id": request_id}, status_code, headers)
+def _error_response(exc: GpuserveError, request_id: str) -> Response:
+    """The one place an error becomes a response: its status, message, request id, headers."""
+    headers = {}
+    if exc.retry_after_s is not None:
+        headers["Retry-After"] = str(exc.retry_after_s)
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    return _json({"error": exc.message, "request_id": request_id}, exc.status_code, headers)
+
+
+def _request_id_of(request: Request) -> str:
+    request_id: str = request.scope.get("state", {}).get("request_id", "")
+    return request_id
 
 
 async def _gpuserve_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GpuserveError)
-    headers = None
-    if exc.retry_after_s is not None:
-        headers = {"Retry-After": str(exc.retry_after_s)}
     if exc.status_code == 500:
-        logger.error(
-            "request %s failed: %s",
-            request.scope.get("state", {}).get("request_id"),
-            exc.message,
-            exc_info=exc.__cause__ or exc,
-        )
-    return _error(request, exc.status_code, exc.message, headers)
+        cause = exc.__cause__ or exc
+        logger.error("request %s failed: %s", _request_id_of(request), exc.message, exc_info=cause)
+    return _error_response(exc, _request_id_of(request))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (404, 405) in the same shape as ours."""
     assert isinstance(exc, HTTPException)
-    return _error(request, exc.status_code, str(exc.detail), dict(exc.headers or {}) or None)
+    body = {"error": str(exc.detail), "request_id": _request_id_of(request)}
+    return _json(body, exc.status_code, dict(exc.headers or {}))
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    return _error(request, 422, str(exc.errors()))
+    return _error_response(InvalidInput(str(exc.errors())), _request_id_of(request))
