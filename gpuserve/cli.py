@@ -102,6 +102,7 @@ def _serve(settings: Settings) -> None:
         # uvicorn would otherwise replace our logging set-up with its own.
         log_config=None,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+        timeout_keep_alive=int(settings.keep_alive_s),
     )
     # uvicorn re-raises SIGTERM at the end of its graceful shutdown, under the handler that was
     # in place before it started. By then every accepted request has been answered, so a drained

@@ -100,6 +100,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="Larger request bodies get 413 unread."
     )
+    keep_alive_s: float = Field(
+        default=75.0,
+        gt=0,
+        description="How long an idle client connection stays open. Longer than the usual 60 s "
+        "of load balancers, so the server never closes one a client is about to reuse.",
+    )
     shutdown_timeout_s: float = Field(
         default=30.0,
         gt=0,
