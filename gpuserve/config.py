@@ -70,12 +70,33 @@ class ModelSettings(BaseModel):
         ge=0,
         description="After running out of memory, how long batches stay capped at half size.",
     )
-    warmup: bool = Field(default=True, description="Run one batch before reporting ready.")
+    warmup: bool = Field(
+        default=True,
+        description="Before reporting ready, run one batch of each power-of-two size up to "
+        "max_batch_size, and check the output shape against the spec.",
+    )
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        default="fp32", description="Compute precision of the forward pass (torch.autocast)."
+    )
+    precision_tolerance: float = Field(
+        default=0.02,
+        gt=0,
+        description="At load, fp16/bf16 outputs may differ from fp32 by at most this share of "
+        "the fp32 output's largest magnitude, or the load fails.",
+    )
     freeze_gc: bool = Field(
         default=True,
         description="After loading, exempt the objects alive then from garbage collection, "
         "which otherwise stalls the event loop for 100 ms and more under load.",
     )
+
+    @property
+    def warmup_batch_sizes(self) -> tuple[int, ...]:
+        """Powers of two up to max_batch_size, and max_batch_size itself."""
+        sizes = {
+            1 << i for i in range(self.max_batch_size.bit_length()) if 1 << i <= self.max_batch_size
+        }
+        return tuple(sorted(sizes | {self.max_batch_size}))
 
     @property
     def spec_path(self) -> Path:

@@ -7,7 +7,7 @@ The hooks run in the order data flows, all in the batcher's worker thread:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -28,16 +28,30 @@ _TORCH_DTYPES: dict[str, torch.dtype] = {
 }
 
 
+Precision = Literal["fp32", "fp16", "bf16"]
+_AUTOCAST: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 class Handler:
     """Runs batches of validated instances (numpy arrays shaped as `spec.input`) on a module."""
 
-    def __init__(self, module: torch.nn.Module, spec: ModelSpec, device: DeviceInfo) -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        spec: ModelSpec,
+        device: DeviceInfo,
+        precision: Precision = "fp32",
+    ) -> None:
         self.module = module
         self.spec = spec
         self.device = torch.device(device.device)
+        self.precision = precision
         self._input_dtype = _TORCH_DTYPES[spec.input.dtype]
         # Pinned host memory lets the copy to the GPU run without blocking the worker thread.
         self._pin = self.device.type == "cuda"
+        # Autocast rather than a converted copy: the module keeps its fp32 weights, so the
+        # fp32 reference at load time and the served path are the same module.
+        self._autocast = _AUTOCAST.get(precision)
 
     def __call__(self, instances: list[np.ndarray[Any, Any]]) -> list[Any]:
         """The batch function the batcher calls: one forward pass for all instances."""
@@ -53,8 +67,12 @@ class Handler:
         return batch.to(self.device, dtype=self._input_dtype, non_blocking=self._pin)
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """Run the model. Override for models that take more than one tensor."""
-        output: torch.Tensor = self.module(batch)
+        """Run the model, in the configured precision. Override for several input tensors."""
+        if self._autocast is None:
+            output: torch.Tensor = self.module(batch)
+            return output
+        with torch.autocast(device_type=self.device.type, dtype=self._autocast):
+            output = self.module(batch)
         return output
 
     def split(self, output: torch.Tensor) -> list[Any]:
@@ -76,10 +94,33 @@ class Handler:
         """Whether `exc` means the device ran out of memory (the batcher then splits batches)."""
         return isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError))
 
-    def warm_up(self) -> None:
-        """Run one batch end to end and check the output's shape against the spec.
+    def check_precision(self, tolerance: float) -> float:
+        """Compare the configured precision's output with fp32 on sample inputs.
 
-        Catches a spec that does not match the model before the server reports ready.
+        Returns the largest difference relative to the fp32 output's largest magnitude, and
+        raises ModelLoadError if it is above `tolerance`.
+        """
+        if self._autocast is None:
+            return 0.0
+        rng = np.random.default_rng(0)
+        batch = self.collate([self.spec.input.sample(rng) for _ in range(8)])
+        with torch.inference_mode():
+            reference = self.module(batch).float()
+            reduced = self.forward(batch).float()
+        scale = float(reference.abs().max()) or 1.0
+        error = float((reduced - reference).abs().max()) / scale
+        if not error <= tolerance:  # also catches NaN
+            raise ModelLoadError(
+                f"{self.precision} output differs from fp32 by {error:.4f} of its scale, "
+                f"more than the tolerance {tolerance}: use fp32 or raise precision_tolerance"
+            )
+        return error
+
+    def warm_up(self, batch_sizes: tuple[int, ...] = (2,)) -> None:
+        """Run batches end to end and check the output's shape against the spec.
+
+        Catches a spec that does not match the model before the server reports ready, and
+        runs each batch size the server will use once, so none pays first-call costs later.
         """
         example = self.spec.input.example()
         try:
@@ -97,5 +138,6 @@ class Handler:
                 f"warm-up output shape {list(got)} does not match the spec's output "
                 f"{self.spec.output.describe()}"
             )
-        # The full path, postprocess included, at batch size 1 as a lone request sees it.
-        self([example])
+        # The full path, postprocess included, at each size as the batcher will send it.
+        for size in batch_sizes:
+            self([example] * size)

@@ -37,7 +37,7 @@ def load_model(settings: ModelSettings, device: DeviceInfo) -> Handler:
 
     started = time.monotonic()
     module = _load_module(path, device)
-    handler = Handler(module, spec, device)
+    handler = Handler(module, spec, device, settings.precision)
     loaded_s = time.monotonic() - started
     logger.info(
         "loaded %s from %s (%.1f MiB) on %s in %.2fs",
@@ -49,8 +49,21 @@ def load_model(settings: ModelSettings, device: DeviceInfo) -> Handler:
     )
     if settings.warmup:
         started = time.monotonic()
-        handler.warm_up()
-        logger.info("warmed up %s in %.2fs", spec.name, time.monotonic() - started)
+        handler.warm_up(settings.warmup_batch_sizes)
+        logger.info(
+            "warmed up %s at batch sizes %s in %.2fs",
+            spec.name,
+            list(settings.warmup_batch_sizes),
+            time.monotonic() - started,
+        )
+    if settings.precision != "fp32":
+        error = handler.check_precision(settings.precision_tolerance)
+        logger.info(
+            "%s in %s: largest difference from fp32 is %.4f of the output's scale",
+            spec.name,
+            settings.precision,
+            error,
+        )
     return handler
 
 

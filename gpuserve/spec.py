@@ -87,6 +87,18 @@ class TensorSpec(BaseModel):
             node = {"type": "array", "items": node, **size}
         return node
 
+    def sample(self, rng: np.random.Generator) -> np.ndarray[Any, Any]:
+        """A random valid instance (variable dimensions set to 8), for precision checks."""
+        shape = tuple(8 if d == -1 else d for d in self.shape)
+        if self.dtype == "bool":
+            return rng.random(shape) < 0.5
+        low, high = _DTYPE_RANGE[self.dtype]
+        low = max(low, self.min if self.min is not None else -1.0)
+        high = min(high, self.max if self.max is not None else 1.0)
+        if self.numpy_dtype.kind == "f":
+            return rng.uniform(low, high, shape).astype(self.numpy_dtype)
+        return rng.integers(int(low), int(high), shape, endpoint=True).astype(self.numpy_dtype)
+
     def example(self) -> np.ndarray[Any, Any]:
         """A valid instance (variable dimensions set to 1), used for the warm-up batch."""
         shape = tuple(1 if d == -1 else d for d in self.shape)

@@ -5,6 +5,7 @@ Each server runs in its own process group, started here, and is stopped by that 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,10 +19,11 @@ from typing import Any
 
 import httpx
 
+# The body sits in a level-2 long bracket: JSON of nested arrays contains "]]".
 WRK_SCRIPT = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.body = [[%s]]
+wrk.body = [==[%s]==]
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -76,15 +78,29 @@ def start(
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's own process group (it may have workers), then SIGKILL if needed."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
+    """SIGTERM the server's own process group, then SIGKILL whatever of it is left.
+
+    The group, not just the PID: a LitServe worker outlived its parent's SIGTERM here and kept
+    a core busy, which slowed the next server measured on that core.
+    """
+    group = process.pid  # start_new_session made it the group leader
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _group_alive(group):
+        process.poll()  # reap the leader so it stops counting as alive
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
+    process.wait()
+
+
+def _group_alive(group: int) -> bool:
     try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def tree_cpu_seconds(root: int) -> float:

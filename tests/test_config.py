@@ -115,3 +115,17 @@ def test_the_shipped_config_loads() -> None:
     settings = Settings(config_file=Path(__file__).parent.parent / "configs" / "default.toml")
     assert settings.model.path == Path("models/digits.pt2")
     assert settings.model.max_queue_size == 2048 and settings.api_keys == []
+
+
+@pytest.mark.parametrize(
+    ("max_batch", "sizes"),
+    [(1, (1,)), (32, (1, 2, 4, 8, 16, 32)), (24, (1, 2, 4, 8, 16, 24))],
+)
+def test_warm_up_covers_each_power_of_two_bucket(max_batch: int, sizes: tuple[int, ...]) -> None:
+    assert ModelSettings(max_batch_size=max_batch).warmup_batch_sizes == sizes
+
+
+def test_precision_is_one_of_three() -> None:
+    assert ModelSettings(precision="bf16").precision == "bf16"
+    with pytest.raises(ValidationError):
+        ModelSettings(precision="int8")  # type: ignore[arg-type]

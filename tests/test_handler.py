@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from gpuserve.errors import ModelLoadError
 from gpuserve.handler import Handler
 from gpuserve.spec import ModelSpec, TensorSpec
 
@@ -86,5 +87,34 @@ def test_warm_up_runs_the_whole_path() -> None:
             calls.append(x.shape[0])
             return super().forward(x)
 
-    Handler(Counting(), spec(), CPU).warm_up()
-    assert calls == [2, 1]
+    Handler(Counting(), spec(), CPU).warm_up((1, 4, 32))
+    assert calls == [2, 1, 4, 32]  # the shape check, then each batch size once
+
+
+def test_bf16_runs_under_autocast_and_stays_close_to_fp32() -> None:
+    handler = Handler(Linear().eval(), spec(), CPU, precision="bf16")
+    with torch.inference_mode():
+        out = handler.forward(handler.collate(instances(4)))
+    assert out.dtype == torch.bfloat16
+    error = handler.check_precision(tolerance=0.05)
+    assert 0 < error < 0.05
+
+
+def test_a_precision_outside_the_tolerance_fails_the_load() -> None:
+    handler = Handler(Linear().eval(), spec(), CPU, precision="bf16")
+    with pytest.raises(ModelLoadError, match=r"bf16 output differs from fp32"):
+        handler.check_precision(tolerance=1e-9)
+
+
+def test_fp32_has_nothing_to_check() -> None:
+    handler = Handler(Linear().eval(), spec(), CPU)
+    with torch.inference_mode():
+        assert handler.forward(handler.collate(instances(1))).dtype == torch.float32
+    assert handler.check_precision(tolerance=1e-9) == 0.0
+
+
+def test_out_of_memory_errors_are_recognised() -> None:
+    handler = Handler(Linear(), spec(), CPU)
+    assert handler.is_oom(MemoryError())
+    assert handler.is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert not handler.is_oom(RuntimeError("shape mismatch"))

@@ -28,9 +28,12 @@ class Double(torch.nn.Module):
         return x * 2
 
 
-def export_to(path: Path, spec: ModelSpec = SPEC) -> ModelSettings:
+def export_to(
+    path: Path, spec: ModelSpec = SPEC, module: torch.nn.Module | None = None
+) -> ModelSettings:
     batch = torch.export.Dim("batch", min=1, max=1024)
-    program = torch.export.export(Double(), (torch.zeros(2, 3),), dynamic_shapes=({0: batch},))
+    module = module if module is not None else Double()
+    program = torch.export.export(module, (torch.zeros(2, 3),), dynamic_shapes=({0: batch},))
     torch.export.save(program, str(path))
     spec.to_file(path.with_suffix(".json"))
     return ModelSettings(path=path)
@@ -101,3 +104,14 @@ def test_a_spec_whose_output_does_not_fit_fails_at_warm_up(tmp_path: Path) -> No
     wrong = SPEC.model_copy(update={"output": TensorSpec(shape=(4,))})
     with pytest.raises(ModelLoadError, match=r"output shape \[3\] does not match"):
         load_model(export_to(tmp_path / "double.pt2", wrong), CPU)
+
+
+def test_reduced_precision_is_checked_at_load(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    settings = export_to(tmp_path / "linear.pt2", module=torch.nn.Linear(3, 3).eval())
+    bf16 = settings.model_copy(update={"precision": "bf16", "precision_tolerance": 0.05})
+    handler = load_model(bf16, CPU)
+    assert handler.precision == "bf16"
+    strict = settings.model_copy(update={"precision": "bf16", "precision_tolerance": 1e-9})
+    with pytest.raises(ModelLoadError, match="differs from fp32"):
+        load_model(strict, CPU)

@@ -125,3 +125,10 @@ def test_json_schema_describes_shape_dtype_and_range() -> None:
     assert tokens["minItems"] == 1 and "maxItems" not in tokens
     assert tokens["items"] == {"type": "integer", "minimum": 0, "maximum": 255}
     assert TensorSpec(shape=(1,), dtype="bool").json_schema()["items"] == {"type": "boolean"}
+
+
+def test_samples_are_valid_instances() -> None:
+    rng = np.random.default_rng(1)
+    for tensor in (PIXELS, TensorSpec(shape=(-1,), dtype="int64", min=0, max=9)):
+        sample = tensor.sample(rng)
+        assert to_array(sample.tolist(), tensor, "inputs").shape == sample.shape
