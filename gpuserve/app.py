@@ -41,7 +41,7 @@ from gpuserve.loading import load_model
 from gpuserve.metrics import Metrics
 from gpuserve.schemas import ErrorResponse, PredictRequest, PredictResponse
 from gpuserve.service import Instance, Loader, ModelService
-from gpuserve.spec import to_array
+from gpuserve.spec import to_array, to_arrays
 
 logger = logging.getLogger("gpuserve.app")
 
@@ -241,10 +241,7 @@ async def predict(request: Request) -> Response:
         limit = service.settings.max_instances_per_request
         if len(parsed.instances) > limit:
             raise InvalidInput(f"instances: {len(parsed.instances)} given, at most {limit} allowed")
-        arrays: list[Instance] = [
-            to_array(value, spec.input, f"instances[{i}]")
-            for i, value in enumerate(parsed.instances)
-        ]
+        arrays: list[Instance] = to_arrays(parsed.instances, spec.input, "instances")
     else:
         arrays = [to_array(parsed.inputs, spec.input, "inputs")]
     outputs = await _unless_disconnected(request, service.predict(arrays, timeout_s))

@@ -6,6 +6,7 @@ Validation happens here, per instance and before batching, so a bad instance is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -158,13 +159,38 @@ def to_array(value: Any, spec: TensorSpec, field: str) -> np.ndarray[Any, Any]:
         raise InvalidInput(
             f"{field}: {expected}, got a ragged or non-numeric array ({exc})"
         ) from None
+    return _checked(array, spec, field, batched=False)
+
+
+def to_arrays(values: list[Any], spec: TensorSpec, field: str) -> list[np.ndarray[Any, Any]]:
+    """Turn a list of JSON instances into arrays, checking them as one block when they stack.
+
+    One numpy pass over the block costs a fraction of one per instance. When the block does
+    not stack or fails a check, each instance is checked alone, so the error names the one
+    at fault (`instances[3]: ...`).
+    """
+    try:
+        block = np.asarray(values)
+    except (ValueError, OverflowError):
+        block = None
+    if block is not None and block.dtype.kind in "iuf":
+        with contextlib.suppress(InvalidInput):
+            return list(_checked(block, spec, field, batched=True))
+    return [to_array(value, spec, f"{field}[{i}]") for i, value in enumerate(values)]
+
+
+def _checked(
+    array: np.ndarray[Any, Any], spec: TensorSpec, field: str, batched: bool
+) -> np.ndarray[Any, Any]:
+    """Check kind, shape, finiteness and range, then cast to the spec's dtype."""
+    expected = f"expected {spec.describe()}"
     if array.dtype.kind == "f" and spec.numpy_dtype.kind in "iu" and _integral(array):
         array = array.astype(np.int64)  # JSON does not tell 1.0 from 1
     if array.dtype.kind not in _ACCEPTED_KINDS[spec.dtype]:
-        got = _kind_name(array)
-        raise InvalidInput(f"{field}: {expected}, got {got}")
-    if not _shape_matches(array.shape, spec.shape):
-        raise InvalidInput(f"{field}: {expected}, got shape {list(array.shape)}")
+        raise InvalidInput(f"{field}: {expected}, got {_kind_name(array)}")
+    shape = array.shape[1:] if batched else array.shape
+    if not _shape_matches(shape, spec.shape):
+        raise InvalidInput(f"{field}: {expected}, got shape {list(shape)}")
     if array.size == 0:
         raise InvalidInput(f"{field}: {expected}, got an empty array")
     if array.dtype.kind == "f" and not np.isfinite(array).all():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gpuserve.errors import InvalidInput, ModelLoadError
-from gpuserve.spec import ModelSpec, TensorSpec, to_array
+from gpuserve.spec import ModelSpec, TensorSpec, to_array, to_arrays
 
 PIXELS = TensorSpec(name="pixels", shape=(4,), dtype="float32", min=0, max=16)
 
@@ -132,3 +132,24 @@ def test_samples_are_valid_instances() -> None:
     for tensor in (PIXELS, TensorSpec(shape=(-1,), dtype="int64", min=0, max=9)):
         sample = tensor.sample(rng)
         assert to_array(sample.tolist(), tensor, "inputs").shape == sample.shape
+
+
+def test_instances_that_stack_are_checked_as_one_block() -> None:
+    arrays = to_arrays([[0, 1, 2, 3], [4, 5, 6, 7.5]], PIXELS, "instances")
+    assert [a.tolist() for a in arrays] == [[0, 1, 2, 3], [4, 5, 6, 7.5]]
+    assert all(a.dtype == np.float32 for a in arrays)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ([[0, 1, 2, 3], [0, 1, 2, 99]], "instances[1]: values must be <= 16"),
+        ([[0, 1, 2, 3], [0, 1, 2]], "instances[1]: expected float32[4], got shape [3]"),
+        ([[0, 1, 2, 3], "x"], "instances[1]: expected float32[4], got a string"),
+        ([[0, 1, 2, float("nan")], [0, 1, 2, 3]], "instances[0]: expected float32[4], got NaN"),
+    ],
+)
+def test_a_bad_instance_in_a_block_is_named(values: list[Any], message: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        to_arrays(values, PIXELS, "instances")
+    assert caught.value.message.startswith(message)
