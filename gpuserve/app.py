@@ -333,6 +333,7 @@ async def info(request: Request) -> Response:
         "device": service.device.to_dict() if service.device else None,
         "batching": {
             "max_batch_size": settings.model.max_batch_size,
+            "effective_max_batch_size": service.max_batch_size,
             "max_wait_ms": settings.model.max_wait_ms,
             "max_instances_per_request": settings.model.max_instances_per_request,
         },

@@ -75,6 +75,11 @@ class ModelSettings(BaseModel):
         description="Before reporting ready, run one batch of each power-of-two size up to "
         "max_batch_size, and check the output shape against the spec.",
     )
+    tune_batch_size: bool = Field(
+        default=True,
+        description="At load, time each warm-up batch size and cap batches at the smallest "
+        "one within 5% of the best throughput, when that is below max_batch_size.",
+    )
     precision: Literal["fp32", "fp16", "bf16"] = Field(
         default="fp32", description="Compute precision of the forward pass (torch.autocast)."
     )

@@ -7,6 +7,7 @@ The hooks run in the order data flows, all in the batcher's worker thread:
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal
 
 import numpy as np
@@ -52,6 +53,8 @@ class Handler:
         # Autocast rather than a converted copy: the module keeps its fp32 weights, so the
         # fp32 reference at load time and the served path are the same module.
         self._autocast = _AUTOCAST.get(precision)
+        # Set by the loader when it has measured a batch size past which throughput falls.
+        self.preferred_batch_size: int | None = None
 
     def __call__(self, instances: list[np.ndarray[Any, Any]]) -> list[Any]:
         """The batch function the batcher calls: one forward pass for all instances."""
@@ -116,6 +119,18 @@ class Handler:
             )
         return error
 
+    def measure_batch_sizes(
+        self, batch_sizes: tuple[int, ...], rounds: int = 3
+    ) -> dict[int, float]:
+        """Instances per second of the whole batch path at each size (best of `rounds`)."""
+        example = self.spec.input.example()
+        rates = {}
+        for size in batch_sizes:
+            batch = [example] * size
+            best = min(_timed(self, batch) for _ in range(rounds))
+            rates[size] = size / max(best, 1e-9)
+        return rates
+
     def warm_up(self, batch_sizes: tuple[int, ...] = (2,)) -> None:
         """Run batches end to end and check the output's shape against the spec.
 
@@ -141,3 +156,19 @@ class Handler:
         # The full path, postprocess included, at each size as the batcher will send it.
         for size in batch_sizes:
             self([example] * size)
+
+
+def choose_batch_size(rates: dict[int, float], tolerance: float = 0.05) -> int:
+    """The smallest batch size whose throughput is within `tolerance` of the best.
+
+    On a GPU throughput usually grows with the batch, and this is the largest size; on a CPU
+    it often peaks early (cache), and larger batches would cost throughput and latency both.
+    """
+    best = max(rates.values())
+    return min(size for size, rate in rates.items() if rate >= best * (1 - tolerance))
+
+
+def _timed(handler: Handler, batch: list[np.ndarray[Any, Any]]) -> float:
+    started = time.perf_counter()
+    handler(batch)
+    return time.perf_counter() - started

@@ -17,7 +17,7 @@ import torch
 from gpuserve.config import ModelSettings
 from gpuserve.device import DeviceInfo
 from gpuserve.errors import ModelLoadError
-from gpuserve.handler import Handler
+from gpuserve.handler import Handler, choose_batch_size
 from gpuserve.spec import ModelSpec
 
 logger = logging.getLogger("gpuserve.loading")
@@ -55,6 +55,15 @@ def load_model(settings: ModelSettings, device: DeviceInfo) -> Handler:
             spec.name,
             list(settings.warmup_batch_sizes),
             time.monotonic() - started,
+        )
+    if settings.warmup and settings.tune_batch_size and settings.max_batch_size > 1:
+        rates = handler.measure_batch_sizes(settings.warmup_batch_sizes)
+        handler.preferred_batch_size = choose_batch_size(rates)
+        logger.info(
+            "%s throughput by batch size (instances/s): %s; batches capped at %d",
+            spec.name,
+            {size: round(rate) for size, rate in rates.items()},
+            handler.preferred_batch_size,
         )
     if settings.precision != "fp32":
         error = handler.check_precision(settings.precision_tolerance)

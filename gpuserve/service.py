@@ -84,6 +84,13 @@ class ModelService:
         return self._reason
 
     @property
+    def max_batch_size(self) -> int:
+        """The configured cap, or the loader's measured one where that is smaller."""
+        preferred = getattr(self.model, "preferred_batch_size", None)
+        configured = self.settings.max_batch_size
+        return min(configured, preferred) if preferred else configured
+
+    @property
     def spec(self) -> ModelSpec:
         """The model's spec; raises NotReady until the model has loaded."""
         if self.model is None or self.state != "ready":
@@ -165,7 +172,7 @@ class ModelService:
         self.model, self.device = model, device
         self.batcher = MicroBatcher(
             model,
-            max_batch_size=self.settings.max_batch_size,
+            max_batch_size=self.max_batch_size,
             max_wait_s=self.settings.max_wait_ms / 1000.0,
             max_queue_size=self.settings.max_queue_size,
             forward_timeout_s=self.settings.forward_timeout_s,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gpuserve.errors import ModelLoadError
-from gpuserve.handler import Handler
+from gpuserve.handler import Handler, choose_batch_size
 from gpuserve.spec import ModelSpec, TensorSpec
 
 from .conftest import CPU
@@ -118,3 +118,22 @@ def test_out_of_memory_errors_are_recognised() -> None:
     assert handler.is_oom(MemoryError())
     assert handler.is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory"))
     assert not handler.is_oom(RuntimeError("shape mismatch"))
+
+
+@pytest.mark.parametrize(
+    ("rates", "chosen"),
+    [
+        ({1: 100.0, 2: 180.0, 4: 200.0, 8: 198.0, 16: 150.0}, 4),  # a CPU: peaks, then falls
+        ({1: 10.0, 2: 20.0, 4: 40.0, 8: 80.0}, 8),  # a GPU: grows with the batch
+        ({1: 100.0, 2: 99.0, 4: 97.0}, 1),  # flat: the smallest costs no throughput
+    ],
+)
+def test_the_chosen_batch_size_is_the_smallest_near_the_best(
+    rates: dict[int, float], chosen: int
+) -> None:
+    assert choose_batch_size(rates) == chosen
+
+
+def test_measuring_batch_sizes_runs_each_size() -> None:
+    rates = Handler(Linear().eval(), spec(), CPU).measure_batch_sizes((1, 2, 4), rounds=2)
+    assert set(rates) == {1, 2, 4} and all(rate > 0 for rate in rates.values())

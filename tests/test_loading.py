@@ -115,3 +115,11 @@ def test_reduced_precision_is_checked_at_load(tmp_path: Path) -> None:
     strict = settings.model_copy(update={"precision": "bf16", "precision_tolerance": 1e-9})
     with pytest.raises(ModelLoadError, match="differs from fp32"):
         load_model(strict, CPU)
+
+
+def test_the_batch_size_is_tuned_at_load_unless_switched_off(tmp_path: Path) -> None:
+    settings = export_to(tmp_path / "double.pt2").model_copy(update={"max_batch_size": 8})
+    tuned = load_model(settings, CPU)
+    assert tuned.preferred_batch_size in settings.warmup_batch_sizes
+    fixed = load_model(settings.model_copy(update={"tune_batch_size": False}), CPU)
+    assert fixed.preferred_batch_size is None

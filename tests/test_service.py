@@ -112,3 +112,15 @@ async def test_gc_freeze_after_load_follows_the_setting(
         await service.stop()
     finally:
         gc.unfreeze()
+
+
+async def test_a_measured_batch_size_caps_the_batcher(fake_model: FakeModel) -> None:
+    fake_model.preferred_batch_size = 2  # type: ignore[attr-defined]
+    service = make(
+        fake_loader(fake_model), settings=ModelSettings(max_batch_size=16, freeze_gc=False)
+    )
+    await service.start()
+    await until_settled(service)
+    assert service.max_batch_size == 2
+    assert service.batcher is not None and service.batcher.max_batch_size == 2
+    await service.stop()
