@@ -117,9 +117,9 @@ class ModelService:
         try:
             async with asyncio.timeout(timeout_s) as deadline:
                 return list(await asyncio.gather(*futures))
-        except TimeoutError:
+        except TimeoutError as exc:
             if not deadline.expired():
-                raise InferenceError("inference failed") from None  # the model raised it
+                raise InferenceError("inference failed") from exc  # the model raised it
             self._metrics.timed_out.inc()
             raise DeadlineExceeded(
                 f"no result within the request's {timeout_s:g}s deadline"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -126,6 +127,18 @@ def tree_cpu_seconds(root: int) -> float:
         if walker == root:
             total += seconds
     return total
+
+
+def batch_totals(url: str) -> tuple[float, float]:
+    """(instances, batches) so far from gpuserve's batch-size histogram; zeros for a server
+    without it (the peers)."""
+    try:
+        text = httpx.get(f"{url}/metrics").text
+    except httpx.HTTPError:
+        return 0.0, 0.0
+    total = re.search(r"^gpuserve_batch_size_sum (\S+)", text, re.M)
+    count = re.search(r"^gpuserve_batch_size_count (\S+)", text, re.M)
+    return (float(total.group(1)), float(count.group(1))) if total and count else (0.0, 0.0)
 
 
 def run_wrk(url: str, body: str, concurrency: int, duration: float) -> dict[str, Any]:

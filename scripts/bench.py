@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
-from _loadgen import free_port, run_wrk, start, stop, tree_cpu_seconds
+from _loadgen import batch_totals, free_port, run_wrk, start, stop, tree_cpu_seconds
 
 from gpuserve.spec import ModelSpec, TensorSpec
 
@@ -157,13 +155,6 @@ def server_command(
     return command, f"{base}/health/ready", env
 
 
-def batch_stats(url: str) -> tuple[float, float]:
-    text = httpx.get(f"{url}/metrics").text
-    total = re.search(r"^gpuserve_batch_size_sum (\S+)", text, re.M)
-    count = re.search(r"^gpuserve_batch_size_count (\S+)", text, re.M)
-    return (float(total.group(1)), float(count.group(1))) if total and count else (0.0, 0.0)
-
-
 def measure(
     kind: str, name: str, path: Path, concurrencies: list[int], seconds: float
 ) -> list[dict[str, Any]]:
@@ -180,10 +171,10 @@ def measure(
             instances = json.dumps({"instances": [MODELS[name]["body"]()] * 64})
             plans.append(("instances64", 4, instances, 64))
         for mode, concurrency, payload, per_request in plans:
-            before, cpu_before = batch_stats(url), tree_cpu_seconds(server.pid)
+            before, cpu_before = batch_totals(url), tree_cpu_seconds(server.pid)
             result = run_wrk(f"{url}/predict", payload, concurrency, seconds)
             cpu = tree_cpu_seconds(server.pid) - cpu_before
-            after = batch_stats(url)
+            after = batch_totals(url)
             batches = after[1] - before[1]
             result.update(
                 server=kind,

@@ -10,24 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 from pathlib import Path
 
-import httpx
-from _loadgen import free_port, run_wrk, start, stop, tree_cpu_seconds
+from _loadgen import batch_totals, free_port, run_wrk, start, stop, tree_cpu_seconds
 from sklearn.datasets import load_digits
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def batch_totals(url: str) -> tuple[float, float]:
-    text = httpx.get(f"{url}/metrics").text
-    total = re.search(r"^gpuserve_batch_size_sum (\S+)", text, re.M)
-    count = re.search(r"^gpuserve_batch_size_count (\S+)", text, re.M)
-    assert total and count
-    return float(total.group(1)), float(count.group(1))
 
 
 def main() -> None:
@@ -59,6 +49,7 @@ def main() -> None:
             result = run_wrk(f"{url}/predict", body, concurrency, args.duration)
             cpu = tree_cpu_seconds(server.pid) - cpu_before
             after = batch_totals(url)
+            assert after[1] > 0, "the server exposes no gpuserve_batch_size metric"
             batches = after[1] - before[1]
             result["concurrency"] = concurrency
             result["mean_batch"] = (after[0] - before[0]) / batches if batches else 0.0
