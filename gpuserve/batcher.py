@@ -11,6 +11,8 @@ How a batch forms:
   the worker becomes idle, whichever comes first. Handing it over early lets the worker start it
   the moment the current batch ends, without a round trip through a busy event loop.
 - At most one batch waits behind the running one; later arrivals form the batch after that.
+- With `bucket_of`, a batch only holds items of the oldest waiting item's bucket (for example
+  sequences of similar length); the others keep their place in the queue.
 
 When things go wrong:
 - The queue is bounded (`max_queue_size`): a submit past it raises `Overloaded` at once.
@@ -33,7 +35,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future as ConcurrentFuture
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -71,6 +73,7 @@ class _Entry(Generic[T, R]):
     item: T
     future: asyncio.Future[R]
     enqueued: float
+    bucket: Hashable = None
 
 
 @dataclass(slots=True)
@@ -105,6 +108,7 @@ class MicroBatcher(Generic[T, R]):
         is_oom: Callable[[BaseException], bool] = is_memory_error,
         name: str = "batcher",
         on_batch: Callable[[BatchStats], None] | None = None,
+        bucket_of: Callable[[T], Hashable] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -121,6 +125,7 @@ class MicroBatcher(Generic[T, R]):
         self._is_oom = is_oom
         self.name = name
         self._on_batch = on_batch
+        self._bucket_of = bucket_of
         self._pending: collections.deque[_Entry[T, R]] = collections.deque()
         self._in_flight: list[_Batch[T, R]] = []
         self._wake = asyncio.Event()
@@ -184,10 +189,12 @@ class MicroBatcher(Generic[T, R]):
                 "retry shortly"
             )
         now = time.monotonic()
+        bucket_of = self._bucket_of
         futures = []
         for item in items:
             future: asyncio.Future[R] = self._loop.create_future()
-            self._pending.append(_Entry(item, future, now))
+            bucket = bucket_of(item) if bucket_of is not None else None
+            self._pending.append(_Entry(item, future, now, bucket))
             futures.append(future)
         self._wake.set()
         return futures
@@ -257,12 +264,7 @@ class MicroBatcher(Generic[T, R]):
             self._pending.popleft()
 
     def _dispatch(self) -> None:
-        entries: list[_Entry[T, R]] = []
-        cap = self.batch_cap
-        while self._pending and len(entries) < cap:
-            entry = self._pending.popleft()
-            if not entry.future.done():  # its client gave up while it was queued
-                entries.append(entry)
+        entries = self._take_batch(self.batch_cap)
         if not entries:
             return
         assert self._loop is not None and self._executor is not None
@@ -274,6 +276,32 @@ class MicroBatcher(Generic[T, R]):
             batch.watchdog = self._loop.call_later(
                 self.forward_timeout_s, self._check_stalled, batch
             )
+
+    def _take_batch(self, cap: int) -> list[_Entry[T, R]]:
+        """Up to `cap` live entries, oldest first, all of the oldest entry's bucket."""
+        entries: list[_Entry[T, R]] = []
+        if self._bucket_of is None:
+            while self._pending and len(entries) < cap:
+                entry = self._pending.popleft()
+                if not entry.future.done():  # its client gave up while it was queued
+                    entries.append(entry)
+            return entries
+        self._drop_abandoned_head()
+        if not self._pending:
+            return entries
+        bucket = self._pending[0].bucket
+        others: collections.deque[_Entry[T, R]] = collections.deque()
+        while self._pending and len(entries) < cap:
+            entry = self._pending.popleft()
+            if entry.future.done():
+                continue
+            if entry.bucket == bucket:
+                entries.append(entry)
+            else:
+                others.append(entry)
+        others.extend(self._pending)
+        self._pending = others
+        return entries
 
     def _run(self, batch: _Batch[T, R]) -> _Outcome[R]:
         """Runs in the worker thread."""

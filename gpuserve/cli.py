@@ -108,7 +108,7 @@ def _serve(settings: Settings) -> None:
     # in place before it started. By then every accepted request has been answered, so a drained
     # SIGTERM should end the process with status 0, as Kubernetes and `docker stop` expect.
     signal.signal(signal.SIGTERM, _drained)
-    _DrainingServer(config, app.state.service.begin_shutdown).run()
+    _DrainingServer(config, app.state.models.begin_shutdown).run()
 
 
 def _warn_if_exposed(settings: Settings) -> None:

@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -20,25 +20,71 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from gpuserve.spec import ModelSpec
+
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_IMPORT_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
 
 
 class ModelSettings(BaseModel):
-    """Which model to serve and how to batch its requests."""
+    """Which model to serve, where it comes from, and how to batch its requests.
+
+    The source is a file (`path`: .pt2 or TorchScript), or a factory (`factory`, a
+    `module:callable` returning a torch module) with optional `weights`, or a user `handler`
+    class whose `load` hook builds the model itself.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    path: Path = Field(
+    name: str | None = Field(
+        default=None,
+        pattern=_NAME_PATTERN,
+        description="The name clients use (/models/{name}/predict). Default: the file's stem.",
+    )
+    path: Path | None = Field(
         default=Path("models/digits.pt2"),
         description="The model file: .pt2 (torch.export) or TorchScript. Relative to the "
         "working directory.",
     )
-    spec: Path | None = Field(
+    factory: str | None = Field(
         default=None,
-        description="The JSON spec (name, input shape, dtype, labels). Default: the model path "
-        "with a .json suffix.",
+        pattern=_IMPORT_PATTERN,
+        description="'package.module:callable' returning a torch.nn.Module, instead of a file.",
     )
-    name: str | None = Field(default=None, description="Overrides the name in the spec.")
+    factory_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for the factory."
+    )
+    weights: Path | None = Field(
+        default=None,
+        description="A state dict for the factory's module: .safetensors, or .pt/.pth "
+        "(read with torch.load(weights_only=True)).",
+    )
+    handler: str | None = Field(
+        default=None,
+        pattern=_IMPORT_PATTERN,
+        description="'package.module:Class', a gpuserve.handler.Handler subclass with this "
+        "model's own hooks.",
+    )
+    code_dir: Path | None = Field(
+        default=None,
+        description="A directory to import `factory` and `handler` from (added to sys.path). "
+        "Default: the working directory.",
+    )
+    spec: Path | dict[str, Any] | None = Field(
+        default=None,
+        description="The spec (input and output shapes, dtypes, labels): a JSON file, or the "
+        "same keys inline. Default: the model path with a .json suffix.",
+    )
+    device: str | None = Field(
+        default=None, description="Pins this model to a device; default: the server's device."
+    )
+    length_buckets: list[int] | None = Field(
+        default=None,
+        description="For inputs with a variable dimension: batches only hold instances of the "
+        "same bucket (the first bound at or above the instance's length), and are padded up "
+        "to that bound, so one long instance does not pad a batch of short ones.",
+    )
     max_batch_size: int = Field(default=32, ge=1, le=4096)
     max_wait_ms: float = Field(
         default=2.0,
@@ -104,8 +150,50 @@ class ModelSettings(BaseModel):
         return tuple(sorted(sizes | {self.max_batch_size}))
 
     @property
-    def spec_path(self) -> Path:
-        return self.spec if self.spec is not None else self.path.with_suffix(".json")
+    def key(self) -> str:
+        """The name the model is served under."""
+        if self.name is not None:
+            return self.name
+        if self.path is not None:
+            return self.path.stem
+        raise ValueError("a model without a file needs a name")
+
+    @model_validator(mode="after")
+    def _check_source(self) -> ModelSettings:
+        if self.factory is not None and "path" not in self.model_fields_set:
+            # A factory replaces the default demo file; an explicit path with it is an error.
+            object.__setattr__(self, "path", None)
+        if self.factory is not None and self.path is not None:
+            raise ValueError("give either path (a model file) or factory, not both")
+        if self.weights is not None and self.factory is None:
+            raise ValueError("weights need a factory that builds the module to load them into")
+        if self.path is None and self.factory is None and self.handler is None:
+            raise ValueError("a model needs a path, a factory or a handler")
+        if self.name is None and self.path is None:
+            raise ValueError("a model built by a factory or handler needs a name")
+        if self.device is not None:
+            object.__setattr__(self, "device", _check_device(self.device))
+        if self.length_buckets is not None and (
+            not self.length_buckets
+            or self.length_buckets != sorted(set(self.length_buckets))
+            or self.length_buckets[0] < 1
+        ):
+            raise ValueError("length_buckets must be positive and strictly increasing")
+        if isinstance(self.spec, dict):
+            # Check an inline spec now, so a typo fails at start-up, not in the load thread.
+            try:
+                ModelSpec.model_validate({"name": self.key, **self.spec})
+            except ValidationError as exc:
+                raise ValueError(f"inline spec: {exc}") from None
+        return self
+
+    def spec_source(self) -> Path | dict[str, Any]:
+        """The spec's file, or its inline keys."""
+        if self.spec is not None:
+            return self.spec
+        if self.path is None:
+            raise ValueError(f"model {self.key!r} needs a spec: a file or inline keys")
+        return self.path.with_suffix(".json")
 
 
 class Settings(BaseSettings):
@@ -143,15 +231,39 @@ class Settings(BaseSettings):
         description="When set, every route but the health checks needs "
         "'Authorization: Bearer <key>'. GPUSERVE_API_KEYS takes a comma-separated list.",
     )
-    model: ModelSettings = ModelSettings()
+    model: ModelSettings = Field(
+        default_factory=ModelSettings,
+        description="The model to serve, when `models` does not list several.",
+    )
+    models: list[ModelSettings] = Field(
+        default_factory=list,
+        description="Several models, each with its own batcher and readiness ([[models]] in "
+        "TOML). When given, `model` is ignored.",
+    )
+    default_model: str | None = Field(
+        default=None, description="The model /predict serves. Default: the first one."
+    )
 
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
-        value = value.strip().lower()
-        if not _DEVICE_PATTERN.match(value):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
-        return value
+        return _check_device(value)
+
+    @model_validator(mode="after")
+    def _check_models(self) -> Settings:
+        keys = [model.key for model in self.served_models]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"model names must be unique, got {keys}")
+        if self.default_model is not None and self.default_model not in keys:
+            raise ValueError(f"default_model {self.default_model!r} is not one of {keys}")
+        return self
+
+    @property
+    def served_models(self) -> list[ModelSettings]:
+        """The models this server serves, the default one first."""
+        models = self.models or [self.model]
+        first = self.default_model
+        return sorted(models, key=lambda model: model.key != first) if first else list(models)
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -178,6 +290,13 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Highest priority first: flags (init kwargs), then the environment, then the file.
         return (init_settings, env_settings, _TomlFileSource(settings_cls))
+
+
+def _check_device(value: str) -> str:
+    value = value.strip().lower()
+    if not _DEVICE_PATTERN.match(value):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
+    return value
 
 
 class _TomlFileSource(PydanticBaseSettingsSource):

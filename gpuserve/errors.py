@@ -22,6 +22,18 @@ class InvalidInput(GpuserveError):
     status_code = 422
 
 
+class BadRequest(InvalidInput):
+    """Invalid input under the Open Inference Protocol, which answers 400 rather than 422."""
+
+    status_code = 400
+
+
+class ModelNotFound(GpuserveError):
+    """No model of that name (or version) is served here."""
+
+    status_code = 404
+
+
 class Unauthorized(GpuserveError):
     """API keys are configured and the request did not carry a valid one."""
 

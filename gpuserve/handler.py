@@ -1,20 +1,33 @@
-"""The user contract: how validated instances become one forward pass and come back apart.
+"""The user contract: the hooks that turn requests into forward passes and back.
 
-The hooks run in the order data flows, all in the batcher's worker thread:
-`collate(instances) -> batch`, `forward(batch) -> output`, `split(output) -> rows`,
-`postprocess(row) -> JSON-able`. The defaults cover a plain tensor-in, tensor-out model.
+The hooks, in the order data flows:
+
+- `load(device)`: build the model (default: the configured file or factory). Load thread.
+- `preprocess(instance)`: one validated instance to what `collate` takes. Event loop.
+- `collate(items) -> batch`: stack; for inputs with a variable dimension, pad to the longest
+  (or to the length bucket) and pass a mask. Worker thread, as are the next two.
+- `forward(batch) -> output`: the model, in the configured precision.
+- `split(output) -> rows`: one host copy for the whole batch, then one row per instance.
+- `postprocess(row) -> JSON-able`: one row for the `/predict` response. Event loop.
+
+The defaults cover a plain tensor-in, tensor-out model, so most users write no handler. A
+model that needs its own code subclasses `Handler`, overrides the hooks it needs, and is named
+in the model's config as `handler = "package.module:Class"`.
 """
 
 from __future__ import annotations
 
+import bisect
 import time
-from typing import Any, Literal
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from gpuserve.config import ModelSettings
 from gpuserve.device import DeviceInfo
 from gpuserve.errors import ModelLoadError
+from gpuserve.sources import load_module
 from gpuserve.spec import ModelSpec
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -27,58 +40,102 @@ _TORCH_DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
     "bool": torch.bool,
 }
-
-
-Precision = Literal["fp32", "fp16", "bf16"]
 _AUTOCAST: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+class Padded(NamedTuple):
+    """A batch of variable-length instances, padded to one shape.
+
+    `mask` is True at real positions and False at padding, over the variable dimensions
+    (a batch of token sequences: `values` [B, L], `mask` [B, L]). `lengths` holds each
+    instance's own sizes of those dimensions.
+    """
+
+    values: torch.Tensor
+    mask: torch.Tensor
+    lengths: list[tuple[int, ...]]
+
+
 class Handler:
-    """Runs batches of validated instances (numpy arrays shaped as `spec.input`) on a module."""
+    """Runs batches of validated instances (numpy arrays shaped as `spec.input`) on a module.
+
+    `module` may be given directly (tests, embedding); otherwise `setup()` calls `load`.
+    """
 
     def __init__(
         self,
-        module: torch.nn.Module,
         spec: ModelSpec,
         device: DeviceInfo,
-        precision: Precision = "fp32",
+        settings: ModelSettings | None = None,
+        module: Any = None,
     ) -> None:
-        self.module = module
         self.spec = spec
+        self.settings = settings if settings is not None else ModelSettings()
         self.device = torch.device(device.device)
-        self.precision = precision
+        self.module = module
+        self.precision = self.settings.precision
         self._input_dtype = _TORCH_DTYPES[spec.input.dtype]
         # Pinned host memory lets the copy to the GPU run without blocking the worker thread.
         self._pin = self.device.type == "cuda"
         # Autocast rather than a converted copy: the module keeps its fp32 weights, so the
         # fp32 reference at load time and the served path are the same module.
-        self._autocast = _AUTOCAST.get(precision)
+        self._autocast = _AUTOCAST.get(self.precision)
+        self._variable_axes = [i for i, dim in enumerate(spec.input.shape) if dim == -1]
+        self._buckets = self.settings.length_buckets if self._variable_axes else None
         # Set by the loader when it has measured a batch size past which throughput falls.
         self.preferred_batch_size: int | None = None
 
-    def __call__(self, instances: list[np.ndarray[Any, Any]]) -> list[Any]:
-        """The batch function the batcher calls: one forward pass for all instances."""
+    def __call__(self, items: list[Any]) -> list[Any]:
+        """The batch function the batcher calls: one forward pass for all items."""
         with torch.inference_mode():
-            output = self.forward(self.collate(instances))
-            return [self.postprocess(row) for row in self.split(output)]
+            batch = self.collate(items)
+            rows = self.split(self.forward(batch))
+        if isinstance(batch, Padded) and self.spec.output.shape[:1] == (-1,):
+            # A per-position output (one row per token): cut each back to its own length.
+            rows = [row[: lengths[0]] for row, lengths in zip(rows, batch.lengths, strict=True)]
+        return rows
 
-    def collate(self, instances: list[np.ndarray[Any, Any]]) -> torch.Tensor:
-        """Stack instances into one batch on the model's device."""
-        batch = torch.from_numpy(np.stack(instances))
-        if self._pin:
-            batch = batch.pin_memory()
-        return batch.to(self.device, dtype=self._input_dtype, non_blocking=self._pin)
+    def setup(self) -> None:
+        """Load the module unless one was given. Every failure is a ModelLoadError."""
+        if self.module is not None:
+            return
+        try:
+            self.module = self.load(self.device)
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(
+                f"{type(self).__name__}.load failed: {type(exc).__name__}: {exc}"
+            ) from exc
 
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """Run the model, in the configured precision. Override for several input tensors."""
+    # The hooks, in the order data flows.
+
+    def load(self, device: torch.device) -> Any:
+        """Build the model on `device`. Default: the configured file, or factory and weights."""
+        return load_module(self.settings, device)
+
+    def preprocess(self, instance: np.ndarray[Any, Any]) -> Any:
+        """One instance, already checked against the spec, to what `collate` takes.
+
+        Runs on the event loop for each instance before it is queued, so keep it cheap; raise
+        `gpuserve.errors.InvalidInput` to answer 4xx without touching the model.
+        """
+        return instance
+
+    def collate(self, items: list[Any]) -> Any:
+        """Stack items into one batch on the model's device; pad variable-length ones."""
+        if self._variable_axes:
+            return self._pad(items)
+        return self._to_device(torch.from_numpy(np.stack(items)), self._input_dtype)
+
+    def forward(self, batch: Any) -> Any:
+        """Run the model, in the configured precision. A Padded batch passes (values, mask)."""
         if self._autocast is None:
-            output: torch.Tensor = self.module(batch)
-            return output
+            return self._call_module(batch)
         with torch.autocast(device_type=self.device.type, dtype=self._autocast):
-            output = self.module(batch)
-        return output
+            return self._call_module(batch)
 
-    def split(self, output: torch.Tensor) -> list[Any]:
+    def split(self, output: Any) -> list[Any]:
         """Bring the whole batch back to the host once, then cut it into rows."""
         output = output.float()
         if self.spec.labels is not None:
@@ -87,11 +144,19 @@ class Handler:
         return rows
 
     def postprocess(self, row: Any) -> Any:
-        """Shape one row for the JSON response: label and probabilities for a classifier."""
+        """Shape one row for the /predict response: label and probabilities for a classifier."""
         if self.spec.labels is None:
             return row
         best = max(range(len(row)), key=row.__getitem__)
         return {"label": self.spec.labels[best], "probabilities": row}
+
+    # What the batcher and loader ask of a model.
+
+    def bucket(self, item: Any) -> int | None:
+        """The length bucket of an item: batches only mix items of one bucket."""
+        if not self._buckets:
+            return None
+        return bisect.bisect_left(self._buckets, int(np.shape(item)[self._variable_axes[0]]))
 
     def is_oom(self, exc: BaseException) -> bool:
         """Whether `exc` means the device ran out of memory (the batcher then splits batches)."""
@@ -106,9 +171,10 @@ class Handler:
         if self._autocast is None:
             return 0.0
         rng = np.random.default_rng(0)
-        batch = self.collate([self.spec.input.sample(rng) for _ in range(8)])
+        samples = [self.preprocess(self.spec.input.sample(rng)) for _ in range(8)]
         with torch.inference_mode():
-            reference = self.module(batch).float()
+            batch = self.collate(samples)
+            reference = self._call_module(batch).float()
             reduced = self.forward(batch).float()
         scale = float(reference.abs().max()) or 1.0
         error = float((reduced - reference).abs().max()) / scale
@@ -123,7 +189,7 @@ class Handler:
         self, batch_sizes: tuple[int, ...], rounds: int = 3
     ) -> dict[int, float]:
         """Instances per second of the whole batch path at each size (best of `rounds`)."""
-        example = self.spec.input.example()
+        example = self.preprocess(self.spec.input.example())
         rates = {}
         for size in batch_sizes:
             batch = [example] * size
@@ -137,7 +203,7 @@ class Handler:
         Catches a spec that does not match the model before the server reports ready, and
         runs each batch size the server will use once, so none pays first-call costs later.
         """
-        example = self.spec.input.example()
+        example = self.preprocess(self.spec.input.example())
         try:
             with torch.inference_mode():
                 output = self.forward(self.collate([example, example]))
@@ -146,16 +212,50 @@ class Handler:
                 f"warm-up batch failed: does the input spec {self.spec.input.describe()} match "
                 f"the model? {type(exc).__name__}: {exc}"
             ) from exc
-        want = self.spec.output.shape
-        got = tuple(output.shape[1:])
-        if len(got) != len(want) or any(w not in (-1, g) for g, w in zip(got, want, strict=True)):
+        got = tuple(getattr(output, "shape", ())[1:])
+        if isinstance(output, torch.Tensor) and not _matches(got, self.spec.output.shape):
             raise ModelLoadError(
                 f"warm-up output shape {list(got)} does not match the spec's output "
                 f"{self.spec.output.describe()}"
             )
-        # The full path, postprocess included, at each size as the batcher will send it.
+        # The full path at each size as the batcher will send it.
         for size in batch_sizes:
             self([example] * size)
+
+    def _call_module(self, batch: Any) -> Any:
+        assert self.module is not None, "setup() has not run"
+        if isinstance(batch, Padded):
+            return self.module(batch.values, batch.mask)
+        return self.module(batch)
+
+    def _to_device(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self._pin:
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, dtype=dtype, non_blocking=self._pin)
+
+    def _pad(self, items: list[np.ndarray[Any, Any]]) -> Padded:
+        """Pad each variable dimension to the longest item, or up to its length bucket."""
+        shape = list(np.max([item.shape for item in items], axis=0))
+        if self._buckets:
+            axis = self._variable_axes[0]
+            index = bisect.bisect_left(self._buckets, shape[axis])
+            if index < len(self._buckets):  # past the last bound: the longest item decides
+                shape[axis] = self._buckets[index]
+        spec = self.spec.input
+        values = np.full((len(items), *shape), spec.pad_value, dtype=spec.numpy_dtype)
+        mask_shape = [shape[axis] for axis in self._variable_axes]
+        mask = np.zeros((len(items), *mask_shape), dtype=bool)
+        lengths = []
+        for i, item in enumerate(items):
+            values[i][_prefix(item.shape)] = item
+            own = tuple(item.shape[axis] for axis in self._variable_axes)
+            mask[i][_prefix(own)] = True
+            lengths.append(own)
+        return Padded(
+            self._to_device(torch.from_numpy(values), self._input_dtype),
+            self._to_device(torch.from_numpy(mask), torch.bool),
+            lengths,
+        )
 
 
 def choose_batch_size(rates: dict[int, float], tolerance: float = 0.05) -> int:
@@ -168,7 +268,15 @@ def choose_batch_size(rates: dict[int, float], tolerance: float = 0.05) -> int:
     return min(size for size, rate in rates.items() if rate >= best * (1 - tolerance))
 
 
-def _timed(handler: Handler, batch: list[np.ndarray[Any, Any]]) -> float:
+def _prefix(shape: tuple[int, ...]) -> tuple[slice, ...]:
+    return tuple(slice(0, n) for n in shape)
+
+
+def _matches(got: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    return len(got) == len(want) and all(w in (-1, g) for g, w in zip(got, want, strict=True))
+
+
+def _timed(handler: Handler, batch: list[Any]) -> float:
     started = time.perf_counter()
     handler(batch)
     return time.perf_counter() - started

@@ -1,51 +1,46 @@
-"""Model loading: a file on disk plus its spec, to a warmed-up Handler on the probed device.
+"""Model loading: a model's settings to a warmed-up Handler on the probed device.
 
-Formats, chosen by the file's suffix:
-- `.pt2`: a `torch.export` program (`torch.export.save`), the format torch recommends now.
-- `.pt`, `.ts`, `.torchscript`: a TorchScript module (`torch.jit.save`), for existing models.
+The steps, each logged: read the spec (file or inline), build the handler (the default one,
+or the user's class named by `handler`), load the module through it (`sources` knows the file
+formats and factories), warm it up, tune the batch cap, and check reduced precision.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import warnings
-from pathlib import Path
-
-import torch
 
 from gpuserve.config import ModelSettings
 from gpuserve.device import DeviceInfo
 from gpuserve.errors import ModelLoadError
 from gpuserve.handler import Handler, choose_batch_size
+from gpuserve.sources import import_object
 from gpuserve.spec import ModelSpec
 
 logger = logging.getLogger("gpuserve.loading")
 
-_EXPORT_SUFFIXES = {".pt2"}
-_TORCHSCRIPT_SUFFIXES = {".pt", ".ts", ".torchscript"}
-
 
 def load_model(settings: ModelSettings, device: DeviceInfo) -> Handler:
     """Load, place on `device`, and warm up. Every failure is a ModelLoadError with the reason."""
-    spec = ModelSpec.from_file(settings.spec_path)
-    if settings.name is not None:
-        spec = spec.model_copy(update={"name": settings.name})
-    path = settings.path
-    if not path.is_file():
-        raise ModelLoadError(f"model file not found: {path}")
+    try:
+        source = settings.spec_source()
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
+    spec = ModelSpec.resolve(source, settings.key)
+    handler = _handler_class(settings)(spec, device, settings)
 
     started = time.monotonic()
-    module = _load_module(path, device)
-    handler = Handler(module, spec, device, settings.precision)
-    loaded_s = time.monotonic() - started
+    handler.setup()
+    size = ""
+    if settings.path is not None and settings.path.is_file():
+        size = f" ({settings.path.stat().st_size / 2**20:.1f} MiB)"
     logger.info(
-        "loaded %s from %s (%.1f MiB) on %s in %.2fs",
+        "loaded %s from %s%s on %s in %.2fs",
         spec.name,
-        path,
-        path.stat().st_size / 2**20,
+        settings.path or settings.factory or settings.handler,
+        size,
         device.device,
-        loaded_s,
+        time.monotonic() - started,
     )
     if settings.warmup:
         started = time.monotonic()
@@ -76,27 +71,10 @@ def load_model(settings: ModelSettings, device: DeviceInfo) -> Handler:
     return handler
 
 
-def _load_module(path: Path, device: DeviceInfo) -> torch.nn.Module:
-    suffix = path.suffix.lower()
-    try:
-        if suffix in _EXPORT_SUFFIXES:
-            program = torch.export.load(str(path))
-            module: torch.nn.Module = program.module()
-            return module.to(device.device)
-        if suffix in _TORCHSCRIPT_SUFFIXES:
-            with warnings.catch_warnings():
-                # TorchScript is deprecated in torch, but users still hold such files.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                scripted: torch.nn.Module = torch.jit.load(str(path), map_location=device.device)
-            # An exported program is frozen in the mode it was exported in; a script is not.
-            return scripted.eval()
-    except Exception as exc:
-        raise ModelLoadError(
-            f"could not load {path} as {_format_name(suffix)}: {type(exc).__name__}: {exc}"
-        ) from exc
-    known = ", ".join(sorted(_EXPORT_SUFFIXES | _TORCHSCRIPT_SUFFIXES))
-    raise ModelLoadError(f"unknown model format {suffix!r} for {path}: use one of {known}")
-
-
-def _format_name(suffix: str) -> str:
-    return "a torch.export program" if suffix in _EXPORT_SUFFIXES else "a TorchScript module"
+def _handler_class(settings: ModelSettings) -> type[Handler]:
+    if settings.handler is None:
+        return Handler
+    found = import_object(settings.handler, settings.code_dir)
+    if not (isinstance(found, type) and issubclass(found, Handler)):
+        raise ModelLoadError(f"{settings.handler} is not a subclass of gpuserve.handler.Handler")
+    return found

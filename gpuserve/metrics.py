@@ -49,44 +49,52 @@ class Metrics:
         self.batch_size = Histogram(
             "gpuserve_batch_size",
             "Instances per forward pass.",
+            ["model"],
             buckets=_BATCH_BUCKETS,
             registry=self.registry,
         )
         self.queue_wait_seconds = Histogram(
             "gpuserve_queue_wait_seconds",
             "Time the oldest instance of a batch waited before its forward pass began.",
+            ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.forward_seconds = Histogram(
             "gpuserve_forward_seconds",
-            "Time of one batch through collate, forward, split and postprocess.",
+            "Time of one batch through collate, forward and split.",
+            ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.failed_items = Counter(
             "gpuserve_failed_items",
             "Instances whose forward pass raised, after retrying their batch in halves.",
+            ["model"],
             registry=self.registry,
         )
         self.oom_splits = Counter(
             "gpuserve_oom_splits",
             "Batches split and retried after running out of memory.",
+            ["model"],
             registry=self.registry,
         )
         self.refused = Counter(
             "gpuserve_refused",
             "Requests refused because the queue was full.",
+            ["model"],
             registry=self.registry,
         )
         self.timed_out = Counter(
             "gpuserve_timed_out",
             "Requests answered 504 because their deadline passed.",
+            ["model"],
             registry=self.registry,
         )
         self.queue_depth = Gauge(
             "gpuserve_queue_depth",
             "Instances waiting for a batch.",
+            ["model"],
             registry=self.registry,
         )
         self.in_flight = Gauge(
@@ -97,27 +105,34 @@ class Metrics:
         self.ready = Gauge(
             "gpuserve_ready",
             "1 when the model is loaded, warmed up and accepting requests.",
+            ["model"],
             registry=self.registry,
         )
 
-    def track_queue_depth(self, read: Callable[[], float]) -> None:
+    def track_queue_depth(self, model: str, read: Callable[[], float]) -> None:
         """Read the depth when scraped, so nothing polls between scrapes."""
-        self.queue_depth.set_function(read)
+        self.queue_depth.labels(model).set_function(read)
 
     def observe_request(self, route: str, code: int, seconds: float) -> None:
         self.requests.labels(route, str(code)).inc()
         self.request_seconds.labels(route).observe(seconds)
 
     def observe_batch(
-        self, size: int, queue_wait_s: float, forward_s: float, failed_items: int, oom_splits: int
+        self,
+        model: str,
+        size: int,
+        queue_wait_s: float,
+        forward_s: float,
+        failed_items: int,
+        oom_splits: int,
     ) -> None:
-        self.batch_size.observe(size)
-        self.queue_wait_seconds.observe(queue_wait_s)
-        self.forward_seconds.observe(forward_s)
+        self.batch_size.labels(model).observe(size)
+        self.queue_wait_seconds.labels(model).observe(queue_wait_s)
+        self.forward_seconds.labels(model).observe(forward_s)
         if failed_items:
-            self.failed_items.inc(failed_items)
+            self.failed_items.labels(model).inc(failed_items)
         if oom_splits:
-            self.oom_splits.inc(oom_splits)
+            self.oom_splits.labels(model).inc(oom_splits)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -36,11 +36,15 @@ Instance = np.ndarray[Any, Any]
 
 
 class BatchModel(Protocol):
-    """What a loader returns: a spec, and a batch function of validated instances."""
+    """What a loader returns: a spec, and a batch function of validated instances.
+
+    It may also have the Handler's `preprocess`, `postprocess`, `bucket` and `is_oom`; those
+    it lacks default to doing nothing.
+    """
 
     spec: ModelSpec
 
-    def __call__(self, instances: list[Instance]) -> list[Any]: ...
+    def __call__(self, items: list[Any], /) -> list[Any]: ...
 
 
 Loader = Callable[[ModelSettings, DeviceInfo], BatchModel]
@@ -58,7 +62,8 @@ class ModelService:
         prober: Callable[[str], DeviceInfo] = probe,
     ) -> None:
         self.settings = settings
-        self._device_request = device
+        self.name = settings.key
+        self._device_request = settings.device or device
         self._loader = loader
         self._prober = prober
         self._metrics = metrics
@@ -67,8 +72,12 @@ class ModelService:
         self._load_task: asyncio.Task[None] | None = None
         self.model: BatchModel | None = None
         self.device: DeviceInfo | None = None
-        self.batcher: MicroBatcher[Instance, Any] | None = None
-        metrics.track_queue_depth(lambda: self.batcher.queue_depth if self.batcher else 0)
+        self.batcher: MicroBatcher[Any, Any] | None = None
+        self._preprocess: Callable[[Instance], Any] | None = None
+        self._postprocess: Callable[[Any], Any] | None = None
+        metrics.track_queue_depth(
+            self.name, lambda: self.batcher.queue_depth if self.batcher else 0
+        )
 
     @property
     def state(self) -> State:
@@ -101,26 +110,35 @@ class ModelService:
         """Start loading in the background and return at once."""
         self._load_task = asyncio.create_task(self._load(), name="gpuserve-load")
 
-    async def predict(self, instances: list[Instance], timeout_s: float) -> list[Any]:
+    async def predict(
+        self, instances: list[Instance], timeout_s: float, *, postprocess: bool = True
+    ) -> list[Any]:
         """Run validated instances through the batcher; one result per instance, in order.
 
+        Each instance goes through the model's `preprocess` first, and each result through its
+        `postprocess` unless `postprocess` is False (protocols that return raw tensors).
         Past `timeout_s` the request fails with DeadlineExceeded, and its instances are dropped
         from the queue (or their results from the forward pass already under way).
         """
         if self.batcher is None or self.state != "ready":
             raise self._not_ready()
+        if self._preprocess is not None:
+            instances = [self._preprocess(instance) for instance in instances]
         try:
             futures = self.batcher.submit_many(instances)
         except Overloaded:
-            self._metrics.refused.inc()
+            self._metrics.refused.labels(self.name).inc()
             raise
         try:
             async with asyncio.timeout(timeout_s) as deadline:
-                return list(await asyncio.gather(*futures))
+                results = list(await asyncio.gather(*futures))
+            if postprocess and self._postprocess is not None:
+                return [self._postprocess(result) for result in results]
+            return results
         except TimeoutError as exc:
             if not deadline.expired():
                 raise InferenceError("inference failed") from exc  # the model raised it
-            self._metrics.timed_out.inc()
+            self._metrics.timed_out.labels(self.name).inc()
             raise DeadlineExceeded(
                 f"no result within the request's {timeout_s:g}s deadline"
             ) from None
@@ -138,7 +156,7 @@ class ModelService:
         """Refuse new requests and report not ready, while accepted requests finish."""
         self._state = "stopping"
         self._reason = "the server is shutting down"
-        self._metrics.ready.set(0)
+        self._metrics.ready.labels(self.name).set(0)
 
     async def stop(self, timeout_s: float = 30.0) -> None:
         """Refuse new work, answer what was accepted, and release the worker."""
@@ -165,11 +183,13 @@ class ModelService:
         except Exception as exc:
             self._state = "failed"
             self._reason = f"model failed to load: {exc}"
-            logger.error("model failed to load", exc_info=exc)
+            logger.error("%s failed to load", self.name, exc_info=exc)
             return
         if self._state == "stopping":
             return
         self.model, self.device = model, device
+        self._preprocess = _hook(model, "preprocess")
+        self._postprocess = _hook(model, "postprocess")
         self.batcher = MicroBatcher(
             model,
             max_batch_size=self.max_batch_size,
@@ -178,14 +198,15 @@ class ModelService:
             forward_timeout_s=self.settings.forward_timeout_s,
             oom_cooldown_s=self.settings.oom_cooldown_s,
             is_oom=getattr(model, "is_oom", is_memory_error),
-            name=model.spec.name,
+            name=self.name,
             on_batch=self._observe_batch,
+            bucket_of=_hook(model, "bucket") if self.settings.length_buckets else None,
         )
         await self.batcher.start()
         if self.settings.freeze_gc:
             _freeze_gc()
         self._state = "ready"
-        self._metrics.ready.set(1)
+        self._metrics.ready.labels(self.name).set(1)
         logger.info("%s is ready on %s (%s)", model.spec.name, device.device, device.reason)
 
     def _load_blocking(self) -> tuple[BatchModel, DeviceInfo]:
@@ -195,7 +216,12 @@ class ModelService:
 
     def _observe_batch(self, stats: BatchStats) -> None:
         self._metrics.observe_batch(
-            stats.size, stats.queue_wait_s, stats.forward_s, stats.failed_items, stats.oom_splits
+            self.name,
+            stats.size,
+            stats.queue_wait_s,
+            stats.forward_s,
+            stats.failed_items,
+            stats.oom_splits,
         )
 
     def _not_ready(self) -> NotReady:
@@ -205,6 +231,11 @@ class ModelService:
         if state == "stopping":
             return NotReady("the server is shutting down", retry_after_s=5)
         return NotReady(f"the model is unavailable: {self.reason}", retry_after_s=30)
+
+
+def _hook(model: BatchModel, name: str) -> Callable[[Any], Any] | None:
+    hook: Callable[[Any], Any] | None = getattr(model, name, None)
+    return hook
 
 
 def _freeze_gc() -> None:

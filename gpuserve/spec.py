@@ -53,11 +53,29 @@ class TensorSpec(BaseModel):
     dtype: DType = "float32"
     min: float | None = Field(default=None, description="Smallest allowed value, if any.")
     max: float | None = Field(default=None, description="Largest allowed value, if any.")
+    max_shape: tuple[int, ...] | None = Field(
+        default=None,
+        description="Upper bounds of the variable (-1) dimensions, in the same layout as shape "
+        "(fixed dimensions repeat their size), e.g. a token sequence of at most 128: [128].",
+    )
+    pad_value: float = Field(
+        default=0, description="What shorter instances are padded with in a batch."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TensorSpec:
         if any(dim == 0 or dim < -1 for dim in self.shape):
             raise ValueError(f"shape {list(self.shape)} has a dimension that is 0 or below -1")
+        if self.max_shape is not None and (
+            len(self.max_shape) != len(self.shape)
+            or any(
+                b < 1 or d not in (-1, b) for d, b in zip(self.shape, self.max_shape, strict=True)
+            )
+        ):
+            raise ValueError(
+                f"max_shape {list(self.max_shape)} must match shape {list(self.shape)}, "
+                "with a positive bound in place of each -1"
+            )
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError("min is larger than max")
         return self
@@ -65,6 +83,21 @@ class TensorSpec(BaseModel):
     @property
     def numpy_dtype(self) -> np.dtype[Any]:
         return np.dtype(_NUMPY_DTYPE.get(self.dtype, self.dtype))
+
+    @property
+    def variable(self) -> bool:
+        """Whether some dimension varies from instance to instance."""
+        return -1 in self.shape
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """Whether an instance of `shape` matches this spec, bounds included."""
+        if len(shape) != len(self.shape):
+            return False
+        bounds = self.max_shape or self.shape
+        return all(
+            g == w or (w == -1 and (b == -1 or g <= b))
+            for g, w, b in zip(shape, self.shape, bounds, strict=True)
+        )
 
     def describe(self) -> str:
         dims = ", ".join("N" if d == -1 else str(d) for d in self.shape)
@@ -83,14 +116,21 @@ class TensorSpec(BaseModel):
                 high = min(high, self.max)
             kind = "number" if self.numpy_dtype.kind == "f" else "integer"
             node = {"type": kind, "minimum": low, "maximum": high}
-        for dim in reversed(self.shape):
-            size = {"minItems": 1} if dim == -1 else {"minItems": dim, "maxItems": dim}
+        bounds = self.max_shape or self.shape
+        for dim, bound in zip(reversed(self.shape), reversed(bounds), strict=True):
+            size: dict[str, int] = {"minItems": 1 if dim == -1 else dim}
+            if bound != -1:
+                size["maxItems"] = bound
             node = {"type": "array", "items": node, **size}
         return node
 
     def sample(self, rng: np.random.Generator) -> np.ndarray[Any, Any]:
         """A random valid instance (variable dimensions set to 8), for precision checks."""
-        shape = tuple(8 if d == -1 else d for d in self.shape)
+        bounds = self.max_shape or self.shape
+        shape = tuple(
+            d if d != -1 else 8 if b == -1 else min(8, b)
+            for d, b in zip(self.shape, bounds, strict=True)
+        )
         if self.dtype == "bool":
             return rng.random(shape) < 0.5
         low, high = _DTYPE_RANGE[self.dtype]
@@ -138,6 +178,16 @@ class ModelSpec(BaseModel):
         except ValidationError as exc:
             raise ModelLoadError(f"model spec {path} is invalid: {exc}") from None
 
+    @classmethod
+    def resolve(cls, source: Path | dict[str, Any], name: str) -> ModelSpec:
+        """The spec from a file or from inline keys, served under `name`."""
+        if isinstance(source, Path):
+            return cls.from_file(source).model_copy(update={"name": name})
+        try:
+            return cls.model_validate({**source, "name": name})
+        except ValidationError as exc:
+            raise ModelLoadError(f"the inline spec of {name} is invalid: {exc}") from None
+
     def to_file(self, path: Path) -> None:
         path.write_text(
             json.dumps(self.model_dump(mode="json", exclude_none=True), indent=2) + "\n"
@@ -179,6 +229,15 @@ def to_arrays(values: list[Any], spec: TensorSpec, field: str) -> list[np.ndarra
     return [to_array(value, spec, f"{field}[{i}]") for i, value in enumerate(values)]
 
 
+def block_to_arrays(
+    block: np.ndarray[Any, Any], spec: TensorSpec, field: str
+) -> list[np.ndarray[Any, Any]]:
+    """Check a tensor of N instances (first dimension N) at once and cut it into instances."""
+    if block.ndim == 0:
+        raise InvalidInput(f"{field}: expected a batch of {spec.describe()}, got a scalar")
+    return list(_checked(block, spec, field, batched=True))
+
+
 def _checked(
     array: np.ndarray[Any, Any], spec: TensorSpec, field: str, batched: bool
 ) -> np.ndarray[Any, Any]:
@@ -189,8 +248,9 @@ def _checked(
     if array.dtype.kind not in _ACCEPTED_KINDS[spec.dtype]:
         raise InvalidInput(f"{field}: {expected}, got {_kind_name(array)}")
     shape = array.shape[1:] if batched else array.shape
-    if not _shape_matches(shape, spec.shape):
-        raise InvalidInput(f"{field}: {expected}, got shape {list(shape)}")
+    if not spec.fits(shape):
+        bound = f" (at most {list(spec.max_shape)})" if spec.max_shape else ""
+        raise InvalidInput(f"{field}: {expected}{bound}, got shape {list(shape)}")
     if array.size == 0:
         raise InvalidInput(f"{field}: {expected}, got an empty array")
     if array.dtype.kind == "f" and not np.isfinite(array).all():
@@ -218,10 +278,6 @@ def _integral(array: np.ndarray[Any, Any]) -> bool:
         return bool(np.isfinite(array).all() and (array == np.round(array)).all()) and bool(
             array.size == 0 or np.abs(array).max() < 2**63
         )
-
-
-def _shape_matches(got: tuple[int, ...], want: tuple[int, ...]) -> bool:
-    return len(got) == len(want) and all(w in (-1, g) for g, w in zip(got, want, strict=True))
 
 
 def _json_type(value: Any) -> str:

@@ -136,8 +136,8 @@ def batch_totals(url: str) -> tuple[float, float]:
         text = httpx.get(f"{url}/metrics").text
     except httpx.HTTPError:
         return 0.0, 0.0
-    total = re.search(r"^gpuserve_batch_size_sum (\S+)", text, re.M)
-    count = re.search(r"^gpuserve_batch_size_count (\S+)", text, re.M)
+    total = re.search(r"^gpuserve_batch_size_sum(?:\{[^}]*\})? (\S+)", text, re.M)
+    count = re.search(r"^gpuserve_batch_size_count(?:\{[^}]*\})? (\S+)", text, re.M)
     return (float(total.group(1)), float(count.group(1))) if total and count else (0.0, 0.0)
 
 

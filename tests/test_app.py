@@ -137,7 +137,10 @@ async def test_readiness_waits_for_a_slow_load(fake_model: FakeModel) -> None:
     async with serving(app, wait_ready=False) as client:
         assert (await client.get("/health/live")).status_code == 200
         ready = await client.get("/health/ready")
-        assert ready.status_code == 503 and ready.json() == {"status": "loading"}
+        assert ready.status_code == 503 and ready.json() == {
+            "status": "loading",
+            "models": {"digits": {"status": "loading"}},
+        }
         predict = await client.post("/predict", json={"inputs": [1, 2, 3, 4]})
         assert predict.status_code == 503
         assert predict.headers["retry-after"] == "2"
@@ -174,7 +177,7 @@ async def test_a_failing_forward_is_a_generic_500_with_a_request_id(
 
 
 async def test_a_collector_crash_flips_readiness_and_fails_fast(client: httpx.AsyncClient) -> None:
-    service = client._transport.app.state.service  # type: ignore[attr-defined]
+    service = client._transport.app.state.models.default  # type: ignore[attr-defined]
 
     def broken_dispatch() -> None:
         raise RuntimeError("simulated collector bug")
@@ -220,10 +223,11 @@ async def test_metrics_count_requests_batches_and_queue(client: httpx.AsyncClien
     assert 'gpuserve_requests_total{code="200",route="/predict"} 1.0' in text
     assert 'gpuserve_requests_total{code="422",route="/predict"} 1.0' in text
     assert 'gpuserve_request_seconds_bucket{le="+Inf",route="/predict"} 2.0' in text
-    assert "gpuserve_batch_size_count 1.0" in text  # the 422 never reached the batcher
-    assert "gpuserve_queue_depth 0.0" in text
-    assert "gpuserve_forward_seconds_count" in text
-    assert "gpuserve_ready 1.0" in text
+    # The 422 never reached the batcher.
+    assert 'gpuserve_batch_size_count{model="digits"} 1.0' in text
+    assert 'gpuserve_queue_depth{model="digits"} 0.0' in text
+    assert 'gpuserve_forward_seconds_count{model="digits"}' in text
+    assert 'gpuserve_ready{model="digits"} 1.0' in text
 
 
 async def test_openapi_documents_predict(client: httpx.AsyncClient) -> None:
@@ -272,7 +276,7 @@ async def test_the_deadline_header_turns_a_slow_answer_into_a_504(
     )
     assert fine.status_code == 200
     text = (await client.get("/metrics")).text
-    assert "gpuserve_timed_out_total 1.0" in text
+    assert 'gpuserve_timed_out_total{model="digits"} 1.0' in text
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "soon"])
@@ -336,16 +340,15 @@ async def test_no_route_lets_a_request_choose_a_path_module_or_device(
     client: httpx.AsyncClient,
 ) -> None:
     schema = (await client.get("/openapi.json")).json()
-    assert set(schema["paths"]) == {
-        "/health/live",
-        "/health/ready",
-        "/predict",
-        "/info",
-        "/metrics",
-    }
     for path in schema["paths"].values():
         for operation in path.values():
-            assert operation.get("parameters", []) == []  # no query or path parameters at all
+            # The one parameter anywhere is a model's name, looked up among the served models.
+            names = {parameter["name"] for parameter in operation.get("parameters", [])}
+            assert names <= {"name"}
+    escape = await client.post("/models/..%2F..%2Fetc%2Fpasswd/predict", json={"inputs": [1]})
+    assert escape.status_code == 404
+    unknown = await client.post("/models/passwd/predict", json={"inputs": [1, 2, 3, 4]})
+    assert unknown.status_code == 404 and "no model named 'passwd'" in unknown.json()["error"]
     body = schema["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]
     fields = {name for branch in body["schema"]["oneOf"] for name in branch["properties"]}
     assert fields == {"inputs", "instances"}

@@ -35,7 +35,8 @@ def test_defaults_need_no_file() -> None:
     settings = Settings()
     assert settings.port == 8000 and settings.host == "127.0.0.1" and settings.device == "auto"
     assert settings.model.path == Path("models/digits.pt2")
-    assert settings.model.spec_path == Path("models/digits.json")
+    assert settings.model.spec_source() == Path("models/digits.json")
+    assert [model.key for model in settings.served_models] == ["digits"]
 
 
 def test_file_values_are_read(config_file: Path) -> None:
@@ -108,7 +109,7 @@ def test_out_of_range_values_are_rejected() -> None:
 
 
 def test_explicit_spec_path_wins() -> None:
-    assert ModelSettings(path=Path("a.pt2"), spec=Path("b.json")).spec_path == Path("b.json")
+    assert ModelSettings(path=Path("a.pt2"), spec=Path("b.json")).spec_source() == Path("b.json")
 
 
 def test_the_shipped_config_loads() -> None:
@@ -129,3 +130,44 @@ def test_precision_is_one_of_three() -> None:
     assert ModelSettings(precision="bf16").precision == "bf16"
     with pytest.raises(ValidationError):
         ModelSettings(precision="int8")  # type: ignore[arg-type]
+
+
+def test_several_models_come_from_a_toml_list(tmp_path: Path) -> None:
+    path = tmp_path / "multi.toml"
+    path.write_text(
+        'default_model = "b"\n'
+        '[[models]]\nname = "a"\npath = "a.pt2"\n'
+        '[[models]]\nname = "b"\nfactory = "pkg.mod:build"\ndevice = "CPU"\n'
+        '[models.spec]\ninput = { shape = [-1], dtype = "int64", max_shape = [8] }\n'
+        "output = { shape = [2] }\n"
+    )
+    settings = Settings(config_file=path)
+    assert [model.key for model in settings.served_models] == ["b", "a"]  # the default first
+    factory_model = settings.served_models[0]
+    assert factory_model.path is None and factory_model.device == "cpu"
+    assert isinstance(factory_model.spec, dict)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"path": Path("a.pt2"), "factory": "m:f"}, "either path"),
+        ({"weights": Path("w.safetensors")}, "weights need a factory"),
+        ({"factory": "m:f"}, "needs a name"),
+        ({"factory": "not an import path", "name": "x"}, "pattern"),
+        ({"device": "tpu"}, "device must be"),
+        ({"length_buckets": [8, 4]}, "strictly increasing"),
+        ({"spec": {"input": {"shape": [0]}, "output": {"shape": [1]}}}, "inline spec"),
+    ],
+)
+def test_a_model_entry_that_cannot_work_is_refused(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        ModelSettings.model_validate(fields)
+
+
+def test_model_names_must_be_unique_and_the_default_must_exist() -> None:
+    twins = [ModelSettings(path=Path("x/a.pt2")), ModelSettings(path=Path("y/a.pt2"))]
+    with pytest.raises(ValidationError, match="unique"):
+        Settings(models=twins)
+    with pytest.raises(ValidationError, match="default_model 'c'"):
+        Settings(models=twins[:1], default_model="c")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
 
+from gpuserve.config import ModelSettings
 from gpuserve.errors import ModelLoadError
-from gpuserve.handler import Handler, choose_batch_size
+from gpuserve.handler import Handler, Padded, choose_batch_size
 from gpuserve.spec import ModelSpec, TensorSpec
 
 from .conftest import CPU
@@ -29,13 +32,17 @@ def spec(labels: list[str] | None = None) -> ModelSpec:
     )
 
 
+def make(module: torch.nn.Module, labels: list[str] | None = None, **settings: Any) -> Handler:
+    return Handler(spec(labels), CPU, ModelSettings(**settings), module=module)
+
+
 def instances(n: int) -> list[np.ndarray]:
     rng = np.random.default_rng(0)
     return [rng.standard_normal(4).astype(np.float32) for _ in range(n)]
 
 
 def test_a_batch_gives_the_same_rows_as_each_instance_alone() -> None:
-    handler = Handler(Linear().eval(), spec(), CPU)
+    handler = make(Linear().eval())
     batch = instances(5)
     together = handler(batch)
     alone = [handler([x])[0] for x in batch]
@@ -45,22 +52,23 @@ def test_a_batch_gives_the_same_rows_as_each_instance_alone() -> None:
 
 
 def test_collate_stacks_on_the_device_in_the_spec_dtype() -> None:
-    handler = Handler(Linear(), spec(), CPU)
+    handler = make(Linear())
     batch = handler.collate(instances(3))
     assert batch.shape == (3, 4) and batch.dtype == torch.float32 and batch.device.type == "cpu"
 
 
 def test_a_labelled_model_returns_label_and_probabilities() -> None:
-    handler = Handler(Linear().eval(), spec(["cat", "dog", "eel"]), CPU)
+    handler = make(Linear().eval(), ["cat", "dog", "eel"])
     x = instances(1)
-    (result,) = handler(x)
+    (row,) = handler(x)
+    result = handler.postprocess(row)
     logits = Linear()(torch.from_numpy(x[0])).detach()
     assert result["label"] == ["cat", "dog", "eel"][int(logits.argmax())]
     assert sum(result["probabilities"]) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_an_unlabelled_model_returns_raw_rows() -> None:
-    handler = Handler(Linear().eval(), spec(), CPU)
+    handler = make(Linear().eval())
     x = instances(1)
     (row,) = handler(x)
     expected = Linear()(torch.from_numpy(x[0])).detach().tolist()
@@ -75,7 +83,7 @@ def test_the_forward_pass_runs_under_inference_mode() -> None:
             seen.append(torch.is_inference_mode_enabled())
             return super().forward(x)
 
-    Handler(Spy(), spec(), CPU)(instances(1))
+    make(Spy())(instances(1))
     assert seen == [True]
 
 
@@ -87,12 +95,12 @@ def test_warm_up_runs_the_whole_path() -> None:
             calls.append(x.shape[0])
             return super().forward(x)
 
-    Handler(Counting(), spec(), CPU).warm_up((1, 4, 32))
+    make(Counting()).warm_up((1, 4, 32))
     assert calls == [2, 1, 4, 32]  # the shape check, then each batch size once
 
 
 def test_bf16_runs_under_autocast_and_stays_close_to_fp32() -> None:
-    handler = Handler(Linear().eval(), spec(), CPU, precision="bf16")
+    handler = make(Linear().eval(), precision="bf16")
     with torch.inference_mode():
         out = handler.forward(handler.collate(instances(4)))
     assert out.dtype == torch.bfloat16
@@ -101,20 +109,20 @@ def test_bf16_runs_under_autocast_and_stays_close_to_fp32() -> None:
 
 
 def test_a_precision_outside_the_tolerance_fails_the_load() -> None:
-    handler = Handler(Linear().eval(), spec(), CPU, precision="bf16")
+    handler = make(Linear().eval(), precision="bf16")
     with pytest.raises(ModelLoadError, match=r"bf16 output differs from fp32"):
         handler.check_precision(tolerance=1e-9)
 
 
 def test_fp32_has_nothing_to_check() -> None:
-    handler = Handler(Linear().eval(), spec(), CPU)
+    handler = make(Linear().eval())
     with torch.inference_mode():
         assert handler.forward(handler.collate(instances(1))).dtype == torch.float32
     assert handler.check_precision(tolerance=1e-9) == 0.0
 
 
 def test_out_of_memory_errors_are_recognised() -> None:
-    handler = Handler(Linear(), spec(), CPU)
+    handler = make(Linear())
     assert handler.is_oom(MemoryError())
     assert handler.is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory"))
     assert not handler.is_oom(RuntimeError("shape mismatch"))
@@ -135,5 +143,63 @@ def test_the_chosen_batch_size_is_the_smallest_near_the_best(
 
 
 def test_measuring_batch_sizes_runs_each_size() -> None:
-    rates = Handler(Linear().eval(), spec(), CPU).measure_batch_sizes((1, 2, 4), rounds=2)
+    rates = make(Linear().eval()).measure_batch_sizes((1, 2, 4), rounds=2)
     assert set(rates) == {1, 2, 4} and all(rate > 0 for rate in rates.values())
+
+
+class MaskedMean(torch.nn.Module):
+    """A token model that honours its mask: mean of the real positions' embeddings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(50, 8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        weights = mask.unsqueeze(-1).float()
+        pooled = (self.embed(ids) * weights).sum(1) / weights.sum(1)
+        return self.head(pooled)
+
+
+def token_handler(output_shape: tuple[int, ...] = (3,), **settings: Any) -> Handler:
+    tokens = ModelSpec(
+        name="tokens",
+        input=TensorSpec(name="ids", shape=(-1,), dtype="int64", min=0, max=49, max_shape=(16,)),
+        output=TensorSpec(shape=output_shape),
+    )
+    return Handler(tokens, CPU, ModelSettings(**settings), module=MaskedMean())
+
+
+def test_variable_length_instances_are_padded_and_masked() -> None:
+    handler = token_handler()
+    batch = handler.collate([np.array([1, 2, 3]), np.array([4])])
+    assert isinstance(batch, Padded)
+    assert batch.values.tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert batch.mask.tolist() == [[True, True, True], [True, False, False]]
+    assert batch.lengths == [(3,), (1,)]
+
+
+def test_a_padded_batch_gives_each_instance_its_result_alone() -> None:
+    handler = token_handler()
+    rng = np.random.default_rng(1)
+    items = [rng.integers(0, 50, n) for n in (1, 7, 3, 16, 2)]
+    together = handler(items)
+    for got, item in zip(together, items, strict=True):
+        assert got == pytest.approx(handler([item])[0], abs=1e-5)
+
+
+def test_length_buckets_group_and_pad_up_to_the_bound() -> None:
+    handler = token_handler(length_buckets=[4, 8])
+    assert [handler.bucket(np.zeros(n)) for n in (1, 4, 5, 8, 9)] == [0, 0, 1, 1, 2]
+    assert handler.collate([np.ones(3, np.int64), np.ones(5, np.int64)]).values.shape == (2, 8)
+    # Past the last bound, the longest item sets the length.
+    assert handler.collate([np.ones(11, np.int64)]).values.shape == (1, 11)
+    assert token_handler().bucket(np.zeros(3)) is None
+
+
+def test_per_position_outputs_are_cut_back_to_each_instance_length() -> None:
+    handler = token_handler(output_shape=(-1, 8))
+    handler.module = lambda ids, mask: torch.ones(*ids.shape, 8) * mask.unsqueeze(-1)
+    short, long = handler([np.array([1]), np.array([1, 2, 3])])
+    assert len(short) == 1 and len(long) == 3

@@ -59,7 +59,8 @@ def test_a_torchscript_module_loads_and_runs(tmp_path: Path) -> None:
 
 def test_the_demo_model_loads_through_the_same_loader(demo_model: Path) -> None:
     handler = load_model(ModelSettings(path=demo_model), CPU)
-    (result,) = handler([np.zeros(64, np.float32)])
+    (row,) = handler([np.zeros(64, np.float32)])
+    result = handler.postprocess(row)
     assert set(result) == {"label", "probabilities"}
     assert sum(result["probabilities"]) == pytest.approx(1.0, abs=1e-5)
 
@@ -72,7 +73,9 @@ def test_a_missing_model_file_is_named(tmp_path: Path) -> None:
 
 def test_a_missing_spec_is_named(tmp_path: Path) -> None:
     settings = export_to(tmp_path / "double.pt2")
-    settings.spec_path.unlink()
+    spec = settings.spec_source()
+    assert isinstance(spec, Path)
+    spec.unlink()
     with pytest.raises(ModelLoadError, match="model spec not found"):
         load_model(settings, CPU)
 

@@ -1,0 +1,11 @@
+"""The HTTP layer, the only part of gpuserve that knows FastAPI.
+
+A request reads, one module a step: `context` (request id, API key, metrics) -> `routes`
+(`/predict`: parse, validate against the spec) or `v2` (the Open Inference Protocol) ->
+`ModelService.predict` (batcher -> worker thread) -> `responses` (the body, or the error).
+`factory.create_app` puts them together.
+"""
+
+from gpuserve.app.factory import create_app
+
+__all__ = ["create_app"]

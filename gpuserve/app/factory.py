@@ -1,0 +1,111 @@
+"""create_app: the FastAPI app, its lifespan (model loads, drained stop) and its OpenAPI."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+
+from gpuserve import __version__
+from gpuserve.app import routes, v2
+from gpuserve.app.context import RequestContext
+from gpuserve.app.responses import on_gpuserve_error, on_http_error, on_validation_error
+from gpuserve.config import Settings
+from gpuserve.errors import GpuserveError
+from gpuserve.loading import load_model
+from gpuserve.metrics import Metrics
+from gpuserve.registry import ModelRegistry
+from gpuserve.service import Loader, ModelService
+
+
+def create_app(settings: Settings, *, loader: Loader | None = None) -> FastAPI:
+    """Build the ASGI app. The models start loading when the app's lifespan starts."""
+    metrics = Metrics()
+    models = ModelRegistry(settings, loader if loader is not None else load_model, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await models.start()
+        try:
+            yield
+        finally:
+            await models.stop(settings.shutdown_timeout_s)
+
+    app = FastAPI(title="gpuserve", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.models = models
+    app.state.metrics = metrics
+    app.include_router(routes.router)
+    app.include_router(v2.router)
+    app.add_exception_handler(GpuserveError, on_gpuserve_error)
+    app.add_exception_handler(HTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_middleware(RequestContext, metrics=metrics, api_keys=settings.api_keys)
+    app.openapi = functools.partial(_openapi, app, app.openapi)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI, default: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The OpenAPI document, with /predict's body described by the default model's own spec.
+
+    Until that model has loaded the body is described loosely, and the document is not cached.
+    Model names in paths are listed as an enum, so clients and fuzzers see the valid ones.
+    """
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    document = default()
+    service = app.state.models.default
+    if service.model is None:
+        app.openapi_schema = None
+        return document
+    _name_models(document, [s.name for s in app.state.models])
+    single = len(app.state.models) == 1
+    schema = _predict_schema(service)
+    for path in ("/predict", "/models/{name}/predict") if single else ("/predict",):
+        body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        body["schema"] = schema
+    return document
+
+
+def _name_models(document: dict[str, Any], names: list[str]) -> None:
+    """Every `{name}` path parameter takes one of the served models' names."""
+    for operations in document["paths"].values():
+        for operation in operations.values():
+            for parameter in operation.get("parameters", []):
+                if parameter["in"] == "path" and parameter["name"] == "name":
+                    parameter["schema"] = {"type": "string", "enum": names}
+
+
+def _predict_schema(service: ModelService) -> dict[str, Any]:
+    """A /predict body for this model: its instances, shaped, typed and bounded by its spec."""
+    assert service.model is not None
+    instance = service.model.spec.input.json_schema()
+    limit = service.settings.max_instances_per_request
+    return {
+        "oneOf": [
+            {
+                "type": "object",
+                "properties": {"inputs": instance},
+                "required": ["inputs"],
+                "additionalProperties": False,
+            },
+            {
+                "type": "object",
+                "properties": {
+                    "instances": {
+                        "type": "array",
+                        "items": instance,
+                        "minItems": 1,
+                        "maxItems": limit,
+                    }
+                },
+                "required": ["instances"],
+                "additionalProperties": False,
+            },
+        ]
+    }

@@ -1,0 +1,169 @@
+"""gpuserve's own routes: health, `/predict` (default model), `/models/...`, `/info`, `/metrics`.
+
+`/predict` reads: read the body -> parse it natively (pydantic-core) -> check each instance
+against the spec as one numpy block -> `ModelService.predict` -> encode with orjson.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+import fastapi
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+from starlette.responses import PlainTextResponse, Response
+
+from gpuserve import __version__
+from gpuserve.app.responses import deadline_s, json_response, read_body, unless_disconnected
+from gpuserve.config import Settings
+from gpuserve.errors import InvalidInput
+from gpuserve.metrics import Metrics
+from gpuserve.registry import ModelRegistry
+from gpuserve.schemas import ErrorResponse, PredictRequest, PredictResponse
+from gpuserve.service import Instance, ModelService
+from gpuserve.spec import to_array, to_arrays
+
+router = APIRouter()
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (401, 404, 413, 415, 422, 500, 503, 504)
+}
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
+    }
+}
+
+
+def _models(request: Request) -> ModelRegistry:
+    models: ModelRegistry = request.app.state.models
+    return models
+
+
+@router.get("/health/live")
+async def live() -> Response:
+    """200 as long as the process serves HTTP, from the first moment, loading or not."""
+    return json_response({"status": "alive"})
+
+
+@router.get(
+    "/health/ready",
+    responses={503: {"description": "loading, failed or stopping, with each model's state"}},
+)
+async def ready(request: Request) -> Response:
+    """200 once no model is loading and at least one is ready; each model's state is listed."""
+    body = _models(request).readiness()
+    return json_response(body, 200 if body["status"] == "ready" else 503)
+
+
+@router.post(
+    "/predict", response_model=PredictResponse, responses=_ERRORS, openapi_extra=_PREDICT_BODY
+)
+async def predict(request: Request) -> Response:
+    """Run one instance (`inputs`) or several (`instances`) through the default model."""
+    return await _predict(request, _models(request).default)
+
+
+@router.post(
+    "/models/{name}/predict",
+    response_model=PredictResponse,
+    responses=_ERRORS,
+    openapi_extra=_PREDICT_BODY,
+)
+async def predict_model(request: Request, name: str) -> Response:
+    """`/predict` for any of the served models, by name."""
+    return await _predict(request, _models(request).get(name))
+
+
+async def _predict(request: Request, service: ModelService) -> Response:
+    spec = service.spec  # NotReady (503) while loading, before the body is read
+    timeout_s = deadline_s(request, service.settings.request_timeout_s)
+    settings: Settings = request.app.state.settings
+    body = await read_body(request, settings.max_body_bytes)
+    try:
+        parsed = PredictRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise InvalidInput(_describe(exc)) from None
+
+    if parsed.instances is not None:
+        limit = service.settings.max_instances_per_request
+        if len(parsed.instances) > limit:
+            raise InvalidInput(f"instances: {len(parsed.instances)} given, at most {limit} allowed")
+        arrays: list[Instance] = to_arrays(parsed.instances, spec.input, "instances")
+    else:
+        arrays = [to_array(parsed.inputs, spec.input, "inputs")]
+    outputs = await unless_disconnected(request, service.predict(arrays, timeout_s))
+    single = parsed.instances is None
+    return json_response({"model": spec.name, "outputs": outputs[0] if single else outputs})
+
+
+@router.get("/models")
+async def list_models(request: Request) -> Response:
+    """Every served model with its state; the first is the default."""
+    models = _models(request)
+    return json_response(
+        {"default": models.default.name, "models": [_describe_model(s) for s in models]}
+    )
+
+
+@router.get("/models/{name}", responses={404: {"model": ErrorResponse}})
+async def model_info(request: Request, name: str) -> Response:
+    """One model: its spec, state, device and batching."""
+    return json_response(_describe_model(_models(request).get(name)))
+
+
+@router.get("/info")
+async def info(request: Request) -> Response:
+    """The default model (as `/models/{name}`), every model's name, and the versions in use."""
+    models = _models(request)
+    default = models.default
+    body = {
+        **_describe_model(default),
+        "models": [service.name for service in models],
+        "versions": {
+            "gpuserve": __version__,
+            "python": platform.python_version(),
+            "fastapi": fastapi.__version__,
+            "torch": default.device.torch_version if default.device else None,
+        },
+    }
+    return json_response(body)
+
+
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+)
+async def metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    registry: Metrics = request.app.state.metrics
+    return Response(registry.render(), media_type=registry.content_type)
+
+
+def _describe_model(service: ModelService) -> dict[str, Any]:
+    settings = service.settings
+    model = service.model
+    return {
+        "name": service.name,
+        "model": model.spec.model_dump(mode="json") if model else None,
+        "state": service.readiness(),
+        "device": service.device.to_dict() if service.device else None,
+        "batching": {
+            "max_batch_size": settings.max_batch_size,
+            "effective_max_batch_size": service.max_batch_size,
+            "max_wait_ms": settings.max_wait_ms,
+            "max_instances_per_request": settings.max_instances_per_request,
+            "length_buckets": settings.length_buckets,
+        },
+    }
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "body"
+        parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)

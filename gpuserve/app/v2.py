@@ -1,0 +1,136 @@
+"""The Open Inference Protocol (KServe v2) routes, so Triton's and KServe's clients work as is.
+
+The routes are thin: `oip` decodes and encodes, and inference goes through the same
+`ModelService.predict`, hence the same batcher, as `/predict`. Input errors answer 400, as the
+protocol has it, in the same `{"error": ...}` shape as every other error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from gpuserve import __version__, oip
+from gpuserve.app.responses import deadline_s, json_response, read_body, unless_disconnected
+from gpuserve.config import Settings
+from gpuserve.errors import BadRequest, InvalidInput, ModelNotFound
+from gpuserve.registry import ModelRegistry
+from gpuserve.schemas import ErrorResponse
+from gpuserve.service import ModelService
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 500, 503, 504)
+}
+_NOT_READY: dict[int | str, dict[str, Any]] = {
+    400: {"description": "not ready (the protocol's 4xx for false)"}
+}
+_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+# Platform names are free text in the protocol; clients only display them.
+_PLATFORM = "pytorch"
+
+
+def _service(request: Request, name: str) -> ModelService:
+    models: ModelRegistry = request.app.state.models
+    return models.get(name)
+
+
+def _check_version(name: str, version: str) -> None:
+    if version != oip.VERSION:
+        raise ModelNotFound(f"model {name!r} has no version {version!r}; it has {oip.VERSION!r}")
+
+
+@router.get("")
+async def server_metadata() -> Response:
+    """The server's name, version and protocol extensions."""
+    return json_response(
+        {"name": "gpuserve", "version": __version__, "extensions": ["binary_tensor_data"]}
+    )
+
+
+@router.get("/health/live")
+async def server_live() -> Response:
+    """200 while the process serves HTTP."""
+    return json_response({"live": True})
+
+
+@router.get("/health/ready", responses=_NOT_READY)
+async def server_ready(request: Request) -> Response:
+    """200 when the server is ready (see /health/ready); 400 otherwise."""
+    models: ModelRegistry = request.app.state.models
+    ready = models.status == "ready"
+    return json_response({"ready": ready}, 200 if ready else 400)
+
+
+@router.get("/models/{name}", responses=_ERRORS)
+async def model_metadata(request: Request, name: str) -> Response:
+    """Name, versions, platform, and the input and output tensors (batch dimension -1)."""
+    return json_response(oip.metadata(_service(request, name).spec, _PLATFORM))
+
+
+@router.get("/models/{name}/ready", responses={**_ERRORS, **_NOT_READY})
+async def model_ready(request: Request, name: str) -> Response:
+    """200 when the model is ready; 400 while it loads, after it failed, or while stopping."""
+    ready = _service(request, name).state == "ready"
+    return json_response({"name": name, "ready": ready}, 200 if ready else 400)
+
+
+@router.post("/models/{name}/infer", responses=_ERRORS, openapi_extra=_INFER_BODY)
+async def infer(request: Request, name: str) -> Response:
+    """Inference with JSON tensors, or with the binary tensor data extension."""
+    service = _service(request, name)
+    spec = service.spec  # NotReady (503) while loading, before the body is read
+    settings: Settings = request.app.state.settings
+    try:
+        timeout_s = deadline_s(request, service.settings.request_timeout_s)
+        body = await read_body(request, settings.max_body_bytes, binary=True)
+    except InvalidInput as exc:
+        raise BadRequest(exc.message) from None
+    header_length = request.headers.get(oip.HEADER_LENGTH)
+    decoded = oip.decode_request(body, header_length, spec)
+    limit = service.settings.max_instances_per_request
+    if len(decoded.instances) > limit:
+        raise BadRequest(f"{len(decoded.instances)} instances given, at most {limit} allowed")
+    rows = await unless_disconnected(
+        request, service.predict(decoded.instances, timeout_s, postprocess=False)
+    )
+    content, json_length = oip.encode_response(spec, rows, decoded.id, decoded.binary_output)
+    if json_length is None:
+        return Response(content, media_type="application/json")
+    return Response(
+        content,
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(json_length)},
+    )
+
+
+# The same routes under /versions/{version}, which clients use when given a version.
+
+
+@router.get("/models/{name}/versions/{version}", include_in_schema=False)
+async def version_metadata(request: Request, name: str, version: str) -> Response:
+    _check_version(name, version)
+    return await model_metadata(request, name)
+
+
+@router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
+async def version_ready(request: Request, name: str, version: str) -> Response:
+    _check_version(name, version)
+    return await model_ready(request, name)
+
+
+@router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
+async def version_infer(request: Request, name: str, version: str) -> Response:
+    _check_version(name, version)
+    return await infer(request, name)

@@ -1,0 +1,218 @@
+"""The Open Inference Protocol (KServe v2, as spoken by Triton, KServe, MLServer, TorchServe).
+
+Pure encoding and decoding, no HTTP framework: an infer request body (JSON, or JSON followed by
+raw tensor bytes under the binary tensor data extension) becomes the model's instances, and
+the model's rows become a response body. Every input error is a BadRequest (400).
+
+A request tensor of shape [N, ...] carries N instances; each joins the batcher on its own,
+exactly like the instances of a /predict request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from gpuserve.errors import BadRequest, InferenceError, InvalidInput
+from gpuserve.spec import ModelSpec, TensorSpec, block_to_arrays
+
+HEADER_LENGTH = "inference-header-content-length"
+VERSION = "1"  # gpuserve serves one version of each model
+
+# Protocol datatypes and their little-endian numpy layouts. BF16 travels as 16-bit words.
+_DATATYPES: dict[str, str] = {
+    "BOOL": "|b1",
+    "UINT8": "|u1",
+    "UINT16": "<u2",
+    "UINT32": "<u4",
+    "UINT64": "<u8",
+    "INT8": "|i1",
+    "INT16": "<i2",
+    "INT32": "<i4",
+    "INT64": "<i8",
+    "FP16": "<f2",
+    "FP32": "<f4",
+    "FP64": "<f8",
+    "BF16": "<u2",
+}
+_OF_SPEC: dict[str, str] = {
+    "float32": "FP32",
+    "float64": "FP64",
+    "float16": "FP16",
+    "bfloat16": "BF16",
+    "int64": "INT64",
+    "int32": "INT32",
+    "uint8": "UINT8",
+    "bool": "BOOL",
+}
+
+
+def datatype(spec: TensorSpec) -> str:
+    """The protocol's name for a spec's dtype."""
+    return _OF_SPEC[spec.dtype]
+
+
+def metadata(spec: ModelSpec, platform: str) -> dict[str, Any]:
+    """The model metadata response: tensors with the batch dimension as -1."""
+
+    def tensor(t: TensorSpec) -> dict[str, Any]:
+        return {"name": t.name, "datatype": datatype(t), "shape": [-1, *t.shape]}
+
+    return {
+        "name": spec.name,
+        "versions": [VERSION],
+        "platform": platform,
+        "inputs": [tensor(spec.input)],
+        "outputs": [tensor(spec.output)],
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class InferRequest:
+    """A decoded infer request: the model's instances, and how to send the output back."""
+
+    id: str | None
+    instances: list[np.ndarray[Any, Any]]
+    binary_output: bool
+
+
+def decode_request(body: bytes, header_length: str | None, spec: ModelSpec) -> InferRequest:
+    """Parse and check an infer request against the model's spec."""
+    header, binary = _split_body(body, header_length)
+    try:
+        request = orjson.loads(header)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the request is not valid JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise BadRequest("the request must be a JSON object")
+    inputs = request.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise BadRequest(f"'inputs' must list exactly one tensor, {spec.input.name!r}")
+    tensor = inputs[0]
+    if tensor.get("name") != spec.input.name:
+        raise BadRequest(
+            f"unknown input {tensor.get('name')!r}: the model takes {spec.input.name!r}"
+        )
+    array = _tensor_data(tensor, binary, spec.input)
+    try:
+        instances = block_to_arrays(array, spec.input, spec.input.name)
+    except InvalidInput as exc:
+        raise BadRequest(exc.message) from None
+    request_id = request.get("id")
+    return InferRequest(
+        id=request_id if isinstance(request_id, str) else None,
+        instances=instances,
+        binary_output=_wants_binary(request, spec),
+    )
+
+
+def encode_response(
+    spec: ModelSpec, rows: list[Any], request_id: str | None, binary: bool
+) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header's length when binary data follows it."""
+    want = spec.output
+    try:
+        array = np.asarray(rows, dtype=np.float32 if want.dtype == "bfloat16" else want.numpy_dtype)
+    except ValueError as exc:
+        raise InferenceError("the model's outputs for this request do not form one tensor") from exc
+    output: dict[str, Any] = {
+        "name": want.name,
+        "datatype": datatype(want),
+        "shape": list(array.shape),
+    }
+    raw = b""
+    if binary:
+        raw = _to_bytes(array, want)
+        output["parameters"] = {"binary_data_size": len(raw)}
+    else:
+        output["data"] = array.ravel()
+    body: dict[str, Any] = {"model_name": spec.name, "model_version": VERSION, "outputs": [output]}
+    if request_id is not None:
+        body["id"] = request_id
+    header = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not binary:
+        return header, None
+    return header + raw, len(header)
+
+
+def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    if header_length is None:
+        return body, b""
+    try:
+        length = int(header_length)
+    except ValueError:
+        length = -1
+    if not 0 < length <= len(body):
+        raise BadRequest(
+            f"Inference-Header-Content-Length must be between 1 and the body's {len(body)} "
+            f"bytes, not {header_length!r}"
+        )
+    return body[:length], body[length:]
+
+
+def _tensor_data(tensor: dict[str, Any], binary: bytes, spec: TensorSpec) -> np.ndarray[Any, Any]:
+    name = spec.name
+    declared = tensor.get("datatype")
+    if declared != datatype(spec):
+        raise BadRequest(f"input {name!r}: datatype must be {datatype(spec)}, not {declared!r}")
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(
+        isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape
+    ):
+        raise BadRequest(f"input {name!r}: shape must be a list of sizes, not {shape!r}")
+    count = int(np.prod(shape)) if shape else 1
+    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    if size is not None:
+        return _from_bytes(binary, size, declared, shape, count, name)
+    if "data" not in tensor:
+        raise BadRequest(f"input {name!r} has neither 'data' nor binary data")
+    try:
+        array = np.asarray(tensor["data"])
+    except (ValueError, OverflowError):
+        raise BadRequest(f"input {name!r}: 'data' is ragged or not numeric") from None
+    if array.size != count:
+        raise BadRequest(f"input {name!r}: shape {shape} needs {count} values, got {array.size}")
+    return array.reshape(shape)
+
+
+def _from_bytes(
+    binary: bytes, size: Any, declared: str, shape: list[int], count: int, name: str
+) -> np.ndarray[Any, Any]:
+    dtype = np.dtype(_DATATYPES[declared])
+    if not isinstance(size, int) or size != count * dtype.itemsize or size > len(binary):
+        raise BadRequest(
+            f"input {name!r}: binary_data_size {size!r} does not fit shape {shape} of "
+            f"{declared} ({count * dtype.itemsize} bytes) in the {len(binary)} bytes sent"
+        )
+    array = np.frombuffer(binary, dtype=dtype, count=count).reshape(shape)
+    if declared == "BF16":  # bfloat16 is the top half of a float32
+        array = (array.astype(np.uint32) << 16).view(np.float32)
+    return array
+
+
+def _to_bytes(array: np.ndarray[Any, Any], spec: TensorSpec) -> bytes:
+    if spec.dtype == "bfloat16":
+        words = np.ascontiguousarray(array, dtype="<f4").view("<u4") >> 16
+        return words.astype("<u2").tobytes()
+    return np.ascontiguousarray(array, dtype=_DATATYPES[datatype(spec)]).tobytes()
+
+
+def _wants_binary(request: dict[str, Any], spec: ModelSpec) -> bool:
+    if (request.get("parameters") or {}).get("binary_data_output") is True:
+        return True
+    outputs = request.get("outputs")
+    if outputs is None:
+        return False
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+        raise BadRequest("'outputs' must be a list of objects")
+    binary = False
+    for wanted in outputs:
+        if wanted.get("name") != spec.output.name:
+            raise BadRequest(
+                f"unknown output {wanted.get('name')!r}: the model gives {spec.output.name!r}"
+            )
+        binary = binary or (wanted.get("parameters") or {}).get("binary_data") is True
+    return binary
