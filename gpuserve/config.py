@@ -160,8 +160,8 @@ class ModelSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check_source(self) -> ModelSettings:
-        if self.factory is not None and "path" not in self.model_fields_set:
-            # A factory replaces the default demo file; an explicit path with it is an error.
+        if (self.factory or self.handler) and "path" not in self.model_fields_set:
+            # A factory or handler replaces the default demo file, unless a path is given.
             object.__setattr__(self, "path", None)
         if self.factory is not None and self.path is not None:
             raise ValueError("give either path (a model file) or factory, not both")

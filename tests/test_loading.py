@@ -126,3 +126,51 @@ def test_the_batch_size_is_tuned_at_load_unless_switched_off(tmp_path: Path) -> 
     assert tuned.preferred_batch_size in settings.warmup_batch_sizes
     fixed = load_model(settings.model_copy(update={"tune_batch_size": False}), CPU)
     assert fixed.preferred_batch_size is None
+
+
+HANDLER = """
+import numpy as np
+import torch
+from gpuserve.errors import InvalidInput
+from gpuserve.handler import Handler
+
+class Scaled(Handler):
+    def load(self, device):
+        return lambda x: x * 10
+
+    def preprocess(self, instance):
+        if instance.sum() < 0:
+            raise InvalidInput("negative")
+        return instance + 1
+
+    def postprocess(self, row):
+        return {"scaled": row}
+
+class NotAHandler:
+    pass
+"""
+
+
+def handler_settings(tmp_path: Path, module: str, cls: str) -> ModelSettings:
+    (tmp_path / f"{module}.py").write_text(HANDLER)
+    return ModelSettings.model_validate(
+        {
+            "name": "scaled",
+            "handler": f"{module}:{cls}",
+            "code_dir": tmp_path,
+            "spec": {"input": {"shape": [3]}, "output": {"shape": [3]}},
+        }
+    )
+
+
+def test_a_handler_class_brings_its_own_hooks(tmp_path: Path) -> None:
+    handler = load_model(handler_settings(tmp_path, "scaled_handler", "Scaled"), CPU)
+    assert handler.spec.name == "scaled"
+    (row,) = handler([handler.preprocess(np.zeros(3, np.float32))])
+    assert handler.postprocess(row) == {"scaled": [10.0, 10.0, 10.0]}
+
+
+def test_a_handler_that_is_not_a_handler_is_refused(tmp_path: Path) -> None:
+    settings = handler_settings(tmp_path, "other_handler", "NotAHandler")
+    with pytest.raises(ModelLoadError, match=r"not a subclass of gpuserve\.handler\.Handler"):
+        load_model(settings, CPU)

@@ -1,0 +1,121 @@
+"""Model sources: a factory from user code, with weights from .safetensors or .pt."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from gpuserve.config import ModelSettings
+from gpuserve.errors import ModelLoadError
+from gpuserve.sources import import_object, load_module
+
+CPU = torch.device("cpu")
+_modules = itertools.count()
+
+FACTORY = """
+import torch
+
+def build(width=3):
+    return torch.nn.Linear(width, 2)
+
+def broken():
+    raise RuntimeError("factory exploded")
+
+def not_a_module():
+    return 42
+
+NOT_CALLABLE = 7
+"""
+
+
+@pytest.fixture
+def code(tmp_path: Path) -> tuple[Path, str]:
+    """A fresh module of user code in its own folder (fresh name: imports are cached)."""
+    name = f"user_models_{next(_modules)}"
+    (tmp_path / f"{name}.py").write_text(FACTORY)
+    return tmp_path, name
+
+
+def factory(code: tuple[Path, str], attribute: str = "build", **fields: object) -> ModelSettings:
+    folder, module = code
+    return ModelSettings.model_validate(
+        {"name": "m", "factory": f"{module}:{attribute}", "code_dir": folder, **fields}
+    )
+
+
+def trained(width: int = 3) -> torch.nn.Module:
+    torch.manual_seed(7)
+    return torch.nn.Linear(width, 2)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_factory_gets_its_weights_from_a_state_dict(
+    code: tuple[Path, str], tmp_path: Path, suffix: str
+) -> None:
+    weights = tmp_path / f"weights{suffix}"
+    state = trained().state_dict()
+    if suffix == ".safetensors":
+        save_file(state, str(weights))
+    else:
+        torch.save(state, str(weights))
+    module = load_module(factory(code, weights=weights), CPU)
+    x = torch.ones(1, 3)
+    assert torch.equal(module(x), trained()(x))
+    assert not module.training
+
+
+def test_factory_arguments_are_passed(code: tuple[Path, str]) -> None:
+    module = load_module(factory(code, factory_kwargs={"width": 5}), CPU)
+    assert isinstance(module, torch.nn.Linear) and module.in_features == 5
+
+
+def test_weights_that_do_not_fit_the_module_are_refused(
+    code: tuple[Path, str], tmp_path: Path
+) -> None:
+    weights = tmp_path / "wide.safetensors"
+    save_file(trained(width=4).state_dict(), str(weights))
+    with pytest.raises(ModelLoadError, match=r"(?s)could not load weights .*size mismatch"):
+        load_module(factory(code, weights=weights), CPU)
+
+
+@pytest.mark.parametrize(
+    ("attribute", "message"),
+    [
+        ("broken", "raised RuntimeError: factory exploded"),
+        ("not_a_module", "returned int, not a torch.nn.Module"),
+        ("NOT_CALLABLE", "is not callable"),
+        ("missing", "cannot import"),
+    ],
+)
+def test_a_factory_that_cannot_build_is_a_clear_load_error(
+    code: tuple[Path, str], attribute: str, message: str
+) -> None:
+    with pytest.raises(ModelLoadError, match=message):
+        load_module(factory(code, attribute), CPU)
+
+
+def test_missing_or_unknown_weights_are_named(code: tuple[Path, str], tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="weights file not found"):
+        load_module(factory(code, weights=tmp_path / "gone.safetensors"), CPU)
+    odd = tmp_path / "weights.h5"
+    odd.write_bytes(b"\x00")
+    with pytest.raises(ModelLoadError, match=r"unknown weights format '\.h5'"):
+        load_module(factory(code, weights=odd), CPU)
+
+
+def test_a_pickle_that_is_not_only_weights_is_refused(
+    code: tuple[Path, str], tmp_path: Path
+) -> None:
+    weights = tmp_path / "model.pt"
+    torch.save(trained(), str(weights))  # a whole pickled module, not a state dict
+    with pytest.raises(ModelLoadError, match="could not load weights"):
+        load_module(factory(code, weights=weights), CPU)
+
+
+def test_imports_name_the_folder_they_looked_in(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match=f"from {tmp_path}"):
+        import_object("no_such_module_here:build", tmp_path)

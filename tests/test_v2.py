@@ -1,0 +1,182 @@
+"""The Open Inference Protocol routes: in-process for each answer and error, and on a real
+socket against the real Triton client (tritonclient[http])."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from sklearn.datasets import load_digits
+
+from gpuserve.app import create_app
+from gpuserve.config import ModelSettings, Settings
+
+from .conftest import ServerProcess
+from .test_app import serving
+from .test_socket import wait_ready
+
+pytestmark = pytest.mark.anyio
+
+
+def images(n: int) -> np.ndarray[Any, Any]:
+    return load_digits().data[:n].astype(np.float32)
+
+
+@pytest.fixture
+async def client(demo_model: Path) -> AsyncIterator[httpx.AsyncClient]:
+    model = ModelSettings(path=demo_model, freeze_gc=False, max_instances_per_request=16)
+    async with serving(create_app(Settings(device="cpu", model=model))) as client:
+        yield client
+
+
+def infer_body(batch: np.ndarray[Any, Any], **tensor: Any) -> dict[str, Any]:
+    fields = {"name": "pixels", "shape": list(batch.shape), "datatype": "FP32"} | tensor
+    if "data" not in fields and "parameters" not in fields:
+        fields["data"] = batch.ravel().tolist()
+    return {"inputs": [fields]}
+
+
+async def predicted(client: httpx.AsyncClient, batch: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    response = await client.post("/predict", json={"instances": batch.tolist()})
+    return np.array([out["probabilities"] for out in response.json()["outputs"]])
+
+
+async def test_server_and_model_metadata(client: httpx.AsyncClient) -> None:
+    server = (await client.get("/v2")).json()
+    assert server["name"] == "gpuserve" and "binary_tensor_data" in server["extensions"]
+    assert (await client.get("/v2/health/live")).status_code == 200
+    assert (await client.get("/v2/health/ready")).json() == {"ready": True}
+    meta = (await client.get("/v2/models/digits")).json()
+    assert meta["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}]
+    assert meta["outputs"][0]["shape"] == [-1, 10] and meta["versions"] == ["1"]
+    assert (await client.get("/v2/models/digits/ready")).status_code == 200
+    assert (await client.get("/v2/models/digits/versions/1")).json() == meta
+    assert (await client.get("/v2/models/digits/versions/2")).status_code == 404
+    missing = await client.get("/v2/models/nope/ready")
+    assert missing.status_code == 404 and "no model named 'nope'" in missing.json()["error"]
+
+
+async def test_json_inference_gives_the_numbers_of_predict(client: httpx.AsyncClient) -> None:
+    batch = images(3)
+    response = await client.post("/v2/models/digits/infer", json={"id": "r1", **infer_body(batch)})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["id"] == "r1" and body["model_name"] == "digits"
+    (output,) = body["outputs"]
+    assert output["name"] == "probabilities" and output["datatype"] == "FP32"
+    assert output["shape"] == [3, 10]
+    got = np.array(output["data"]).reshape(3, 10)
+    np.testing.assert_allclose(got, await predicted(client, batch), atol=1e-6)
+
+
+async def test_binary_tensors_in_and_out(client: httpx.AsyncClient) -> None:
+    batch = images(4)
+    raw = batch.astype("<f4").tobytes()
+    header = infer_body(batch, parameters={"binary_data_size": len(raw)})
+    header["outputs"] = [{"name": "probabilities", "parameters": {"binary_data": True}}]
+    head = json.dumps(header).encode()
+    response = await client.post(
+        "/v2/models/digits/infer",
+        content=head + raw,
+        headers={
+            "content-type": "application/octet-stream",
+            "inference-header-content-length": str(len(head)),
+        },
+    )
+    assert response.status_code == 200, response.text
+    length = int(response.headers["inference-header-content-length"])
+    meta = json.loads(response.content[:length])
+    (output,) = meta["outputs"]
+    assert output["parameters"]["binary_data_size"] == 4 * 10 * 4 and "data" not in output
+    got = np.frombuffer(response.content[length:], "<f4").reshape(output["shape"])
+    np.testing.assert_allclose(got, await predicted(client, batch), atol=1e-6)
+
+
+async def test_each_row_of_a_request_joins_the_batcher_as_an_instance(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.post("/v2/models/digits/infer", json=infer_body(images(5)))
+    assert response.status_code == 200
+    metrics = (await client.get("/metrics")).text
+    assert 'gpuserve_batch_size_sum{model="digits"} 5.0' in metrics
+
+
+@pytest.mark.parametrize(
+    ("tensor", "message"),
+    [
+        ({"datatype": "INT64"}, "datatype must be FP32"),
+        ({"name": "input"}, "unknown input 'input': the model takes 'pixels'"),
+        ({"shape": [2, 64]}, r"shape \[2, 64\] needs 128 values, got 64"),
+        ({"shape": [1, 8, 8]}, r"expected float32\[64\], got shape \[8, 8\]"),
+        ({"data": ["a"] * 64}, "expected float32"),
+        ({"shape": "64"}, "shape must be a list"),
+        ({"parameters": {"binary_data_size": 256}}, "binary_data_size 256 does not fit"),
+    ],
+)
+async def test_bad_tensors_are_clear_400s(
+    client: httpx.AsyncClient, tensor: dict[str, Any], message: str
+) -> None:
+    response = await client.post("/v2/models/digits/infer", json=infer_body(images(1), **tensor))
+    assert response.status_code == 400
+    assert re.search(message, response.json()["error"])
+    assert (await client.get("/health/ready")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "message"),
+    [
+        (b"{not json", {}, "not valid JSON"),
+        (b"[]", {}, "must be a JSON object"),
+        (b'{"inputs": []}', {}, "exactly one tensor"),
+        (b"{}", {"inference-header-content-length": "99"}, "between 1 and the body's 2 bytes"),
+        (b"{}", {"x-request-timeout-ms": "soon"}, "X-Request-Timeout-Ms"),
+    ],
+)
+async def test_bad_bodies_are_clear_400s(
+    client: httpx.AsyncClient, content: bytes, headers: dict[str, str], message: str
+) -> None:
+    response = await client.post(
+        "/v2/models/digits/infer",
+        content=content,
+        headers={"content-type": "application/json", **headers},
+    )
+    assert response.status_code == 400 and message in response.json()["error"]
+
+
+async def test_an_unknown_output_name_is_a_400(client: httpx.AsyncClient) -> None:
+    body = infer_body(images(1)) | {"outputs": [{"name": "logits"}]}
+    response = await client.post("/v2/models/digits/infer", json=body)
+    assert response.status_code == 400 and "unknown output 'logits'" in response.json()["error"]
+
+
+def test_the_triton_client_round_trips_json_and_binary(demo_model: Path) -> None:
+    env = {"GPUSERVE_MODEL__PATH": str(demo_model)}
+    with ServerProcess("--device", "cpu", env=env) as server:
+        wait_ready(server.url)
+        batch = images(6)
+        predict = httpx.post(f"{server.url}/predict", json={"instances": batch.tolist()})
+        expected = np.array([out["probabilities"] for out in predict.json()["outputs"]])
+
+        client = triton.InferenceServerClient(url=urlsplit(server.url).netloc)
+        try:
+            assert client.is_server_live() and client.is_server_ready()
+            assert client.is_model_ready("digits")
+            meta = client.get_model_metadata("digits")
+            assert meta["inputs"][0]["name"] == "pixels" and meta["inputs"][0]["shape"] == [-1, 64]
+            for binary in (False, True):
+                tensor = triton.InferInput("pixels", list(batch.shape), "FP32")
+                tensor.set_data_from_numpy(batch, binary_data=binary)
+                wanted = triton.InferRequestedOutput("probabilities", binary_data=binary)
+                result = client.infer("digits", [tensor], outputs=[wanted])
+                np.testing.assert_allclose(result.as_numpy("probabilities"), expected, atol=1e-6)
+        finally:
+            client.close()
+        assert server.stop() == 0
