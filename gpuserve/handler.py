@@ -218,9 +218,11 @@ class Handler:
                 f"warm-up output shape {list(got)} does not match the spec's output "
                 f"{self.spec.output.describe()}"
             )
-        # The full path at each size as the batcher will send it.
+        # The full path at each size as the batcher will send it, and at each length bucket.
         for size in batch_sizes:
             self([example] * size)
+        for bound in self._buckets or ():
+            self([self.preprocess(self.spec.input.example(bound))] * max(batch_sizes))
 
     def _call_module(self, batch: Any) -> Any:
         assert self.module is not None, "setup() has not run"

@@ -140,9 +140,13 @@ class TensorSpec(BaseModel):
             return rng.uniform(low, high, shape).astype(self.numpy_dtype)
         return rng.integers(int(low), int(high), shape, endpoint=True).astype(self.numpy_dtype)
 
-    def example(self) -> np.ndarray[Any, Any]:
-        """A valid instance (variable dimensions set to 1), used for the warm-up batch."""
-        shape = tuple(1 if d == -1 else d for d in self.shape)
+    def example(self, length: int = 1) -> np.ndarray[Any, Any]:
+        """A valid instance (variable dimensions `length`, within bounds), for warm-up batches."""
+        bounds = self.max_shape or self.shape
+        shape = tuple(
+            d if d != -1 else length if b == -1 else min(length, b)
+            for d, b in zip(self.shape, bounds, strict=True)
+        )
         fill = 0.0 if self.min is None else self.min
         return np.full(shape, fill, dtype=self.numpy_dtype)
 

@@ -96,6 +96,20 @@ async def test_batches_never_exceed_max_batch_size() -> None:
     await batcher.stop()
 
 
+async def test_buckets_keep_apart_and_each_keeps_its_queue_order() -> None:
+    model = GatedDoubler()
+    # Bucket by tens: 3, 5 and 7 may share a batch; 15 and 17 may not join them.
+    batcher = await started(model, max_batch_size=2, bucket_of=lambda item: item // 10)
+    first = await hold_worker(model, batcher)
+    futures = batcher.submit_many([3, 15, 5, 17, 7])
+    model.gate.set()
+    assert await asyncio.gather(*futures) == [6, 30, 10, 34, 14]
+    await first
+    # Oldest first, capped at 2, and the oldest waiting item's bucket decides each batch.
+    assert model.batches[1:] == [[3, 5], [15, 17], [7]]
+    await batcher.stop()
+
+
 async def test_each_caller_gets_its_own_result() -> None:
     batcher = await started(lambda items: [f"out-{item}" for item in items])  # type: ignore[arg-type,misc]
     values = list(range(100))

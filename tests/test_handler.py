@@ -203,3 +203,19 @@ def test_per_position_outputs_are_cut_back_to_each_instance_length() -> None:
     handler.module = lambda ids, mask: torch.ones(*ids.shape, 8) * mask.unsqueeze(-1)
     short, long = handler([np.array([1]), np.array([1, 2, 3])])
     assert len(short) == 1 and len(long) == 3
+
+
+def test_warm_up_runs_each_length_bucket_at_the_largest_batch() -> None:
+    handler = token_handler(length_buckets=[4, 8, 32])
+    seen: list[tuple[int, ...]] = []
+    module = handler.module
+
+    def spy(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(ids.shape))
+        return module(ids, mask)
+
+    handler.module = spy
+    handler.warm_up((1, 2))
+    # The shape check, the batch sizes at length 1 (padded to the first bucket), then each
+    # bucket; the last holds 16 ids at most (max_shape) and is padded to its bound, 32.
+    assert seen == [(2, 4), (1, 4), (2, 4), (2, 4), (2, 8), (2, 32)]

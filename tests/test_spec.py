@@ -153,3 +153,30 @@ def test_a_bad_instance_in_a_block_is_named(values: list[Any], message: str) -> 
     with pytest.raises(InvalidInput) as caught:
         to_arrays(values, PIXELS, "instances")
     assert caught.value.message.startswith(message)
+
+
+def test_variable_dimensions_may_have_an_upper_bound() -> None:
+    tokens = TensorSpec(shape=(-1, 4), dtype="int64", max_shape=(16, 4))
+    assert tokens.variable and tokens.fits((16, 4)) and not tokens.fits((17, 4))
+    assert not tokens.fits((3, 5))
+    with pytest.raises(InvalidInput, match=r"at most \[16, 4\].*got shape \[17, 4\]"):
+        to_array(np.zeros((17, 4), np.int64).tolist(), tokens, "inputs")
+    schema = tokens.json_schema()
+    assert (schema["minItems"], schema["maxItems"]) == (1, 16)
+    assert tokens.example(40).shape == (16, 4) and tokens.sample(np.random.default_rng()).shape == (
+        8,
+        4,
+    )
+
+
+@pytest.mark.parametrize("max_shape", [(16,), (16, 5), (0, 4)])
+def test_a_bound_must_fit_the_shape(max_shape: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match="max_shape"):
+        TensorSpec(shape=(-1, 4), max_shape=max_shape)
+
+
+def test_an_inline_spec_takes_the_served_name() -> None:
+    spec = ModelSpec.resolve({"input": {"shape": [2]}, "output": {"shape": [1]}}, "mine")
+    assert spec.name == "mine"
+    with pytest.raises(ModelLoadError, match="inline spec of mine is invalid"):
+        ModelSpec.resolve({"input": {"shape": [2]}}, "mine")
