@@ -180,3 +180,14 @@ def test_the_triton_client_round_trips_json_and_binary(demo_model: Path) -> None
         finally:
             client.close()
         assert server.stop() == 0
+
+
+async def test_v2_health_is_open_and_the_rest_needs_a_key(demo_model: Path) -> None:
+    key = "a-key-of-sixteen-chars"
+    model = ModelSettings(path=demo_model, freeze_gc=False)
+    app = create_app(Settings(device="cpu", model=model, api_keys=[key]))
+    async with serving(app) as client:
+        assert (await client.get("/v2/health/ready")).status_code == 200
+        assert (await client.get("/v2/models/digits")).status_code == 401
+        keyed = await client.get("/v2/models/digits", headers={"authorization": f"Bearer {key}"})
+        assert keyed.status_code == 200
