@@ -69,11 +69,25 @@ class BatchStats:
 
 
 @dataclass(slots=True)
+class Trace:
+    """What one request's items went through, filled in as their batches finish (for logs).
+
+    With several items, the largest batch, the longest queue wait and the longest pass count.
+    """
+
+    batches: int = 0
+    batch_size: int = 0
+    queue_wait_s: float = 0.0
+    forward_s: float = 0.0
+
+
+@dataclass(slots=True)
 class _Entry(Generic[T, R]):
     item: T
     future: asyncio.Future[R]
     enqueued: float
     bucket: Hashable = None
+    trace: Trace | None = None
 
 
 @dataclass(slots=True)
@@ -176,8 +190,13 @@ class MicroBatcher(Generic[T, R]):
         """
         return self.submit_many([item])[0]
 
-    def submit_many(self, items: Sequence[T]) -> list[asyncio.Future[R]]:
-        """Queue several items, all or none: a request is never half admitted."""
+    def submit_many(
+        self, items: Sequence[T], trace: Trace | None = None
+    ) -> list[asyncio.Future[R]]:
+        """Queue several items, all or none: a request is never half admitted.
+
+        `trace`, if given, is filled in as the items' batches finish.
+        """
         if not self.running or self._loop is None:
             raise BatcherClosed(self._closed_reason())
         if (
@@ -194,7 +213,7 @@ class MicroBatcher(Generic[T, R]):
         for item in items:
             future: asyncio.Future[R] = self._loop.create_future()
             bucket = bucket_of(item) if bucket_of is not None else None
-            self._pending.append(_Entry(item, future, now, bucket))
+            self._pending.append(_Entry(item, future, now, bucket, trace))
             futures.append(future)
         self._wake.set()
         return futures
@@ -372,9 +391,13 @@ class MicroBatcher(Generic[T, R]):
             everyone = list(range(len(batch.entries)))
             outcome = _Outcome(results=[exc] * len(everyone), ran=everyone)
         failed = 0
+        started = batch.started if batch.started is not None else time.monotonic()
+        traced: set[int] = set()
         for index, result in zip(outcome.ran, outcome.results, strict=True):
             entry = batch.entries[index]
             failed += isinstance(result, BaseException)
+            if entry.trace is not None:
+                _record(entry.trace, traced, len(outcome.ran), started - entry.enqueued, outcome)
             if entry.future.done():
                 continue
             if isinstance(result, BaseException):
@@ -445,3 +468,15 @@ class MicroBatcher(Generic[T, R]):
         if self._closing:
             return "the server is shutting down"
         return "the model is not ready"
+
+
+def _record(
+    trace: Trace, traced: set[int], size: int, waited_s: float, outcome: _Outcome[R]
+) -> None:
+    trace.queue_wait_s = max(trace.queue_wait_s, waited_s)
+    if id(trace) in traced:  # one request's items share a batch: count the batch once
+        return
+    traced.add(id(trace))
+    trace.batches += 1
+    trace.batch_size = max(trace.batch_size, size)
+    trace.forward_s = max(trace.forward_s, outcome.forward_s)

@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -17,7 +18,9 @@ from pydantic import ValidationError
 
 from gpuserve import __version__
 from gpuserve.config import Settings
+from gpuserve.device import DeviceInfo, GpuSample
 from gpuserve.errors import DeviceError
+from gpuserve.logs import configure as configure_logging
 
 logger = logging.getLogger("gpuserve")
 
@@ -33,9 +36,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"gpuserve: invalid settings:\n{exc}")
     except ValueError as exc:  # the config file is missing or not TOML
         sys.exit(f"gpuserve: {exc}")
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     if args.command == "probe":
-        _probe(settings)
+        _probe(settings, args.json)
     else:
         _serve(settings)
 
@@ -52,30 +55,78 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", parents=[common], help="serve the configured model")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    commands.add_parser("probe", parents=[common], help="print what the device probe finds")
+    probe = commands.add_parser("probe", parents=[common], help="print what the device probe finds")
+    probe.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if k != "command" and v is not None}
+    return {k: v for k, v in vars(args).items() if k not in ("command", "json") and v is not None}
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
-def _probe(settings: Settings) -> None:
-    from gpuserve.device import probe
+def _probe(settings: Settings, as_json: bool) -> None:
+    from gpuserve.device import GpuMonitor, probe
 
     try:
         info = probe(settings.device)
     except DeviceError as exc:
-        print(json.dumps({"device": settings.device, "error": exc.message}, indent=2))
+        if as_json:
+            print(json.dumps({"device": settings.device, "error": exc.message}, indent=2))
+        else:
+            print(f"gpuserve: {exc.message}", file=sys.stderr)
         sys.exit(2)
-    print(json.dumps(info.to_dict(), indent=2))
+    monitor = GpuMonitor()
+    try:
+        gpus = monitor.sample()
+    finally:
+        monitor.close()
+    if as_json:
+        body = {**info.to_dict(), "gpus": [asdict(gpu) for gpu in gpus]}
+        if monitor.problem is not None:
+            body["nvml"] = monitor.problem
+        print(json.dumps(body, indent=2))
+    else:
+        print(probe_table(info, gpus, monitor.problem))
+
+
+def probe_table(info: DeviceInfo, gpus: list[GpuSample], nvml_problem: str | None) -> str:
+    """What the probe found, for a person: the choice and its reason, then every GPU seen."""
+    memory = info.total_memory_bytes
+    lines = [
+        f"device   {info.device}  ({info.name})",
+        f"reason   {info.reason}",
+        f"torch    {info.torch_version}, CUDA {info.cuda_version or 'none'}",
+    ]
+    if memory is not None:
+        free = "" if info.free_memory_bytes is None else f"{_gib(info.free_memory_bytes)} free of "
+        lines.append(f"memory   {free}{_gib(memory)}")
+    if not gpus:
+        lines.append(f"GPUs     none seen by NVML{f' ({nvml_problem})' if nvml_problem else ''}")
+        return "\n".join(lines)
+    rows = [("GPU", "name", "memory used / total", "util", "temp", "power")]
+    for gpu in gpus:
+        used, total = gpu.memory_used_bytes, gpu.memory_total_bytes
+        rows.append(
+            (
+                str(gpu.index),
+                gpu.name,
+                "-" if used is None or total is None else f"{_gib(used)} / {_gib(total)}",
+                "-" if gpu.utilization is None else f"{gpu.utilization:.0%}",
+                "-" if gpu.temperature_celsius is None else f"{gpu.temperature_celsius:.0f} C",
+                "-" if gpu.power_watts is None else f"{gpu.power_watts:.0f} W",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines.append("")
+    lines += [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+    return "\n".join(lines)
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB"
 
 
 def _drained(signum: int, frame: FrameType | None) -> None:

@@ -211,6 +211,20 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="text: readable lines; json: one JSON object per line."
+    )
+    access_log: bool = Field(
+        default=True,
+        description="One log line per request: id, route, status, duration, model, batch size, "
+        "queue and forward milliseconds.",
+    )
+    gpu_metrics_interval_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="How often NVML gauges (utilisation, memory, temperature, power) are read "
+        "for /metrics; 0 turns them off. Absent where NVML is not available.",
+    )
     max_body_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="Larger request bodies get 413 unread."
     )

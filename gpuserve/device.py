@@ -7,9 +7,11 @@ memory used by other processes too) and falls back to the CPU with a stated reas
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from types import ModuleType
 from typing import Any, Literal
@@ -85,6 +87,84 @@ def probe(prefer: str = "auto") -> DeviceInfo:
         torch_version=torch.__version__,
         cuda_version=torch.version.cuda,
     )
+
+
+@dataclass(frozen=True)
+class GpuSample:
+    """One reading of one GPU's NVML gauges; None where this GPU does not report one."""
+
+    index: int
+    name: str
+    utilization: float | None  # share of the last sample period a kernel ran, 0..1
+    memory_used_bytes: int | None
+    memory_total_bytes: int | None
+    temperature_celsius: float | None
+    power_watts: float | None
+
+
+class GpuMonitor:
+    """Reads utilisation, memory, temperature and power of every GPU through NVML.
+
+    NVML stays initialised between reads (initialising costs milliseconds). Where NVML is
+    missing, `available` is False and `sample()` returns nothing, so no gauge is exported:
+    absent, not zero.
+    """
+
+    def __init__(self) -> None:
+        self._nvml: ModuleType | None = None
+        self.problem: str | None = None
+        try:
+            nvml = _import_pynvml()
+            nvml.nvmlInit()
+        except Exception as exc:
+            self.problem = _describe_nvml_error(exc)
+            return
+        self._nvml = nvml
+
+    @property
+    def available(self) -> bool:
+        return self._nvml is not None
+
+    def sample(self) -> list[GpuSample]:
+        """Read every GPU now. Blocking (NVML calls take microseconds to milliseconds)."""
+        nvml = self._nvml
+        if nvml is None:
+            return []
+        samples = []
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            memory = _read(nvml.nvmlDeviceGetMemoryInfo, handle)
+            rates = _read(nvml.nvmlDeviceGetUtilizationRates, handle)
+            temperature = _read(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)
+            power_mw = _read(nvml.nvmlDeviceGetPowerUsage, handle)
+            name = _read(nvml.nvmlDeviceGetName, handle)
+            utilization = None if rates is None else rates.gpu
+            samples.append(
+                GpuSample(
+                    index=index,
+                    name=name.decode() if isinstance(name, bytes) else str(name or f"gpu{index}"),
+                    utilization=None if utilization is None else utilization / 100.0,
+                    memory_used_bytes=None if memory is None else int(memory.used),
+                    memory_total_bytes=None if memory is None else int(memory.total),
+                    temperature_celsius=None if temperature is None else float(temperature),
+                    power_watts=None if power_mw is None else power_mw / 1000.0,
+                )
+            )
+        return samples
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            with contextlib.suppress(Exception):
+                self._nvml.nvmlShutdown()
+            self._nvml = None
+
+
+def _read(call: Callable[..., Any], *args: Any) -> Any:
+    # GPUs differ in what they report (no power reading on some); a missing gauge is None.
+    try:
+        return call(*args)
+    except Exception:
+        return None
 
 
 def _cuda_unavailable_reason(torch: ModuleType) -> str | None:

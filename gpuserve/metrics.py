@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from gpuserve.device import GpuMonitor, GpuSample
+
+logger = logging.getLogger("gpuserve.metrics")
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -109,6 +115,43 @@ class Metrics:
             registry=self.registry,
         )
 
+        gpu = ["gpu", "name"]
+        self.gpu_utilization = Gauge(
+            "gpuserve_gpu_utilization_ratio",
+            "Share of the last NVML sample period a kernel ran on the GPU (0-1).",
+            gpu,
+            registry=self.registry,
+        )
+        self.gpu_memory_used = Gauge(
+            "gpuserve_gpu_memory_used_bytes",
+            "GPU memory in use, by every process.",
+            gpu,
+            registry=self.registry,
+        )
+        self.gpu_memory_total = Gauge(
+            "gpuserve_gpu_memory_total_bytes", "GPU memory in all.", gpu, registry=self.registry
+        )
+        self.gpu_temperature = Gauge(
+            "gpuserve_gpu_temperature_celsius", "GPU temperature.", gpu, registry=self.registry
+        )
+        self.gpu_power = Gauge(
+            "gpuserve_gpu_power_watts", "GPU power draw.", gpu, registry=self.registry
+        )
+
+    def observe_gpus(self, samples: list[GpuSample]) -> None:
+        """Set each GPU's gauges; a reading the GPU does not give stays absent."""
+        for sample in samples:
+            labels = (str(sample.index), sample.name)
+            for gauge, value in (
+                (self.gpu_utilization, sample.utilization),
+                (self.gpu_memory_used, sample.memory_used_bytes),
+                (self.gpu_memory_total, sample.memory_total_bytes),
+                (self.gpu_temperature, sample.temperature_celsius),
+                (self.gpu_power, sample.power_watts),
+            ):
+                if value is not None:
+                    gauge.labels(*labels).set(value)
+
     def track_queue_depth(self, model: str, read: Callable[[], float]) -> None:
         """Read the depth when scraped, so nothing polls between scrapes."""
         self.queue_depth.labels(model).set_function(read)
@@ -136,3 +179,13 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+async def sample_gpus(metrics: Metrics, monitor: GpuMonitor, interval_s: float) -> None:
+    """Refresh the GPU gauges every `interval_s` until cancelled. NVML reads run off the loop."""
+    while True:
+        try:
+            metrics.observe_gpus(await asyncio.to_thread(monitor.sample))
+        except Exception:  # a flaky reading must not end the sampling, nor the server
+            logger.exception("reading the GPU gauges failed")
+        await asyncio.sleep(interval_s)

@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from gpuserve.batcher import BatchStats, MicroBatcher, is_memory_error
+from gpuserve.batcher import BatchStats, MicroBatcher, Trace, is_memory_error
 from gpuserve.config import ModelSettings
 from gpuserve.device import DeviceInfo, probe
 from gpuserve.errors import (
@@ -111,7 +111,12 @@ class ModelService:
         self._load_task = asyncio.create_task(self._load(), name="gpuserve-load")
 
     async def predict(
-        self, instances: list[Instance], timeout_s: float, *, postprocess: bool = True
+        self,
+        instances: list[Instance],
+        timeout_s: float,
+        *,
+        postprocess: bool = True,
+        trace: Trace | None = None,
     ) -> list[Any]:
         """Run validated instances through the batcher; one result per instance, in order.
 
@@ -125,7 +130,7 @@ class ModelService:
         if self._preprocess is not None:
             instances = [self._preprocess(instance) for instance in instances]
         try:
-            futures = self.batcher.submit_many(instances)
+            futures = self.batcher.submit_many(instances, trace)
         except Overloaded:
             self._metrics.refused.labels(self.name).inc()
             raise

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gpuserve.batcher import BatchStats, MicroBatcher
+from gpuserve.batcher import BatchStats, MicroBatcher, Trace
 from gpuserve.errors import BatcherClosed, Overloaded
 
 pytestmark = pytest.mark.anyio
@@ -107,6 +107,19 @@ async def test_buckets_keep_apart_and_each_keeps_its_queue_order() -> None:
     await first
     # Oldest first, capped at 2, and the oldest waiting item's bucket decides each batch.
     assert model.batches[1:] == [[3, 5], [15, 17], [7]]
+    await batcher.stop()
+
+
+async def test_a_trace_records_what_a_requests_batches_cost() -> None:
+    model = GatedDoubler()
+    batcher = await started(model, max_batch_size=3)
+    first = await hold_worker(model, batcher)
+    trace = Trace()
+    futures = batcher.submit_many([1, 2, 3, 4], trace)  # two batches: 3 items, then 1
+    model.gate.set()
+    await asyncio.gather(first, *futures)
+    assert (trace.batches, trace.batch_size) == (2, 3)
+    assert trace.queue_wait_s > 0 and trace.forward_s > 0
     await batcher.stop()
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from gpuserve.cli import _warn_if_exposed
+from gpuserve.cli import _warn_if_exposed, probe_table
 from gpuserve.config import Settings
+from gpuserve.device import DeviceInfo, GpuSample
 
 from .conftest import ROOT
 
@@ -26,17 +27,78 @@ def gpuserve(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_probe_prints_the_device_and_the_reason_as_json() -> None:
-    result = gpuserve("probe")
+    result = gpuserve("probe", "--json")
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["device"] == "cpu"
     assert info["reason"].startswith("no usable CUDA device")
+    assert info["gpus"] == [] and "NVML" in info["nvml"]
+
+
+def test_probe_prints_a_table_by_default() -> None:
+    result = gpuserve("probe")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("device   cpu  (")
+    assert "reason   no usable CUDA device" in result.stdout
+    assert "GPUs     none seen by NVML (the NVIDIA driver library (NVML) was not found)" in (
+        result.stdout
+    )
+
+
+def test_the_probe_table_lists_every_gpu_and_what_it_reports() -> None:
+    info = DeviceInfo(
+        device="cuda:1",
+        kind="cuda",
+        name="Fake H100",
+        reason="most free memory",
+        index=1,
+        total_memory_bytes=80 * 2**30,
+        free_memory_bytes=70 * 2**30,
+        torch_version="2.13.0",
+        cuda_version="12.8",
+    )
+    gpus = [
+        GpuSample(0, "Fake H100", 0.9, 50 * 2**30, 80 * 2**30, 61.0, 312.5),
+        GpuSample(1, "Fake H100", 0.05, 10 * 2**30, 80 * 2**30, 40.0, None),
+    ]
+    table = probe_table(info, gpus, None).splitlines()
+    assert table[0] == "device   cuda:1  (Fake H100)"
+    assert table[3] == "memory   70.0 GiB free of 80.0 GiB"
+    assert table[5].split() == [
+        "GPU",
+        "name",
+        "memory",
+        "used",
+        "/",
+        "total",
+        "util",
+        "temp",
+        "power",
+    ]
+    assert table[6].split() == [
+        "0",
+        "Fake",
+        "H100",
+        "50.0",
+        "GiB",
+        "/",
+        "80.0",
+        "GiB",
+        "90%",
+        "61",
+        "C",
+        "312",
+        "W",
+    ]
+    assert table[7].split()[-3:] == ["40", "C", "-"]  # no power reading: a dash, not 0
 
 
 def test_probe_of_a_missing_cuda_device_exits_2_with_the_reason() -> None:
-    result = gpuserve("probe", "--device", "cuda")
+    result = gpuserve("probe", "--device", "cuda", "--json")
     assert result.returncode == 2
     assert "was requested but" in json.loads(result.stdout)["error"]
+    table = gpuserve("probe", "--device", "cuda")
+    assert table.returncode == 2 and "gpuserve: device 'cuda' was requested but" in table.stderr
 
 
 def test_serve_on_a_missing_cuda_device_fails_at_once() -> None:

@@ -167,3 +167,54 @@ def test_cpu_is_honoured_and_the_answer_is_cached() -> None:
 def test_unknown_device_is_an_error() -> None:
     with pytest.raises(DeviceError, match="unknown device"):
         probe("tpu")
+
+
+class GaugeNVML(FakeNVML):
+    """FakeNVML plus the gauges the monitor reads; GPU 1 gives no power reading."""
+
+    NVML_TEMPERATURE_GPU = 0
+
+    def __init__(self) -> None:
+        super().__init__([("GPU-a", 30 * GIB, 80 * GIB), ("GPU-b", 70 * GIB, 80 * GIB)])
+        self.shut = False
+
+    def nvmlDeviceGetUtilizationRates(self, handle: int) -> Any:
+        return SimpleNamespace(gpu=[90, 5][handle], memory=0)
+
+    def nvmlDeviceGetTemperature(self, handle: int, sensor: int) -> int:
+        return [61, 40][handle]
+
+    def nvmlDeviceGetPowerUsage(self, handle: int) -> int:
+        if handle == 1:
+            raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")
+        return 312_500  # milliwatts
+
+    def nvmlDeviceGetName(self, handle: int) -> bytes:
+        return b"Fake H100"
+
+    def nvmlShutdown(self) -> None:
+        self.shut = True
+
+
+def test_the_gpu_monitor_reads_each_gauge_and_skips_what_a_gpu_lacks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    nvml = GaugeNVML()
+    monkeypatch.setattr(device, "_import_pynvml", lambda: nvml)
+    monitor = device.GpuMonitor()
+    first, second = monitor.sample()
+    assert (first.name, first.utilization, first.temperature_celsius) == ("Fake H100", 0.9, 61.0)
+    assert first.memory_used_bytes == 50 * GIB and first.memory_total_bytes == 80 * GIB
+    assert first.power_watts == 312.5
+    assert second.index == 1 and second.power_watts is None and second.utilization == 0.05
+    monitor.close()
+    assert nvml.shut and monitor.sample() == []
+
+
+def test_without_nvml_the_monitor_has_nothing_and_says_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(device, "_import_pynvml", lambda: MissingNVML())
+    monitor = device.GpuMonitor()
+    assert not monitor.available and monitor.sample() == []
+    assert monitor.problem == "the NVIDIA driver library (NVML) was not found"

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from gpuserve.metrics import Metrics
+import asyncio
+
+import anyio
+import pytest
+
+from gpuserve.device import GpuSample
+from gpuserve.metrics import Metrics, sample_gpus
 
 
 def test_each_instance_has_its_own_registry() -> None:
@@ -37,3 +43,36 @@ def test_queue_depth_is_read_at_scrape_time() -> None:
     assert b'gpuserve_queue_depth{model="m"} 3.0' in metrics.render()
     depth[0] = 7
     assert b'gpuserve_queue_depth{model="m"} 7.0' in metrics.render()
+
+
+def gpu(index: int, power: float | None) -> GpuSample:
+    return GpuSample(index, "Fake H100", 0.5, 10 * 2**30, 80 * 2**30, 60.0, power)
+
+
+def test_gpu_gauges_are_set_per_gpu_and_absent_where_unread() -> None:
+    metrics = Metrics()
+    assert "gpuserve_gpu_utilization_ratio{" not in metrics.render().decode()  # none yet
+    metrics.observe_gpus([gpu(0, 300.0), gpu(1, None)])
+    text = metrics.render().decode()
+    assert 'gpuserve_gpu_utilization_ratio{gpu="0",name="Fake H100"} 0.5' in text
+    assert 'gpuserve_gpu_memory_total_bytes{gpu="1",name="Fake H100"} 8.589934592e+10' in text
+    assert 'gpuserve_gpu_power_watts{gpu="0",name="Fake H100"} 300.0' in text
+    assert 'gpuserve_gpu_power_watts{gpu="1"' not in text  # absent, not zero
+
+
+@pytest.mark.anyio
+async def test_the_sampler_refreshes_the_gauges_until_cancelled() -> None:
+    metrics = Metrics()
+    readings = iter(range(1000))
+
+    class Monitor:
+        def sample(self) -> list[GpuSample]:
+            return [GpuSample(0, "g", next(readings) / 1000, None, None, None, None)]
+
+    task = asyncio.create_task(sample_gpus(metrics, Monitor(), 0.001))  # type: ignore[arg-type]
+    with anyio.fail_after(10):
+        while metrics.gpu_utilization.labels("0", "g")._value.get() < 0.003:
+            await asyncio.sleep(0.001)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled()

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import hmac
 import itertools
+import logging
 import re
 import time
 import uuid
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpuserve.app.responses import error_response
+from gpuserve.batcher import Trace
 from gpuserve.errors import Unauthorized
+from gpuserve.logs import access
 from gpuserve.metrics import Metrics
 
 # Probes must work without a key: Kubernetes and load balancers carry none.
@@ -27,19 +31,24 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
 class RequestContext:
-    """Pure ASGI middleware: a request id, the API key check, and each request's metrics."""
+    """Pure ASGI middleware: a request id, the API key check, each request's metrics and its
+    access log line."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, api_keys: list[str]) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, api_keys: list[str], access_log: bool = True
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.api_keys = [key.encode() for key in api_keys]
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         request_id = _request_id(scope)
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
         header = (b"x-request-id", request_id.encode())
         status = 500
         started = time.perf_counter()
@@ -62,7 +71,10 @@ class RequestContext:
             self.metrics.in_flight.dec()
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
-            self.metrics.observe_request(path, status, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.metrics.observe_request(path, status, seconds)
+            if self.access_log and access.isEnabledFor(logging.INFO):
+                _log_request(scope, state, status, seconds)
 
     def _authorised(self, scope: Scope) -> bool:
         if scope["path"] in _OPEN_PATHS:
@@ -75,6 +87,40 @@ class RequestContext:
         # Compare against every key, in constant time, so timing reveals neither key nor match.
         matches = [hmac.compare_digest(presented, key) for key in self.api_keys]
         return any(matches)
+
+
+def _log_request(scope: Scope, state: dict[str, Any], status: int, seconds: float) -> None:
+    fields: dict[str, Any] = {
+        "request_id": state["request_id"],
+        "method": scope["method"],
+        "path": scope["path"],
+        "status": status,
+        "duration_ms": round(seconds * 1000, 3),
+    }
+    model = state.get("model")
+    trace: Trace | None = state.get("trace")
+    detail = ""
+    if model is not None:
+        fields["model"] = model
+        detail = f" model={model}"
+    if trace is not None and trace.batches:
+        fields["batch_size"] = trace.batch_size
+        fields["queue_ms"] = round(trace.queue_wait_s * 1000, 3)
+        fields["forward_ms"] = round(trace.forward_s * 1000, 3)
+        detail += (
+            f" batch={trace.batch_size} queue={fields['queue_ms']:.1f}ms"
+            f" forward={fields['forward_ms']:.1f}ms"
+        )
+    access.info(
+        "%s %s %d %.1fms id=%s%s",
+        scope["method"],
+        scope["path"],
+        status,
+        seconds * 1000,
+        state["request_id"],
+        detail,
+        extra=fields,
+    )
 
 
 def _request_id(scope: Scope) -> str:

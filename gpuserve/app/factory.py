@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,11 +18,14 @@ from gpuserve.app import routes, v2
 from gpuserve.app.context import RequestContext
 from gpuserve.app.responses import on_gpuserve_error, on_http_error, on_validation_error
 from gpuserve.config import Settings
+from gpuserve.device import GpuMonitor
 from gpuserve.errors import GpuserveError
 from gpuserve.loading import load_model
-from gpuserve.metrics import Metrics
+from gpuserve.metrics import Metrics, sample_gpus
 from gpuserve.registry import ModelRegistry
 from gpuserve.service import Loader, ModelService
+
+logger = logging.getLogger("gpuserve.app")
 
 
 def create_app(settings: Settings, *, loader: Loader | None = None) -> FastAPI:
@@ -31,10 +36,16 @@ def create_app(settings: Settings, *, loader: Loader | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await models.start()
+        monitor, sampler = _start_gpu_sampling(settings, metrics)
         try:
             yield
         finally:
             await models.stop(settings.shutdown_timeout_s)
+            if sampler is not None:
+                sampler.cancel()
+                await asyncio.gather(sampler, return_exceptions=True)
+            if monitor is not None:
+                monitor.close()
 
     app = FastAPI(title="gpuserve", version=__version__, lifespan=lifespan)
     app.state.settings = settings
@@ -45,9 +56,30 @@ def create_app(settings: Settings, *, loader: Loader | None = None) -> FastAPI:
     app.add_exception_handler(GpuserveError, on_gpuserve_error)
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
-    app.add_middleware(RequestContext, metrics=metrics, api_keys=settings.api_keys)
+    app.add_middleware(
+        RequestContext,
+        metrics=metrics,
+        api_keys=settings.api_keys,
+        access_log=settings.access_log,
+    )
     app.openapi = functools.partial(_openapi, app, app.openapi)  # type: ignore[method-assign]
     return app
+
+
+def _start_gpu_sampling(
+    settings: Settings, metrics: Metrics
+) -> tuple[GpuMonitor | None, asyncio.Task[None] | None]:
+    """The background task behind the GPU gauges, where NVML works; none on a CPU box."""
+    if settings.gpu_metrics_interval_s <= 0:
+        return None, None
+    monitor = GpuMonitor()
+    if not monitor.available:
+        logger.info("no GPU gauges in /metrics: %s", monitor.problem)
+        return None, None
+    task = asyncio.create_task(
+        sample_gpus(metrics, monitor, settings.gpu_metrics_interval_s), name="gpuserve-gpu-gauges"
+    )
+    return monitor, task
 
 
 def _openapi(app: FastAPI, default: Callable[[], dict[str, Any]]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from gpuserve import __version__
 from gpuserve.app.responses import deadline_s, json_response, read_body, unless_disconnected
+from gpuserve.batcher import Trace
 from gpuserve.config import Settings
 from gpuserve.errors import InvalidInput
 from gpuserve.metrics import Metrics
@@ -78,6 +79,7 @@ async def predict_model(request: Request, name: str) -> Response:
 
 
 async def _predict(request: Request, service: ModelService) -> Response:
+    request.state.model = service.name
     spec = service.spec  # NotReady (503) while loading, before the body is read
     timeout_s = deadline_s(request, service.settings.request_timeout_s)
     settings: Settings = request.app.state.settings
@@ -94,7 +96,8 @@ async def _predict(request: Request, service: ModelService) -> Response:
         arrays: list[Instance] = to_arrays(parsed.instances, spec.input, "instances")
     else:
         arrays = [to_array(parsed.inputs, spec.input, "inputs")]
-    outputs = await unless_disconnected(request, service.predict(arrays, timeout_s))
+    trace = request.state.trace = Trace()
+    outputs = await unless_disconnected(request, service.predict(arrays, timeout_s, trace=trace))
     single = parsed.instances is None
     return json_response({"model": spec.name, "outputs": outputs[0] if single else outputs})
 

@@ -14,6 +14,7 @@ from starlette.responses import Response
 
 from gpuserve import __version__, oip
 from gpuserve.app.responses import deadline_s, json_response, read_body, unless_disconnected
+from gpuserve.batcher import Trace
 from gpuserve.config import Settings
 from gpuserve.errors import BadRequest, InvalidInput, ModelNotFound
 from gpuserve.registry import ModelRegistry
@@ -90,6 +91,7 @@ async def model_ready(request: Request, name: str) -> Response:
 async def infer(request: Request, name: str) -> Response:
     """Inference with JSON tensors, or with the binary tensor data extension."""
     service = _service(request, name)
+    request.state.model = service.name
     spec = service.spec  # NotReady (503) while loading, before the body is read
     settings: Settings = request.app.state.settings
     try:
@@ -102,8 +104,9 @@ async def infer(request: Request, name: str) -> Response:
     limit = service.settings.max_instances_per_request
     if len(decoded.instances) > limit:
         raise BadRequest(f"{len(decoded.instances)} instances given, at most {limit} allowed")
+    trace = request.state.trace = Trace()
     rows = await unless_disconnected(
-        request, service.predict(decoded.instances, timeout_s, postprocess=False)
+        request, service.predict(decoded.instances, timeout_s, postprocess=False, trace=trace)
     )
     content, json_length = oip.encode_response(spec, rows, decoded.id, decoded.binary_output)
     if json_length is None:

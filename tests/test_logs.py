@@ -1,0 +1,79 @@
+"""Logs: the JSON format, and one access line per request with what its batch cost."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from gpuserve.app import create_app
+from gpuserve.config import Settings
+from gpuserve.logs import JsonFormatter, configure
+
+from .conftest import FakeModel, fake_loader
+from .test_app import SETTINGS, serving
+
+
+@pytest.fixture
+def root_logger() -> Iterator[logging.Logger]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield root
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_json_lines_carry_the_message_the_extra_fields_and_the_traceback() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.getLogger("t").makeRecord(
+            "t", logging.ERROR, __file__, 1, "failed %s", ("x",), exc_info=sys.exc_info()
+        )
+    record.__dict__.update({"request_id": "abc", "batch_size": 4})
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "failed x" and line["level"] == "error" and line["logger"] == "t"
+    assert (line["request_id"], line["batch_size"]) == ("abc", 4)
+    assert "ValueError: boom" in line["traceback"]
+
+
+def test_configure_installs_one_handler_of_the_chosen_format(root_logger: logging.Logger) -> None:
+    configure("warning", "json")
+    assert len(root_logger.handlers) == 1 and root_logger.level == logging.WARNING
+    assert isinstance(root_logger.handlers[0].formatter, JsonFormatter)
+    configure("info", "text")
+    assert not isinstance(root_logger.handlers[0].formatter, JsonFormatter)
+
+
+@pytest.mark.anyio
+async def test_each_request_gets_one_access_line_with_its_batch(
+    fake_model: FakeModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gpuserve.access")
+    async with serving(create_app(SETTINGS, loader=fake_loader(fake_model))) as client:
+        caplog.clear()
+        response = await client.post(
+            "/predict", json={"instances": [[1, 2, 3, 4]] * 3}, headers={"x-request-id": "r-42"}
+        )
+        assert response.status_code == 200
+        await client.post("/predict", json={"inputs": "bad"})
+    predicted, refused = [r for r in caplog.records if r.name == "gpuserve.access"]
+    assert predicted.request_id == "r-42" and predicted.status == 200  # type: ignore[attr-defined]
+    assert predicted.model == "digits" and predicted.batch_size == 3  # type: ignore[attr-defined]
+    assert predicted.queue_ms >= 0 and predicted.forward_ms >= 0  # type: ignore[attr-defined]
+    assert "POST /predict 200" in predicted.getMessage() and "batch=3" in predicted.getMessage()
+    assert refused.status == 422 and not hasattr(refused, "batch_size")
+
+
+@pytest.mark.anyio
+async def test_the_access_log_can_be_turned_off(
+    fake_model: FakeModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gpuserve.access")
+    quiet = Settings(**{**SETTINGS.model_dump(), "access_log": False})
+    async with serving(create_app(quiet, loader=fake_loader(fake_model))) as client:
+        await client.post("/predict", json={"inputs": [1, 2, 3, 4]})
+    assert not [r for r in caplog.records if r.name == "gpuserve.access"]
