@@ -196,6 +196,35 @@ class ModelSettings(BaseModel):
         return self.path.with_suffix(".json")
 
 
+class RaySettings(BaseModel):
+    """How `gpuserve.ray_serve` sizes its Ray Serve deployment."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_gpus: float = Field(default=1.0, ge=0, description="GPUs per replica (0 on CPU).")
+    num_cpus: float = Field(default=1.0, ge=0, description="CPUs per replica.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each replica needs."
+    )
+    num_replicas: int | None = Field(
+        default=None, ge=1, description="A fixed replica count; unset: autoscale."
+    )
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=4, ge=1)
+    target_ongoing_requests: float = Field(
+        default=32,
+        gt=0,
+        description="Ray adds replicas when requests in progress per replica pass this: about "
+        "one full batch, so batches stay full before another replica costs a model load.",
+    )
+    max_ongoing_requests: int = Field(
+        default=256,
+        ge=1,
+        description="Requests Ray sends one replica at once; beyond it they wait in Ray's "
+        "proxy. Above max_batch_size, so batches can fill.",
+    )
+
+
 class Settings(BaseSettings):
     """Every setting of a gpuserve process. Build it once (see `cli`) and pass it down."""
 
@@ -256,6 +285,9 @@ class Settings(BaseSettings):
     )
     default_model: str | None = Field(
         default=None, description="The model /predict serves. Default: the first one."
+    )
+    ray: RaySettings = Field(
+        default_factory=RaySettings, description="Used only when deployed on Ray Serve."
     )
 
     @field_validator("device")

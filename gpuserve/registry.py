@@ -53,6 +53,10 @@ class ModelRegistry:
         for service in self:
             await service.start()
 
+    async def loaded(self) -> None:
+        """Wait until every model has finished loading, or failed to."""
+        await asyncio.gather(*(service.loaded() for service in self))
+
     def begin_shutdown(self) -> None:
         for service in self:
             service.begin_shutdown()

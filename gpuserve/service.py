@@ -110,6 +110,11 @@ class ModelService:
         """Start loading in the background and return at once."""
         self._load_task = asyncio.create_task(self._load(), name="gpuserve-load")
 
+    async def loaded(self) -> None:
+        """Wait until the load has finished, whether it succeeded or failed."""
+        if self._load_task is not None:
+            await asyncio.gather(asyncio.shield(self._load_task), return_exceptions=True)
+
     async def predict(
         self,
         instances: list[Instance],

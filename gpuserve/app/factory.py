@@ -28,14 +28,23 @@ from gpuserve.service import Loader, ModelService
 logger = logging.getLogger("gpuserve.app")
 
 
-def create_app(settings: Settings, *, loader: Loader | None = None) -> FastAPI:
-    """Build the ASGI app. The models start loading when the app's lifespan starts."""
+def create_app(
+    settings: Settings, *, loader: Loader | None = None, wait_for_models: bool = False
+) -> FastAPI:
+    """Build the ASGI app. The models start loading when the app's lifespan starts.
+
+    By default the lifespan returns at once, so health checks answer while models load. With
+    `wait_for_models`, start-up ends only when every model has loaded or failed: for hosts
+    such as Ray Serve that route to a replica as soon as its start-up ends.
+    """
     metrics = Metrics()
     models = ModelRegistry(settings, loader if loader is not None else load_model, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await models.start()
+        if wait_for_models:
+            await models.loaded()
         monitor, sampler = _start_gpu_sampling(settings, metrics)
         try:
             yield
