@@ -1,16 +1,19 @@
 """MicroBatcher: gathers concurrent requests into batches and runs each in one worker thread.
 
 Generic on purpose: it knows nothing of torch or HTTP. It takes a `process` callable that maps a
-list of items to a list of results of the same length, and runs it in a dedicated thread.
+list of items to a list of results of the same length, and runs it in a dedicated thread; or
+several such callables (copies of a model, on one device or several), each with its own thread,
+and each batch goes to the least loaded one.
 
 How a batch forms:
-- When the worker is idle, whatever is waiting is dispatched at once (up to `max_batch_size`):
+- When a worker is idle, whatever is waiting is dispatched at once (up to `max_batch_size`):
   a lone request never waits for a timer.
-- While the worker runs a batch, arrivals accumulate. The next batch is handed to the worker's
+- While every worker runs a batch, arrivals accumulate. The next batch is handed to the worker's
   queue when it reaches `max_batch_size`, when its oldest item has waited `max_wait_s`, or when
   the worker becomes idle, whichever comes first. Handing it over early lets the worker start it
   the moment the current batch ends, without a round trip through a busy event loop.
-- At most one batch waits behind the running one; later arrivals form the batch after that.
+- At most one batch waits behind the running one of each worker; later arrivals form the batch
+  after that.
 - With `bucket_of`, a batch only holds items of the oldest waiting item's bucket (for example
   sequences of similar length); the others keep their place in the queue.
 
@@ -66,6 +69,7 @@ class BatchStats:
     forward_s: float
     failed_items: int
     oom_splits: int
+    worker: int = 0
 
 
 @dataclass(slots=True)
@@ -93,6 +97,7 @@ class _Entry(Generic[T, R]):
 @dataclass(slots=True)
 class _Batch(Generic[T, R]):
     entries: list[_Entry[T, R]]
+    worker: int = 0
     started: float | None = None  # set by the worker thread when the forward pass begins
     watchdog: asyncio.TimerHandle | None = None
 
@@ -112,7 +117,7 @@ class MicroBatcher(Generic[T, R]):
 
     def __init__(
         self,
-        process: Callable[[list[T]], Sequence[R]],
+        process: Callable[[list[T]], Sequence[R]] | Sequence[Callable[[list[T]], Sequence[R]]],
         *,
         max_batch_size: int,
         max_wait_s: float,
@@ -130,7 +135,9 @@ class MicroBatcher(Generic[T, R]):
             raise ValueError("max_wait_s must not be negative")
         if max_queue_size is not None and max_queue_size < 1:
             raise ValueError("max_queue_size must be at least 1")
-        self._process = process
+        self._workers = [process] if callable(process) else list(process)
+        if not self._workers:
+            raise ValueError("at least one process function is needed")
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue_size = max_queue_size
@@ -144,7 +151,7 @@ class MicroBatcher(Generic[T, R]):
         self._in_flight: list[_Batch[T, R]] = []
         self._wake = asyncio.Event()
         self._collector: asyncio.Task[None] | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._executors: list[ThreadPoolExecutor] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._crashed: str | None = None
@@ -178,7 +185,10 @@ class MicroBatcher(Generic[T, R]):
         if self._collector is not None:
             raise RuntimeError("batcher already started")
         self._loop = asyncio.get_running_loop()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-fwd")
+        self._executors = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-fwd{index}")
+            for index in range(len(self._workers))
+        ]
         self._collector = asyncio.create_task(self._collect(), name=f"{self.name}-collector")
 
     def submit(self, item: T) -> asyncio.Future[R]:
@@ -237,8 +247,8 @@ class MicroBatcher(Generic[T, R]):
             await asyncio.gather(self._collector, return_exceptions=True)
             self._fail_waiting(BatcherClosed("the server stopped before this request was answered"))
         finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=False, cancel_futures=True)
+            for executor in self._executors:
+                executor.shutdown(wait=False, cancel_futures=True)
 
     async def _collect(self) -> None:
         try:
@@ -248,9 +258,9 @@ class MicroBatcher(Generic[T, R]):
                     if self._closing and not self._in_flight:
                         return
                     await self._sleep()
-                elif len(self._in_flight) >= _MAX_BATCHES_IN_FLIGHT or self._stalled:
+                elif self._free_worker() is None or self._stalled:
                     await self._sleep()
-                elif self._in_flight and not self._closing and self._should_grow():
+                elif self._all_busy() and not self._closing and self._should_grow():
                     await self._sleep(self._pending[0].enqueued + self.max_wait_s)
                 else:
                     self._dispatch()
@@ -261,6 +271,26 @@ class MicroBatcher(Generic[T, R]):
             logger.exception("%s: %s", self.name, self._crashed)
             # Batches already in the worker still resolve through _finish; the rest fail now.
             self._fail_waiting(BatcherClosed(self._crashed), in_flight=False)
+
+    @property
+    def workers(self) -> int:
+        """How many process functions (model copies) batches are spread over."""
+        return len(self._workers)
+
+    def _loads(self) -> list[int]:
+        loads = [0] * len(self._workers)
+        for batch in self._in_flight:
+            loads[batch.worker] += 1
+        return loads
+
+    def _free_worker(self) -> int | None:
+        """The least loaded worker that can take a batch now, or None."""
+        loads = self._loads()
+        least = min(range(len(loads)), key=loads.__getitem__)
+        return least if loads[least] < _MAX_BATCHES_IN_FLIGHT else None
+
+    def _all_busy(self) -> bool:
+        return all(self._loads())
 
     def _should_grow(self) -> bool:
         """While the worker is busy, keep a small batch open until it is full or old enough."""
@@ -286,10 +316,11 @@ class MicroBatcher(Generic[T, R]):
         entries = self._take_batch(self.batch_cap)
         if not entries:
             return
-        assert self._loop is not None and self._executor is not None
-        batch: _Batch[T, R] = _Batch(entries)
+        worker = self._free_worker()
+        assert self._loop is not None and worker is not None
+        batch: _Batch[T, R] = _Batch(entries, worker)
         self._in_flight.append(batch)
-        work = self._executor.submit(self._run, batch)
+        work = self._executors[worker].submit(self._run, batch)
         work.add_done_callback(functools.partial(self._finish_threadsafe, self._loop, batch))
         if self.forward_timeout_s is not None:
             batch.watchdog = self._loop.call_later(
@@ -330,14 +361,17 @@ class MicroBatcher(Generic[T, R]):
         outcome: _Outcome[R] = _Outcome()
         outcome.ran = [i for i, entry in enumerate(batch.entries) if not entry.future.done()]
         if outcome.ran:
-            self._process_isolating([batch.entries[i].item for i in outcome.ran], outcome)
+            process = self._workers[batch.worker]
+            self._process_isolating([batch.entries[i].item for i in outcome.ran], outcome, process)
         outcome.forward_s = time.monotonic() - batch.started
         return outcome
 
-    def _process_isolating(self, items: list[T], outcome: _Outcome[R]) -> None:
+    def _process_isolating(
+        self, items: list[T], outcome: _Outcome[R], process: Callable[[list[T]], Sequence[R]]
+    ) -> None:
         """Process `items`; if that fails, retry each half, so an error lands on its own item."""
         try:
-            results = self._process(items)
+            results = process(items)
             if len(results) != len(items):
                 raise RuntimeError(
                     f"process returned {len(results)} results for a batch of {len(items)}"
@@ -359,8 +393,8 @@ class MicroBatcher(Generic[T, R]):
                 exc,
             )
             middle = len(items) // 2
-            self._process_isolating(items[:middle], outcome)
-            self._process_isolating(items[middle:], outcome)
+            self._process_isolating(items[:middle], outcome, process)
+            self._process_isolating(items[middle:], outcome, process)
         else:
             outcome.results.extend(results)
 
@@ -443,6 +477,7 @@ class MicroBatcher(Generic[T, R]):
             forward_s=outcome.forward_s,
             failed_items=failed,
             oom_splits=outcome.oom_splits,
+            worker=batch.worker,
         )
         try:
             self._on_batch(stats)

@@ -22,7 +22,7 @@ from pydantic_settings import (
 
 from gpuserve.spec import ModelSpec
 
-_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+_DEVICE_PATTERN = re.compile(r"^(auto|all|cpu|cuda|cuda:\d+)$")
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _IMPORT_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
 
@@ -77,7 +77,16 @@ class ModelSettings(BaseModel):
         "same keys inline. Default: the model path with a .json suffix.",
     )
     device: str | None = Field(
-        default=None, description="Pins this model to a device; default: the server's device."
+        default=None,
+        description="Pins this model to a device (cpu, cuda:N), or `all`: a copy on every "
+        "visible GPU. Default: the server's device.",
+    )
+    instances_per_device: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Copies of the model per device, each with its own worker thread; each "
+        "batch goes to the least loaded copy. More than 1 helps small models on big GPUs.",
     )
     length_buckets: list[int] | None = Field(
         default=None,
@@ -238,7 +247,11 @@ class Settings(BaseSettings):
     config_file: Path | None = Field(default=None, description="TOML file with these settings.")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
+    device: str = Field(
+        default="auto",
+        description="auto (the GPU with most free memory, else CPU), all (every visible GPU), "
+        "cpu, cuda or cuda:N.",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_format: Literal["text", "json"] = Field(
         default="text", description="text: readable lines; json: one JSON object per line."
@@ -341,7 +354,7 @@ class Settings(BaseSettings):
 def _check_device(value: str) -> str:
     value = value.strip().lower()
     if not _DEVICE_PATTERN.match(value):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
+        raise ValueError(f"device must be auto, all, cpu, cuda or cuda:N, not {value!r}")
     return value
 
 

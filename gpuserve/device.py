@@ -34,6 +34,7 @@ class DeviceInfo:
     free_memory_bytes: int | None = None
     torch_version: str = ""
     cuda_version: str | None = None
+    visible_devices: int = 0  # CUDA devices torch can see
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,9 +48,14 @@ class _Memory:
 
 @functools.lru_cache(maxsize=8)
 def probe(prefer: str = "auto") -> DeviceInfo:
-    """Probe once per `prefer` value and cache the answer. `probe.cache_clear()` forgets it."""
+    """Probe once per `prefer` value and cache the answer. `probe.cache_clear()` forgets it.
+
+    `all` answers like `auto` (the best device); the caller places copies on the rest.
+    """
     import torch
 
+    if prefer == "all":
+        return probe("auto")
     if prefer == "cpu":
         return _cpu("cpu was requested", torch.__version__)
     if prefer not in ("auto", "cuda") and not prefer.startswith("cuda:"):
@@ -86,6 +92,7 @@ def probe(prefer: str = "auto") -> DeviceInfo:
         free_memory_bytes=mem.free if mem else None,
         torch_version=torch.__version__,
         cuda_version=torch.version.cuda,
+        visible_devices=count,
     )
 
 

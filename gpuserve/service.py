@@ -72,6 +72,7 @@ class ModelService:
         self._load_task: asyncio.Task[None] | None = None
         self.model: BatchModel | None = None
         self.device: DeviceInfo | None = None
+        self.devices: list[DeviceInfo] = []
         self.batcher: MicroBatcher[Any, Any] | None = None
         self._preprocess: Callable[[Instance], Any] | None = None
         self._postprocess: Callable[[Any], Any] | None = None
@@ -187,7 +188,7 @@ class ModelService:
 
     async def _load(self) -> None:
         try:
-            model, device = await _in_daemon_thread(self._load_blocking)
+            copies, devices = await _in_daemon_thread(self._load_blocking)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -197,11 +198,12 @@ class ModelService:
             return
         if self._state == "stopping":
             return
-        self.model, self.device = model, device
+        model, device = copies[0], devices[0]
+        self.model, self.device, self.devices = model, device, devices
         self._preprocess = _hook(model, "preprocess")
         self._postprocess = _hook(model, "postprocess")
         self.batcher = MicroBatcher(
-            model,
+            copies,
             max_batch_size=self.max_batch_size,
             max_wait_s=self.settings.max_wait_ms / 1000.0,
             max_queue_size=self.settings.max_queue_size,
@@ -217,12 +219,40 @@ class ModelService:
             _freeze_gc()
         self._state = "ready"
         self._metrics.ready.labels(self.name).set(1)
-        logger.info("%s is ready on %s (%s)", model.spec.name, device.device, device.reason)
+        logger.info(
+            "%s is ready: %d cop%s on %s (%s)",
+            self.name,
+            len(copies),
+            "y" if len(copies) == 1 else "ies",
+            ", ".join(d.device for d in devices),
+            device.reason,
+        )
 
-    def _load_blocking(self) -> tuple[BatchModel, DeviceInfo]:
-        device = self._prober(self._device_request)
-        logger.info("device: %s (%s): %s", device.device, device.name, device.reason)
-        return self._loader(self.settings, device), device
+    def _load_blocking(self) -> tuple[list[BatchModel], list[DeviceInfo]]:
+        """One copy per device and instance; the first is the one readiness and /info report."""
+        devices = self._placement()
+        copies = []
+        for device in devices:
+            logger.info(
+                "%s on %s (%s): %s x%d",
+                self.name,
+                device.device,
+                device.name,
+                device.reason,
+                self.settings.instances_per_device,
+            )
+            copies += [
+                self._loader(self.settings, device)
+                for _ in range(self.settings.instances_per_device)
+            ]
+        return copies, devices
+
+    def _placement(self) -> list[DeviceInfo]:
+        """The devices to hold a copy: the one probed, or with `all` every visible GPU."""
+        best = self._prober(self._device_request)
+        if self._device_request != "all" or best.kind != "cuda":
+            return [best]
+        return [self._prober(f"cuda:{index}") for index in range(best.visible_devices)]
 
     def _observe_batch(self, stats: BatchStats) -> None:
         self._metrics.observe_batch(

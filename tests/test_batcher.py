@@ -123,6 +123,35 @@ async def test_a_trace_records_what_a_requests_batches_cost() -> None:
     await batcher.stop()
 
 
+async def test_with_several_workers_a_batch_goes_to_the_least_loaded() -> None:
+    first_copy, second_copy = GatedDoubler(), GatedDoubler()
+    stats: list[BatchStats] = []
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        [first_copy, second_copy], max_batch_size=4, max_wait_s=3600.0, on_batch=stats.append
+    )
+    await batcher.start()
+    assert batcher.workers == 2
+    held = await hold_worker(first_copy, batcher)  # the first batch goes to the first copy
+    # The second copy is idle: the next request is dispatched to it at once, not held.
+    assert await asyncio.wait_for(batcher.submit(5), 10) == 10
+    assert second_copy.batches == [[5]] and first_copy.batches == [[-1]]
+    # Both busy, then both free: work spreads over the two and every answer is right.
+    second_copy.gate.clear()
+    futures = batcher.submit_many(list(range(12)))
+    await wait_until(lambda: len(second_copy.batches) > 1)
+    first_copy.gate.set()
+    second_copy.gate.set()
+    assert await asyncio.gather(*futures) == [i * 2 for i in range(12)]
+    assert await held == -2
+    assert {s.worker for s in stats} == {0, 1}
+    await batcher.stop()
+
+
+def test_a_batcher_needs_a_worker() -> None:
+    with pytest.raises(ValueError, match="at least one process"):
+        MicroBatcher([], max_batch_size=1, max_wait_s=0)
+
+
 async def test_each_caller_gets_its_own_result() -> None:
     batcher = await started(lambda items: [f"out-{item}" for item in items])  # type: ignore[arg-type,misc]
     values = list(range(100))

@@ -218,3 +218,13 @@ def test_without_nvml_the_monitor_has_nothing_and_says_why(
     monitor = device.GpuMonitor()
     assert not monitor.available and monitor.sample() == []
     assert monitor.problem == "the NVIDIA driver library (NVML) was not found"
+
+
+def test_all_probes_like_auto_and_counts_the_visible_devices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake_cuda(
+        monkeypatch, 2, FakeNVML([("GPU-a", 10 * GIB, 80 * GIB), ("GPU-b", 70 * GIB, 80 * GIB)])
+    )
+    info = probe("all")
+    assert info == probe("auto") and info.device == "cuda:1" and info.visible_devices == 2

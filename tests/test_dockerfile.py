@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,6 +65,21 @@ def test_final_stage_exposes_the_port_and_checks_liveness_in_python() -> None:
     assert stage["EXPOSE"] == "8000"
     healthcheck = stage["HEALTHCHECK"]
     assert '"python"' in healthcheck and "/health/live" in healthcheck
+    # The probe follows the port the server was given, not a fixed 8000.
+    assert "os.environ.get('GPUSERVE_PORT', '8000')" in healthcheck
+
+
+def test_the_healthcheck_command_runs_and_fails_without_a_server() -> None:
+    command = dict(final_stage())["HEALTHCHECK"].split("CMD ", 1)[1]
+    argv = json.loads(command)
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()  # nothing listens there now
+    result = subprocess.run(
+        [sys.executable, *argv[1:]], env={"GPUSERVE_PORT": str(port)}, capture_output=True
+    )
+    assert result.returncode != 0 and b"Connection refused" in result.stderr
 
 
 def test_final_stage_asks_the_nvidia_runtime_for_compute() -> None:

@@ -15,7 +15,7 @@ from gpuserve.errors import DeviceError, NotReady
 from gpuserve.metrics import Metrics
 from gpuserve.service import ModelService
 
-from .conftest import CPU, FakeModel, fake_loader
+from .conftest import CPU, FAKE_SPEC, FakeModel, fake_loader
 
 pytestmark = pytest.mark.anyio
 
@@ -123,4 +123,55 @@ async def test_a_measured_batch_size_caps_the_batcher(fake_model: FakeModel) -> 
     await until_settled(service)
     assert service.max_batch_size == 2
     assert service.batcher is not None and service.batcher.max_batch_size == 2
+    await service.stop()
+
+
+def gpus(count: int):  # type: ignore[no-untyped-def]
+    """A prober for a box with `count` GPUs: `auto`/`all` pick cuda:0, cuda:N is itself."""
+    asked: list[str] = []
+
+    def prober(request: str) -> DeviceInfo:
+        asked.append(request)
+        index = 0 if request in ("auto", "all") else int(request.split(":")[1])
+        return DeviceInfo(
+            device=f"cuda:{index}", kind="cuda", name="g", reason="test", visible_devices=count
+        )
+
+    return prober, asked
+
+
+@pytest.mark.parametrize(("device", "count", "copies"), [("all", 3, 6), ("cuda:1", 3, 2)])
+async def test_copies_per_device_and_on_every_gpu(device: str, count: int, copies: int) -> None:
+    placed: list[str] = []
+
+    def loader(settings: ModelSettings, on: DeviceInfo) -> FakeModel:
+        placed.append(on.device)
+        return FakeModel(FAKE_SPEC)
+
+    prober, _ = gpus(count)
+    settings = ModelSettings(freeze_gc=False, device=device, instances_per_device=2)
+    service = make(loader, prober, settings)
+    await service.start()
+    await until_settled(service)
+    assert service.state == "ready"
+    assert service.batcher is not None and service.batcher.workers == copies
+    expected = [f"cuda:{i}" for i in range(count)] if device == "all" else [device]
+    assert placed == [d for d in expected for _ in range(2)]
+    assert [d.device for d in service.devices] == expected
+    results = await service.predict([np.ones(4, np.float32)] * 5, 10)
+    assert results == [4.0] * 5
+    await service.stop()
+
+
+async def test_all_on_a_cpu_box_is_one_cpu_copy_per_instance() -> None:
+    placed: list[str] = []
+
+    def loader(settings: ModelSettings, on: DeviceInfo) -> FakeModel:
+        placed.append(on.device)
+        return FakeModel(FAKE_SPEC)
+
+    service = make(loader, settings=ModelSettings(freeze_gc=False, device="all"))
+    await service.start()
+    await until_settled(service)
+    assert placed == ["cpu"]
     await service.stop()

@@ -154,6 +154,8 @@ def _describe_model(service: ModelService) -> dict[str, Any]:
         "model": model.spec.model_dump(mode="json") if model else None,
         "state": service.readiness(),
         "device": service.device.to_dict() if service.device else None,
+        "devices": [device.device for device in service.devices],
+        "copies": service.batcher.workers if service.batcher else 0,
         "batching": {
             "max_batch_size": settings.max_batch_size,
             "effective_max_batch_size": service.max_batch_size,
