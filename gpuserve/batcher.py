@@ -13,7 +13,9 @@ How a batch forms:
   the worker becomes idle, whichever comes first. Handing it over early lets the worker start it
   the moment the current batch ends, without a round trip through a busy event loop.
 - At most one batch waits behind the running one of each worker; later arrivals form the batch
-  after that.
+  after that. A worker that has `prepare` and `run` stages (the model handler does) gets the
+  waiting batch's `prepare` started at once in a second thread, so its collate and copy to the
+  device overlap the running forward pass.
 - With `bucket_of`, a batch only holds items of the oldest waiting item's bucket (for example
   sequences of similar length); the others keep their place in the queue.
 
@@ -42,7 +44,7 @@ from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future as ConcurrentFuture
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from gpuserve.errors import BatcherClosed, Overloaded
 
@@ -98,6 +100,7 @@ class _Entry(Generic[T, R]):
 class _Batch(Generic[T, R]):
     entries: list[_Entry[T, R]]
     worker: int = 0
+    prepared: ConcurrentFuture[Any] | None = None  # the first stage, started early
     started: float | None = None  # set by the worker thread when the forward pass begins
     watchdog: asyncio.TimerHandle | None = None
 
@@ -152,6 +155,7 @@ class MicroBatcher(Generic[T, R]):
         self._wake = asyncio.Event()
         self._collector: asyncio.Task[None] | None = None
         self._executors: list[ThreadPoolExecutor] = []
+        self._preparers: list[ThreadPoolExecutor | None] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._crashed: str | None = None
@@ -188,6 +192,12 @@ class MicroBatcher(Generic[T, R]):
         self._executors = [
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-fwd{index}")
             for index in range(len(self._workers))
+        ]
+        self._preparers = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-prep{index}")
+            if _stages(worker) is not None
+            else None
+            for index, worker in enumerate(self._workers)
         ]
         self._collector = asyncio.create_task(self._collect(), name=f"{self.name}-collector")
 
@@ -247,8 +257,9 @@ class MicroBatcher(Generic[T, R]):
             await asyncio.gather(self._collector, return_exceptions=True)
             self._fail_waiting(BatcherClosed("the server stopped before this request was answered"))
         finally:
-            for executor in self._executors:
-                executor.shutdown(wait=False, cancel_futures=True)
+            for executor in [*self._executors, *self._preparers]:
+                if executor is not None:
+                    executor.shutdown(wait=False, cancel_futures=True)
 
     async def _collect(self) -> None:
         try:
@@ -319,6 +330,11 @@ class MicroBatcher(Generic[T, R]):
         worker = self._free_worker()
         assert self._loop is not None and worker is not None
         batch: _Batch[T, R] = _Batch(entries, worker)
+        stages = _stages(self._workers[worker])
+        preparer = self._preparers[worker] if self._preparers else None
+        if stages is not None and preparer is not None and self._loads()[worker]:
+            # The worker is busy: prepare this batch now, while the running one computes.
+            batch.prepared = preparer.submit(stages[0], [entry.item for entry in entries])
         self._in_flight.append(batch)
         work = self._executors[worker].submit(self._run, batch)
         work.add_done_callback(functools.partial(self._finish_threadsafe, self._loop, batch))
@@ -360,11 +376,35 @@ class MicroBatcher(Generic[T, R]):
         # Reading done() across threads is a benign race: at worst one item runs for nobody.
         outcome: _Outcome[R] = _Outcome()
         outcome.ran = [i for i, entry in enumerate(batch.entries) if not entry.future.done()]
-        if outcome.ran:
-            process = self._workers[batch.worker]
-            self._process_isolating([batch.entries[i].item for i in outcome.ran], outcome, process)
+        process = self._workers[batch.worker]
+        items = [batch.entries[i].item for i in outcome.ran]
+        if batch.prepared is not None and len(items) == len(batch.entries):
+            self._run_prepared(batch.prepared, items, outcome, process)
+        elif items:
+            self._process_isolating(items, outcome, process)
         outcome.forward_s = time.monotonic() - batch.started
         return outcome
+
+    def _run_prepared(
+        self,
+        prepared: ConcurrentFuture[Any],
+        items: list[T],
+        outcome: _Outcome[R],
+        process: Callable[[list[T]], Sequence[R]],
+    ) -> None:
+        """Run the second stage on the prepared batch; on any failure, start over in halves."""
+        stages = _stages(process)
+        assert stages is not None
+        try:
+            results = stages[1](prepared.result())
+            if len(results) != len(items):
+                raise RuntimeError(
+                    f"run returned {len(results)} results for a batch of {len(items)}"
+                )
+        except Exception:
+            self._process_isolating(items, outcome, process)
+        else:
+            outcome.results.extend(results)
 
     def _process_isolating(
         self, items: list[T], outcome: _Outcome[R], process: Callable[[list[T]], Sequence[R]]
@@ -515,3 +555,9 @@ def _record(
     trace.batches += 1
     trace.batch_size = max(trace.batch_size, size)
     trace.forward_s = max(trace.forward_s, outcome.forward_s)
+
+
+def _stages(worker: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[..., Any]] | None:
+    """A worker's (prepare, run) stages, when it has both."""
+    prepare, run = getattr(worker, "prepare", None), getattr(worker, "run", None)
+    return (prepare, run) if callable(prepare) and callable(run) else None

@@ -56,6 +56,13 @@ class Padded(NamedTuple):
     lengths: list[tuple[int, ...]]
 
 
+class Prepared(NamedTuple):
+    """A collated batch on its way to the device; `copied` fires when the copy is done."""
+
+    batch: Any
+    copied: Any  # torch.cuda.Event on CUDA, None on the CPU
+
+
 class Handler:
     """Runs batches of validated instances (numpy arrays shaped as `spec.input`) on a module.
 
@@ -77,6 +84,8 @@ class Handler:
         self._input_dtype = _TORCH_DTYPES[spec.input.dtype]
         # Pinned host memory lets the copy to the GPU run without blocking the worker thread.
         self._pin = self.device.type == "cuda"
+        # Copies to the GPU go on their own stream, to overlap the running forward pass.
+        self._copy_stream = torch.cuda.Stream(self.device) if self._pin else None
         # Autocast rather than a converted copy: the module keeps its fp32 weights, so the
         # fp32 reference at load time and the served path are the same module.
         self._autocast = _AUTOCAST.get(self.precision)
@@ -86,9 +95,33 @@ class Handler:
         self.preferred_batch_size: int | None = None
 
     def __call__(self, items: list[Any]) -> list[Any]:
-        """The batch function the batcher calls: one forward pass for all items."""
+        """The batch function: one forward pass for all items (`run(prepare(items))`)."""
+        return self.run(self.prepare(items))
+
+    def prepare(self, items: list[Any]) -> Prepared:
+        """First stage: collate and start the copy to the device.
+
+        The batcher calls this for the batch waiting behind the running one, in another
+        thread, so on CUDA the copy of batch k+1 (pinned memory, non-blocking, on a side
+        stream) overlaps the forward pass of batch k.
+        """
         with torch.inference_mode():
-            batch = self.collate(items)
+            if self._copy_stream is None:
+                return Prepared(self.collate(items), None)
+            with torch.cuda.stream(self._copy_stream):
+                batch = self.collate(items)
+                copied = torch.cuda.Event()
+                copied.record(self._copy_stream)
+            return Prepared(batch, copied)
+
+    def run(self, prepared: Prepared) -> list[Any]:
+        """Second stage: wait for the copy, run the forward pass, bring the rows back."""
+        batch = prepared.batch
+        with torch.inference_mode():
+            if prepared.copied is not None:
+                compute = torch.cuda.current_stream(self.device)
+                compute.wait_event(prepared.copied)
+                _used_on(batch, compute)
             rows = self.split(self.forward(batch))
         if isinstance(batch, Padded) and self.spec.output.shape[:1] == (-1,):
             # A per-position output (one row per token): cut each back to its own length.
@@ -268,6 +301,15 @@ def choose_batch_size(rates: dict[int, float], tolerance: float = 0.05) -> int:
     """
     best = max(rates.values())
     return min(size for size, rate in rates.items() if rate >= best * (1 - tolerance))
+
+
+def _used_on(batch: Any, stream: Any) -> None:
+    """Tell the caching allocator that the batch, made on the copy stream, is used on `stream`,
+    so its memory is not reused before the forward pass is done with it."""
+    tensors = batch if isinstance(batch, tuple) else (batch,)
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor):
+            tensor.record_stream(stream)
 
 
 def _prefix(shape: tuple[int, ...]) -> tuple[slice, ...]:

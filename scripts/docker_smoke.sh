@@ -49,6 +49,8 @@ cleanup() {
     kill "$DOCKERD_PID" 2>/dev/null || true
     for _ in $(seq 1 30); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 1; done
   fi
+  # dockerd leaves its network namespace mounted under the exec root: unmount what is ours.
+  grep -o " $WORK/[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount 2>/dev/null || true
   if [[ "$KEEP" == 0 ]]; then rm -rf "$WORK"; fi
 }
 trap cleanup EXIT

@@ -152,6 +152,55 @@ def test_a_batcher_needs_a_worker() -> None:
         MicroBatcher([], max_batch_size=1, max_wait_s=0)
 
 
+class TwoStage(GatedDoubler):
+    """A worker with prepare and run stages: prepare may run while another batch runs."""
+
+    def __init__(self, poison: int | None = None) -> None:
+        super().__init__(poison)
+        self.prepared: list[list[int]] = []
+        self.prepared_while_running = threading.Event()
+
+    def prepare(self, items: list[int]) -> list[int]:
+        if not self.gate.is_set():  # a forward pass is being held right now
+            self.prepared_while_running.set()
+        self.prepared.append(list(items))
+        return [item * 2 for item in items]
+
+    def run(self, prepared: list[int]) -> list[int]:
+        if not self.gate.wait(timeout=30):
+            raise TimeoutError("test gate never opened")
+        if self.poison is not None and self.poison * 2 in prepared:
+            raise ValueError(f"poisoned by {self.poison}")
+        return prepared
+
+
+async def test_the_waiting_batch_is_prepared_while_the_running_one_computes() -> None:
+    model = TwoStage()
+    batcher = await started(model, max_batch_size=3)  # full at once: staged behind the first
+    first = await hold_worker(model, batcher)  # __call__ path: the worker was idle
+    futures = batcher.submit_many([1, 2, 3])
+    await wait_until(model.prepared_while_running.is_set)
+    assert model.prepared == [[1, 2, 3]]
+    model.gate.set()
+    assert await asyncio.gather(*futures) == [2, 4, 6]
+    assert await first == -2
+    await batcher.stop()
+
+
+async def test_a_prepared_batch_that_fails_is_retried_in_halves() -> None:
+    model = TwoStage(poison=2)
+    batcher = await started(model, max_batch_size=3)
+    first = await hold_worker(model, batcher)
+    futures = batcher.submit_many([1, 2, 3])
+    await wait_until(model.prepared_while_running.is_set)
+    model.gate.set()
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert results[0] == 2 and results[2] == 6
+    assert isinstance(results[1], ValueError)
+    await first
+    await batcher.stop()
+
+
 async def test_each_caller_gets_its_own_result() -> None:
     batcher = await started(lambda items: [f"out-{item}" for item in items])  # type: ignore[arg-type,misc]
     values = list(range(100))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+from gpuserve import handler as handler_module
 from gpuserve.config import ModelSettings
 from gpuserve.errors import ModelLoadError
 from gpuserve.handler import Handler, Padded, choose_batch_size
@@ -219,3 +222,52 @@ def test_warm_up_runs_each_length_bucket_at_the_largest_batch() -> None:
     # The shape check, the batch sizes at length 1 (padded to the first bucket), then each
     # bucket; the last holds 16 ids at most (max_shape) and is padded to its bound, 32.
     assert seen == [(2, 4), (1, 4), (2, 4), (2, 4), (2, 8), (2, 32)]
+
+
+def test_prepare_then_run_is_the_whole_batch_path() -> None:
+    handler = make(Linear().eval())
+    batch = instances(3)
+    prepared = handler.prepare(batch)
+    assert prepared.copied is None  # the CPU: nothing to wait for
+    assert handler.run(prepared) == handler(batch)
+
+
+def test_on_cuda_the_copy_runs_on_its_own_stream_and_the_forward_waits_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[str] = []
+
+    class Stream:
+        def wait_event(self, event: object) -> None:
+            calls.append("compute waits for the copy")
+
+    class Event:
+        def record(self, stream: object) -> None:
+            calls.append("copy recorded on the copy stream")
+
+    @contextlib.contextmanager
+    def on_stream(stream: object) -> Iterator[None]:
+        calls.append("collate on the copy stream")
+        yield
+
+    monkeypatch.setattr(torch.cuda, "stream", on_stream)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: Stream())
+    monkeypatch.setattr(handler_module, "_used_on", lambda batch, stream: calls.append("kept"))
+
+    class Spy(Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append("forward")
+            return super().forward(x)
+
+    handler = make(Spy().eval())
+    handler._copy_stream = Stream()  # as on a CUDA device; the tensors stay on the CPU
+    rows = handler.run(handler.prepare(instances(2)))
+    assert len(rows) == 2
+    assert calls == [
+        "collate on the copy stream",
+        "copy recorded on the copy stream",
+        "compute waits for the copy",
+        "kept",
+        "forward",
+    ]
