@@ -138,6 +138,15 @@ class ModelSettings(BaseModel):
     precision: Literal["fp32", "fp16", "bf16"] = Field(
         default="fp32", description="Compute precision of the forward pass (torch.autocast)."
     )
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        default="off",
+        description="torch.compile the model in this mode (reduce-overhead: CUDA graphs). "
+        "Batches are then padded up to the next warm-up size, so each size compiles once, "
+        "at warm-up, and never while serving.",
+    )
+    compile_backend: str = Field(
+        default="inductor", description="The torch.compile backend (eager: for tests)."
+    )
     precision_tolerance: float = Field(
         default=0.02,
         gt=0,

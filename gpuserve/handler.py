@@ -57,10 +57,14 @@ class Padded(NamedTuple):
 
 
 class Prepared(NamedTuple):
-    """A collated batch on its way to the device; `copied` fires when the copy is done."""
+    """A collated batch on its way to the device; `copied` fires when the copy is done.
+
+    `size` is the number of real items: a compiled model's batch is padded past it.
+    """
 
     batch: Any
     copied: Any  # torch.cuda.Event on CUDA, None on the CPU
+    size: int
 
 
 class Handler:
@@ -93,6 +97,8 @@ class Handler:
         self._buckets = self.settings.length_buckets if self._variable_axes else None
         # Set by the loader when it has measured a batch size past which throughput falls.
         self.preferred_batch_size: int | None = None
+        # A compiled model sees only these batch sizes (set by setup when compiling).
+        self._batch_buckets: tuple[int, ...] = ()
 
     def __call__(self, items: list[Any]) -> list[Any]:
         """The batch function: one forward pass for all items (`run(prepare(items))`)."""
@@ -105,14 +111,19 @@ class Handler:
         thread, so on CUDA the copy of batch k+1 (pinned memory, non-blocking, on a side
         stream) overlaps the forward pass of batch k.
         """
+        size = len(items)
+        if self._batch_buckets:
+            # Fixed batch sizes for a compiled model: fill up with copies of the last item.
+            bucket = next((b for b in self._batch_buckets if b >= size), size)
+            items = [*items, *[items[-1]] * (bucket - size)]
         with torch.inference_mode():
             if self._copy_stream is None:
-                return Prepared(self.collate(items), None)
+                return Prepared(self.collate(items), None, size)
             with torch.cuda.stream(self._copy_stream):
                 batch = self.collate(items)
                 copied = torch.cuda.Event()
                 copied.record(self._copy_stream)
-            return Prepared(batch, copied)
+            return Prepared(batch, copied, size)
 
     def run(self, prepared: Prepared) -> list[Any]:
         """Second stage: wait for the copy, run the forward pass, bring the rows back."""
@@ -122,24 +133,32 @@ class Handler:
                 compute = torch.cuda.current_stream(self.device)
                 compute.wait_event(prepared.copied)
                 _used_on(batch, compute)
-            rows = self.split(self.forward(batch))
+            rows = self.split(self.forward(batch))[: prepared.size]
         if isinstance(batch, Padded) and self.spec.output.shape[:1] == (-1,):
             # A per-position output (one row per token): cut each back to its own length.
             rows = [row[: lengths[0]] for row, lengths in zip(rows, batch.lengths, strict=True)]
         return rows
 
     def setup(self) -> None:
-        """Load the module unless one was given. Every failure is a ModelLoadError."""
-        if self.module is not None:
-            return
-        try:
-            self.module = self.load(self.device)
-        except ModelLoadError:
-            raise
-        except Exception as exc:
-            raise ModelLoadError(
-                f"{type(self).__name__}.load failed: {type(exc).__name__}: {exc}"
-            ) from exc
+        """Load the module unless one was given, and compile it if configured.
+
+        Every failure is a ModelLoadError.
+        """
+        if self.module is None:
+            try:
+                self.module = self.load(self.device)
+            except ModelLoadError:
+                raise
+            except Exception as exc:
+                raise ModelLoadError(
+                    f"{type(self).__name__}.load failed: {type(exc).__name__}: {exc}"
+                ) from exc
+        if self.settings.compile != "off":
+            mode = None if self.settings.compile == "default" else self.settings.compile
+            self.module = torch.compile(
+                self.module, mode=mode, backend=self.settings.compile_backend, dynamic=False
+            )
+            self._batch_buckets = self.settings.warmup_batch_sizes
 
     # The hooks, in the order data flows.
 
