@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # Defaults are None so an absent flag leaves the file and environment in charge.
     common.add_argument("--config", dest="config_file", type=Path, help="TOML settings file")
-    common.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    common.add_argument("--device", help="auto, all, cpu, cuda or cuda:N")
     common.add_argument("--log-level", dest="log_level", help="debug, info, warning, error")
     serve = commands.add_parser("serve", parents=[common], help="serve the configured model")
     serve.add_argument("--host")

@@ -142,5 +142,5 @@ docker stop -t 40 "$CONTAINER" >/dev/null
 CODE="$(docker inspect --format '{{.State.ExitCode}}' "$CONTAINER")"
 echo "exit code after docker stop: $CODE"
 [[ "$CODE" == 0 ]] || fail "exit code $CODE"
-docker logs "$CONTAINER" 2>&1 | grep -E "is ready on|stopped on signal|Finished server" | sed 's/^/log: /' || true
+docker logs "$CONTAINER" 2>&1 | grep -E "is ready|stopped on signal|Finished server" | sed 's/^/log: /' || true
 echo "PASS: image built offline, ready, /predict 200, user $USER_ID, healthy, drained to exit 0"
