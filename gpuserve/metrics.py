@@ -41,14 +41,14 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "gpuserve_requests",
-            "HTTP requests answered, by route and status code.",
-            ["route", "code"],
+            "HTTP requests answered, by route, status code and model (empty: no model).",
+            ["route", "code", "model"],
             registry=self.registry,
         )
         self.request_seconds = Histogram(
             "gpuserve_request_seconds",
-            "Time from request to response, by route.",
-            ["route"],
+            "Time from request to response, by route and model.",
+            ["route", "model"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -156,9 +156,9 @@ class Metrics:
         """Read the depth when scraped, so nothing polls between scrapes."""
         self.queue_depth.labels(model).set_function(read)
 
-    def observe_request(self, route: str, code: int, seconds: float) -> None:
-        self.requests.labels(route, str(code)).inc()
-        self.request_seconds.labels(route).observe(seconds)
+    def observe_request(self, route: str, code: int, seconds: float, model: str = "") -> None:
+        self.requests.labels(route, str(code), model).inc()
+        self.request_seconds.labels(route, model).observe(seconds)
 
     def observe_batch(
         self,

@@ -177,7 +177,10 @@ def test_a_client_that_hangs_up_while_queued_costs_no_forward_pass(slow_model: P
         assert read_all([busy])[0][0] == 200
         assert httpx.post(f"{server.url}/predict", content=ONE, timeout=30).status_code == 200
         deadline = time.monotonic() + 10
-        while metric(server.url, 'gpuserve_requests_total{code="499",route="/predict"}') < 5:
+        while (
+            metric(server.url, 'gpuserve_requests_total{code="499",model="slow",route="/predict"}')
+            < 5
+        ):
             assert time.monotonic() < deadline, "the hang-ups were never noticed"
             time.sleep(0.01)
         # Only the two requests whose clients stayed reached the model.

@@ -72,7 +72,7 @@ class RequestContext:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
             seconds = time.perf_counter() - started
-            self.metrics.observe_request(path, status, seconds)
+            self.metrics.observe_request(path, status, seconds, state.get("model", ""))
             if self.access_log and access.isEnabledFor(logging.INFO):
                 _log_request(scope, state, status, seconds)
 
