@@ -3,6 +3,7 @@ socket against the real Triton client (tritonclient[http])."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 from collections.abc import AsyncIterator
@@ -191,3 +192,60 @@ async def test_v2_health_is_open_and_the_rest_needs_a_key(demo_model: Path) -> N
         assert (await client.get("/v2/models/digits")).status_code == 401
         keyed = await client.get("/v2/models/digits", headers={"authorization": f"Bearer {key}"})
         assert keyed.status_code == 200
+
+
+def batch_totals(url: str) -> tuple[float, float]:
+    """(instances, batches) run so far, from the batch-size histogram."""
+    metrics = httpx.get(f"{url}/metrics").text
+    total = re.search(r'gpuserve_batch_size_sum\{model="digits"\} (\S+)', metrics)
+    count = re.search(r'gpuserve_batch_size_count\{model="digits"\} (\S+)', metrics)
+    assert total is not None and count is not None
+    return float(total.group(1)), float(count.group(1))
+
+
+def test_v2_and_predict_requests_share_batches_on_a_real_socket(demo_model: Path) -> None:
+    """Both protocols feed one batcher: concurrent requests of each get their own answers,
+    and batches hold more than one request."""
+    env = {"GPUSERVE_MODEL__PATH": str(demo_model), "GPUSERVE_MODEL__MAX_WAIT_MS": "5"}
+    batch = images(16)
+    with ServerProcess("--device", "cpu", env=env) as server:
+        wait_ready(server.url)
+        predict = httpx.post(f"{server.url}/predict", json={"instances": batch.tolist()})
+        expected = [out["probabilities"] for out in predict.json()["outputs"]]
+        requests = []
+        for i, image in enumerate(batch):
+            if i % 2:
+                requests.append(("/predict", {"inputs": image.tolist()}))
+            else:
+                body = infer_body(image[None]) | {"id": str(i)}
+                requests.append(("/v2/models/digits/infer", body))
+        address = urlsplit(server.url)
+        for _ in range(5):  # bounded: a burst on a loaded machine may arrive one by one
+            before = batch_totals(server.url)
+            connections = []
+            for _request in requests:
+                connection = http.client.HTTPConnection(address.hostname or "", address.port)
+                connection.connect()
+                connections.append(connection)
+            for connection, (path, body) in zip(connections, requests, strict=True):
+                headers = {"content-type": "application/json"}
+                connection.request("POST", path, json.dumps(body), headers)
+            for i, connection in enumerate(connections):
+                response = connection.getresponse()
+                answer = json.loads(response.read())
+                connection.close()
+                assert response.status == 200, answer
+                if i % 2:
+                    got = answer["outputs"]["probabilities"]
+                else:
+                    assert answer["id"] == str(i)
+                    got = answer["outputs"][0]["data"]
+                np.testing.assert_allclose(got, expected[i], atol=1e-6)
+            after = batch_totals(server.url)
+            instances, batches = after[0] - before[0], after[1] - before[1]
+            assert instances == len(requests)  # one row each, whichever the protocol
+            if batches < instances:
+                break
+        else:
+            pytest.fail("no batch held more than one instance in five bursts")
+        assert server.stop() == 0
