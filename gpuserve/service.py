@@ -134,7 +134,7 @@ class ModelService:
         if self.batcher is None or self.state != "ready":
             raise self._not_ready()
         if self._preprocess is not None:
-            instances = [self._preprocess(instance) for instance in instances]
+            instances = self._run_preprocess(instances)
         try:
             futures = self.batcher.submit_many(instances, trace)
         except Overloaded:
@@ -162,6 +162,15 @@ class ModelService:
             for future in futures:
                 if not future.done():
                     future.cancel()
+
+    def _run_preprocess(self, instances: list[Instance]) -> list[Any]:
+        assert self._preprocess is not None
+        try:
+            return [self._preprocess(instance) for instance in instances]
+        except GpuserveError:
+            raise  # InvalidInput from the hook: the client's 4xx
+        except Exception as exc:
+            raise InferenceError("preprocessing failed") from exc
 
     def begin_shutdown(self) -> None:
         """Refuse new requests and report not ready, while accepted requests finish."""

@@ -19,7 +19,7 @@ from gpuserve.config import ModelSettings, Settings
 from gpuserve.device import DeviceInfo
 from gpuserve.errors import ModelLoadError
 
-from .conftest import FakeModel, fake_loader
+from .conftest import FAKE_SPEC, FakeModel, fake_loader
 
 pytestmark = pytest.mark.anyio
 
@@ -389,3 +389,23 @@ async def test_a_stuck_forward_turns_readiness_503_until_it_returns(fake_model: 
         fake_model.delay_s = 0.0
         await wait_for_status(client, "ready")
         assert (await client.post("/predict", json={"inputs": [1, 2, 3, 4]})).status_code == 200
+
+
+async def test_an_unexpected_error_still_gets_the_error_shape_and_a_request_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Unencodable(FakeModel):
+        def postprocess(self, row: Any) -> Any:
+            return {row}  # a set: JSON cannot carry it, a bug in a user's hook
+
+    app = create_app(SETTINGS, loader=fake_loader(Unencodable(FAKE_SPEC)))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gpuserve") as client:
+            await wait_for_status(client, "ready")
+            response = await client.post("/predict", json={"inputs": [1, 2, 3, 4]})
+    assert response.status_code == 500
+    body = response.json()
+    assert body["error"] == "internal error"
+    assert body["request_id"] == response.headers["x-request-id"]
+    assert f"request {body['request_id']} failed unexpectedly" in caplog.text

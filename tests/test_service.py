@@ -11,7 +11,7 @@ import pytest
 
 from gpuserve.config import ModelSettings
 from gpuserve.device import DeviceInfo
-from gpuserve.errors import DeviceError, NotReady
+from gpuserve.errors import DeviceError, InferenceError, InvalidInput, NotReady
 from gpuserve.metrics import Metrics
 from gpuserve.service import ModelService
 
@@ -174,4 +174,28 @@ async def test_all_on_a_cpu_box_is_one_cpu_copy_per_instance() -> None:
     await service.start()
     await until_settled(service)
     assert placed == ["cpu"]
+    await service.stop()
+
+
+class Picky(FakeModel):
+    """A model with a preprocess hook that refuses some inputs and breaks on others."""
+
+    def preprocess(self, instance: np.ndarray) -> np.ndarray:
+        if instance[0] < 0:
+            raise InvalidInput("the first value must not be negative")
+        if instance[0] > 50:
+            raise ZeroDivisionError("a bug in the user's hook")
+        return instance * 2
+
+
+async def test_preprocess_errors_are_the_clients_or_a_500_never_a_crash() -> None:
+    service = make(fake_loader(Picky(FAKE_SPEC)))
+    await service.start()
+    await until_settled(service)
+    assert await service.predict([np.ones(4, np.float32)], 10) == [8.0]
+    with pytest.raises(InvalidInput, match="must not be negative"):
+        await service.predict([-np.ones(4, np.float32)], 10)
+    with pytest.raises(InferenceError, match="preprocessing failed") as failed:
+        await service.predict([np.full(4, 99, np.float32)], 10)
+    assert isinstance(failed.value.__cause__, ZeroDivisionError)
     await service.stop()

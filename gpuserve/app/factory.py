@@ -16,7 +16,12 @@ from starlette.exceptions import HTTPException
 from gpuserve import __version__
 from gpuserve.app import routes, v2
 from gpuserve.app.context import RequestContext
-from gpuserve.app.responses import on_gpuserve_error, on_http_error, on_validation_error
+from gpuserve.app.responses import (
+    on_gpuserve_error,
+    on_http_error,
+    on_unexpected_error,
+    on_validation_error,
+)
 from gpuserve.config import Settings
 from gpuserve.device import GpuMonitor
 from gpuserve.errors import GpuserveError
@@ -65,6 +70,7 @@ def create_app(
     app.add_exception_handler(GpuserveError, on_gpuserve_error)
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(Exception, on_unexpected_error)
     app.add_middleware(
         RequestContext,
         metrics=metrics,

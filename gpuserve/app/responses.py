@@ -18,6 +18,7 @@ from starlette.types import Receive
 from gpuserve.errors import (
     ClientDisconnected,
     GpuserveError,
+    InferenceError,
     InvalidInput,
     PayloadTooLarge,
     Unauthorized,
@@ -60,6 +61,17 @@ async def on_gpuserve_error(request: Request, exc: Exception) -> Response:
         cause = exc.__cause__ or exc
         logger.error("request %s failed: %s", request_id_of(request), exc.message, exc_info=cause)
     return error_response(exc, request_id_of(request))
+
+
+async def on_unexpected_error(request: Request, exc: Exception) -> Response:
+    """A bug (ours, or in a user's hook): the same error shape, a request id, the traceback
+    in the log. Starlette re-raises it afterwards, so the server's log has it too."""
+    request_id = request_id_of(request)
+    logger.error("request %s failed unexpectedly", request_id, exc_info=exc)
+    response = error_response(InferenceError("internal error"), request_id)
+    # This answer leaves from outside the middleware that adds the header to all others.
+    response.headers["x-request-id"] = request_id
+    return response
 
 
 async def on_http_error(request: Request, exc: Exception) -> Response:
