@@ -133,7 +133,8 @@ class ModelSettings(BaseModel):
     tune_batch_size: bool = Field(
         default=True,
         description="At load, time each warm-up batch size and cap batches at the smallest "
-        "one within 5% of the best throughput, when that is below max_batch_size.",
+        "one within 1% (the timing noise) of the best throughput, when that is below "
+        "max_batch_size.",
     )
     precision: Literal["fp32", "fp16", "bf16"] = Field(
         default="fp32", description="Compute precision of the forward pass (torch.autocast)."

@@ -136,7 +136,9 @@ def test_out_of_memory_errors_are_recognised() -> None:
     [
         ({1: 100.0, 2: 180.0, 4: 200.0, 8: 198.0, 16: 150.0}, 4),  # a CPU: peaks, then falls
         ({1: 10.0, 2: 20.0, 4: 40.0, 8: 80.0}, 8),  # a GPU: grows with the batch
-        ({1: 100.0, 2: 99.0, 4: 97.0}, 1),  # flat: the smallest costs no throughput
+        ({1: 100.0, 2: 99.5, 4: 99.2}, 1),  # flat within the noise: the smallest
+        # The encoder measured at load on 2026-11-25: 4 is 4% short of 8, so not taken.
+        ({1: 161.0, 2: 203.0, 4: 216.0, 8: 226.0, 16: 226.0, 32: 199.0}, 8),
     ],
 )
 def test_the_chosen_batch_size_is_the_smallest_near_the_best(
