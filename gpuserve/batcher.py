@@ -25,8 +25,10 @@ When things go wrong:
   gets the error and its neighbours get their results.
 - An error that `is_oom` recognises also caps the batch size at half the failed size for
   `oom_cooldown_s`.
-- A forward pass that runs past `forward_timeout_s` stalls the batcher: everything waiting
-  fails with `BatcherClosed` (503) and `error` says why, until that pass returns.
+- A forward pass that runs past `forward_timeout_s` takes its worker out of service until it
+  returns: its own batch fails with `BatcherClosed` (503), and the batch staged behind it goes
+  back to the queue for the other workers. When no worker is left, the batcher stalls:
+  everything waiting fails with `BatcherClosed` and `error` says why, until a pass returns.
 
 Every future is resolved: with its own result, with its own error, or with `BatcherClosed`
 when the batcher stops, stalls or its collector crashes.
@@ -101,6 +103,8 @@ class _Batch(Generic[T, R]):
     entries: list[_Entry[T, R]]
     worker: int = 0
     prepared: ConcurrentFuture[Any] | None = None  # the first stage, started early
+    work: ConcurrentFuture[Any] | None = None  # in the worker's executor
+    requeued: bool = False  # taken back from a stuck worker before it started
     started: float | None = None  # set by the worker thread when the forward pass begins
     watchdog: asyncio.TimerHandle | None = None
 
@@ -160,7 +164,7 @@ class MicroBatcher(Generic[T, R]):
         self._closing = False
         self._crashed: str | None = None
         self._stalled: str | None = None
-        self._stalled_batch: _Batch[T, R] | None = None
+        self._stuck: dict[int, _Batch[T, R]] = {}  # worker -> the pass it is stuck in
         self._cap = max_batch_size
         self._cap_until = 0.0
 
@@ -295,13 +299,17 @@ class MicroBatcher(Generic[T, R]):
         return loads
 
     def _free_worker(self) -> int | None:
-        """The least loaded worker that can take a batch now, or None."""
+        """The least loaded worker, not stuck, that can take a batch now, or None."""
         loads = self._loads()
-        least = min(range(len(loads)), key=loads.__getitem__)
+        serving = [index for index in range(len(loads)) if index not in self._stuck]
+        if not serving:
+            return None
+        least = min(serving, key=loads.__getitem__)
         return least if loads[least] < _MAX_BATCHES_IN_FLIGHT else None
 
     def _all_busy(self) -> bool:
-        return all(self._loads())
+        loads = self._loads()
+        return all(loads[index] for index in range(len(loads)) if index not in self._stuck)
 
     def _should_grow(self) -> bool:
         """While the worker is busy, keep a small batch open until it is full or old enough."""
@@ -336,7 +344,7 @@ class MicroBatcher(Generic[T, R]):
             # The worker is busy: prepare this batch now, while the running one computes.
             batch.prepared = preparer.submit(stages[0], [entry.item for entry in entries])
         self._in_flight.append(batch)
-        work = self._executors[worker].submit(self._run, batch)
+        work = batch.work = self._executors[worker].submit(self._run, batch)
         work.add_done_callback(functools.partial(self._finish_threadsafe, self._loop, batch))
         if self.forward_timeout_s is not None:
             batch.watchdog = self._loop.call_later(
@@ -451,13 +459,20 @@ class MicroBatcher(Generic[T, R]):
 
     def _finish(self, batch: _Batch[T, R], done: ConcurrentFuture[_Outcome[R]]) -> None:
         """Runs in the event loop when a batch's work is done."""
+        if batch.requeued:  # its entries went back to the queue; they are not done
+            return
         if batch in self._in_flight:
             self._in_flight.remove(batch)
         if batch.watchdog is not None:
             batch.watchdog.cancel()
-        if batch is self._stalled_batch:
-            logger.warning("%s: the stuck forward pass returned; serving again", self.name)
-            self._stalled, self._stalled_batch = None, None
+        if self._stuck.get(batch.worker) is batch:
+            del self._stuck[batch.worker]
+            self._stalled = None
+            logger.warning(
+                "%s: the stuck forward pass of worker %d returned; it serves again",
+                self.name,
+                batch.worker,
+            )
         self._wake.set()
         try:
             outcome = done.result()
@@ -502,10 +517,34 @@ class MicroBatcher(Generic[T, R]):
         if overdue > 0:
             batch.watchdog = self._loop.call_later(overdue, self._check_stalled, batch)
             return
-        self._stalled = f"a forward pass has run for more than {self.forward_timeout_s:g}s"
-        self._stalled_batch = batch
-        logger.error("%s: %s; failing waiting requests", self.name, self._stalled)
-        self._fail_waiting(BatcherClosed(f"model unavailable: {self._stalled}"))
+        problem = f"a forward pass has run for more than {self.forward_timeout_s:g}s"
+        self._stuck[batch.worker] = batch
+        if len(self._stuck) == len(self._workers):
+            self._stalled = problem
+            logger.error("%s: %s; failing waiting requests", self.name, problem)
+            self._fail_waiting(BatcherClosed(f"model unavailable: {problem}"))
+            return
+        # Other workers still serve: fail only the stuck batch, and hand back the one staged
+        # behind it, which would otherwise wait for as long as the stuck pass lasts.
+        logger.error(
+            "%s: worker %d: %s; %d other worker(s) keep serving",
+            self.name,
+            batch.worker,
+            problem,
+            len(self._workers) - len(self._stuck),
+        )
+        failure = BatcherClosed(f"model unavailable: {problem}")
+        for entry in batch.entries:
+            if not entry.future.done():
+                entry.future.set_exception(failure)
+        for staged in [b for b in self._in_flight if b.worker == batch.worker and b is not batch]:
+            if staged.work is not None and staged.work.cancel():
+                staged.requeued = True
+                self._in_flight.remove(staged)
+                if staged.watchdog is not None:
+                    staged.watchdog.cancel()
+                self._pending.extendleft(reversed(staged.entries))
+        self._wake.set()
 
     def _report(self, batch: _Batch[T, R], outcome: _Outcome[R], failed: int) -> None:
         if self._on_batch is None or not outcome.ran:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -298,6 +299,56 @@ async def test_a_stuck_forward_fails_waiters_and_recovers_when_it_returns() -> N
     model.gate.set()
     await wait_until(lambda: batcher.running)
     assert await asyncio.wait_for(batcher.submit(3), timeout=10) == 6
+    await batcher.stop()
+
+
+async def test_one_stuck_copy_fails_its_batch_and_the_other_copies_keep_serving() -> None:
+    stuck, healthy = GatedDoubler(), GatedDoubler()
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        [stuck, healthy], max_batch_size=4, max_wait_s=0.0, forward_timeout_s=0.05
+    )
+    await batcher.start()
+    first = await hold_worker(stuck, batcher)
+    with pytest.raises(BatcherClosed, match=r"more than 0\.05s"):
+        await asyncio.wait_for(first, timeout=10)
+    # Still serving, on the other copy only, and still ready.
+    assert batcher.running and batcher.error is None
+    assert await asyncio.wait_for(asyncio.gather(*batcher.submit_many([1, 2])), 10) == [2, 4]
+    assert stuck.batches == [[-1]] and healthy.batches[-1] == [1, 2]
+    # When the stuck pass returns, its copy takes work again (both idle: the first copy).
+    stuck.gate.set()
+    await wait_until(lambda: not batcher._stuck)
+    healthy.gate.clear()  # a batch sent to the healthy copy now would wait: none must be
+    assert await asyncio.wait_for(batcher.submit(7), 10) == 14
+    assert stuck.batches[-1] == [7]
+    healthy.gate.set()
+    await batcher.stop()
+
+
+async def test_the_batch_staged_on_a_stuck_copy_goes_back_to_the_queue() -> None:
+    stuck, other = GatedDoubler(), GatedDoubler()
+    # No watchdog of its own: the test declares the pass stuck when it chooses.
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        [stuck, other], max_batch_size=1, max_wait_s=0.0, forward_timeout_s=None
+    )
+    await batcher.start()
+    first = await hold_worker(stuck, batcher)  # runs on copy 0
+    other.gate.clear()
+    second = batcher.submit(2)  # copy 1, idle, takes it
+    await wait_until(lambda: other.batches == [[2]])
+    staged = batcher.submit(3)  # both busy: staged behind copy 0's pass (least loaded, first)
+    await wait_until(lambda: len(batcher._in_flight) == 3)
+    assert [b.worker for b in batcher._in_flight] == [0, 1, 0]
+    batcher.forward_timeout_s = 0.0
+    stuck_batch = batcher._in_flight[0]
+    stuck_batch.started = time.monotonic() - 1
+    batcher._check_stalled(stuck_batch)
+    with pytest.raises(BatcherClosed):
+        await first
+    other.gate.set()  # copy 1 finishes, then runs the batch handed back from copy 0
+    assert await asyncio.wait_for(asyncio.gather(second, staged), 10) == [4, 6]
+    assert other.batches == [[2], [3]] and stuck.batches == [[-1]]
+    stuck.gate.set()
     await batcher.stop()
 
 
