@@ -145,6 +145,8 @@ class MicroBatcher(Generic[T, R]):
         self._workers = [process] if callable(process) else list(process)
         if not self._workers:
             raise ValueError("at least one process function is needed")
+        # Each worker's (prepare, run) stages, found once rather than on every batch.
+        self._stages = [_stages(worker) for worker in self._workers]
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue_size = max_queue_size
@@ -199,9 +201,9 @@ class MicroBatcher(Generic[T, R]):
         ]
         self._preparers = [
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-prep{index}")
-            if _stages(worker) is not None
+            if stages is not None
             else None
-            for index, worker in enumerate(self._workers)
+            for index, stages in enumerate(self._stages)
         ]
         self._collector = asyncio.create_task(self._collect(), name=f"{self.name}-collector")
 
@@ -338,8 +340,7 @@ class MicroBatcher(Generic[T, R]):
         worker = self._free_worker()
         assert self._loop is not None and worker is not None
         batch: _Batch[T, R] = _Batch(entries, worker)
-        stages = _stages(self._workers[worker])
-        preparer = self._preparers[worker] if self._preparers else None
+        stages, preparer = self._stages[worker], self._preparers[worker]
         if stages is not None and preparer is not None and self._loads()[worker]:
             # The worker is busy: prepare this batch now, while the running one computes.
             batch.prepared = preparer.submit(stages[0], [entry.item for entry in entries])
@@ -373,8 +374,8 @@ class MicroBatcher(Generic[T, R]):
                 entries.append(entry)
             else:
                 others.append(entry)
-        others.extend(self._pending)
-        self._pending = others
+        # Skipped entries keep their place at the head; no copy of the queue when there are none.
+        self._pending.extendleft(reversed(others))
         return entries
 
     def _run(self, batch: _Batch[T, R]) -> _Outcome[R]:
@@ -386,40 +387,29 @@ class MicroBatcher(Generic[T, R]):
         outcome.ran = [i for i, entry in enumerate(batch.entries) if not entry.future.done()]
         process = self._workers[batch.worker]
         items = [batch.entries[i].item for i in outcome.ran]
-        if batch.prepared is not None and len(items) == len(batch.entries):
-            self._run_prepared(batch.prepared, items, outcome, process)
+        stages, prepared = self._stages[batch.worker], batch.prepared
+        if stages is not None and prepared is not None and len(items) == len(batch.entries):
+            # The first attempt runs the prepared batch; retries in halves prepare their own.
+            run = stages[1]
+            self._process_isolating(items, outcome, process, lambda: run(prepared.result()))
         elif items:
             self._process_isolating(items, outcome, process)
         outcome.forward_s = time.monotonic() - batch.started
         return outcome
 
-    def _run_prepared(
+    def _process_isolating(
         self,
-        prepared: ConcurrentFuture[Any],
         items: list[T],
         outcome: _Outcome[R],
         process: Callable[[list[T]], Sequence[R]],
+        attempt: Callable[[], Sequence[R]] | None = None,
     ) -> None:
-        """Run the second stage on the prepared batch; on any failure, start over in halves."""
-        stages = _stages(process)
-        assert stages is not None
-        try:
-            results = stages[1](prepared.result())
-            if len(results) != len(items):
-                raise RuntimeError(
-                    f"run returned {len(results)} results for a batch of {len(items)}"
-                )
-        except Exception:
-            self._process_isolating(items, outcome, process)
-        else:
-            outcome.results.extend(results)
+        """Process `items`; if that fails, retry each half, so an error lands on its own item.
 
-    def _process_isolating(
-        self, items: list[T], outcome: _Outcome[R], process: Callable[[list[T]], Sequence[R]]
-    ) -> None:
-        """Process `items`; if that fails, retry each half, so an error lands on its own item."""
+        `attempt`, when given, replaces the first `process(items)` (a batch prepared early).
+        """
         try:
-            results = process(items)
+            results = attempt() if attempt is not None else process(items)
             if len(results) != len(items):
                 raise RuntimeError(
                     f"process returned {len(results)} results for a batch of {len(items)}"
