@@ -265,7 +265,7 @@ class Handler:
                 f"the model? {type(exc).__name__}: {exc}"
             ) from exc
         got = tuple(getattr(output, "shape", ())[1:])
-        if isinstance(output, torch.Tensor) and not _matches(got, self.spec.output.shape):
+        if isinstance(output, torch.Tensor) and not self.spec.output.fits(got):
             raise ModelLoadError(
                 f"warm-up output shape {list(got)} does not match the spec's output "
                 f"{self.spec.output.describe()}"
@@ -338,10 +338,6 @@ def _used_on(batch: Any, stream: Any) -> None:
 
 def _prefix(shape: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(slice(0, n) for n in shape)
-
-
-def _matches(got: tuple[int, ...], want: tuple[int, ...]) -> bool:
-    return len(got) == len(want) and all(w in (-1, g) for g, w in zip(got, want, strict=True))
 
 
 def _timed(handler: Handler, batch: list[Any]) -> float:

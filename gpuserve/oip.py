@@ -115,7 +115,7 @@ def encode_response(
     """The response body, and the JSON header's length when binary data follows it."""
     want = spec.output
     try:
-        array = np.asarray(rows, dtype=np.float32 if want.dtype == "bfloat16" else want.numpy_dtype)
+        array = np.asarray(rows, dtype=want.numpy_dtype)  # bfloat16 rows travel as float32
     except ValueError as exc:
         raise InferenceError("the model's outputs for this request do not form one tensor") from exc
     output: dict[str, Any] = {
