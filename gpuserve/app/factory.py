@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 from gpuserve import __version__
 from gpuserve.app import routes, v2
 from gpuserve.app.context import RequestContext
+from gpuserve.app.lane import GpuserveAPI, PredictLane
 from gpuserve.app.responses import (
     on_gpuserve_error,
     on_http_error,
@@ -61,7 +62,7 @@ def create_app(
             if monitor is not None:
                 monitor.close()
 
-    app = FastAPI(title="gpuserve", version=__version__, lifespan=lifespan)
+    app = GpuserveAPI(title="gpuserve", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.models = models
     app.state.metrics = metrics
@@ -71,12 +72,15 @@ def create_app(
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(Exception, on_unexpected_error)
-    app.add_middleware(
+    context = functools.partial(
         RequestContext,
         metrics=metrics,
         api_keys=settings.api_keys,
         access_log=settings.access_log,
     )
+    app.add_middleware(context)
+    # The prediction routes skip FastAPI's per-request machinery, not the request's context.
+    app.lane = context(PredictLane(models))
     app.openapi = functools.partial(_openapi, app, app.openapi)  # type: ignore[method-assign]
     return app
 

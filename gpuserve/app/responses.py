@@ -63,14 +63,20 @@ async def on_gpuserve_error(request: Request, exc: Exception) -> Response:
     return error_response(exc, request_id_of(request))
 
 
-async def on_unexpected_error(request: Request, exc: Exception) -> Response:
-    """A bug (ours, or in a user's hook): the same error shape, a request id, the traceback
-    in the log. Starlette re-raises it afterwards, so the server's log has it too."""
+def unexpected_error_response(request: Request, exc: Exception) -> Response:
+    """A bug (ours, or in a user's hook): the same error shape and a request id for the
+    client, the traceback in the log."""
     request_id = request_id_of(request)
     logger.error("request %s failed unexpectedly", request_id, exc_info=exc)
-    response = error_response(InferenceError("internal error"), request_id)
+    return error_response(InferenceError("internal error"), request_id)
+
+
+async def on_unexpected_error(request: Request, exc: Exception) -> Response:
+    """FastAPI's handler for a bug. Starlette re-raises it afterwards, so the server's log
+    has it too."""
+    response = unexpected_error_response(request, exc)
     # This answer leaves from outside the middleware that adds the header to all others.
-    response.headers["x-request-id"] = request_id
+    response.headers["x-request-id"] = request_id_of(request)
     return response
 
 

@@ -64,7 +64,7 @@ async def ready(request: Request) -> Response:
 )
 async def predict(request: Request) -> Response:
     """Run one instance (`inputs`) or several (`instances`) through the default model."""
-    return await _predict(request, _models(request).default)
+    return await predict_with(request, _models(request).default)
 
 
 @router.post(
@@ -75,10 +75,11 @@ async def predict(request: Request) -> Response:
 )
 async def predict_model(request: Request, name: str) -> Response:
     """`/predict` for any of the served models, by name."""
-    return await _predict(request, _models(request).get(name))
+    return await predict_with(request, _models(request).get(name))
 
 
-async def _predict(request: Request, service: ModelService) -> Response:
+async def predict_with(request: Request, service: ModelService) -> Response:
+    """`/predict` for `service`, here and in the fast lane: read, check, queue, answer."""
     request.state.model = service.name
     spec = service.spec  # NotReady (503) while loading, before the body is read
     timeout_s = deadline_s(request, service.settings.request_timeout_s)

@@ -1,0 +1,149 @@
+"""The fast lane: the prediction routes answered in front of FastAPI, with the same answers."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from starlette.routing import Router
+from starlette.types import Receive, Scope, Send
+
+from gpuserve.app import create_app
+from gpuserve.app.lane import GpuserveAPI, LaneRoute, match
+from gpuserve.config import ModelSettings, Settings
+
+from .conftest import FAKE_SPEC, FakeModel, fake_loader
+from .test_app import SETTINGS, serving
+
+pytestmark = pytest.mark.anyio
+
+TWO_MODELS = Settings(
+    device="cpu",
+    models=[
+        ModelSettings(name="first", max_instances_per_request=8, freeze_gc=False),
+        ModelSettings(name="second", max_instances_per_request=8, freeze_gc=False),
+    ],
+)
+
+
+def scope(method: str, path: str, root_path: str = "") -> Scope:
+    return {"type": "http", "method": method, "path": path, "root_path": root_path}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "root_path", "expected"),
+    [
+        ("POST", "/predict", "", LaneRoute("/predict", None)),
+        ("POST", "/models/first/predict", "", LaneRoute("/models/{name}/predict", "first")),
+        ("GET", "/predict", "", None),  # FastAPI answers 405
+        ("POST", "/predict/", "", None),  # FastAPI redirects
+        ("POST", "/models//predict", "", None),
+        ("POST", "/models/a/b/predict", "", None),
+        ("POST", "/models/first", "", None),
+        ("POST", "/v2/models/first/infer", "", None),
+        ("POST", "/api/predict", "/api", None),  # under a root path FastAPI matches
+    ],
+)
+def test_match_takes_only_the_prediction_routes(
+    method: str, path: str, root_path: str, expected: LaneRoute | None
+) -> None:
+    assert match(scope(method, path, root_path)) == expected
+
+
+@pytest.fixture
+async def two_models() -> AsyncIterator[tuple[GpuserveAPI, httpx.AsyncClient]]:
+    app = create_app(TWO_MODELS, loader=fake_loader(FakeModel(FAKE_SPEC)))
+    assert isinstance(app, GpuserveAPI)
+    async with serving(app) as client:
+        yield app, client
+
+
+async def test_prediction_routes_never_enter_fastapis_router(
+    two_models: tuple[GpuserveAPI, httpx.AsyncClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, client = two_models
+    routed: list[str] = []
+    original = Router.__call__
+
+    async def spy(self: Router, scope: Scope, receive: Receive, send: Send) -> None:
+        routed.append(scope["path"])
+        await original(self, scope, receive, send)
+
+    monkeypatch.setattr(Router, "__call__", spy)
+    for path in ("/predict", "/models/second/predict", "/models/nope/predict"):
+        await client.post(path, json={"inputs": [1, 2, 3, 4]})
+    assert routed == []
+    assert (await client.get("/predict")).status_code == 405
+    assert routed == ["/predict"]
+
+
+REQUESTS: list[tuple[str, dict[str, str], bytes]] = [
+    ("/predict", {"content-type": "application/json"}, b'{"inputs": [1, 2, 3, 4]}'),
+    ("/models/second/predict", {}, b'{"instances": [[1, 2, 3, 4], [0, 0, 0, 1]]}'),
+    ("/predict", {}, b'{"inputs": [1, 2, 3]}'),
+    ("/predict", {}, b'{"inputs": [1, 2, 3, 4], "extra": 1}'),
+    ("/predict", {}, b"not json"),
+    ("/predict", {}, b""),
+    ("/predict", {"content-type": "text/plain"}, b'{"inputs": [1, 2, 3, 4]}'),
+    ("/predict", {"x-request-timeout-ms": "soon"}, b'{"inputs": [1, 2, 3, 4]}'),
+    ("/models/nope/predict", {}, b'{"inputs": [1, 2, 3, 4]}'),
+    ("/predict", {}, b'{"instances": [' + b",".join([b"[1, 2, 3, 4]"] * 9) + b"]}"),
+]
+
+
+def comparable(response: httpx.Response) -> tuple[int, Any, str, int]:
+    body = response.json()
+    if isinstance(body, dict):
+        assert (
+            body.pop("request_id", response.headers["x-request-id"])
+            == (response.headers["x-request-id"])
+        )
+    ids = response.headers.get_list("x-request-id")
+    return response.status_code, body, response.headers["content-type"], len(ids)
+
+
+async def test_the_lane_answers_as_fastapi_would(
+    two_models: tuple[GpuserveAPI, httpx.AsyncClient],
+) -> None:
+    app, client = two_models
+    lane = [comparable(await client.post(p, headers=h, content=b)) for p, h, b in REQUESTS]
+    lane_handler, app.lane = app.lane, None  # every request through FastAPI's routes
+    try:
+        fastapi = [comparable(await client.post(p, headers=h, content=b)) for p, h, b in REQUESTS]
+    finally:
+        app.lane = lane_handler
+    assert lane == fastapi
+    assert {status for status, *_ in lane} == {200, 404, 415, 422}
+    assert all(ids == 1 for *_, ids in lane)
+
+
+async def test_lane_requests_are_counted_under_their_route(
+    two_models: tuple[GpuserveAPI, httpx.AsyncClient],
+) -> None:
+    _, client = two_models
+    await client.post("/models/second/predict", json={"inputs": [1, 2, 3, 4]})
+    await client.post("/models/nope/predict", json={"inputs": [1, 2, 3, 4]})
+    text = (await client.get("/metrics")).text
+    route = r'route="/models/\{name\}/predict"'
+    assert re.search(r'gpuserve_requests_total\{code="200",model="second",' + route + r"\} 1", text)
+    assert re.search(r'gpuserve_requests_total\{code="404",[^}]*' + route, text)
+
+
+async def test_a_bug_in_the_lane_is_one_500_with_one_request_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Unencodable(FakeModel):
+        def postprocess(self, row: Any) -> Any:
+            return {row}  # a set: JSON cannot carry it
+
+    app = create_app(SETTINGS, loader=fake_loader(Unencodable(FAKE_SPEC)))
+    async with serving(app) as client:
+        response = await client.post("/predict", json={"inputs": [1, 2, 3, 4]})
+        after = await client.post("/predict", json={"inputs": [1, 2, 3, 4]})
+    assert response.status_code == 500 and after.status_code == 500
+    assert response.headers.get_list("x-request-id") == [response.json()["request_id"]]
+    logged = [r for r in caplog.records if "failed unexpectedly" in r.getMessage()]
+    assert len(logged) == 2 and all(r.exc_info is not None for r in logged)
