@@ -142,7 +142,11 @@ class ModelService:
             raise
         try:
             async with asyncio.timeout(timeout_s) as deadline:
-                results = list(await asyncio.gather(*futures))
+                # One instance, the common case, needs no gathering future of its own.
+                if len(futures) == 1:
+                    results = [await futures[0]]
+                else:
+                    results = list(await asyncio.gather(*futures))
             if postprocess and self._postprocess is not None:
                 return [self._postprocess(result) for result in results]
             return results

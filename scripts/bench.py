@@ -198,6 +198,11 @@ def measure(
     return rows
 
 
+def median_raw(measured: list[dict[int, float]]) -> dict[int, float]:
+    """The raw limit at each batch size: the median of its measurements."""
+    return {size: statistics.median(m[size] for m in measured) for size in measured[0]}
+
+
 def best(rows: list[dict[str, Any]], **match: Any) -> float:
     values = [r["samples_per_s"] for r in rows if all(r[k] == v for k, v in match.items())]
     return max(values) if values else 0.0
@@ -221,14 +226,25 @@ def median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return out
 
 
-def report(rows: list[dict[str, Any]], raw: dict[str, dict[int, float]], out: Path) -> str:
+def report(
+    rows: list[dict[str, Any]],
+    raw: dict[str, dict[int, float]],
+    raw_runs: dict[str, list[dict[int, float]]],
+    out: Path,
+) -> str:
     lines = []
     for name in MODELS:
         raw_best = max(raw[name].values())
         lines.append(f"\n### {name}\n")
         lines.append(
-            "raw limit (samples/s, one core): "
+            f"raw limit (samples/s, one core; median of {len(raw_runs[name])} measurements, "
+            "before and after the servers of each run): "
             + ", ".join(f"batch {b}: {v:.0f}" for b, v in raw[name].items())
+        )
+        lines.append("")
+        lines.append(
+            "raw best of each measurement, in order: "
+            + ", ".join(f"{max(m.values()):.0f}" for m in raw_runs[name])
         )
         lines.append("")
         lines.append(
@@ -343,20 +359,26 @@ def main() -> None:
         args.seconds, args.concurrency = 3.0, [1, 32]
     started = time.monotonic()
     paths = export_models(args.out / "models")
-    raw = {name: raw_limit(path, name, min(2.0, args.seconds / 4)) for name, path in paths.items()}
-    print(json.dumps({"raw_samples_per_s": raw}, indent=1))
+    raw_seconds = min(2.0, args.seconds / 4)
+    # The machine's speed drifts over minutes, so the raw limit is measured right before and
+    # right after each model's servers, in every repeat, rather than once at the start.
+    raw_runs: dict[str, list[dict[int, float]]] = {name: [] for name in paths}
     runs = []
     for _ in range(args.repeats):
         run: list[dict[str, Any]] = []
         for name, path in paths.items():
+            raw_runs[name].append(raw_limit(path, name, raw_seconds))
             for kind in args.servers:
                 run += measure(kind, name, path, args.concurrency, args.seconds)
+            raw_runs[name].append(raw_limit(path, name, raw_seconds))
+            print(json.dumps({name: raw_runs[name][-2:]}), flush=True)
         runs.append(run)
+    raw = {name: median_raw(measured) for name, measured in raw_runs.items()}
     rows = median_rows(runs)
     (args.out / "results.json").write_text(
-        json.dumps({"raw": raw, "rows": rows, "runs": runs}, indent=1)
+        json.dumps({"raw": raw, "raw_runs": raw_runs, "rows": rows, "runs": runs}, indent=1)
     )
-    print(report(rows, raw, args.out))
+    print(report(rows, raw, raw_runs, args.out))
     plot(rows, args.out)
     print(
         f"\nwrote {args.out}/report.md, results.json, bench.png "
