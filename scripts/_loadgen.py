@@ -129,6 +129,12 @@ def tree_cpu_seconds(root: int) -> float:
     return total
 
 
+def main_thread_cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of a process's main thread: a server's event loop."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def batch_totals(url: str) -> tuple[float, float]:
     """(instances, batches) so far from gpuserve's batch-size histogram; zeros for a server
     without it (the peers)."""

@@ -152,6 +152,20 @@ def test_measuring_batch_sizes_runs_each_size() -> None:
     assert set(rates) == {1, 2, 4} and all(rate > 0 for rate in rates.values())
 
 
+def test_measuring_batch_sizes_goes_round_every_size_in_turn() -> None:
+    handler = make(Linear().eval())
+    seen: list[int] = []
+    original = handler.run
+
+    def run(prepared: Any) -> list[Any]:
+        seen.append(prepared.size)
+        return original(prepared)
+
+    handler.run = run  # type: ignore[method-assign]
+    handler.measure_batch_sizes((1, 2, 4), rounds=3)
+    assert seen == [1, 2, 4] * 3
+
+
 class MaskedMean(torch.nn.Module):
     """A token model that honours its mask: mean of the real positions' embeddings."""
 
