@@ -94,7 +94,7 @@ async def measure(app: GpuserveAPI, concurrency: int, rounds: int) -> float:
 
 
 async def main(concurrency: int, rounds: int) -> None:
-    settings = Settings(device="cpu", model=ModelSettings(freeze_gc=False))
+    settings = Settings(device="cpu")  # gc.freeze() after load, as served
     app = create_app(settings, loader=load)
     assert isinstance(app, GpuserveAPI)
     async with app.router.lifespan_context(app):

@@ -1,8 +1,10 @@
-"""The fast lane: the prediction routes answered in front of FastAPI, with the same answers."""
+"""The fast lane: the inference routes answered in front of FastAPI, with the same answers."""
 
 from __future__ import annotations
 
+import json
 import re
+import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -36,18 +38,28 @@ def scope(method: str, path: str, root_path: str = "") -> Scope:
 @pytest.mark.parametrize(
     ("method", "path", "root_path", "expected"),
     [
-        ("POST", "/predict", "", LaneRoute("/predict", None)),
+        ("POST", "/predict", "", LaneRoute("/predict")),
         ("POST", "/models/first/predict", "", LaneRoute("/models/{name}/predict", "first")),
+        ("POST", "/v2/models/first/infer", "", LaneRoute("/v2/models/{name}/infer", "first")),
+        (
+            "POST",
+            "/v2/models/first/versions/1/infer",
+            "",
+            LaneRoute("/v2/models/{name}/versions/{version}/infer", "first", "1"),
+        ),
+        ("GET", "/v2/models/first/infer", "", None),
+        ("POST", "/v2/models//infer", "", None),
+        ("POST", "/v2/models/first/infer/", "", None),
+        ("POST", "/v2/models/first/versions//infer", "", None),
         ("GET", "/predict", "", None),  # FastAPI answers 405
         ("POST", "/predict/", "", None),  # FastAPI redirects
         ("POST", "/models//predict", "", None),
         ("POST", "/models/a/b/predict", "", None),
         ("POST", "/models/first", "", None),
-        ("POST", "/v2/models/first/infer", "", None),
         ("POST", "/api/predict", "/api", None),  # under a root path FastAPI matches
     ],
 )
-def test_match_takes_only_the_prediction_routes(
+def test_match_takes_only_the_inference_routes(
     method: str, path: str, root_path: str, expected: LaneRoute | None
 ) -> None:
     assert match(scope(method, path, root_path)) == expected
@@ -61,7 +73,7 @@ async def two_models() -> AsyncIterator[tuple[GpuserveAPI, httpx.AsyncClient]]:
         yield app, client
 
 
-async def test_prediction_routes_never_enter_fastapis_router(
+async def test_inference_routes_never_enter_fastapis_router(
     two_models: tuple[GpuserveAPI, httpx.AsyncClient], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, client = two_models
@@ -75,6 +87,8 @@ async def test_prediction_routes_never_enter_fastapis_router(
     monkeypatch.setattr(Router, "__call__", spy)
     for path in ("/predict", "/models/second/predict", "/models/nope/predict"):
         await client.post(path, json={"inputs": [1, 2, 3, 4]})
+    for path in ("/v2/models/first/infer", "/v2/models/first/versions/1/infer"):
+        await client.post(path, json={"inputs": [V2_INPUT]})
     assert routed == []
     assert (await client.get("/predict")).status_code == 405
     assert routed == ["/predict"]
@@ -94,7 +108,43 @@ REQUESTS: list[tuple[str, dict[str, str], bytes]] = [
 ]
 
 
+V2_INPUT = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}
+V2_JSON = json.dumps({"inputs": [V2_INPUT]}).encode()
+# The binary tensor extension: a JSON header, then the raw little-endian floats.
+V2_BINARY_HEADER = json.dumps(
+    {
+        "inputs": [
+            {
+                **{k: V2_INPUT[k] for k in ("name", "shape", "datatype")},
+                "parameters": {"binary_data_size": 16},
+            }
+        ],
+        "outputs": [{"name": "y", "parameters": {"binary_data": True}}],
+    }
+).encode()
+V2_BINARY = V2_BINARY_HEADER + struct.pack("<4f", 1, 2, 3, 4)
+V2_REQUESTS: list[tuple[str, dict[str, str], bytes]] = [
+    ("/v2/models/first/infer", {}, V2_JSON),
+    ("/v2/models/second/versions/1/infer", {}, V2_JSON),
+    ("/v2/models/first/versions/2/infer", {}, V2_JSON),
+    ("/v2/models/nope/infer", {}, V2_JSON),
+    ("/v2/models/first/infer", {}, b'{"inputs": []}'),
+    ("/v2/models/first/infer", {}, b"not json"),
+    (
+        "/v2/models/first/infer",
+        {
+            "content-type": "application/octet-stream",
+            "inference-header-content-length": str(len(V2_BINARY_HEADER)),
+        },
+        V2_BINARY,
+    ),
+]
+
+
 def comparable(response: httpx.Response) -> tuple[int, Any, str, int]:
+    if response.headers["content-type"] == "application/octet-stream":
+        ids = response.headers.get_list("x-request-id")
+        return response.status_code, response.content, "application/octet-stream", len(ids)
     body = response.json()
     if isinstance(body, dict):
         assert (
@@ -109,14 +159,16 @@ async def test_the_lane_answers_as_fastapi_would(
     two_models: tuple[GpuserveAPI, httpx.AsyncClient],
 ) -> None:
     app, client = two_models
-    lane = [comparable(await client.post(p, headers=h, content=b)) for p, h, b in REQUESTS]
+    requests = REQUESTS + V2_REQUESTS
+    lane = [comparable(await client.post(p, headers=h, content=b)) for p, h, b in requests]
     lane_handler, app.lane = app.lane, None  # every request through FastAPI's routes
     try:
-        fastapi = [comparable(await client.post(p, headers=h, content=b)) for p, h, b in REQUESTS]
+        fastapi = [comparable(await client.post(p, headers=h, content=b)) for p, h, b in requests]
     finally:
         app.lane = lane_handler
     assert lane == fastapi
-    assert {status for status, *_ in lane} == {200, 404, 415, 422}
+    assert {status for status, *_ in lane} == {200, 400, 404, 415, 422}
+    assert "application/octet-stream" in {kind for _, _, kind, _ in lane}
     assert all(ids == 1 for *_, ids in lane)
 
 
@@ -126,7 +178,10 @@ async def test_lane_requests_are_counted_under_their_route(
     _, client = two_models
     await client.post("/models/second/predict", json={"inputs": [1, 2, 3, 4]})
     await client.post("/models/nope/predict", json={"inputs": [1, 2, 3, 4]})
+    await client.post("/v2/models/first/infer", content=V2_JSON)
     text = (await client.get("/metrics")).text
+    v2_route = r'route="/v2/models/\{name\}/infer"'
+    assert re.search(r'gpuserve_requests_total\{code="200",model="first",' + v2_route, text)
     route = r'route="/models/\{name\}/predict"'
     assert re.search(r'gpuserve_requests_total\{code="200",model="second",' + route + r"\} 1", text)
     assert re.search(r'gpuserve_requests_total\{code="404",[^}]*' + route, text)

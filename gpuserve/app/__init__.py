@@ -1,6 +1,6 @@
 """The HTTP layer, the only part of gpuserve that knows FastAPI.
 
-A request reads, one module a step: `lane` (the prediction routes, matched in front of
+A request reads, one module a step: `lane` (the inference routes, matched in front of
 FastAPI's routing) -> `context` (request id, API key, metrics) -> `routes` (`/predict`: parse,
 validate against the spec) or `v2` (the Open Inference Protocol) -> `ModelService.predict`
 (batcher -> worker thread) -> `responses` (the body, or the error). `factory.create_app` puts

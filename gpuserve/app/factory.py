@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from gpuserve import __version__
 from gpuserve.app import routes, v2
 from gpuserve.app.context import RequestContext
-from gpuserve.app.lane import GpuserveAPI, PredictLane
+from gpuserve.app.lane import GpuserveAPI, InferenceLane
 from gpuserve.app.responses import (
     on_gpuserve_error,
     on_http_error,
@@ -79,8 +79,8 @@ def create_app(
         access_log=settings.access_log,
     )
     app.add_middleware(context)
-    # The prediction routes skip FastAPI's per-request machinery, not the request's context.
-    app.lane = context(PredictLane(models))
+    # The inference routes skip FastAPI's per-request machinery, not the request's context.
+    app.lane = context(InferenceLane(models))
     app.openapi = functools.partial(_openapi, app, app.openapi)  # type: ignore[method-assign]
     return app
 

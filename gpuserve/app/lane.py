@@ -1,12 +1,13 @@
-"""The fast lane: `POST /predict` and `POST /models/{name}/predict` without FastAPI's routing.
+"""The fast lane: the inference routes, answered without FastAPI's routing.
 
 FastAPI finds a route by trying each in turn, solves its dependencies, and passes each request
-through five middlewares of its own; measured in-process, that was more than half of a
-`/predict` request's CPU time on the event loop, all of it spent before and after the work
-that matters. The prediction routes need none of it: the lane matches them by their path, runs
-the same `predict_with` as the FastAPI routes, and answers errors through the same handlers.
-Every other request, and these paths with another method, goes to FastAPI, which also keeps
-documenting the prediction routes in the OpenAPI schema.
+through five middlewares of its own; measured in-process, that was most of a `/predict`
+request's CPU time in the app, all of it spent before and after the work that matters
+(`scripts/app_cost.py`). The inference routes need none of it: the lane matches them by their
+path and calls the same functions as the FastAPI routes (`routes.predict_with`, `v2.infer`),
+answering errors through the same handlers. Every other request, and these paths with another
+method, goes to FastAPI, which also keeps documenting the inference routes in the OpenAPI
+schema.
 """
 
 from __future__ import annotations
@@ -18,42 +19,47 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gpuserve.app import v2
 from gpuserve.app.responses import on_gpuserve_error, unexpected_error_response
 from gpuserve.app.routes import predict_with
 from gpuserve.errors import GpuserveError
 from gpuserve.registry import ModelRegistry
 
-_MODELS_PREFIX = "/models/"
-_PREDICT_SUFFIX = "/predict"
-
 
 class LaneRoute(NamedTuple):
-    """A matched prediction route: its path template (the metrics label) and the model name."""
+    """A matched inference route: its path template (the metrics label) and its arguments."""
 
     path: str
-    model: str | None  # None: the default model
+    model: str | None = None  # None: the default model
+    version: str | None = None
 
 
-_DEFAULT = LaneRoute("/predict", None)
+_PREDICT = LaneRoute("/predict")
 
 
 def match(scope: Scope) -> LaneRoute | None:
-    """The prediction route `scope` asks for, or None if FastAPI should answer it."""
+    """The inference route `scope` asks for, or None if FastAPI should answer it."""
     # Under a root path the paths FastAPI matches differ from scope["path"]: leave it to it.
     if scope["type"] != "http" or scope["method"] != "POST" or scope.get("root_path"):
         return None
     path: str = scope["path"]
     if path == "/predict":
-        return _DEFAULT
-    if path.startswith(_MODELS_PREFIX) and path.endswith(_PREDICT_SUFFIX):
-        name = path[len(_MODELS_PREFIX) : -len(_PREDICT_SUFFIX)]
-        if name and "/" not in name:
+        return _PREDICT
+    parts = path.split("/")
+    if not all(parts[1:]):  # an empty segment ("//", or a trailing "/"): FastAPI's to answer
+        return None
+    match parts:
+        case ["", "models", name, "predict"]:
             return LaneRoute("/models/{name}/predict", name)
+        case ["", "v2", "models", name, "infer"]:
+            return LaneRoute("/v2/models/{name}/infer", name)
+        case ["", "v2", "models", name, "versions", version, "infer"]:
+            return LaneRoute("/v2/models/{name}/versions/{version}/infer", name, version)
     return None
 
 
-class PredictLane:
-    """ASGI app for a matched prediction route (`scope["route"]` is its LaneRoute).
+class InferenceLane:
+    """ASGI app for a matched inference route (`scope["route"]` is its LaneRoute).
 
     It sits inside `RequestContext`, which adds the request id, checks the API key and counts
     the request under `scope["route"].path`, exactly as for the FastAPI routes.
@@ -63,21 +69,28 @@ class PredictLane:
         self.models = models
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route: LaneRoute = scope["route"]
         request = Request(scope, receive)
         response: Response
         try:
-            service = self.models.default if route.model is None else self.models.get(route.model)
-            response = await predict_with(request, service)
+            response = await self._answer(request, scope["route"])
         except GpuserveError as exc:
             response = await on_gpuserve_error(request, exc)
         except Exception as exc:
             response = unexpected_error_response(request, exc)
         await response(scope, receive, send)
 
+    async def _answer(self, request: Request, route: LaneRoute) -> Response:
+        if route.path.startswith("/v2/"):
+            assert route.model is not None
+            if route.version is not None:
+                return await v2.version_infer(request, route.model, route.version)
+            return await v2.infer(request, route.model)
+        service = self.models.default if route.model is None else self.models.get(route.model)
+        return await predict_with(request, service)
+
 
 class GpuserveAPI(FastAPI):
-    """FastAPI, with the prediction routes answered first by the fast lane (see `lane`)."""
+    """FastAPI, with the inference routes answered first by the fast lane (see `lane`)."""
 
     lane: ASGIApp | None = None  # the ASGI app for matched routes; create_app sets it
 
