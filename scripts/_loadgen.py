@@ -108,17 +108,16 @@ def tree_cpu_seconds(root: int) -> float:
     """User plus system CPU seconds of a process and all its descendants (Linux /proc)."""
     parents: dict[int, int] = {}
     times: dict[int, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            fields = _stat_fields(entry / "stat")
         except OSError:
             continue
         pid = int(entry.name)
         parents[pid] = int(fields[1])
-        times[pid] = (int(fields[11]) + int(fields[12])) / tick
+        times[pid] = _cpu_seconds(fields)
     total = 0.0
     for pid, seconds in times.items():
         walker = pid
@@ -131,7 +130,16 @@ def tree_cpu_seconds(root: int) -> float:
 
 def main_thread_cpu_seconds(pid: int) -> float:
     """User plus system CPU seconds of a process's main thread: a server's event loop."""
-    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return _cpu_seconds(_stat_fields(Path(f"/proc/{pid}/task/{pid}/stat")))
+
+
+def _stat_fields(path: Path) -> list[str]:
+    """A /proc stat file's fields after the command name, which may itself hold spaces."""
+    return path.read_text().rsplit(")", 1)[1].split()
+
+
+def _cpu_seconds(fields: list[str]) -> float:
+    """User plus system time (utime, stime) from a stat file's fields, in seconds."""
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

@@ -95,8 +95,7 @@ class GpuserveAPI(FastAPI):
     lane: ASGIApp | None = None  # the ASGI app for matched routes; create_app sets it
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = match(scope) if self.lane is not None else None
-        if route is None or self.lane is None:
+        if self.lane is None or (route := match(scope)) is None:
             await super().__call__(scope, receive, send)
             return
         scope["app"] = self
