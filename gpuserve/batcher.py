@@ -41,14 +41,16 @@ import collections
 import contextlib
 import functools
 import logging
+import queue
+import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+import traceback
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import Future as ConcurrentFuture
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from gpuserve.errors import BatcherClosed, Overloaded
+from gpuserve.errors import BatcherClosed, InferenceError, Overloaded
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -62,6 +64,66 @@ _MAX_BATCHES_IN_FLIGHT = 2
 def is_memory_error(exc: BaseException) -> bool:
     """The default OOM test; the model's handler supplies one that knows its device."""
     return isinstance(exc, MemoryError)
+
+
+def deliverable(exc: BaseException) -> Exception:
+    """`exc` as an error a waiting request can be given.
+
+    Whatever a model raises is its item's answer, but not everything it raises can travel
+    through a future: asyncio refuses StopIteration, and a BaseException (KeyboardInterrupt,
+    SystemExit, CancelledError, a user's own subclass) would escape every `except Exception`
+    on its way back and tear down the request, or be mistaken for a cancellation. Those are
+    wrapped in an InferenceError whose cause is the original, for the log.
+    """
+    if isinstance(exc, Exception) and not isinstance(exc, StopIteration | StopAsyncIteration):
+        return exc
+    wrapped = InferenceError("inference failed")
+    wrapped.__cause__ = exc
+    return wrapped
+
+
+class _WorkerThread:
+    """A single daemon thread that runs submitted calls in order, like a one-thread executor.
+
+    ThreadPoolExecutor's threads are joined when the interpreter exits, so one forward pass
+    that never returns would hold the process past any shutdown timeout (it did: 19.7 s
+    against 2 s). A daemon thread is left behind instead; by then every request it held has
+    been answered.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[
+            tuple[ConcurrentFuture[Any], Callable[..., Any], tuple[Any, ...]] | None
+        ] = queue.SimpleQueue()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> ConcurrentFuture[Any]:
+        future: ConcurrentFuture[Any] = ConcurrentFuture()
+        self._calls.put((future, fn, args))
+        return future
+
+    def shutdown(self) -> None:
+        """Let the thread end after the call it is running; calls not yet started are dropped."""
+        self._stopped = True
+        self._calls.put(None)
+
+    def _serve(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, fn, args = call
+            if self._stopped:
+                future.cancel()
+                continue
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args)
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+            del call, future, fn, args  # nothing of a finished batch outlives it here
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,8 +222,8 @@ class MicroBatcher(Generic[T, R]):
         self._in_flight: list[_Batch[T, R]] = []
         self._wake = asyncio.Event()
         self._collector: asyncio.Task[None] | None = None
-        self._executors: list[ThreadPoolExecutor] = []
-        self._preparers: list[ThreadPoolExecutor | None] = []
+        self._executors: list[_WorkerThread] = []
+        self._preparers: list[_WorkerThread | None] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._crashed: str | None = None
@@ -169,11 +231,13 @@ class MicroBatcher(Generic[T, R]):
         self._stuck: dict[int, _Batch[T, R]] = {}  # worker -> the pass it is stuck in
         self._cap = max_batch_size
         self._cap_until = 0.0
+        # Futures given up on (deadline, hang-up) since the queue was last swept; a hint only.
+        self._abandoned = 0
 
     @property
     def queue_depth(self) -> int:
-        """Items waiting for a batch (not counting those in flight)."""
-        return len(self._pending)
+        """Items waiting for a batch and still wanted (not counting those in flight)."""
+        return sum(not entry.future.done() for entry in self._pending)
 
     @property
     def batch_cap(self) -> int:
@@ -196,13 +260,10 @@ class MicroBatcher(Generic[T, R]):
             raise RuntimeError("batcher already started")
         self._loop = asyncio.get_running_loop()
         self._executors = [
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-fwd{index}")
-            for index in range(len(self._workers))
+            _WorkerThread(f"{self.name}-fwd{index}") for index in range(len(self._workers))
         ]
         self._preparers = [
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-prep{index}")
-            if stages is not None
-            else None
+            _WorkerThread(f"{self.name}-prep{index}") if stages is not None else None
             for index, stages in enumerate(self._stages)
         ]
         self._collector = asyncio.create_task(self._collect(), name=f"{self.name}-collector")
@@ -225,14 +286,17 @@ class MicroBatcher(Generic[T, R]):
         """
         if not self.running or self._loop is None:
             raise BatcherClosed(self._closed_reason())
-        if (
-            self.max_queue_size is not None
-            and len(self._pending) + len(items) > self.max_queue_size
-        ):
-            raise Overloaded(
-                f"the queue is full ({len(self._pending)} of {self.max_queue_size} waiting); "
-                "retry shortly"
-            )
+        limit = self.max_queue_size
+        if limit is not None and len(self._pending) + len(items) > limit:
+            # Only live requests count: entries whose requests expired or hung up still sit
+            # in the queue until a batch forms. Sweep them out, but only when some were given
+            # up on, so a flood of refusals does not scan a full queue each time.
+            if self._abandoned:
+                self._sweep()
+            if len(self._pending) + len(items) > limit:
+                raise Overloaded(
+                    f"the queue is full ({len(self._pending)} of {limit} waiting); retry shortly"
+                )
         now = time.monotonic()
         bucket_of = self._bucket_of
         futures = []
@@ -243,6 +307,36 @@ class MicroBatcher(Generic[T, R]):
             futures.append(future)
         self._wake.set()
         return futures
+
+    def release(self, futures: Iterable[asyncio.Future[R]]) -> None:
+        """The caller no longer wants these results: cancel what is not done.
+
+        Their items are dropped when batches form, and no longer count against the queue.
+        """
+        for future in futures:
+            if not future.done():
+                future.cancel()
+            if future.cancelled():
+                self._abandoned += 1
+
+    def _sweep(self) -> None:
+        self._pending = collections.deque(e for e in self._pending if not e.future.done())
+        self._abandoned = 0
+
+    def abort(self, reason: str) -> None:
+        """Refuse new work and answer everything waiting or running with BatcherClosed now.
+
+        For a second stop signal: the process is about to go, and every accepted request
+        still gets its answer (503) first. A forward pass under way runs on, for nobody.
+        """
+        self._closing = True
+        self._fail_waiting(BatcherClosed(reason))
+        # Nothing is left to wait for: stop() need not wait for passes that answer nobody.
+        for batch in self._in_flight:
+            if batch.watchdog is not None:
+                batch.watchdog.cancel()
+        self._in_flight.clear()
+        self._wake.set()
 
     async def stop(self, timeout_s: float = 30.0) -> None:
         """Stop accepting work, finish what was accepted, then stop the worker.
@@ -265,7 +359,7 @@ class MicroBatcher(Generic[T, R]):
         finally:
             for executor in [*self._executors, *self._preparers]:
                 if executor is not None:
-                    executor.shutdown(wait=False, cancel_futures=True)
+                    executor.shutdown()
 
     async def _collect(self) -> None:
         try:
@@ -407,34 +501,44 @@ class MicroBatcher(Generic[T, R]):
         """Process `items`; if that fails, retry each half, so an error lands on its own item.
 
         `attempt`, when given, replaces the first `process(items)` (a batch prepared early).
+        Whatever the model raises is caught: this runs in a worker thread, where nothing a
+        model raises can be the interpreter's own exit, and an uncaught one would leave the
+        batch's bookkeeping half done.
         """
+        error: BaseException | None = None
         try:
             results = attempt() if attempt is not None else process(items)
             if len(results) != len(items):
                 raise RuntimeError(
                     f"process returned {len(results)} results for a batch of {len(items)}"
                 )
-        except Exception as exc:
-            oom = self._is_oom(exc)
-            if len(items) == 1:
-                logger.error(
-                    "%s: an item failed%s", self.name, " (out of memory)" * oom, exc_info=exc
-                )
-                outcome.results.append(exc)
-                return
-            outcome.oom_splits += oom
-            logger.warning(
-                "%s: batch of %d failed (%s: %s); retrying in halves",
-                self.name,
-                len(items),
-                type(exc).__name__,
-                exc,
-            )
-            middle = len(items) // 2
-            self._process_isolating(items[:middle], outcome, process)
-            self._process_isolating(items[middle:], outcome, process)
+        except BaseException as exc:
+            error = exc
         else:
             outcome.results.extend(results)
+            return
+        # Out of the except block, so the failed attempt's frames, and the tensors they hold,
+        # can be freed before the halves run (on a GPU, the halves need that memory).
+        oom = self._is_oom(error)
+        if len(items) == 1:
+            logger.error(
+                "%s: an item failed%s", self.name, " (out of memory)" * oom, exc_info=error
+            )
+            outcome.results.append(deliverable(error))
+            return
+        outcome.oom_splits += oom
+        logger.warning(
+            "%s: batch of %d failed (%s: %s); retrying in halves",
+            self.name,
+            len(items),
+            type(error).__name__,
+            error,
+        )
+        traceback.clear_frames(error.__traceback__)
+        del error
+        middle = len(items) // 2
+        self._process_isolating(items[:middle], outcome, process)
+        self._process_isolating(items[middle:], outcome, process)
 
     def _finish_threadsafe(
         self,
@@ -466,23 +570,32 @@ class MicroBatcher(Generic[T, R]):
         self._wake.set()
         try:
             outcome = done.result()
+            if len(outcome.ran) != len(outcome.results):
+                raise RuntimeError(
+                    f"{len(outcome.results)} results for the {len(outcome.ran)} items run"
+                )
         except BaseException as exc:  # cancelled by stop(), or a bug in _run itself
             everyone = list(range(len(batch.entries)))
             outcome = _Outcome(results=[exc] * len(everyone), ran=everyone)
         failed = 0
         started = batch.started if batch.started is not None else time.monotonic()
         traced: set[int] = set()
-        for index, result in zip(outcome.ran, outcome.results, strict=True):
-            entry = batch.entries[index]
-            failed += isinstance(result, BaseException)
-            if entry.trace is not None:
-                _record(entry.trace, traced, len(outcome.ran), started - entry.enqueued, outcome)
-            if entry.future.done():
-                continue
-            if isinstance(result, BaseException):
-                entry.future.set_exception(result)
-            else:
-                entry.future.set_result(result)
+        try:
+            for index, result in zip(outcome.ran, outcome.results, strict=True):
+                entry = batch.entries[index]
+                failed += isinstance(result, BaseException)
+                if entry.trace is not None:
+                    waited = started - entry.enqueued
+                    _record(entry.trace, traced, len(outcome.ran), waited, outcome)
+                if entry.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    entry.future.set_exception(deliverable(result))
+                else:
+                    entry.future.set_result(result)
+        finally:
+            # Whatever happened above, nobody in this batch is left waiting.
+            _fail_unanswered(batch.entries, InferenceError("inference failed"))
         if outcome.oom_splits:
             self._cap = max(1, len(outcome.ran) // 2)
             self._cap_until = time.monotonic() + self.oom_cooldown_s
@@ -553,7 +666,7 @@ class MicroBatcher(Generic[T, R]):
         except Exception:  # metrics must never break serving
             logger.exception("%s: on_batch callback failed", self.name)
 
-    def _fail_waiting(self, exc: BaseException, *, in_flight: bool = True) -> None:
+    def _fail_waiting(self, exc: Exception, *, in_flight: bool = True) -> None:
         """Fail queued futures and, with `in_flight`, those of batches in the worker too.
 
         A batch in the worker keeps running; when it returns, _finish finds its futures done.
@@ -562,9 +675,7 @@ class MicroBatcher(Generic[T, R]):
         self._pending.clear()
         if in_flight:
             entries += [entry for batch in self._in_flight for entry in batch.entries]
-        for entry in entries:
-            if not entry.future.done():
-                entry.future.set_exception(exc)
+        _fail_unanswered(entries, exc)
 
     def _closed_reason(self) -> str:
         if self.error is not None:
@@ -572,6 +683,12 @@ class MicroBatcher(Generic[T, R]):
         if self._closing:
             return "the server is shutting down"
         return "the model is not ready"
+
+
+def _fail_unanswered(entries: Iterable[_Entry[Any, Any]], exc: Exception) -> None:
+    for entry in entries:
+        if not entry.future.done():
+            entry.future.set_exception(exc)
 
 
 def _record(

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import signal
+import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from pydantic import ValidationError
@@ -21,6 +23,9 @@ from gpuserve.config import Settings
 from gpuserve.device import DeviceInfo, GpuSample
 from gpuserve.errors import DeviceError
 from gpuserve.logs import configure as configure_logging
+
+if TYPE_CHECKING:
+    from gpuserve.registry import ModelRegistry
 
 logger = logging.getLogger("gpuserve")
 
@@ -129,6 +134,11 @@ def _gib(size: int) -> str:
     return f"{size / 2**30:.1f} GiB"
 
 
+# How long past shutdown_timeout_s uvicorn waits for connections to close: the drain answers
+# what is left at shutdown_timeout_s with 503, and those answers need a moment to be written.
+_WRITE_MARGIN_S = 0.5
+
+
 def _drained(signum: int, frame: FrameType | None) -> None:
     logger.info("stopped on signal %d after draining", signum)
 
@@ -143,6 +153,9 @@ def _serve(settings: Settings) -> None:
     except DeviceError as exc:
         sys.exit(f"gpuserve: {exc.message}")
     _warn_if_exposed(settings)
+    from gpuserve.app.connections import connection_cap, guarded_protocol, raise_fd_limit
+
+    max_connections = connection_cap(settings.max_connections, raise_fd_limit())
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -152,14 +165,18 @@ def _serve(settings: Settings) -> None:
         access_log=False,
         # uvicorn would otherwise replace our logging set-up with its own.
         log_config=None,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
-        timeout_keep_alive=int(settings.keep_alive_s),
+        http=guarded_protocol(settings.header_timeout_s, max_connections),
+        # Floats, though typed int: uvicorn passes both to asyncio, and int(0.9) would be 0.
+        timeout_graceful_shutdown=settings.shutdown_timeout_s + _WRITE_MARGIN_S,  # type: ignore[arg-type]
+        timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]
     )
-    # uvicorn re-raises SIGTERM at the end of its graceful shutdown, under the handler that was
-    # in place before it started. By then every accepted request has been answered, so a drained
-    # SIGTERM should end the process with status 0, as Kubernetes and `docker stop` expect.
+    # uvicorn re-raises the stop signal at the end of its graceful shutdown, under the handler
+    # that was in place before it started. By then every accepted request has been answered,
+    # so a drained SIGTERM or SIGINT ends the process with status 0, as Kubernetes and
+    # `docker stop` expect, rather than 143, or 130 with a KeyboardInterrupt traceback.
     signal.signal(signal.SIGTERM, _drained)
-    _DrainingServer(config, app.state.models.begin_shutdown).run()
+    signal.signal(signal.SIGINT, _drained)
+    _DrainingServer(config, app.state.models, settings.shutdown_timeout_s).run()
 
 
 def _warn_if_exposed(settings: Settings) -> None:
@@ -172,12 +189,34 @@ def _warn_if_exposed(settings: Settings) -> None:
 
 
 class _DrainingServer(uvicorn.Server):
-    """uvicorn's Server, plus: readiness turns 503 the moment a stop signal arrives."""
+    """uvicorn's Server, with gpuserve's stop: the first SIGTERM or SIGINT turns readiness
+    503 and starts the models' drain at once, bounded by `drain_s`; a second one answers
+    every request still waiting with 503, so the process goes at once, still having
+    answered everyone."""
 
-    def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None]) -> None:
+    def __init__(self, config: uvicorn.Config, models: ModelRegistry, drain_s: float) -> None:
         super().__init__(config)
-        self._on_signal = on_signal
+        self._models = models
+        self._drain_s = drain_s
+        self._signals = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self._on_signal()
-        super().handle_exit(sig, frame)
+        # A signal handler may run in the middle of the event loop's own code: only flags are
+        # set here, and the work is handed to the loop the thread-safe way.
+        self._signals += 1
+        loop = self._loop
+        if self._signals == 1:
+            logger.info("signal %d: draining for up to %gs", sig, self._drain_s)
+            self._models.begin_shutdown()
+            if loop is not None:
+                loop.call_soon_threadsafe(self._models.begin_shutdown, self._drain_s)
+            super().handle_exit(sig, frame)
+        elif self._signals == 2:
+            logger.warning("signal %d again: answering what is left with 503 and stopping", sig)
+            if loop is not None:
+                loop.call_soon_threadsafe(self._models.abort)

@@ -289,7 +289,20 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(
         default=30.0,
         gt=0,
-        description="On SIGTERM, how long accepted requests may take to finish before exit.",
+        description="On SIGTERM or SIGINT, how long accepted requests may take to finish; "
+        "what is left then is answered 503, and the process exits soon after.",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="A connection must send a request's headers within this long of opening "
+        "(or of the request's first byte on a kept-alive connection), or it is closed.",
+    )
+    max_connections: int = Field(
+        default=2048,
+        ge=1,
+        description="Open client connections past this get a 503 and are closed at once. "
+        "Lowered to what the open-file limit allows (raised to its hard limit at start).",
     )
     # NoDecode: the environment gives a comma-separated list, not JSON.
     api_keys: Annotated[list[str], NoDecode] = Field(

@@ -33,6 +33,7 @@ class ModelRegistry:
             for model in settings.served_models
         }
         self.default = next(iter(self._services.values()))
+        self._drain: asyncio.Future[Any] | None = None
 
     def __iter__(self) -> Iterator[ModelService]:
         return iter(self._services.values())
@@ -57,13 +58,33 @@ class ModelRegistry:
         """Wait until every model has finished loading, or failed to."""
         await asyncio.gather(*(service.loaded() for service in self))
 
-    def begin_shutdown(self) -> None:
+    def begin_shutdown(self, drain_s: float | None = None) -> None:
+        """Refuse new requests and report not ready; with `drain_s`, start draining now.
+
+        Called when a stop signal arrives. Draining from that moment, rather than once the
+        HTTP server has waited for its connections, keeps the whole stop within `drain_s`:
+        what is left then is answered 503 while the connections are still open.
+        """
         for service in self:
             service.begin_shutdown()
+        if drain_s is not None:
+            self._start_drain(drain_s)
+
+    def abort(self) -> None:
+        """Answer every accepted request at once (503): a second stop signal."""
+        for service in self:
+            service.abort()
 
     async def stop(self, timeout_s: float = 30.0) -> None:
-        """Drain every model at once, so the drain takes the slowest one's time, not the sum."""
-        await asyncio.gather(*(service.stop(timeout_s) for service in self))
+        """Drain every model at once, so the drain takes the slowest one's time, not the sum.
+
+        If a drain began at the stop signal, this waits for that one."""
+        await self._start_drain(timeout_s)
+
+    def _start_drain(self, timeout_s: float) -> asyncio.Future[Any]:
+        if self._drain is None:
+            self._drain = asyncio.gather(*(service.stop(timeout_s) for service in self))
+        return self._drain
 
     @property
     def status(self) -> str:

@@ -131,12 +131,13 @@ class ModelService:
         Past `timeout_s` the request fails with DeadlineExceeded, and its instances are dropped
         from the queue (or their results from the forward pass already under way).
         """
-        if self.batcher is None or self.state != "ready":
+        batcher = self.batcher
+        if batcher is None or self.state != "ready":
             raise self._not_ready()
         if self._preprocess is not None:
             instances = self._run_preprocess(instances)
         try:
-            futures = self.batcher.submit_many(instances, trace)
+            futures = batcher.submit_many(instances, trace)
         except Overloaded:
             self._metrics.refused.labels(self.name).inc()
             raise
@@ -147,9 +148,6 @@ class ModelService:
                     results = [await futures[0]]
                 else:
                     results = list(await asyncio.gather(*futures))
-            if postprocess and self._postprocess is not None:
-                return [self._postprocess(result) for result in results]
-            return results
         except TimeoutError as exc:
             if not deadline.expired():
                 raise InferenceError("inference failed") from exc  # the model raised it
@@ -162,25 +160,27 @@ class ModelService:
         except Exception as exc:
             raise InferenceError("inference failed") from exc
         finally:
-            # Cancelled futures are skipped when batches form: nothing is computed for nobody.
-            for future in futures:
-                if not future.done():
-                    future.cancel()
+            # Cancelled futures are skipped when batches form, and leave the queue's count.
+            batcher.release(futures)
+        if postprocess and self._postprocess is not None:
+            return _run_hook(self._postprocess, results, "postprocessing failed")
+        return results
 
     def _run_preprocess(self, instances: list[Instance]) -> list[Any]:
         assert self._preprocess is not None
-        try:
-            return [self._preprocess(instance) for instance in instances]
-        except GpuserveError:
-            raise  # InvalidInput from the hook: the client's 4xx
-        except Exception as exc:
-            raise InferenceError("preprocessing failed") from exc
+        return _run_hook(self._preprocess, instances, "preprocessing failed")
 
     def begin_shutdown(self) -> None:
         """Refuse new requests and report not ready, while accepted requests finish."""
         self._state = "stopping"
         self._reason = "the server is shutting down"
         self._metrics.ready.labels(self.name).set(0)
+
+    def abort(self) -> None:
+        """Answer every accepted request now (503), for a forced stop."""
+        self.begin_shutdown()
+        if self.batcher is not None:
+            self.batcher.abort("the server is stopping")
 
     async def stop(self, timeout_s: float = 30.0) -> None:
         """Refuse new work, answer what was accepted, and release the worker."""
@@ -284,6 +284,18 @@ class ModelService:
         if state == "stopping":
             return NotReady("the server is shutting down", retry_after_s=5)
         return NotReady(f"the model is unavailable: {self.reason}", retry_after_s=30)
+
+
+def _run_hook(hook: Callable[[Any], Any], values: list[Any], failure: str) -> list[Any]:
+    """A user's hook on each value. Whatever it raises is this request's 500, never the
+    server's: on the event loop even SystemExit from a hook is a bug in the hook, not a
+    request to stop (InvalidInput and the other GpuserveErrors keep their status)."""
+    try:
+        return [hook(value) for value in values]
+    except GpuserveError:
+        raise
+    except BaseException as exc:
+        raise InferenceError(failure) from exc
 
 
 def _hook(model: BatchModel, name: str) -> Callable[[Any], Any] | None:

@@ -409,3 +409,107 @@ async def test_an_unexpected_error_still_gets_the_error_shape_and_a_request_id(
     assert body["error"] == "internal error"
     assert body["request_id"] == response.headers["x-request-id"]
     assert f"request {body['request_id']} failed unexpectedly" in caplog.text
+
+
+class _AnyId:
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and bool(other)
+
+
+ANY_ID: Any = _AnyId()
+
+
+class Poison(BaseException):
+    """A user's BaseException subclass, which escapes every `except Exception`."""
+
+
+class PoisonedModel(FakeModel):
+    """Raises `raised` for a batch holding an instance whose first value is 13."""
+
+    def __init__(self, raised: BaseException) -> None:
+        super().__init__(FAKE_SPEC)
+        self.raised = raised
+
+    def __call__(self, instances: list[Any]) -> list[Any]:
+        if any(float(x[0]) == 13 for x in instances):
+            raise self.raised
+        return super().__call__(instances)
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [StopIteration("x"), Poison("x"), KeyboardInterrupt(), SystemExit(1), GeneratorExit()],
+    ids=lambda exc: type(exc).__name__,
+)
+async def test_whatever_a_model_raises_only_its_request_gets_a_json_500(
+    raised: BaseException,
+) -> None:
+    model = PoisonedModel(raised)
+    async with serving(create_app(SETTINGS, loader=fake_loader(model))) as client:
+        service = client._transport.app.state.models.default  # type: ignore[attr-defined]
+        with anyio.fail_after(20):
+            responses = await asyncio.gather(
+                *(client.post("/predict", json={"inputs": [i, 0, 0, 0]}) for i in range(10, 17))
+            )
+        by_value = dict(zip(range(10, 17), responses, strict=True))
+        poisoned = by_value.pop(13)
+        assert poisoned.status_code == 500
+        assert poisoned.json() == {"error": "inference failed", "request_id": ANY_ID}
+        assert {v: r.json()["outputs"] for v, r in by_value.items()} == {
+            v: float(v) for v in by_value
+        }
+        assert service.state == "ready"
+
+
+class HookModel(FakeModel):
+    def __init__(self, raised: BaseException, hook: str) -> None:
+        super().__init__(FAKE_SPEC)
+        setattr(self, hook, self._hook)
+        self.raised = raised
+
+    def _hook(self, value: Any) -> Any:
+        raise self.raised
+
+
+@pytest.mark.parametrize("hook", ["preprocess", "postprocess"])
+async def test_a_hook_raising_a_base_exception_is_a_json_500(hook: str) -> None:
+    model = HookModel(Poison("in a hook"), hook)
+    async with serving(create_app(SETTINGS, loader=fake_loader(model))) as client:
+        response = await client.post("/predict", json={"inputs": [1, 2, 3, 4]})
+        assert response.status_code == 500
+        assert response.headers["content-type"] == "application/json"
+        assert response.json()["error"] == f"{hook}ing failed"
+        assert (await client.get("/health/ready")).status_code == 200
+
+
+async def test_expired_requests_leave_the_queue_to_live_ones(fake_model: FakeModel) -> None:
+    settings = SETTINGS.model_copy(
+        update={
+            "model": SETTINGS.model.model_copy(update={"max_queue_size": 4, "max_batch_size": 2})
+        }
+    )
+    fake_model.delay_s = 1.0
+    async with serving(create_app(settings, loader=fake_loader(fake_model))) as client:
+        # One request holds the worker, two wait staged behind it, four fill the queue; all
+        # but the first expire.
+        busy = asyncio.ensure_future(client.post("/predict", json={"inputs": [1, 0, 0, 0]}))
+        await asyncio.sleep(0.2)
+        short = {"x-request-timeout-ms": "100"}
+
+        def expiring(values: range) -> list[Any]:
+            return [
+                asyncio.ensure_future(
+                    client.post("/predict", json={"inputs": [i, 0, 0, 0]}, headers=short)
+                )
+                for i in values
+            ]
+
+        staged = expiring(range(2))
+        await asyncio.sleep(0.05)
+        expired = await asyncio.gather(*staged, *expiring(range(2, 6)))
+        assert [r.status_code for r in expired] == [504] * 6
+        depth = (await client.get("/metrics")).text
+        assert re.search(r'gpuserve_queue_depth\{model="digits"\} 0\.0$', depth, re.M), depth
+        fresh = await client.post("/predict", json={"inputs": [5, 0, 0, 0]})
+        assert fresh.status_code == 200 and fresh.json()["outputs"] == 5.0
+        assert (await busy).status_code == 200

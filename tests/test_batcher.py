@@ -8,10 +8,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import anyio
 import pytest
 
 from gpuserve.batcher import BatchStats, MicroBatcher, Trace
-from gpuserve.errors import BatcherClosed, Overloaded
+from gpuserve.errors import BatcherClosed, InferenceError, Overloaded
 
 pytestmark = pytest.mark.anyio
 
@@ -489,3 +490,110 @@ async def test_a_staged_batch_skips_members_cancelled_before_it_starts() -> None
     assert await first == -2 and await kept == 12
     assert model.batches == [[-1], [6]]
     await batcher.stop()
+
+
+class Boom(BaseException):
+    """A user's own BaseException subclass, as a model may raise."""
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [
+        StopIteration("poison"),
+        StopAsyncIteration("poison"),
+        Boom("poison"),
+        KeyboardInterrupt(),
+        SystemExit(3),
+        GeneratorExit(),
+        asyncio.CancelledError(),
+    ],
+    ids=lambda exc: type(exc).__name__,
+)
+async def test_whatever_a_model_raises_fails_only_its_item(raised: BaseException) -> None:
+    def model(items: list[int]) -> list[int]:
+        if 3 in items:
+            raise raised
+        return [item * 2 for item in items]
+
+    gated = GatedDoubler()
+    batcher = await started(lambda items: gated(items) and model(items), max_batch_size=8)
+    first = await hold_worker(gated, batcher)
+    futures = [batcher.submit(i) for i in range(6)]
+    gated.gate.set()
+    with anyio.fail_after(10):
+        assert await first == -2
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    assert [o for i, o in enumerate(outcomes) if i != 3] == [0, 2, 4, 8, 10]
+    assert isinstance(outcomes[3], InferenceError)
+    assert outcomes[3].__cause__ is raised
+    assert batcher.running  # the bookkeeping did not stop halfway
+    assert await batcher.submit(7) == 14
+    await batcher.stop()
+
+
+async def test_a_model_returning_an_exception_fails_that_item_only() -> None:
+    batcher = await started(lambda items: [StopIteration() if i == 1 else i for i in items])
+    futures = batcher.submit_many([0, 1, 2])
+    outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    assert outcomes[0] == 0 and outcomes[2] == 2
+    assert isinstance(outcomes[1], InferenceError)
+    await batcher.stop()
+
+
+async def test_expired_and_abandoned_requests_free_their_queue_places() -> None:
+    model = GatedDoubler()
+    batcher = await started(model, max_queue_size=4)
+    first = await hold_worker(model, batcher)
+    waiting = batcher.submit_many([1, 2, 3, 4])
+    with pytest.raises(Overloaded):
+        batcher.submit(5)
+    # Two requests give up (a deadline, a hang-up): their places are free again at once.
+    batcher.release(waiting[1:3])
+    assert batcher.queue_depth == 2
+    late = batcher.submit_many([6, 7])
+    with pytest.raises(Overloaded, match="4 of 4 waiting"):
+        batcher.submit(8)
+    model.gate.set()
+    with anyio.fail_after(10):
+        assert await first == -2
+        assert await asyncio.gather(waiting[0], waiting[3], *late) == [2, 8, 12, 14]
+    assert all(future.cancelled() for future in waiting[1:3])
+    await batcher.stop()
+
+
+async def test_a_retry_in_halves_runs_after_the_failed_attempt_is_released() -> None:
+    """The failed attempt's frames (and what they hold) are gone before the halves run."""
+    import gc
+    import weakref
+
+    class Held:
+        pass
+
+    alive: list[bool] = []
+    refs: list[weakref.ref[Held]] = []
+
+    def model(items: list[int]) -> list[int]:
+        if len(items) > 1:
+            held = Held()  # stands for the failed attempt's activations
+            refs.append(weakref.ref(held))
+            raise MemoryError("too big")
+        gc.collect()
+        alive.append(any(ref() is not None for ref in refs))
+        return items
+
+    batcher = await started(model, max_batch_size=8)
+    assert await asyncio.gather(*batcher.submit_many([1, 2])) == [1, 2]
+    assert alive and not any(alive)
+    await batcher.stop()
+
+
+async def test_stopped_worker_threads_never_hold_the_process() -> None:
+    stuck = threading.Event()
+    batcher = await started(lambda items: stuck.wait(30) and items, forward_timeout_s=0.2)
+    future = batcher.submit(1)
+    with pytest.raises(BatcherClosed):
+        await asyncio.wait_for(future, 10)
+    threads = [t for t in threading.enumerate() if t.name.startswith("batcher-fwd")]
+    assert threads and all(t.daemon for t in threads)
+    await batcher.stop(timeout_s=0.1)
+    stuck.set()

@@ -6,6 +6,7 @@ import http.client
 import json
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -185,3 +186,144 @@ def test_a_client_that_hangs_up_while_queued_costs_no_forward_pass(slow_model: P
             time.sleep(0.01)
         # Only the two requests whose clients stayed reached the model.
         assert metric(server.url, 'gpuserve_batch_size_sum{model="slow"}') == 2
+
+
+FAULTY_CONFIG = """
+device = "cpu"
+shutdown_timeout_s = {shutdown}
+header_timeout_s = {header}
+max_connections = {connections}
+[model]
+name = "faulty"
+factory = "faulty_model:build"
+code_dir = "{code_dir}"
+max_batch_size = 8
+tune_batch_size = false
+forward_timeout_s = 60
+freeze_gc = false
+spec = {{ input = {{ name = "x", shape = [4] }}, output = {{ name = "y", shape = [1] }} }}
+"""
+HANG = json.dumps({"inputs": [21, 0, 0, 0]}).encode()
+
+
+def faulty_server(
+    tmp_path: Path, shutdown: float = 30, header: float = 10, connections: int = 2048
+) -> ServerProcess:
+    config = tmp_path / "faulty.toml"
+    code_dir = Path(__file__).parent / "models"
+    config.write_text(
+        FAULTY_CONFIG.format(
+            shutdown=shutdown, header=header, connections=connections, code_dir=code_dir
+        )
+    )
+    return ServerProcess("--config", str(config))
+
+
+def small(value: float) -> bytes:
+    return json.dumps({"inputs": [value, 0, 0, 0]}).encode()
+
+
+def wait_in_flight(url: str, count: int) -> None:
+    deadline = time.monotonic() + 30
+    # The metrics request itself is in flight too.
+    while metric(url, "gpuserve_requests_in_flight") < count + 1:
+        assert time.monotonic() < deadline, "the requests never all arrived"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    ("stop", "shutdown"), [(signal.SIGTERM, 2.0), (signal.SIGINT, 0.9)], ids=["term", "int"]
+)
+def test_a_stuck_forward_pass_cannot_hold_the_stop_past_its_timeout(
+    tmp_path: Path, stop: signal.Signals, shutdown: float
+) -> None:
+    with faulty_server(tmp_path, shutdown=shutdown) as server:
+        wait_ready(server.url)
+        # One pass that never returns (the model hangs on 21), and requests queued behind it.
+        connections = send_all(server.url, [HANG, *(small(i) for i in range(1, 6))])
+        wait_in_flight(server.url, 6)
+        assert server.process is not None
+        started = time.monotonic()
+        server.process.send_signal(stop)
+        answers = read_all(connections)
+        code = server.process.wait(timeout=60)
+        took = time.monotonic() - started
+    assert [status for status, _ in answers] == [503] * 6
+    assert all("stopped before" in body["error"] and body["request_id"] for _, body in answers)
+    assert code == 0
+    assert not any("Traceback" in line or "KeyboardInterrupt" in line for line in server.log)
+    # The hung pass would hold the process for 600 s; the stop is bounded by the setting (a
+    # fractional one is not truncated to 0), plus the moment it takes to write the answers.
+    assert took < shutdown + 5
+
+
+def test_a_second_signal_answers_everyone_at_once_and_exits_0(tmp_path: Path) -> None:
+    with faulty_server(tmp_path, shutdown=60) as server:
+        wait_ready(server.url)
+        connections = send_all(server.url, [HANG, *(small(i) for i in range(1, 4))])
+        wait_in_flight(server.url, 4)
+        assert server.process is not None
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert server.process.poll() is None  # the first signal drains: it waits
+        server.process.send_signal(signal.SIGTERM)
+        answers = read_all(connections)
+        code = server.process.wait(timeout=60)
+        took = time.monotonic() - started
+    assert [status for status, _ in answers] == [503] * 4
+    assert code == 0
+    assert took < 30  # well inside the 60 s drain the first signal allowed
+
+
+def raw_connection(url: str) -> socket.socket:
+    address = urlsplit(url)
+    return socket.create_connection((address.hostname or "", address.port or 0), timeout=30)
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """True when the server closes the socket (reads end) before our 30 s timeout."""
+    try:
+        while sock.recv(4096):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_silent_and_slow_header_connections_are_closed(tmp_path: Path) -> None:
+    with faulty_server(tmp_path, header=0.5) as server:
+        wait_ready(server.url)
+        with raw_connection(server.url) as silent, raw_connection(server.url) as slow:
+            slow.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+            # A kept-alive connection idle after its answer is the keep-alive timeout's.
+            with httpx.Client(base_url=server.url) as client:
+                assert client.post("/predict", content=small(1)).status_code == 200
+                assert closed_by_server(silent) and closed_by_server(slow)
+                assert client.post("/predict", content=small(2)).status_code == 200
+                assert client.get("/health/ready").status_code == 200
+
+
+def test_connections_past_the_cap_get_a_503_and_are_closed(tmp_path: Path) -> None:
+    with faulty_server(tmp_path, connections=4) as server:
+        wait_ready(server.url)
+        held = [raw_connection(server.url) for _ in range(4)]
+        time.sleep(0.2)
+        answer = b""
+        with raw_connection(server.url) as refused:
+            while chunk := refused.recv(4096):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503")
+        assert b"retry-after: 1" in head.lower()
+        assert "too many open connections" in json.loads(body)["error"]
+        for sock in held:
+            sock.close()
+        time.sleep(0.2)
+        assert httpx.post(f"{server.url}/predict", content=small(1)).status_code == 200
+        assert server.process is not None
+        limits = Path(f"/proc/{server.process.pid}/limits").read_text()
+        soft, hard = re.search(r"Max open files\s+(\S+)\s+(\S+)", limits).groups()  # type: ignore[union-attr]
+        assert soft == hard

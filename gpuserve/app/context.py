@@ -6,6 +6,8 @@ request, which on a small model is a visible share of the request's CPU time.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import itertools
 import logging
@@ -18,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpuserve.app.responses import error_response
 from gpuserve.batcher import Trace
-from gpuserve.errors import Unauthorized
+from gpuserve.errors import InferenceError, NotReady, Unauthorized
 from gpuserve.logs import access
 from gpuserve.metrics import Metrics
 
@@ -28,6 +30,8 @@ _OPEN_PATHS = frozenset({"/health/live", "/health/ready", "/v2/health/live", "/v
 _ID_PREFIX = uuid.uuid4().hex[:16]
 _ID_COUNTER = itertools.count(1)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+logger = logging.getLogger("gpuserve.app")
 
 
 class RequestContext:
@@ -50,7 +54,7 @@ class RequestContext:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         header = (b"x-request-id", request_id.encode())
-        status = 500
+        status = 0  # no response started yet
         started = time.perf_counter()
         self.metrics.in_flight.inc()
 
@@ -67,7 +71,24 @@ class RequestContext:
                 await error_response(refusal, request_id)(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still running when its graceful stop runs out of time:
+            # the client gets the error shape, not uvicorn's text/plain 500.
+            if not status:
+                stopping = NotReady("the server is stopping; retry on another replica")
+                with contextlib.suppress(Exception):
+                    await error_response(stopping, request_id)(scope, receive, send_with_id)
+            raise
+        except BaseException as exc:
+            # The last line of defence: whatever escaped the app (a BaseException from a
+            # user's code, a bug) is answered in the error shape, and the server carries on.
+            if status:
+                raise
+            logger.error("request %s failed unexpectedly", request_id, exc_info=exc)
+            failure = InferenceError("internal error")
+            await error_response(failure, request_id)(scope, receive, send_with_id)
         finally:
+            status = status or 500
             self.metrics.in_flight.dec()
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
@@ -130,4 +151,9 @@ def _request_id(scope: Scope) -> str:
             if _REQUEST_ID.match(candidate):
                 return candidate
             break
+    return new_request_id()
+
+
+def new_request_id() -> str:
+    """A fresh id for a request that brought none of its own."""
     return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"

@@ -1,0 +1,127 @@
+"""Connection limits under uvicorn: a header-read deadline and a cap on open connections.
+
+uvicorn closes a kept-alive connection that stays idle, but not one that never sends a
+request, nor one that sends its headers a byte at a time; and it accepts connections until the
+process runs out of file descriptors, when every new client is reset. These limits are the
+HTTP front's, not the app's, so they sit in uvicorn's protocol rather than in ASGI middleware:
+a connection refused here never reaches the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+from typing import Any
+
+import orjson
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+from gpuserve.app.context import new_request_id
+
+logger = logging.getLogger("gpuserve.connections")
+
+# Descriptors kept back from the connection cap for the model files, logs, pipes and sockets
+# the process opens besides its clients.
+_RESERVED_FDS = 128
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard limit; returns the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:  # some sandboxes refuse even this
+            logger.warning("could not raise the open-file limit from %d: %s", soft, exc)
+    return soft
+
+
+def connection_cap(max_connections: int, fd_limit: int) -> int:
+    """The cap to enforce: the setting, or what the descriptor limit leaves room for."""
+    room = max(1, fd_limit - _RESERVED_FDS)
+    if max_connections > room:
+        logger.warning(
+            "max_connections %d is above what %d open files allow; capping at %d",
+            max_connections,
+            fd_limit,
+            room,
+        )
+    return min(max_connections, room)
+
+
+def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol with both limits; pass it as `uvicorn.Config(http=...)`.
+
+    - A connection past `max_connections` gets a 503 in the error shape, with Retry-After, and
+      is closed at once, before it can hold a descriptor.
+    - A request's headers must arrive within `header_timeout_s` of its first byte, and a new
+      connection must send its headers within `header_timeout_s` of opening; otherwise the
+      connection is closed. Between requests, uvicorn's keep-alive timeout applies as before.
+    """
+
+    class GuardedHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+        _header_timer: asyncio.TimerHandle | None = None
+        _armed_for: Any = None  # the request cycle current when the timer was armed
+
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                transport.write(_refusal(max_connections))
+                transport.close()
+                return
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self._header_timer is None and not self._in_request():
+                self._arm()  # the first byte of the next request on a kept-alive connection
+            super().data_received(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+            super().connection_lost(exc)
+
+        def _in_request(self) -> bool:
+            cycle = self.cycle
+            return cycle is not None and not cycle.response_complete
+
+        def _arm(self) -> None:
+            self._armed_for = self.cycle
+            self._header_timer = self.loop.call_later(header_timeout_s, self._headers_late)
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            # A new cycle means the headers came in time: it is the app's request now.
+            if self.cycle is not self._armed_for or self.transport.is_closing():
+                return
+            logger.info(
+                "closing a connection from %s: no complete request headers within %gs",
+                f"{self.client[0]}:{self.client[1]}" if self.client else "?",
+                header_timeout_s,
+            )
+            self.transport.close()
+
+    return GuardedHTTPProtocol
+
+
+def _refusal(max_connections: int) -> bytes:
+    request_id = new_request_id()
+    body = orjson.dumps(
+        {
+            "error": f"too many open connections (the limit is {max_connections}); retry shortly",
+            "request_id": request_id,
+        }
+    )
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\n"
+        "content-type: application/json\r\n"
+        "retry-after: 1\r\n"
+        f"x-request-id: {request_id}\r\n"
+        "connection: close\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
