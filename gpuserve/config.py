@@ -280,6 +280,19 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="Larger request bodies get 413 unread."
     )
+    parse_offload_bytes: int = Field(
+        default=256 * 1024,
+        ge=0,
+        description="Request bodies this large or larger are parsed in a separate process, so "
+        "a large body (parsed holding the GIL) never stalls the other clients.",
+    )
+    parse_processes: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="Processes that parse large bodies, started on the first one; 0 parses "
+        "every body on the event loop.",
+    )
     keep_alive_s: float = Field(
         default=75.0,
         gt=0,

@@ -10,6 +10,7 @@ exactly like the instances of a /predict request.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,8 +80,14 @@ class InferRequest:
     binary_output: bool
 
 
-def decode_request(body: bytes, header_length: str | None, spec: ModelSpec) -> InferRequest:
-    """Parse and check an infer request against the model's spec."""
+def decode_request(
+    body: bytes, header_length: str | None, spec: ModelSpec, limit: int | None = None
+) -> InferRequest:
+    """Parse and check an infer request against the model's spec.
+
+    `limit` bounds the instances (the tensor's first dimension); it is checked on the declared
+    shape, before any data is converted.
+    """
     header, binary = _split_body(body, header_length)
     try:
         request = orjson.loads(header)
@@ -88,6 +95,7 @@ def decode_request(body: bytes, header_length: str | None, spec: ModelSpec) -> I
         raise BadRequest(f"the request is not valid JSON: {exc}") from None
     if not isinstance(request, dict):
         raise BadRequest("the request must be a JSON object")
+    _parameters(request, "the request")
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise BadRequest(f"'inputs' must list exactly one tensor, {spec.input.name!r}")
@@ -96,7 +104,7 @@ def decode_request(body: bytes, header_length: str | None, spec: ModelSpec) -> I
         raise BadRequest(
             f"unknown input {tensor.get('name')!r}: the model takes {spec.input.name!r}"
         )
-    array = _tensor_data(tensor, binary, spec.input)
+    array = _tensor_data(tensor, binary, spec.input, limit)
     try:
         instances = block_to_arrays(array, spec.input, spec.input.name)
     except InvalidInput as exc:
@@ -138,13 +146,26 @@ def encode_response(
     return header + raw, len(header)
 
 
+def _parameters(owner: dict[str, Any], where: str) -> dict[str, Any]:
+    """An object's `parameters`: absent, or an object; anything else is a 400."""
+    parameters = owner.get("parameters")
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise BadRequest(f"{where}: 'parameters' must be an object, not {_json_type(parameters)}")
+    return parameters
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number"}
+    return names.get(type(value), "a number" if isinstance(value, float) else "a value")
+
+
 def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     if header_length is None:
         return body, b""
-    try:
-        length = int(header_length)
-    except ValueError:
-        length = -1
+    # Plain digits only: int() would also take "+10", "1_0" and " 10".
+    length = int(header_length) if header_length.isascii() and header_length.isdigit() else -1
     if not 0 < length <= len(body):
         raise BadRequest(
             f"Inference-Header-Content-Length must be between 1 and the body's {len(body)} "
@@ -153,7 +174,9 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     return body[:length], body[length:]
 
 
-def _tensor_data(tensor: dict[str, Any], binary: bytes, spec: TensorSpec) -> np.ndarray[Any, Any]:
+def _tensor_data(
+    tensor: dict[str, Any], binary: bytes, spec: TensorSpec, limit: int | None
+) -> np.ndarray[Any, Any]:
     name = spec.name
     declared = tensor.get("datatype")
     if declared != datatype(spec):
@@ -163,8 +186,11 @@ def _tensor_data(tensor: dict[str, Any], binary: bytes, spec: TensorSpec) -> np.
         isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape
     ):
         raise BadRequest(f"input {name!r}: shape must be a list of sizes, not {shape!r}")
-    count = int(np.prod(shape)) if shape else 1
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    if limit is not None and shape and shape[0] > limit:
+        raise BadRequest(f"{shape[0]} instances given, at most {limit} allowed")
+    # Python's integers, not numpy's: a product of large sizes must not wrap around int64.
+    count = math.prod(shape)
+    size = _parameters(tensor, f"input {name!r}").get("binary_data_size")
     if size is not None:
         return _from_bytes(binary, size, declared, shape, count, name)
     if "data" not in tensor:
@@ -201,7 +227,7 @@ def _to_bytes(array: np.ndarray[Any, Any], spec: TensorSpec) -> bytes:
 
 
 def _wants_binary(request: dict[str, Any], spec: ModelSpec) -> bool:
-    if (request.get("parameters") or {}).get("binary_data_output") is True:
+    if _parameters(request, "the request").get("binary_data_output") is True:
         return True
     outputs = request.get("outputs")
     if outputs is None:
@@ -214,5 +240,6 @@ def _wants_binary(request: dict[str, Any], spec: ModelSpec) -> bool:
             raise BadRequest(
                 f"unknown output {wanted.get('name')!r}: the model gives {spec.output.name!r}"
             )
-        binary = binary or (wanted.get("parameters") or {}).get("binary_data") is True
+        parameters = _parameters(wanted, f"output {spec.output.name!r}")
+        binary = binary or parameters.get("binary_data") is True
     return binary

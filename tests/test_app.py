@@ -513,3 +513,22 @@ async def test_expired_requests_leave_the_queue_to_live_ones(fake_model: FakeMod
         fresh = await client.post("/predict", json={"inputs": [5, 0, 0, 0]})
         assert fresh.status_code == 200 and fresh.json()["outputs"] == 5.0
         assert (await busy).status_code == 200
+
+
+async def test_large_bodies_parsed_in_another_process_get_the_same_answers(
+    fake_model: FakeModel,
+) -> None:
+    settings = SETTINGS.model_copy(update={"parse_offload_bytes": 64})
+    async with serving(create_app(settings, loader=fake_loader(fake_model))) as client:
+        good = {"instances": [[i, 1, 1, 1] for i in range(8)]}
+        response = await client.post("/predict", json=good)
+        assert response.status_code == 200
+        assert response.json()["outputs"] == [float(i + 3) for i in range(8)]
+        bad = {"instances": [[1, 1, 1, 1]] * 7 + [[1, 1]]}
+        refused = await client.post("/predict", json=bad)
+        assert refused.status_code == 422
+        assert refused.json()["error"].startswith("instances[7]: expected float32[4]")
+        too_many = await client.post("/predict", json={"instances": [[1, 1, 1, 1]] * 9})
+        assert too_many.status_code == 422 and "at most 8" in too_many.json()["error"]
+        decoder = client._transport.app.state.decoder  # type: ignore[attr-defined]
+        assert decoder._pool is not None  # the bodies went to the parse process

@@ -120,6 +120,14 @@ async def test_each_row_of_a_request_joins_the_batcher_as_an_instance(
         ({"data": ["a"] * 64}, "expected float32"),
         ({"shape": "64"}, "shape must be a list"),
         ({"parameters": {"binary_data_size": 256}}, "binary_data_size 256 does not fit"),
+        # Element counts that wrap around int64 (2**64 is 0 there) must not reach reshape.
+        ({"shape": [2**32, 2**32], "data": []}, "at most 16 allowed"),
+        ({"shape": [1, 2**32, 2**32], "data": []}, r"needs 18446744073709551616 values, got 0"),
+        ({"shape": [1, 2**63, 2], "data": []}, "needs 18446744073709551616 values"),
+        ({"shape": [1, 2**70]}, "shape must be a list of sizes"),  # past u64: a float
+        ({"parameters": ["binary_data_size", 256]}, "'parameters' must be an object, not an array"),
+        ({"parameters": "x"}, "'parameters' must be an object, not a string"),
+        ({"parameters": 3}, "'parameters' must be an object, not a number"),
     ],
 )
 async def test_bad_tensors_are_clear_400s(
@@ -139,6 +147,10 @@ async def test_bad_tensors_are_clear_400s(
         (b'{"inputs": []}', {}, "exactly one tensor"),
         (b"{}", {"inference-header-content-length": "99"}, "between 1 and the body's 2 bytes"),
         (b"{}", {"x-request-timeout-ms": "soon"}, "X-Request-Timeout-Ms"),
+        (b"{}", {"inference-header-content-length": "+2"}, "not '+2'"),
+        (b"{}", {"inference-header-content-length": "0_2"}, "not '0_2'"),
+        (b'{"parameters": [1]}', {}, "the request: 'parameters' must be an object"),
+        (b'{"parameters": true}', {}, "not a boolean"),
     ],
 )
 async def test_bad_bodies_are_clear_400s(
@@ -150,6 +162,18 @@ async def test_bad_bodies_are_clear_400s(
         headers={"content-type": "application/json", **headers},
     )
     assert response.status_code == 400 and message in response.json()["error"]
+
+
+@pytest.mark.parametrize("parameters", [[], "binary", 1.5, True])
+async def test_output_parameters_that_are_not_an_object_are_a_400(
+    client: httpx.AsyncClient, parameters: Any
+) -> None:
+    body = infer_body(images(1)) | {
+        "outputs": [{"name": "probabilities", "parameters": parameters}]
+    }
+    response = await client.post("/v2/models/digits/infer", json=body)
+    assert response.status_code == 400
+    assert "output 'probabilities': 'parameters' must be an object" in response.json()["error"]
 
 
 async def test_an_unknown_output_name_is_a_400(client: httpx.AsyncClient) -> None:

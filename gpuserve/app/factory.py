@@ -24,6 +24,7 @@ from gpuserve.app.responses import (
     on_validation_error,
 )
 from gpuserve.config import Settings
+from gpuserve.decoding import BodyDecoder
 from gpuserve.device import GpuMonitor
 from gpuserve.errors import GpuserveError
 from gpuserve.loading import load_model
@@ -45,6 +46,7 @@ def create_app(
     """
     metrics = Metrics()
     models = ModelRegistry(settings, loader if loader is not None else load_model, metrics)
+    decoder = BodyDecoder(settings.parse_offload_bytes, settings.parse_processes)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -56,6 +58,7 @@ def create_app(
             yield
         finally:
             await models.stop(settings.shutdown_timeout_s)
+            decoder.close()
             if sampler is not None:
                 sampler.cancel()
                 await asyncio.gather(sampler, return_exceptions=True)
@@ -66,6 +69,7 @@ def create_app(
     app.state.settings = settings
     app.state.models = models
     app.state.metrics = metrics
+    app.state.decoder = decoder
     app.include_router(routes.router)
     app.include_router(v2.router)
     app.add_exception_handler(GpuserveError, on_gpuserve_error)

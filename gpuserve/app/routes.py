@@ -11,19 +11,17 @@ from typing import Any
 
 import fastapi
 from fastapi import APIRouter, Request
-from pydantic import ValidationError
 from starlette.responses import PlainTextResponse, Response
 
 from gpuserve import __version__
 from gpuserve.app.responses import deadline_s, json_response, read_body, unless_disconnected
 from gpuserve.batcher import Trace
 from gpuserve.config import Settings
-from gpuserve.errors import InvalidInput
+from gpuserve.decoding import BodyDecoder, decode_predict
 from gpuserve.metrics import Metrics
 from gpuserve.registry import ModelRegistry
 from gpuserve.schemas import ErrorResponse, PredictRequest, PredictResponse
-from gpuserve.service import Instance, ModelService
-from gpuserve.spec import to_array, to_arrays
+from gpuserve.service import ModelService
 
 router = APIRouter()
 
@@ -85,21 +83,14 @@ async def predict_with(request: Request, service: ModelService) -> Response:
     timeout_s = deadline_s(request, service.settings.request_timeout_s)
     settings: Settings = request.app.state.settings
     body = await read_body(request, settings.max_body_bytes)
-    try:
-        parsed = PredictRequest.model_validate_json(body)
-    except ValidationError as exc:
-        raise InvalidInput(_describe(exc)) from None
-
-    if parsed.instances is not None:
-        limit = service.settings.max_instances_per_request
-        if len(parsed.instances) > limit:
-            raise InvalidInput(f"instances: {len(parsed.instances)} given, at most {limit} allowed")
-        arrays: list[Instance] = to_arrays(parsed.instances, spec.input, "instances")
-    else:
-        arrays = [to_array(parsed.inputs, spec.input, "inputs")]
+    decoder: BodyDecoder = request.app.state.decoder
+    limit = service.settings.max_instances_per_request
+    decoded = await decoder.run(body, decode_predict, spec.input, limit)
     trace = request.state.trace = Trace()
-    outputs = await unless_disconnected(request, service.predict(arrays, timeout_s, trace=trace))
-    single = parsed.instances is None
+    outputs = await unless_disconnected(
+        request, service.predict(decoded.instances, timeout_s, trace=trace)
+    )
+    single = decoded.single
     return json_response({"model": spec.name, "outputs": outputs[0] if single else outputs})
 
 
@@ -165,11 +156,3 @@ def _describe_model(service: ModelService) -> dict[str, Any]:
             "length_buckets": settings.length_buckets,
         },
     }
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors(include_url=False):
-        where = ".".join(str(part) for part in error["loc"]) or "body"
-        parts.append(f"{where}: {error['msg']}")
-    return "; ".join(parts)

@@ -16,6 +16,7 @@ from gpuserve import __version__, oip
 from gpuserve.app.responses import deadline_s, json_response, read_body, unless_disconnected
 from gpuserve.batcher import Trace
 from gpuserve.config import Settings
+from gpuserve.decoding import BodyDecoder
 from gpuserve.errors import BadRequest, InvalidInput, ModelNotFound
 from gpuserve.registry import ModelRegistry
 from gpuserve.schemas import ErrorResponse
@@ -100,10 +101,9 @@ async def infer(request: Request, name: str) -> Response:
     except InvalidInput as exc:
         raise BadRequest(exc.message) from None
     header_length = request.headers.get(oip.HEADER_LENGTH)
-    decoded = oip.decode_request(body, header_length, spec)
+    decoder: BodyDecoder = request.app.state.decoder
     limit = service.settings.max_instances_per_request
-    if len(decoded.instances) > limit:
-        raise BadRequest(f"{len(decoded.instances)} instances given, at most {limit} allowed")
+    decoded = await decoder.run(body, oip.decode_request, header_length, spec, limit)
     trace = request.state.trace = Trace()
     rows = await unless_disconnected(
         request, service.predict(decoded.instances, timeout_s, postprocess=False, trace=trace)
