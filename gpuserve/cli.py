@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings = Settings(**_flags(args))
     except ValidationError as exc:
-        sys.exit(f"gpuserve: invalid settings:\n{exc}")
+        sys.exit(f"gpuserve: invalid settings:\n{describe_settings_error(exc)}")
     except ValueError as exc:  # the config file is missing or not TOML
         sys.exit(f"gpuserve: {exc}")
     configure_logging(settings.log_level, settings.log_format)
@@ -46,6 +46,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         _probe(settings, args.json)
     else:
         _serve(settings)
+
+
+def describe_settings_error(exc: ValidationError) -> str:
+    """One line per problem: the setting and what is wrong, never the value given (it may be
+    a secret) and without pydantic's links."""
+    lines = []
+    for error in exc.errors(include_url=False, include_input=False, include_context=False):
+        where = ".".join(str(part) for part in error["loc"]) or "settings"
+        lines.append(f"  {where}: {error['msg'].removeprefix('Value error, ')}")
+    return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -11,7 +11,15 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -252,6 +260,8 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
+        # An error must never echo what it was given: the input may hold the API keys.
+        hide_input_in_errors=True,
     )
 
     config_file: Path | None = Field(default=None, description="TOML file with these settings.")
@@ -318,7 +328,7 @@ class Settings(BaseSettings):
         "Lowered to what the open-file limit allows (raised to its hard limit at start).",
     )
     # NoDecode: the environment gives a comma-separated list, not JSON.
-    api_keys: Annotated[list[str], NoDecode] = Field(
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
         description="When set, every route but the health checks needs "
         "'Authorization: Bearer <key>'. GPUSERVE_API_KEYS takes a comma-separated list.",
@@ -369,10 +379,17 @@ class Settings(BaseSettings):
 
     @field_validator("api_keys")
     @classmethod
-    def _check_keys(cls, keys: list[str]) -> list[str]:
-        if any(len(key) < 16 for key in keys):
-            raise ValueError("API keys must be at least 16 characters long")
+    def _check_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        short = [str(i + 1) for i, key in enumerate(keys) if len(key.get_secret_value()) < 16]
+        if short:
+            raise ValueError(
+                f"API keys must be at least 16 characters long; key {', '.join(short)} is not"
+            )
         return keys
+
+    def api_key_values(self) -> list[str]:
+        """The API keys themselves, for the one place that compares them."""
+        return [key.get_secret_value() for key in self.api_keys]
 
     @classmethod
     def settings_customise_sources(

@@ -26,7 +26,7 @@ import torch
 
 from gpuserve.config import ModelSettings
 from gpuserve.device import DeviceInfo
-from gpuserve.errors import ModelLoadError
+from gpuserve.errors import InferenceError, ModelLoadError
 from gpuserve.sources import load_module
 from gpuserve.spec import ModelSpec
 
@@ -133,10 +133,16 @@ class Handler:
                 compute = torch.cuda.current_stream(self.device)
                 compute.wait_event(prepared.copied)
                 _used_on(batch, compute)
-            rows = self.split(self.forward(batch))[: prepared.size]
+            output = self.forward(batch)
+            per_position = isinstance(batch, Padded) and self.spec.output.shape[:1] == (-1,)
+            broken = _non_finite_rows(output, batch.mask if per_position else None, prepared.size)
+            rows = self.split(output)[: prepared.size]
         if isinstance(batch, Padded) and self.spec.output.shape[:1] == (-1,):
             # A per-position output (one row per token): cut each back to its own length.
             rows = [row[: lengths[0]] for row, lengths in zip(rows, batch.lengths, strict=True)]
+        for index in broken:
+            # JSON has no NaN: it would be served as null, with a label chosen from garbage.
+            rows[index] = InferenceError("the model's output for this input is NaN or infinite")
         return rows
 
     def setup(self) -> None:
@@ -347,3 +353,20 @@ def _timed(handler: Handler, batch: list[Any]) -> float:
     started = time.perf_counter()
     handler(batch)
     return time.perf_counter() - started
+
+
+def _non_finite_rows(output: Any, mask: torch.Tensor | None, size: int) -> list[int]:
+    """The rows, among the first `size`, whose output holds NaN or infinity.
+
+    With the `mask` of a per-position output, padded positions do not count: they are cut
+    away. One vectorised check per batch; an output that is not one floating tensor is not
+    checked.
+    """
+    if not isinstance(output, torch.Tensor) or not output.is_floating_point() or output.ndim < 1:
+        return []
+    finite = torch.isfinite(output[:size])
+    if mask is not None and finite.ndim >= mask.ndim:
+        mask = mask[:size].to(finite.device)
+        finite = finite | ~mask.reshape(*mask.shape, *[1] * (finite.ndim - mask.ndim))
+    bad = ~finite.reshape(finite.shape[0], -1).all(dim=1)
+    return bad.nonzero().flatten().tolist() if bool(bad.any()) else []

@@ -8,6 +8,7 @@ as fields of the record; the JSON format writes each field as a key.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any, Literal
 
@@ -17,11 +18,58 @@ LogFormat = Literal["text", "json"]
 access = logging.getLogger("gpuserve.access")
 
 # The attributes every LogRecord has; anything else on a record came in through `extra`.
-_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+# uvicorn adds `color_message`, the message with ANSI colours: not for a log pipeline.
+_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators: whatever a terminal or
+# a log reader could take for the end of a line, or for a command.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def escape(text: str) -> str:
+    """`text` with every control character written as an escape (a newline as \\x0a)."""
+    return _CONTROL.sub(_escaped, text)
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+class TextFormatter(logging.Formatter):
+    """Readable lines that a client cannot forge.
+
+    A request's path, a header or an error message may carry a newline (`%0a` in a URL is
+    decoded before it is logged) and so write whole log lines of its own. Every record is one
+    line here: its message and fields have their control characters escaped, and the lines of
+    a traceback, which are many by nature, are indented by four spaces, so that a line that
+    does not start with a time is always part of the record above it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(_TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        safe = logging.makeLogRecord(record.__dict__)  # other handlers keep the original
+        safe.msg, safe.args = escape(record.getMessage()), None
+        safe.exc_info, safe.exc_text, safe.stack_info = None, None, None
+        line = super().format(safe)
+        if record.exc_info:
+            line += "\n" + _indented(self.formatException(record.exc_info))
+        if record.stack_info:
+            line += "\n" + _indented(self.formatStack(record.stack_info))
+        return line
+
+
+def _indented(text: str) -> str:
+    return "\n".join("    " + escape(part) for part in text.split("\n"))
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record: time, level, logger, message, extra fields, traceback."""
+    """One JSON object per record: time, level, logger, message, extra fields, traceback.
+
+    JSON strings escape every control character, so a record is always one line.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         body: dict[str, Any] = {
@@ -44,7 +92,7 @@ def configure(level: str, log_format: LogFormat = "text") -> None:
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -70,7 +70,9 @@ def deployment(settings: Settings) -> Application:
             "target_ongoing_requests": ray.target_ongoing_requests,
         }
     replica = serve.deployment(**options)(GpuserveReplica)
-    return replica.bind(settings.model_dump(mode="json"))
+    # A JSON dump masks secrets; the replicas need the keys themselves.
+    bound = {**settings.model_dump(mode="json"), "api_keys": settings.api_key_values()}
+    return replica.bind(bound)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

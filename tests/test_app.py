@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from gpuserve.app import create_app
 from gpuserve.config import ModelSettings, Settings
 from gpuserve.device import DeviceInfo
-from gpuserve.errors import ModelLoadError
+from gpuserve.errors import InferenceError, ModelLoadError
 
 from .conftest import FAKE_SPEC, FakeModel, fake_loader
 
@@ -279,7 +279,7 @@ async def test_the_deadline_header_turns_a_slow_answer_into_a_504(
     assert 'gpuserve_timed_out_total{model="digits"} 1.0' in text
 
 
-@pytest.mark.parametrize("value", ["0", "-5", "soon"])
+@pytest.mark.parametrize("value", ["0", "-5", "soon", "1_000", "+100", "1e3", "100.5", "0x10"])
 async def test_a_bad_deadline_header_is_a_422(client: httpx.AsyncClient, value: str) -> None:
     response = await client.post(
         "/predict", json={"inputs": [1, 2, 3, 4]}, headers={"x-request-timeout-ms": value}
@@ -311,7 +311,7 @@ KEY = "k" * 24
 
 @pytest.fixture
 async def locked(fake_model: FakeModel) -> AsyncIterator[httpx.AsyncClient]:
-    settings = SETTINGS.model_copy(update={"api_keys": [KEY, "another-key-of-16+"]})
+    settings = Settings(**{**SETTINGS.model_dump(), "api_keys": [KEY, "another-key-of-16+"]})
     async with serving(create_app(settings, loader=fake_loader(fake_model))) as client:
         yield client
 
@@ -532,3 +532,30 @@ async def test_large_bodies_parsed_in_another_process_get_the_same_answers(
         assert too_many.status_code == 422 and "at most 8" in too_many.json()["error"]
         decoder = client._transport.app.state.decoder  # type: ignore[attr-defined]
         assert decoder._pool is not None  # the bodies went to the parse process
+
+
+@pytest.mark.parametrize("path", ["/health/live/", "/predict/", "/models/digits/"])
+async def test_a_trailing_slash_is_never_redirected_to_the_clients_host(
+    client: httpx.AsyncClient, path: str
+) -> None:
+    response = await client.get(path, headers={"host": "evil.example"})
+    assert response.status_code == 404 and "location" not in response.headers
+    assert set(response.json()) == {"error", "request_id"}
+
+
+async def test_a_non_finite_output_is_a_500_for_its_request_alone() -> None:
+    class Half(FakeModel):
+        def __call__(self, instances: list[Any]) -> list[Any]:
+            rows = super().__call__(instances)
+            return [
+                InferenceError("NaN") if float(x[0]) == 15 else row
+                for x, row in zip(instances, rows, strict=True)
+            ]
+
+    async with serving(create_app(SETTINGS, loader=fake_loader(Half(FAKE_SPEC)))) as client:
+        bad, good = await asyncio.gather(
+            client.post("/predict", json={"inputs": [15, 0, 0, 0]}),
+            client.post("/predict", json={"inputs": [1, 0, 0, 0]}),
+        )
+        assert bad.status_code == 500 and bad.json()["error"] == "NaN"
+        assert good.status_code == 200 and good.json()["outputs"] == 1.0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuserve.cli import _warn_if_exposed, probe_table
+from gpuserve.cli import _warn_if_exposed, main, probe_table
 from gpuserve.config import Settings
 from gpuserve.device import DeviceInfo, GpuSample
 
@@ -128,3 +128,41 @@ def test_serving_beyond_loopback_without_keys_warns(caplog: pytest.LogCaptureFix
     _warn_if_exposed(Settings(host="0.0.0.0", api_keys=["x" * 20]))
     _warn_if_exposed(Settings(host="127.0.0.1"))
     assert caplog.text == ""
+
+
+SHORT_KEY, GOOD_KEY = "short-secret-1", "a-good-secret-key-0123456789"
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"GPUSERVE_API_KEYS": f"{SHORT_KEY},{GOOD_KEY}"}, "api_keys: API keys must be at least"),
+        ({"GPUSERVE_API_KEYS": GOOD_KEY, "GPUSERVE_DEFAULT_MODEL": "nope"}, "default_model 'nope'"),
+        ({"GPUSERVE_API_KEYS": GOOD_KEY, "GPUSERVE_PORT": "-1"}, "port: Input should be"),
+    ],
+)
+def test_a_settings_error_never_prints_the_api_keys(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    problem: str,
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as stopped:
+        main(["serve"])
+    message = str(stopped.value.code)
+    assert problem in message
+    assert SHORT_KEY not in message and GOOD_KEY not in message
+    assert "errors.pydantic.dev" not in message and "input_value" not in message
+    assert GOOD_KEY not in capsys.readouterr().err
+
+
+def test_api_keys_are_secrets_in_every_rendering() -> None:
+    settings = Settings(api_keys=[GOOD_KEY])
+    for rendering in (repr(settings), str(settings), settings.model_dump_json()):
+        assert GOOD_KEY not in rendering
+    assert settings.api_key_values() == [GOOD_KEY]
+    with pytest.raises(ValueError) as refused:
+        Settings(api_keys=[SHORT_KEY], port=-5)
+    assert SHORT_KEY not in str(refused.value)

@@ -12,7 +12,7 @@ import torch
 
 from gpuserve import handler as handler_module
 from gpuserve.config import ModelSettings
-from gpuserve.errors import ModelLoadError
+from gpuserve.errors import InferenceError, ModelLoadError
 from gpuserve.handler import Handler, Padded, choose_batch_size
 from gpuserve.spec import ModelSpec, TensorSpec
 
@@ -309,3 +309,32 @@ def test_a_compiled_model_sees_only_warm_up_batch_sizes_and_answers_the_same() -
         assert got == pytest.approx(want, abs=1e-6)
     handler(instances(8))
     assert sizes[-1] == 8
+
+
+class NanForNegatives(torch.nn.Module):
+    """Sums each row, and answers NaN (or infinity) for a row whose first value is negative."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.sum(dim=1, keepdim=True).repeat(1, 3)
+        out[x[:, 0] < 0, 1] = float("nan")
+        out[x[:, 0] < -5, 0] = float("inf")
+        return out
+
+
+@pytest.mark.parametrize("labels", [None, ["a", "b", "c"]])
+def test_a_non_finite_output_fails_its_row_and_only_its_row(labels: list[str] | None) -> None:
+    handler = make(NanForNegatives(), labels=labels)
+    items = [np.array(v, dtype=np.float32) for v in ([1, 1, 1, 1], [-1, 0, 0, 0], [-9, 0, 0, 0])]
+    items.append(np.ones(4, dtype=np.float32))
+    rows = handler(items)
+    assert isinstance(rows[1], InferenceError) and isinstance(rows[2], InferenceError)
+    assert "NaN or infinite" in rows[1].message
+    assert not isinstance(rows[0], Exception) and not isinstance(rows[3], Exception)
+
+
+def test_nan_at_padded_positions_of_a_per_position_output_is_not_a_failure() -> None:
+    handler = token_handler(output_shape=(-1, 8))
+    nan = torch.tensor(float("nan"))
+    handler.module = lambda ids, mask: torch.where(mask.unsqueeze(-1), torch.ones(8), nan)
+    short, long = handler([np.array([1]), np.array([1, 2, 3])])
+    assert short == [[1.0] * 8] and len(long) == 3

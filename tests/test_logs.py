@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import sys
@@ -11,7 +12,7 @@ import pytest
 
 from gpuserve.app import create_app
 from gpuserve.config import Settings
-from gpuserve.logs import JsonFormatter, configure
+from gpuserve.logs import JsonFormatter, TextFormatter, access, configure, escape
 
 from .conftest import FakeModel, fake_loader
 from .test_app import SETTINGS, serving
@@ -77,3 +78,56 @@ async def test_the_access_log_can_be_turned_off(
     async with serving(create_app(quiet, loader=fake_loader(fake_model))) as client:
         await client.post("/predict", json={"inputs": [1, 2, 3, 4]})
     assert not [r for r in caplog.records if r.name == "gpuserve.access"]
+
+
+FORGERIES = ["/predict\n2026-01-01 00:00:00,000 INFO gpuserve.access: forged", "/x\r\x1b[2J\u2028y"]
+
+
+@pytest.mark.parametrize("path", FORGERIES)
+def test_a_text_record_is_one_line_whatever_its_fields_hold(path: str) -> None:
+    try:
+        raise ValueError(f"bad {path}")
+    except ValueError:
+        record = logging.getLogger("t").makeRecord(
+            "t", logging.ERROR, __file__, 1, "POST %s", (path,), exc_info=sys.exc_info()
+        )
+    lines = TextFormatter().format(record).split("\n")
+    assert lines[0].endswith("POST " + escape(path)) and "\r" not in lines[0]
+    assert not any(control in lines[0] for control in "\n\r\x1b\u2028")
+    # The traceback's lines are all indented, the attacker's text among them.
+    assert len(lines) > 1 and all(line.startswith("    ") for line in lines[1:])
+    assert record.getMessage() == f"POST {path}"  # the record itself is untouched
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("log_format", ["text", "json"])
+async def test_a_percent_encoded_newline_in_the_path_cannot_forge_an_access_line(
+    fake_model: FakeModel, log_format: str
+) -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    access.addHandler(handler)
+    level = access.level
+    access.setLevel(logging.INFO)
+    try:
+        async with serving(create_app(SETTINGS, loader=fake_loader(fake_model))) as client:
+            forged = "/predict%0a2026-01-01%2000:00:00,000%20INFO%20gpuserve.access:%20POST"
+            await client.post(forged + "%0d%1b[2J", json={"inputs": [1, 2, 3, 4]})
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(level)
+    lines = [line for line in stream.getvalue().splitlines() if "health" not in line]
+    assert len(lines) == 1, lines
+    if log_format == "json":
+        assert json.loads(lines[0])["path"].startswith("/predict\n2026")
+    else:
+        assert "/predict\\x0a2026-01-01" in lines[0] and "\\x0d\\x1b[2J" in lines[0]
+
+
+def test_json_lines_drop_uvicorns_colour_codes() -> None:
+    record = logging.getLogger("uvicorn.error").makeRecord(
+        "uvicorn.error", logging.INFO, __file__, 1, "Started", (), None
+    )
+    record.color_message = "\x1b[32mStarted\x1b[0m"  # type: ignore[attr-defined]
+    assert "color_message" not in json.loads(JsonFormatter().format(record))

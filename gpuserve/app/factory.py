@@ -65,7 +65,11 @@ def create_app(
             if monitor is not None:
                 monitor.close()
 
-    app = GpuserveAPI(title="gpuserve", version=__version__, lifespan=lifespan)
+    # No trailing-slash redirects: Starlette builds their Location from the client's Host
+    # header, which lets anyone make this server redirect to a host of their choosing.
+    app = GpuserveAPI(
+        title="gpuserve", version=__version__, lifespan=lifespan, redirect_slashes=False
+    )
     app.state.settings = settings
     app.state.models = models
     app.state.metrics = metrics
@@ -79,7 +83,7 @@ def create_app(
     context = functools.partial(
         RequestContext,
         metrics=metrics,
-        api_keys=settings.api_keys,
+        api_keys=settings.api_key_values(),
         access_log=settings.access_log,
     )
     app.add_middleware(context)

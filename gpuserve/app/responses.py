@@ -123,10 +123,8 @@ def deadline_s(request: Request, default_s: float) -> float:
     header = request.headers.get("x-request-timeout-ms")
     if header is None:
         return default_s
-    try:
-        asked_s = int(header) / 1000.0
-    except ValueError:
-        asked_s = 0.0
+    # Plain digits only: int() would also take "+100", "1_000", " 100" and other scripts' digits.
+    asked_s = int(header) / 1000.0 if header.isascii() and header.isdigit() else 0.0
     if asked_s <= 0:
         raise InvalidInput(f"X-Request-Timeout-Ms must be a positive integer, not {header!r}")
     return min(asked_s, default_s)
