@@ -1,0 +1,181 @@
+"""Chaos on a real socket: everything hostile at once, then SIGTERM.
+
+Normal clients keep sending while, beside them, a client posts 4 MB bodies that must be
+refused, sockets sit silent or send half their headers, clients hang up mid-request, and
+requests carry inputs on which the model raises a BaseException, raises StopIteration or
+answers NaN. Then the server gets SIGTERM with requests in flight. Bounded: about 30 s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from .test_socket import faulty_server, raw_connection, wait_ready
+
+CHAOS_S = 8.0
+NORMAL_CLIENTS = 4
+
+
+def body(first: float, rows: int | None = None) -> bytes:
+    row = [first, 1.0, 1.0, 1.0]
+    return json.dumps({"instances": [row] * rows} if rows else {"inputs": row}).encode()
+
+
+class Recorder:
+    """What every request got, from every client thread."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.answers: list[tuple[str, float, int, Any]] = []  # (who, when, status, body)
+        self.failures: list[tuple[str, str]] = []  # accepted but not answered in shape
+
+    def answer(self, who: str, status: int, payload: bytes) -> None:
+        try:
+            parsed = json.loads(payload)
+        except ValueError:
+            parsed = None
+        with self.lock:
+            self.answers.append((who, time.monotonic(), status, parsed))
+            if status != 200 and (
+                not isinstance(parsed, dict) or set(parsed) != {"error", "request_id"}
+            ):
+                self.failures.append((who, f"{status} not in the error shape: {payload[:200]!r}"))
+
+    def fail(self, who: str, why: str) -> None:
+        with self.lock:
+            self.failures.append((who, why))
+
+
+def post(port: int, path: str, content: bytes, timeout: float = 30) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("POST", path, content, {"content-type": "application/json"})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def normal_client(port: int, index: int, until: float, record: Recorder) -> None:
+    # One kept-alive connection, as a real client would use.
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    value = float(index + 1)
+    while time.monotonic() < until:
+        try:
+            connection.request(
+                "POST", "/predict", body(value), {"content-type": "application/json"}
+            )
+            response = connection.getresponse()
+            payload = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            record.fail(f"normal{index}", f"{type(exc).__name__}: {exc}")
+            return
+        record.answer("normal", response.status, payload)
+        if response.status == 200 and json.loads(payload)["outputs"] != [value + 3.0]:
+            record.fail(f"normal{index}", f"wrong answer {payload!r}")
+    connection.close()
+
+
+def abusive_client(port: int, until: float, record: Recorder) -> None:
+    too_many = body(1.0, rows=4_000_000 // 24)[:4_000_000]  # cut: invalid JSON as well
+    kinds = [too_many, body(1.0, rows=150_000)]
+    sent = 0
+    while time.monotonic() < until:
+        status, payload = post(port, "/predict", kinds[sent % len(kinds)])
+        record.answer("abusive", status, payload)
+        sent += 1
+        time.sleep(0.3)
+
+
+def poison_client(port: int, until: float, record: Recorder) -> None:
+    values = [13.0, 14.0, 15.0]  # BaseException, StopIteration, NaN
+    sent = 0
+    while time.monotonic() < until:
+        status, payload = post(port, "/predict", body(values[sent % 3]))
+        record.answer("poison", status, payload)
+        sent += 1
+        time.sleep(0.05)
+
+
+def hang_up_client(port: int, until: float) -> None:
+    while time.monotonic() < until:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            content = body(22.0)  # the model takes half a second on it
+            head = (
+                "POST /predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(content)}\r\n\r\n"
+            )
+            sock.sendall(head.encode() + content)
+            time.sleep(0.05)  # and hang up before the answer
+        time.sleep(0.2)
+
+
+def test_chaos_then_sigterm(tmp_path: Path) -> None:
+    with faulty_server(tmp_path, shutdown=5, header=1.0, connections=512) as server:
+        wait_ready(server.url)
+        port = int(server.url.rsplit(":", 1)[1])
+        record = Recorder()
+        silent = [raw_connection(server.url) for _ in range(100)]
+        for sock in silent[:20]:
+            sock.sendall(b"POST /predict HTTP/1.1\r\nhost: x\r\n")  # half the headers, then nothing
+        began = time.monotonic()
+        until = began + CHAOS_S
+        threads = [
+            threading.Thread(target=normal_client, args=(port, i, until, record))
+            for i in range(NORMAL_CLIENTS)
+        ]
+        threads += [
+            threading.Thread(target=abusive_client, args=(port, until, record)),
+            threading.Thread(target=poison_client, args=(port, until, record)),
+            threading.Thread(target=hang_up_client, args=(port, until)),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=CHAOS_S + 60)
+        assert not any(thread.is_alive() for thread in threads)
+
+        # The silent sockets were closed by the server (header timeout), not left to pile up.
+        for sock in silent:
+            sock.settimeout(5)
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(1) == b""
+            sock.close()
+
+        # Requests in flight at SIGTERM, each on its own connection: every one is answered.
+        assert server.process is not None
+        in_flight: list[tuple[int, bytes]] = []
+        senders = [
+            threading.Thread(target=lambda v=v: in_flight.append(post(port, "/predict", body(v))))
+            for v in (22.0, 1.0, 2.0, 3.0, 22.0)
+        ]
+        for sender in senders:
+            sender.start()
+        time.sleep(0.2)
+        stopped = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        for sender in senders:
+            sender.join(timeout=60)
+        code = server.process.wait(timeout=60)
+        took = time.monotonic() - stopped
+
+    assert not record.failures, record.failures[:10]
+    statuses = Counter((who, status) for who, _, status, _ in record.answers)
+    normal = [(when, status) for who, when, status, _ in record.answers if who == "normal"]
+    assert {status for _, status in normal} == {200}
+    # Served throughout: a 200 for the normal clients in every second of the chaos.
+    seconds = Counter(int(when - began) for when, _ in normal)
+    assert all(seconds[second] > 0 for second in range(int(CHAOS_S))), seconds
+    assert statuses[("poison", 500)] >= 3 and set(s for w, s in statuses if w == "poison") == {500}
+    assert statuses[("abusive", 422)] >= 2
+    assert {status for status, _ in in_flight} == {200} and len(in_flight) == 5
+    assert code == 0 and took < 5 + 5
