@@ -66,6 +66,11 @@ def is_memory_error(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError)
 
 
+def never_fatal(exc: BaseException) -> bool:
+    """The default test for an error that ends a worker for good: none does."""
+    return False
+
+
 def deliverable(exc: BaseException) -> Exception:
     """`exc` as an error a waiting request can be given.
 
@@ -179,6 +184,7 @@ class _Outcome(Generic[R]):
     ran: list[int] = field(default_factory=list)  # indices of the entries that were processed
     forward_s: float = 0.0
     oom_splits: int = 0
+    fatal: str | None = None  # the worker can never run again (a broken device context)
 
 
 class MicroBatcher(Generic[T, R]):
@@ -194,6 +200,7 @@ class MicroBatcher(Generic[T, R]):
         forward_timeout_s: float | None = None,
         oom_cooldown_s: float = 30.0,
         is_oom: Callable[[BaseException], bool] = is_memory_error,
+        is_fatal: Callable[[BaseException], bool] = never_fatal,
         name: str = "batcher",
         on_batch: Callable[[BatchStats], None] | None = None,
         bucket_of: Callable[[T], Hashable] | None = None,
@@ -215,6 +222,7 @@ class MicroBatcher(Generic[T, R]):
         self.forward_timeout_s = forward_timeout_s
         self.oom_cooldown_s = oom_cooldown_s
         self._is_oom = is_oom
+        self._is_fatal = is_fatal
         self.name = name
         self._on_batch = on_batch
         self._bucket_of = bucket_of
@@ -229,6 +237,7 @@ class MicroBatcher(Generic[T, R]):
         self._crashed: str | None = None
         self._stalled: str | None = None
         self._stuck: dict[int, _Batch[T, R]] = {}  # worker -> the pass it is stuck in
+        self._dead: dict[int, str] = {}  # worker -> the fatal error that ended it
         self._cap = max_batch_size
         self._cap_until = 0.0
         # Futures given up on (deadline, hang-up) since the queue was last swept; a hint only.
@@ -251,7 +260,10 @@ class MicroBatcher(Generic[T, R]):
 
     @property
     def error(self) -> str | None:
-        """Why the batcher cannot serve: its collector crashed, or a forward pass is stuck."""
+        """Why the batcher cannot serve: its collector crashed, a forward pass is stuck, or
+        every worker met a fatal error."""
+        if self._dead and len(self._dead) == len(self._workers):
+            return next(iter(self._dead.values()))
         return self._crashed or self._stalled
 
     async def start(self) -> None:
@@ -397,7 +409,8 @@ class MicroBatcher(Generic[T, R]):
     def _free_worker(self) -> int | None:
         """The least loaded worker, not stuck, that can take a batch now, or None."""
         loads = self._loads()
-        serving = [index for index in range(len(loads)) if index not in self._stuck]
+        out = self._stuck.keys() | self._dead.keys()
+        serving = [index for index in range(len(loads)) if index not in out]
         if not serving:
             return None
         least = min(serving, key=loads.__getitem__)
@@ -405,7 +418,8 @@ class MicroBatcher(Generic[T, R]):
 
     def _all_busy(self) -> bool:
         loads = self._loads()
-        return all(loads[index] for index in range(len(loads)) if index not in self._stuck)
+        out = self._stuck.keys() | self._dead.keys()
+        return all(loads[index] for index in range(len(loads)) if index not in out)
 
     def _should_grow(self) -> bool:
         """While the worker is busy, keep a small batch open until it is full or old enough."""
@@ -517,6 +531,13 @@ class MicroBatcher(Generic[T, R]):
         else:
             outcome.results.extend(results)
             return
+        if self._is_fatal(error):
+            # Retrying on a broken device would fail again: the whole batch fails, and the
+            # worker leaves service.
+            logger.critical("%s: fatal error, this copy stops serving", self.name, exc_info=error)
+            outcome.fatal = f"the model failed for good: {type(error).__name__}: {error}"
+            outcome.results.extend([deliverable(error)] * len(items))
+            return
         # Out of the except block, so the failed attempt's frames, and the tensors they hold,
         # can be freed before the halves run (on a GPU, the halves need that memory).
         oom = self._is_oom(error)
@@ -538,6 +559,11 @@ class MicroBatcher(Generic[T, R]):
         del error
         middle = len(items) // 2
         self._process_isolating(items[:middle], outcome, process)
+        if outcome.fatal is not None:  # the first half broke the device: do not go on
+            outcome.results.extend(
+                [deliverable(RuntimeError(outcome.fatal))] * (len(items) - middle)
+            )
+            return
         self._process_isolating(items[middle:], outcome, process)
 
     def _finish_threadsafe(
@@ -596,6 +622,8 @@ class MicroBatcher(Generic[T, R]):
         finally:
             # Whatever happened above, nobody in this batch is left waiting.
             _fail_unanswered(batch.entries, InferenceError("inference failed"))
+        if outcome.fatal is not None:
+            self._retire(batch.worker, outcome.fatal)
         if outcome.oom_splits:
             self._cap = max(1, len(outcome.ran) // 2)
             self._cap_until = time.monotonic() + self.oom_cooldown_s
@@ -607,6 +635,28 @@ class MicroBatcher(Generic[T, R]):
                 self.oom_cooldown_s,
             )
         self._report(batch, outcome, failed)
+
+    def _retire(self, worker: int, reason: str) -> None:
+        """A worker met a fatal error: it serves no more. When none is left, the batcher
+        reports the error (the model turns failed) and fails whatever waits."""
+        self._dead[worker] = reason
+        if self.error is not None:
+            logger.critical("%s: no copy can serve: %s", self.name, reason)
+            self._fail_waiting(BatcherClosed(f"model unavailable: {reason}"))
+            return
+        # The batch staged behind the failed one would fail too: it goes back to the queue.
+        self._requeue_staged(worker)
+        self._wake.set()
+
+    def _requeue_staged(self, worker: int) -> None:
+        """Hand the batches waiting on `worker`, not yet started, back to the queue."""
+        for staged in [b for b in self._in_flight if b.worker == worker]:
+            if staged.work is not None and staged.work.cancel():
+                staged.requeued = True
+                self._in_flight.remove(staged)
+                if staged.watchdog is not None:
+                    staged.watchdog.cancel()
+                self._pending.extendleft(reversed(staged.entries))
 
     def _check_stalled(self, batch: _Batch[T, R]) -> None:
         """The watchdog: runs in the event loop `forward_timeout_s` after dispatch."""
@@ -640,13 +690,7 @@ class MicroBatcher(Generic[T, R]):
         for entry in batch.entries:
             if not entry.future.done():
                 entry.future.set_exception(failure)
-        for staged in [b for b in self._in_flight if b.worker == batch.worker and b is not batch]:
-            if staged.work is not None and staged.work.cancel():
-                staged.requeued = True
-                self._in_flight.remove(staged)
-                if staged.watchdog is not None:
-                    staged.watchdog.cancel()
-                self._pending.extendleft(reversed(staged.entries))
+        self._requeue_staged(batch.worker)  # the stuck batch is running: cancel() spares it
         self._wake.set()
 
     def _report(self, batch: _Batch[T, R], outcome: _Outcome[R], failed: int) -> None:

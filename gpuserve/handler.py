@@ -18,6 +18,7 @@ in the model's config as `handler = "package.module:Class"`.
 from __future__ import annotations
 
 import bisect
+import inspect
 import time
 from typing import Any, NamedTuple
 
@@ -67,6 +68,20 @@ class Prepared(NamedTuple):
     size: int
 
 
+# How cuBLAS and cuDNN word a failed allocation.
+_OOM_SIGNS = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUDA out of memory")
+# CUDA errors that corrupt the context: nothing on the device works after them.
+_FATAL_SIGNS = (
+    "illegal memory access",
+    "device-side assert triggered",
+    "unspecified launch failure",
+    "misaligned address",
+    "illegal instruction",
+    "uncorrectable ECC error",
+    "CUDA error: the launch timed out",
+)
+
+
 class Handler:
     """Runs batches of validated instances (numpy arrays shaped as `spec.input`) on a module.
 
@@ -99,6 +114,8 @@ class Handler:
         self.preferred_batch_size: int | None = None
         # A compiled model sees only these batch sizes (set by setup when compiling).
         self._batch_buckets: tuple[int, ...] = ()
+        self.graph_gate: GraphGate | None = None
+        self._eager_module: Any = module
 
     def __call__(self, items: list[Any]) -> list[Any]:
         """The batch function: one forward pass for all items (`run(prepare(items))`)."""
@@ -127,12 +144,8 @@ class Handler:
 
     def run(self, prepared: Prepared) -> list[Any]:
         """Second stage: wait for the copy, run the forward pass, bring the rows back."""
-        batch = prepared.batch
         with torch.inference_mode():
-            if prepared.copied is not None:
-                compute = torch.cuda.current_stream(self.device)
-                compute.wait_event(prepared.copied)
-                _used_on(batch, compute)
+            batch = self._arrived(prepared)
             output = self.forward(batch)
             per_position = isinstance(batch, Padded) and self.spec.output.shape[:1] == (-1,)
             broken = _non_finite_rows(output, batch.mask if per_position else None, prepared.size)
@@ -159,12 +172,43 @@ class Handler:
                 raise ModelLoadError(
                     f"{type(self).__name__}.load failed: {type(exc).__name__}: {exc}"
                 ) from exc
+        self._eager_module = self.module
         if self.settings.compile != "off":
-            mode = None if self.settings.compile == "default" else self.settings.compile
-            self.module = torch.compile(
-                self.module, mode=mode, backend=self.settings.compile_backend, dynamic=False
-            )
             self._batch_buckets = self.settings.warmup_batch_sizes
+            if self._variable_axes and not self._bounded_lengths():
+                raise ModelLoadError(
+                    "a compiled model with variable-length inputs needs length_buckets up to "
+                    "the input's max_shape, so that it sees a bounded set of shapes"
+                )
+            # One more for warm-up's first check, a batch of two that is not padded.
+            graphs = len(self.graph_shapes()) + 1
+            self.graph_gate = GraphGate(_compile_backend(self.settings), self.spec.name)
+            self.module = torch.compile(
+                self.module,
+                backend=self.graph_gate,
+                dynamic=False,
+                **_recompile_limit(graphs),
+            )
+
+    def serve(self) -> None:
+        """Loading is over: from now on a new graph is an error, not a silent recompile."""
+        if self.graph_gate is not None:
+            self.graph_gate.close()
+
+    def graph_shapes(self) -> list[tuple[int, int | None]]:
+        """Every (batch size, length bound) a compiled model is given, each one graph.
+
+        Batches are padded up to a warm-up size, and variable lengths up to a length bucket,
+        so this set is closed: warming each one means none compiles while serving.
+        """
+        bounds: list[int | None] = list(self._buckets) if self._buckets else [None]
+        return [(size, bound) for size in self._batch_buckets for bound in bounds]
+
+    def _bounded_lengths(self) -> bool:
+        limit = self.spec.input.max_shape
+        if not self._buckets or limit is None:
+            return False
+        return all(limit[axis] <= self._buckets[-1] for axis in self._variable_axes)
 
     # The hooks, in the order data flows.
 
@@ -217,8 +261,20 @@ class Handler:
         return bisect.bisect_left(self._buckets, int(np.shape(item)[self._variable_axes[0]]))
 
     def is_oom(self, exc: BaseException) -> bool:
-        """Whether `exc` means the device ran out of memory (the batcher then splits batches)."""
-        return isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError))
+        """Whether `exc` means the device ran out of memory (the batcher then splits batches).
+
+        cuBLAS and cuDNN report a failed allocation of their workspace as a RuntimeError of
+        their own, not as torch's OutOfMemoryError.
+        """
+        if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
+            return True
+        return isinstance(exc, RuntimeError) and any(sign in str(exc) for sign in _OOM_SIGNS)
+
+    def is_fatal(self, exc: BaseException) -> bool:
+        """Whether `exc` leaves the device unusable: a sticky CUDA error, after which every
+        later call in this process fails too. The batcher then takes this copy out of service,
+        and readiness reports the model failed once no copy is left."""
+        return isinstance(exc, RuntimeError) and any(sign in str(exc) for sign in _FATAL_SIGNS)
 
     def check_precision(self, tolerance: float) -> float:
         """Compare the configured precision's output with fp32 on sample inputs.
@@ -229,11 +285,16 @@ class Handler:
         if self._autocast is None:
             return 0.0
         rng = np.random.default_rng(0)
-        samples = [self.preprocess(self.spec.input.sample(rng)) for _ in range(8)]
+        count = min(8, self.settings.max_batch_size)
+        samples = [self.preprocess(self.spec.input.sample(rng)) for _ in range(count)]
         with torch.inference_mode():
-            batch = self.collate(samples)
-            reference = self._call_module(batch).float()
-            reduced = self.forward(batch).float()
+            # Through prepare, so a compiled model gets a warmed-up (padded) batch size.
+            batch = self._arrived(self.prepare(samples))
+            # The fp32 reference comes from the module as loaded, never compiled: a compiled
+            # one under CUDA graphs hands back its own output buffer, which the next replay
+            # overwrites. The copy keeps it whatever module ran.
+            reference = self._call(self._eager_module, batch).float().clone()[:count]
+            reduced = self.forward(batch).float()[:count]
         scale = float(reference.abs().max()) or 1.0
         error = float((reduced - reference).abs().max()) / scale
         if not error <= tolerance:  # also catches NaN
@@ -279,6 +340,11 @@ class Handler:
                 f"warm-up output shape {list(got)} does not match the spec's output "
                 f"{self.spec.output.describe()}"
             )
+        if self._batch_buckets:
+            # Compiled: every shape it will ever see, each its own graph, compiled now.
+            for size, bound in self.graph_shapes():
+                self([self.preprocess(self.spec.input.example(bound or 1))] * size)
+            return
         # The full path at each size as the batcher will send it, and at each length bucket.
         for size in batch_sizes:
             self([example] * size)
@@ -286,10 +352,22 @@ class Handler:
             self([self.preprocess(self.spec.input.example(bound))] * max(batch_sizes))
 
     def _call_module(self, batch: Any) -> Any:
-        assert self.module is not None, "setup() has not run"
+        return self._call(self.module, batch)
+
+    @staticmethod
+    def _call(module: Any, batch: Any) -> Any:
+        assert module is not None, "setup() has not run"
         if isinstance(batch, Padded):
-            return self.module(batch.values, batch.mask)
-        return self.module(batch)
+            return module(batch.values, batch.mask)
+        return module(batch)
+
+    def _arrived(self, prepared: Prepared) -> Any:
+        """The prepared batch, once its copy to the device is done (for this thread's stream)."""
+        if prepared.copied is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(prepared.copied)
+            _used_on(prepared.batch, compute)
+        return prepared.batch
 
     def _to_device(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self._pin:
@@ -370,3 +448,74 @@ def _non_finite_rows(output: Any, mask: torch.Tensor | None, size: int) -> list[
         finite = finite | ~mask.reshape(*mask.shape, *[1] * (finite.ndim - mask.ndim))
     bad = ~finite.reshape(finite.shape[0], -1).all(dim=1)
     return bad.nonzero().flatten().tolist() if bool(bad.any()) else []
+
+
+class RecompileWhileServing(RuntimeError):
+    """A compiled model met a shape it was not warmed up for."""
+
+
+class GraphGate:
+    """A torch.compile backend around the real one: it counts the graphs compiled, and once
+    the model serves it refuses new ones.
+
+    Every shape a served batch can have is compiled at warm-up (see `Handler.graph_shapes`),
+    so a compile while serving means a shape was missed: raising here fails that batch with
+    a clear error instead of stalling it for a compile, or, past torch's recompile limit,
+    silently running it eager. Per model, unlike torch's process-wide compiler stance, which
+    would stop models that are still loading from compiling.
+    """
+
+    def __init__(self, inner: Any, model: str) -> None:
+        self.inner = inner
+        self.model = model
+        self.graphs = 0
+        self.serving = False
+
+    def __call__(self, graph: Any, example_inputs: list[Any]) -> Any:
+        if self.serving:
+            shapes = [tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)]
+            raise RecompileWhileServing(
+                f"{self.model}: a new graph was needed while serving (inputs {shapes}); "
+                "every shape should have been compiled at warm-up"
+            )
+        self.graphs += 1
+        return self.inner(graph, example_inputs)
+
+    def close(self) -> None:
+        self.serving = True
+
+    def __getattr__(self, name: str) -> Any:
+        # torch asks the backend for its config and to reset; those are the inner one's.
+        return getattr(self.inner, name)
+
+
+def _compile_backend(settings: ModelSettings) -> Any:
+    """The backend torch.compile would build for these settings (mode applies to inductor)."""
+    mode = None if settings.compile == "default" else settings.compile
+    if settings.compile_backend == "inductor":
+        return torch._TorchCompileInductorWrapper(mode, None, False)
+    return torch._dynamo.lookup_backend(settings.compile_backend)
+
+
+# Graphs reserved by the compiled models of this process, for torch versions whose
+# torch.compile has no limit of its own per call.
+_reserved_graphs = 0
+
+
+def _recompile_limit(graphs: int) -> dict[str, Any]:
+    """Room for `graphs` graphs of this model, and an error rather than eager past it.
+
+    torch._dynamo's recompile limit (8 by default) counts the graphs of one code object, and
+    every copy of a module shares its `forward`: past the limit, shapes silently ran eager.
+    Newer torch takes a limit per torch.compile call, isolated from other calls; older torch
+    has one process-wide limit, raised here to what all compiled models reserve together.
+    """
+    config = torch._dynamo.config
+    config.fail_on_recompile_limit_hit = True
+    if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
+        return {"recompile_limit": graphs, "isolate_recompiles": True}
+    global _reserved_graphs
+    _reserved_graphs += graphs
+    config.recompile_limit = max(config.recompile_limit, _reserved_graphs)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, _reserved_graphs)
+    return {}

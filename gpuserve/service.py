@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from gpuserve.batcher import BatchStats, MicroBatcher, Trace, is_memory_error
+from gpuserve.batcher import BatchStats, MicroBatcher, Trace, is_memory_error, never_fatal
 from gpuserve.config import ModelSettings
 from gpuserve.device import DeviceInfo, probe
 from gpuserve.errors import (
@@ -212,6 +212,10 @@ class ModelService:
         if self._state == "stopping":
             return
         model, device = copies[0], devices[0]
+        for copy in copies:
+            # Loading and warm-up are over: a compiled copy compiles nothing from now on.
+            if callable(serve := getattr(copy, "serve", None)):
+                serve()
         self.model, self.device, self.devices = model, device, devices
         self._preprocess = _hook(model, "preprocess")
         self._postprocess = _hook(model, "postprocess")
@@ -223,6 +227,7 @@ class ModelService:
             forward_timeout_s=self.settings.forward_timeout_s,
             oom_cooldown_s=self.settings.oom_cooldown_s,
             is_oom=getattr(model, "is_oom", is_memory_error),
+            is_fatal=getattr(model, "is_fatal", never_fatal),
             name=self.name,
             on_batch=self._observe_batch,
             bucket_of=_hook(model, "bucket") if self.settings.length_buckets else None,

@@ -597,3 +597,46 @@ async def test_stopped_worker_threads_never_hold_the_process() -> None:
     assert threads and all(t.daemon for t in threads)
     await batcher.stop(timeout_s=0.1)
     stuck.set()
+
+
+class DeviceBroken(RuntimeError):
+    pass
+
+
+def breaks_on(poison: int) -> Callable[[list[int]], list[int]]:
+    def model(items: list[int]) -> list[int]:
+        if poison in items:
+            raise DeviceBroken("CUDA error: an illegal memory access was encountered")
+        return [item * 2 for item in items]
+
+    return model
+
+
+async def test_a_fatal_error_retires_its_copy_and_the_others_serve() -> None:
+    calls: list[int] = []
+
+    def first(items: list[int]) -> list[int]:
+        calls.append(len(items))
+        return breaks_on(13)(items)
+
+    batcher = await started(
+        [first, breaks_on(-1)], is_fatal=lambda exc: isinstance(exc, DeviceBroken)
+    )
+    with pytest.raises(DeviceBroken):
+        await batcher.submit(13)  # goes to copy 0, the least loaded: it breaks
+    assert calls == [1]  # no retry in halves on a broken device
+    assert batcher.error is None and batcher.running
+    assert await asyncio.gather(*batcher.submit_many(list(range(5)))) == [0, 2, 4, 6, 8]
+    assert calls == [1]  # copy 0 serves no more
+    await batcher.stop()
+
+
+async def test_a_fatal_error_on_the_last_copy_fails_the_batcher() -> None:
+    batcher = await started(breaks_on(13), is_fatal=lambda exc: isinstance(exc, DeviceBroken))
+    outcomes = await asyncio.gather(*batcher.submit_many([1, 13, 2]), return_exceptions=True)
+    assert all(isinstance(o, DeviceBroken | RuntimeError) for o in outcomes)
+    assert batcher.error is not None and "illegal memory access" in batcher.error
+    assert not batcher.running
+    with pytest.raises(BatcherClosed, match="illegal memory access"):
+        batcher.submit(1)
+    await batcher.stop()

@@ -338,3 +338,95 @@ def test_nan_at_padded_positions_of_a_per_position_output_is_not_a_failure() -> 
     handler.module = lambda ids, mask: torch.where(mask.unsqueeze(-1), torch.ones(8), nan)
     short, long = handler([np.array([1]), np.array([1, 2, 3])])
     assert short == [[1.0] * 8] and len(long) == 3
+
+
+def served(handler: Handler) -> Handler:
+    handler.setup()
+    handler.warm_up(handler.settings.warmup_batch_sizes)
+    handler.serve()
+    return handler
+
+
+def test_every_batch_size_compiles_at_warm_up_even_past_the_recompile_limit() -> None:
+    # Nine sizes (1 to 256) for each of two copies of one module class: past torch's default
+    # limit of 8 graphs, which silently ran the largest size eager.
+    copies = [
+        served(
+            make(Linear().eval(), compile="default", compile_backend="eager", max_batch_size=256)
+        )
+        for _ in range(2)
+    ]
+    for handler in copies:
+        assert handler.graph_gate is not None and handler.graph_gate.graphs == 9
+        for size in handler.settings.warmup_batch_sizes:
+            assert len(handler(instances(size))) == size
+        assert handler.graph_gate.graphs == 9  # serving compiled nothing
+
+
+def test_every_length_bucket_at_every_batch_size_compiles_at_warm_up() -> None:
+    handler = served(
+        token_handler(
+            compile="default", compile_backend="eager", max_batch_size=4, length_buckets=[4, 8, 16]
+        )
+    )
+    assert handler.graph_gate is not None
+    assert handler.graph_gate.graphs == len(handler.graph_shapes()) == 9
+    rng = np.random.default_rng(0)
+    for size in (1, 3, 4):
+        for length in (1, 5, 16):
+            handler([rng.integers(0, 50, length) for _ in range(size)])
+    assert handler.graph_gate.graphs == 9
+
+
+def test_a_shape_missed_at_warm_up_fails_loudly_instead_of_compiling_while_serving() -> None:
+    handler = served(
+        make(Linear().eval(), compile="default", compile_backend="eager", max_batch_size=4)
+    )
+    unpadded = handler.collate(instances(3))  # 3 is no warm-up size: never sent by prepare
+    with pytest.raises(Exception, match="a new graph was needed while serving"):
+        handler.forward(unpadded)
+
+
+def test_compiling_variable_lengths_needs_buckets_up_to_the_longest() -> None:
+    with pytest.raises(ModelLoadError, match="length_buckets up to the input's max_shape"):
+        token_handler(compile="default", compile_backend="eager", length_buckets=[4, 8]).setup()
+
+
+@pytest.mark.parametrize(
+    ("message", "oom", "fatal"),
+    [
+        ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", True, False),
+        ("cuDNN error: CUDNN_STATUS_ALLOC_FAILED", True, False),
+        ("CUDA error: an illegal memory access was encountered", False, True),
+        ("CUDA error: device-side assert triggered", False, True),
+        ("CUDA error: unspecified launch failure", False, True),
+        ("mat1 and mat2 shapes cannot be multiplied", False, False),
+    ],
+)
+def test_library_allocation_failures_are_oom_and_sticky_cuda_errors_are_fatal(
+    message: str, oom: bool, fatal: bool
+) -> None:
+    handler = make(Linear())
+    assert handler.is_oom(RuntimeError(message)) is oom
+    assert handler.is_fatal(RuntimeError(message)) is fatal
+
+
+def test_reduced_precision_is_checked_against_the_eager_module_without_new_graphs() -> None:
+    handler = make(
+        Linear().eval(),
+        compile="default",
+        compile_backend="eager",
+        max_batch_size=4,
+        precision="bf16",
+    )
+    handler.setup()
+    handler.warm_up(handler.settings.warmup_batch_sizes)
+    assert handler.graph_gate is not None
+    warmed = handler.graph_gate.graphs
+    assert handler.check_precision(0.05) <= 0.05
+    # The fp32 reference ran on the module as loaded, and the bf16 side on a warmed-up size:
+    # no graph was added, and none can be while serving.
+    assert handler.graph_gate.graphs == warmed
+    assert type(handler._eager_module).__name__ == "Linear"
+    handler.serve()
+    assert len(handler(instances(3))) == 3
