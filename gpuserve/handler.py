@@ -18,6 +18,7 @@ in the model's config as `handler = "package.module:Class"`.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import inspect
 import time
 from typing import Any, NamedTuple
@@ -103,8 +104,11 @@ class Handler:
         self._input_dtype = _TORCH_DTYPES[spec.input.dtype]
         # Pinned host memory lets the copy to the GPU run without blocking the worker thread.
         self._pin = self.device.type == "cuda"
-        # Copies to the GPU go on their own stream, to overlap the running forward pass.
+        # Copies to the GPU go on their own stream, to overlap the running forward pass; the
+        # forward pass runs on a stream of this copy's own, so that copies of a model on one
+        # GPU overlap rather than queue on the default stream.
         self._copy_stream = torch.cuda.Stream(self.device) if self._pin else None
+        self._compute_stream = torch.cuda.Stream(self.device) if self._pin else None
         # Autocast rather than a converted copy: the module keeps its fp32 weights, so the
         # fp32 reference at load time and the served path are the same module.
         self._autocast = _AUTOCAST.get(self.precision)
@@ -128,6 +132,7 @@ class Handler:
         thread, so on CUDA the copy of batch k+1 (pinned memory, non-blocking, on a side
         stream) overlaps the forward pass of batch k.
         """
+        self.use_device()
         size = len(items)
         if self._batch_buckets:
             # Fixed batch sizes for a compiled model: fill up with copies of the last item.
@@ -144,7 +149,8 @@ class Handler:
 
     def run(self, prepared: Prepared) -> list[Any]:
         """Second stage: wait for the copy, run the forward pass, bring the rows back."""
-        with torch.inference_mode():
+        self.use_device()
+        with torch.inference_mode(), self._on_compute_stream():
             batch = self._arrived(prepared)
             output = self.forward(batch)
             per_position = isinstance(batch, Padded) and self.spec.output.shape[:1] == (-1,)
@@ -163,6 +169,7 @@ class Handler:
 
         Every failure is a ModelLoadError.
         """
+        self.use_device()
         if self.module is None:
             try:
                 self.module = self.load(self.device)
@@ -228,7 +235,10 @@ class Handler:
         """Stack items into one batch on the model's device; pad variable-length ones."""
         if self._variable_axes:
             return self._pad(items)
-        return self._to_device(torch.from_numpy(np.stack(items)), self._input_dtype)
+        first = items[0]
+        host = self._host_buffer((len(items), *first.shape), first.dtype)
+        np.stack(items, out=host.numpy())  # straight into (pinned) host memory: one copy
+        return self._to_device(host, self._input_dtype)
 
     def forward(self, batch: Any) -> Any:
         """Run the model, in the configured precision. A Padded batch passes (values, mask)."""
@@ -362,16 +372,36 @@ class Handler:
         return module(batch)
 
     def _arrived(self, prepared: Prepared) -> Any:
-        """The prepared batch, once its copy to the device is done (for this thread's stream)."""
+        """The prepared batch, once its copy to the device is done (for the current stream)."""
         if prepared.copied is not None:
             compute = torch.cuda.current_stream(self.device)
             compute.wait_event(prepared.copied)
             _used_on(prepared.batch, compute)
         return prepared.batch
 
+    def _on_compute_stream(self) -> Any:
+        if self._compute_stream is None:
+            return contextlib.nullcontext()
+        return torch.cuda.stream(self._compute_stream)
+
+    def use_device(self) -> None:
+        """Make this model's GPU the current one of the calling thread.
+
+        A new thread starts on GPU 0: without this, a `cuda:1` model's worker would make a
+        context on GPU 0, and unqualified calls (synchronize, a user hook's `.cuda()`) would
+        land there. Cheap when already set, so each stage calls it.
+        """
+        index = self.device.index
+        on_gpu = self.device.type == "cuda" and index is not None
+        if on_gpu and torch.cuda.current_device() != index:
+            torch.cuda.set_device(index)
+
+    def _host_buffer(self, shape: tuple[int, ...], dtype: np.dtype[Any]) -> torch.Tensor:
+        """Host memory for a batch, pinned when it goes to a GPU, so the copy runs without
+        blocking the thread. torch caches pinned blocks, so this is no allocation per batch."""
+        return torch.empty(shape, dtype=_torch_dtype(dtype), pin_memory=self._pin)
+
     def _to_device(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if self._pin:
-            tensor = tensor.pin_memory()
         return tensor.to(self.device, dtype=dtype, non_blocking=self._pin)
 
     def _pad(self, items: list[np.ndarray[Any, Any]]) -> Padded:
@@ -383,9 +413,13 @@ class Handler:
             if index < len(self._buckets):  # past the last bound: the longest item decides
                 shape[axis] = self._buckets[index]
         spec = self.spec.input
-        values = np.full((len(items), *shape), spec.pad_value, dtype=spec.numpy_dtype)
+        values_host = self._host_buffer((len(items), *shape), spec.numpy_dtype)
+        values = values_host.numpy()
+        values.fill(spec.pad_value)
         mask_shape = [shape[axis] for axis in self._variable_axes]
-        mask = np.zeros((len(items), *mask_shape), dtype=bool)
+        mask_host = self._host_buffer((len(items), *mask_shape), np.dtype(bool))
+        mask = mask_host.numpy()
+        mask.fill(False)
         lengths = []
         for i, item in enumerate(items):
             values[i][_prefix(item.shape)] = item
@@ -393,8 +427,8 @@ class Handler:
             mask[i][_prefix(own)] = True
             lengths.append(own)
         return Padded(
-            self._to_device(torch.from_numpy(values), self._input_dtype),
-            self._to_device(torch.from_numpy(mask), torch.bool),
+            self._to_device(values_host, self._input_dtype),
+            self._to_device(mask_host, torch.bool),
             lengths,
         )
 
@@ -421,6 +455,10 @@ def _used_on(batch: Any, stream: Any) -> None:
     for tensor in tensors:
         if isinstance(tensor, torch.Tensor):
             tensor.record_stream(stream)
+
+
+def _torch_dtype(dtype: np.dtype[Any]) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
 
 
 def _prefix(shape: tuple[int, ...]) -> tuple[slice, ...]:

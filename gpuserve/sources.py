@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -49,16 +50,33 @@ def import_object(target: str, code_dir: Path | None = None) -> Any:
     return found
 
 
+_EXPORT_LOAD = threading.Lock()
+
+
+def _on_device(program: Any, device: torch.device) -> torch.nn.Module:
+    """An exported program's module on `device`, the constants in its graph included."""
+    try:
+        from torch.export.passes import move_to_device_pass
+    except ImportError:  # torch before 2.5 has no such pass
+        module: torch.nn.Module = program.module()
+        return module.to(device)
+    moved: torch.nn.Module = move_to_device_pass(program, device).module()
+    return moved
+
+
 def _from_file(path: Path, device: torch.device) -> torch.nn.Module:
     if not path.is_file():
         raise ModelLoadError(f"model file not found: {path}")
     suffix = path.suffix.lower()
     try:
         if suffix in _EXPORT_SUFFIXES:
-            program = torch.export.load(str(path))
-            module: torch.nn.Module = program.module()
+            # torch.export.load is not thread-safe, and each model loads in its own thread.
+            with _EXPORT_LOAD:
+                program = torch.export.load(str(path))
+            # The export pass moves the constants baked into the graph too; `.to(device)` on
+            # the module would leave those behind.
             # An exported program is frozen in the mode it was exported in: no .eval() here.
-            return module.to(device)
+            return _on_device(program, device)
         if suffix in _TORCHSCRIPT_SUFFIXES:
             with warnings.catch_warnings():
                 # TorchScript is deprecated in torch, but users still hold such files.

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -248,45 +249,105 @@ def test_prepare_then_run_is_the_whole_batch_path() -> None:
     assert handler.run(prepared) == handler(batch)
 
 
-def test_on_cuda_the_copy_runs_on_its_own_stream_and_the_forward_waits_for_it(
+def test_on_cuda_the_copy_and_the_forward_run_on_this_copys_own_streams(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls: list[str] = []
+    current: list[str] = ["default"]
 
     class Stream:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
         def wait_event(self, event: object) -> None:
-            calls.append("compute waits for the copy")
+            calls.append(f"{self.name} waits for the copy")
 
     class Event:
-        def record(self, stream: object) -> None:
-            calls.append("copy recorded on the copy stream")
+        def record(self, stream: Stream) -> None:
+            calls.append(f"copy recorded on {stream.name}")
 
     @contextlib.contextmanager
-    def on_stream(stream: object) -> Iterator[None]:
-        calls.append("collate on the copy stream")
+    def on_stream(stream: Stream) -> Iterator[None]:
+        current.append(stream.name)
         yield
+        current.pop()
 
     monkeypatch.setattr(torch.cuda, "stream", on_stream)
     monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: Stream(current[-1]))
     monkeypatch.setattr(handler_module, "_used_on", lambda batch, stream: calls.append("kept"))
 
     class Spy(Linear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            calls.append("forward")
+            calls.append(f"forward on {current[-1]}")
             return super().forward(x)
 
     handler = make(Spy().eval())
-    handler._copy_stream = Stream()  # as on a CUDA device; the tensors stay on the CPU
+    # As on a CUDA device; the tensors stay on the CPU.
+    handler._copy_stream, handler._compute_stream = Stream("copy"), Stream("compute")
+    collate = handler.collate
+
+    def spied_collate(items: list[Any]) -> Any:
+        calls.append(f"collate on {current[-1]}")
+        return collate(items)
+
+    handler.collate = spied_collate  # type: ignore[method-assign]
     rows = handler.run(handler.prepare(instances(2)))
     assert len(rows) == 2
     assert calls == [
-        "collate on the copy stream",
-        "copy recorded on the copy stream",
+        "collate on copy",
+        "copy recorded on copy",
         "compute waits for the copy",
         "kept",
-        "forward",
+        "forward on compute",
     ]
+
+
+def test_each_stage_makes_the_models_gpu_current_in_its_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    selected: list[int] = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: selected[-1] if selected else 0)
+    monkeypatch.setattr(torch.cuda, "set_device", selected.append)
+    handler = make(Linear().eval())
+    handler.device = torch.device("cuda", 1)  # as for a cuda:1 model; the work stays on the CPU
+    handler._to_device = lambda tensor, dtype: tensor.to(dtype=dtype)  # type: ignore[method-assign]
+
+    def in_new_thread(work: Callable[[], Any]) -> Any:
+        selected.clear()  # a new thread starts on GPU 0
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(work).result()
+
+    prepared = in_new_thread(lambda: handler.prepare(instances(2)))
+    assert selected == [1]
+    in_new_thread(lambda: handler.run(prepared))
+    assert selected == [1]
+    handler.run(handler.prepare(instances(2)))
+    assert selected == [1]  # already current: not set again
+
+
+def test_a_batch_is_stacked_straight_into_pinned_host_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    buffers: list[torch.Tensor] = []
+    empty = torch.empty
+
+    def pinned_empty(*args: Any, pin_memory: bool = False, **kwargs: Any) -> torch.Tensor:
+        assert pin_memory, "a batch for a GPU goes through pinned memory"
+        buffers.append(empty(*args, **kwargs))  # this CPU build cannot pin; the logic is the same
+        return buffers[-1]
+
+    def no_second_copy(self: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("pinned by a second copy")
+
+    handler = make(Linear().eval())
+    handler._pin = True
+    monkeypatch.setattr(torch, "empty", pinned_empty)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", no_second_copy)
+    batch = instances(3)
+    collated = handler.collate(batch)
+    assert collated.data_ptr() == buffers[0].data_ptr()  # the stack's own memory, not a copy
+    assert np.array_equal(collated.numpy(), np.stack(batch))
 
 
 def test_a_compiled_model_sees_only_warm_up_batch_sizes_and_answers_the_same() -> None:

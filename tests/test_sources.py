@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 from pathlib import Path
 
@@ -119,3 +120,47 @@ def test_a_pickle_that_is_not_only_weights_is_refused(
 def test_imports_name_the_folder_they_looked_in(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=f"from {tmp_path}"):
         import_object("no_such_module_here:build", tmp_path)
+
+
+class WithConstants(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 2)
+        self.register_buffer("offset", torch.ones(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # torch.tensor in forward becomes a constant baked into the exported graph.
+        return self.layer(x) + self.offset + torch.tensor([1.0, 2.0])
+
+
+def tensor_devices(module: torch.nn.Module) -> set[str]:
+    found = {t.device.type for t in [*module.parameters(), *module.buffers()]}
+    for sub in module.modules():
+        found |= {v.device.type for v in vars(sub).values() if isinstance(v, torch.Tensor)}
+    return found
+
+
+def test_an_exported_program_moves_with_its_graph_constants(tmp_path: Path) -> None:
+    path = tmp_path / "constants.pt2"
+    torch.export.save(torch.export.export(WithConstants(), (torch.zeros(3, 2),)), str(path))
+    # The meta device stands in for a GPU: `.module().to(device)` left the constant behind.
+    module = load_module(ModelSettings(path=path, name="c"), torch.device("meta"))
+    assert tensor_devices(module) == {"meta"}
+
+
+def test_several_exported_programs_load_at_once(tmp_path: Path) -> None:
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"m{i}.pt2")
+        torch.export.save(
+            torch.export.export(WithConstants(), (torch.zeros(3, 2),)), str(paths[-1])
+        )
+    for _ in range(3):  # torch.export.load is not thread-safe: loads at once used to fail
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            loaded = list(
+                pool.map(
+                    lambda p: load_module(ModelSettings(path=p, name=p.stem), torch.device("cpu")),
+                    paths,
+                )
+            )
+        assert all(isinstance(m, torch.nn.Module) for m in loaded)
