@@ -107,6 +107,7 @@ class GpuSample:
     memory_total_bytes: int | None
     temperature_celsius: float | None
     power_watts: float | None
+    uuid: str | None = None
 
 
 class GpuMonitor:
@@ -115,11 +116,17 @@ class GpuMonitor:
     NVML stays initialised between reads (initialising costs milliseconds). Where NVML is
     missing, `available` is False and `sample()` returns nothing, so no gauge is exported:
     absent, not zero.
+
+    With `visible` (the CUDA devices' UUIDs, in CUDA's order: `visible_gpu_uuids()`), only
+    those GPUs are read, each labelled with the CUDA index the server uses: NVML numbers GPUs
+    in PCI order, CUDA fastest first, and the two differ on mixed hosts. Without it, every GPU
+    NVML sees, by NVML's index (what `gpuserve probe` lists).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, visible: list[str | None] | None = None) -> None:
         self._nvml: ModuleType | None = None
         self.problem: str | None = None
+        self._visible = visible
         try:
             nvml = _import_pynvml()
             nvml.nvmlInit()
@@ -137,9 +144,21 @@ class GpuMonitor:
         nvml = self._nvml
         if nvml is None:
             return []
+        handles: list[tuple[int, Any, str | None]]
+        if self._visible is None:
+            handles = [
+                (index, nvml.nvmlDeviceGetHandleByIndex(index), None)
+                for index in range(nvml.nvmlDeviceGetCount())
+            ]
+        else:
+            by_uuid = _nvml_handles(nvml)
+            handles = [
+                (index, by_uuid[_plain_uuid(uuid)], uuid)
+                for index, uuid in enumerate(self._visible)
+                if uuid is not None and _plain_uuid(uuid) in by_uuid
+            ]
         samples = []
-        for index in range(nvml.nvmlDeviceGetCount()):
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        for index, handle, uuid in handles:
             memory = _read(nvml.nvmlDeviceGetMemoryInfo, handle)
             rates = _read(nvml.nvmlDeviceGetUtilizationRates, handle)
             temperature = _read(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)
@@ -155,6 +174,7 @@ class GpuMonitor:
                     memory_total_bytes=None if memory is None else int(memory.total),
                     temperature_celsius=None if temperature is None else float(temperature),
                     power_watts=None if power_mw is None else power_mw / 1000.0,
+                    uuid=uuid,
                 )
             )
         return samples
@@ -226,7 +246,7 @@ def _visible_note() -> str:
 def _memory_per_device(torch: ModuleType, count: int) -> tuple[list[_Memory | None], str]:
     """Free and total memory for each torch-visible device, by NVML if it works, else torch."""
     try:
-        return _nvml_memory(count), "NVML"
+        return _nvml_memory(torch, count), "NVML"
     except Exception as exc:
         nvml_error = _describe_nvml_error(exc)
     memory: list[_Memory | None] = []
@@ -239,25 +259,88 @@ def _memory_per_device(torch: ModuleType, count: int) -> tuple[list[_Memory | No
     return memory, f"torch.cuda.mem_get_info ({nvml_error})"
 
 
-def _nvml_memory(count: int) -> list[_Memory | None]:
-    """Map torch's logical indices to NVML handles through CUDA_VISIBLE_DEVICES."""
+def visible_gpu_uuids() -> list[str | None]:
+    """The UUID of each CUDA device torch sees, in CUDA's order (None where unknown)."""
+    import torch
+
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        return []
+    return _cuda_uuids(torch, torch.cuda.device_count())
+
+
+def _cuda_uuids(torch: ModuleType, count: int) -> list[str | None]:
+    uuids: list[str | None] = []
+    for index in range(count):
+        try:
+            uuids.append(str(torch.cuda.get_device_properties(index).uuid))
+        except Exception:  # torch before 2.1 has no uuid
+            uuids.append(None)
+    return uuids
+
+
+def _plain_uuid(uuid: str) -> str:
+    """NVML writes `GPU-<uuid>` (or `MIG-<uuid>`), torch the bare uuid: compare the uuid."""
+    uuid = uuid.strip().lower()
+    for prefix in ("gpu-", "mig-"):
+        uuid = uuid.removeprefix(prefix)
+    return uuid
+
+
+def _nvml_handles(pynvml: ModuleType) -> dict[str, Any]:
+    """Every NVML device, MIG instances included, by its plain UUID."""
+    handles: dict[str, Any] = {}
+    for index in range(pynvml.nvmlDeviceGetCount()):
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        with contextlib.suppress(Exception):
+            handles[_plain_uuid(_text(pynvml.nvmlDeviceGetUUID(handle)))] = handle
+        try:
+            slots = pynvml.nvmlDeviceGetMaxMigDeviceCount(handle)
+        except Exception:  # no MIG on this GPU or this driver
+            continue
+        for slot in range(slots):
+            with contextlib.suppress(Exception):
+                mig = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
+                handles[_plain_uuid(_text(pynvml.nvmlDeviceGetUUID(mig)))] = mig
+    return handles
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _nvml_memory(torch: ModuleType, count: int) -> list[_Memory | None]:
+    """Each torch device's memory from NVML, matched by UUID.
+
+    Indices do not match: NVML counts GPUs in PCI order, CUDA fastest first (unless
+    CUDA_DEVICE_ORDER=PCI_BUS_ID), so on a mixed host index N is two different GPUs. A device
+    whose UUID NVML does not know gets None (free memory unknown), rather than a CUDA context
+    made on every GPU to ask. Only where torch gives no UUIDs at all does CUDA_VISIBLE_DEVICES
+    map indices, as before.
+    """
     pynvml = _import_pynvml()
     pynvml.nvmlInit()
     try:
-        ids = _visible_ids(count)
+        uuids = _cuda_uuids(torch, count)
+        if all(uuid is None for uuid in uuids):
+            handles = [_handle_by_visible_id(pynvml, ident) for ident in _visible_ids(count)]
+        else:
+            by_uuid = _nvml_handles(pynvml)
+            handles = [None if u is None else by_uuid.get(_plain_uuid(u)) for u in uuids]
         memory: list[_Memory | None] = []
-        for ident in ids:
-            if ident.isdigit():
-                handle = pynvml.nvmlDeviceGetHandleByIndex(int(ident))
-            elif ident.startswith("GPU-"):
-                handle = pynvml.nvmlDeviceGetHandleByUUID(ident)
-            else:  # MIG instances and the like: NVML cannot map them simply.
-                raise RuntimeError(f"cannot map CUDA_VISIBLE_DEVICES entry {ident!r} to NVML")
-            info = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            memory.append(_Memory(free=int(info.free), total=int(info.total)))
+        for handle in handles:
+            info = None if handle is None else pynvml.nvmlDeviceGetMemoryInfo(handle)
+            memory.append(None if info is None else _Memory(int(info.free), int(info.total)))
         return memory
     finally:
         pynvml.nvmlShutdown()
+
+
+def _handle_by_visible_id(pynvml: ModuleType, ident: str) -> Any:
+    if ident.isdigit():
+        return pynvml.nvmlDeviceGetHandleByIndex(int(ident))
+    if ident.startswith("GPU-"):
+        return pynvml.nvmlDeviceGetHandleByUUID(ident)
+    return None  # MIG instances and short UUIDs: no simple mapping
 
 
 def _visible_ids(count: int) -> list[str]:

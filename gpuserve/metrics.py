@@ -115,7 +115,8 @@ class Metrics:
             registry=self.registry,
         )
 
-        gpu = ["gpu", "name"]
+        # `gpu` is the CUDA index the server uses (cuda:N), `uuid` the GPU's own.
+        gpu = ["gpu", "name", "uuid"]
         self.gpu_utilization = Gauge(
             "gpuserve_gpu_utilization_ratio",
             "Share of the last NVML sample period a kernel ran on the GPU (0-1).",
@@ -141,7 +142,7 @@ class Metrics:
     def observe_gpus(self, samples: list[GpuSample]) -> None:
         """Set each GPU's gauges; a reading the GPU does not give stays absent."""
         for sample in samples:
-            labels = (str(sample.index), sample.name)
+            labels = (str(sample.index), sample.name, sample.uuid or "")
             for gauge, value in (
                 (self.gpu_utilization, sample.utilization),
                 (self.gpu_memory_used, sample.memory_used_bytes),

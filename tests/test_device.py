@@ -228,3 +228,74 @@ def test_all_probes_like_auto_and_counts_the_visible_devices(
     )
     info = probe("all")
     assert info == probe("auto") and info.device == "cuda:1" and info.visible_devices == 2
+
+
+class UuidNVML(GaugeNVML):
+    """NVML in PCI order: GPU-a (busy) is NVML's 0, GPU-b (idle) NVML's 1; a MIG instance
+    hangs off GPU-b."""
+
+    def nvmlDeviceGetUUID(self, handle: Any) -> bytes:
+        if handle == "mig":
+            return b"MIG-c"
+        return self.gpus[handle][0].encode()
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle: int) -> int:
+        if handle == 0:
+            raise RuntimeError("not supported")
+        return 1
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: int, slot: int) -> str:
+        return "mig"
+
+    def nvmlDeviceGetMemoryInfo(self, handle: Any) -> Any:
+        if handle == "mig":
+            return SimpleNamespace(free=5 * GIB, total=10 * GIB, used=5 * GIB)
+        return super().nvmlDeviceGetMemoryInfo(handle)
+
+
+def cuda_ordered(monkeypatch: pytest.MonkeyPatch, uuids: list[str]) -> UuidNVML:
+    """torch sees the GPUs fastest first: the reverse of NVML's PCI order here."""
+    nvml = UuidNVML()
+    fake_cuda(monkeypatch, len(uuids), nvml)
+    props = [SimpleNamespace(uuid=u) for u in uuids]
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props[i])
+    return nvml
+
+
+def test_auto_matches_cuda_devices_to_nvml_by_uuid_not_index(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # cuda:0 is GPU-b (70 GiB free) although NVML's index 0 is GPU-a (30 GiB free).
+    cuda_ordered(monkeypatch, ["b", "a"])
+    info = probe("auto")
+    assert info.device == "cuda:0" and info.free_memory_bytes == 70 * GIB
+
+
+def test_a_mig_instance_is_found_by_its_uuid(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda_ordered(monkeypatch, ["MIG-c"])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: pytest.fail("made a CUDA context"))
+    info = probe("auto")
+    assert info.free_memory_bytes == 5 * GIB
+
+
+def test_an_unknown_uuid_leaves_free_memory_unknown_without_a_context(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cuda_ordered(monkeypatch, ["zzz", "a"])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: pytest.fail("made a CUDA context"))
+    info = probe("auto")
+    assert info.device == "cuda:1" and info.free_memory_bytes == 30 * GIB
+
+
+def test_gauges_cover_only_the_servers_gpus_by_their_cuda_index(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    nvml = UuidNVML()
+    monkeypatch.setattr(device, "_import_pynvml", lambda: nvml)
+    monitor = device.GpuMonitor(visible=["GPU-b"])  # this server sees one GPU, as cuda:0
+    (sample,) = monitor.sample()
+    assert (sample.index, sample.uuid) == (0, "GPU-b")
+    assert sample.memory_used_bytes == 10 * GIB  # GPU-b's, not NVML index 0's
+    everyone = device.GpuMonitor().sample()
+    assert [s.index for s in everyone] == [0, 1]
+    monitor.close()

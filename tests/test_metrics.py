@@ -46,7 +46,7 @@ def test_queue_depth_is_read_at_scrape_time() -> None:
 
 
 def gpu(index: int, power: float | None) -> GpuSample:
-    return GpuSample(index, "Fake H100", 0.5, 10 * 2**30, 80 * 2**30, 60.0, power)
+    return GpuSample(index, "Fake H100", 0.5, 10 * 2**30, 80 * 2**30, 60.0, power, f"u{index}")
 
 
 def test_gpu_gauges_are_set_per_gpu_and_absent_where_unread() -> None:
@@ -54,9 +54,13 @@ def test_gpu_gauges_are_set_per_gpu_and_absent_where_unread() -> None:
     assert "gpuserve_gpu_utilization_ratio{" not in metrics.render().decode()  # none yet
     metrics.observe_gpus([gpu(0, 300.0), gpu(1, None)])
     text = metrics.render().decode()
-    assert 'gpuserve_gpu_utilization_ratio{gpu="0",name="Fake H100"} 0.5' in text
-    assert 'gpuserve_gpu_memory_total_bytes{gpu="1",name="Fake H100"} 8.589934592e+10' in text
-    assert 'gpuserve_gpu_power_watts{gpu="0",name="Fake H100"} 300.0' in text
+    # `gpu` is the CUDA index the server uses; `uuid` names the physical GPU.
+    assert 'gpuserve_gpu_utilization_ratio{gpu="0",name="Fake H100",uuid="u0"} 0.5' in text
+    assert (
+        'gpuserve_gpu_memory_total_bytes{gpu="1",name="Fake H100",uuid="u1"} 8.589934592e+10'
+        in text
+    )
+    assert 'gpuserve_gpu_power_watts{gpu="0",name="Fake H100",uuid="u0"} 300.0' in text
     assert 'gpuserve_gpu_power_watts{gpu="1"' not in text  # absent, not zero
 
 
@@ -71,7 +75,7 @@ async def test_the_sampler_refreshes_the_gauges_until_cancelled() -> None:
 
     task = asyncio.create_task(sample_gpus(metrics, Monitor(), 0.001))  # type: ignore[arg-type]
     with anyio.fail_after(10):
-        while metrics.gpu_utilization.labels("0", "g")._value.get() < 0.003:
+        while metrics.gpu_utilization.labels("0", "g", "")._value.get() < 0.003:
             await asyncio.sleep(0.001)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)

@@ -25,7 +25,7 @@ from gpuserve.app.responses import (
 )
 from gpuserve.config import Settings
 from gpuserve.decoding import BodyDecoder
-from gpuserve.device import GpuMonitor
+from gpuserve.device import GpuMonitor, visible_gpu_uuids
 from gpuserve.errors import GpuserveError
 from gpuserve.loading import load_model
 from gpuserve.metrics import Metrics, sample_gpus
@@ -99,7 +99,8 @@ def _start_gpu_sampling(
     """The background task behind the GPU gauges, where NVML works; none on a CPU box."""
     if settings.gpu_metrics_interval_s <= 0:
         return None, None
-    monitor = GpuMonitor()
+    # Only the GPUs this server can use, by the CUDA index it uses for them.
+    monitor = GpuMonitor(visible=visible_gpu_uuids())
     if not monitor.available:
         logger.info("no GPU gauges in /metrics: %s", monitor.problem)
         return None, None
