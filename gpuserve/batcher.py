@@ -280,6 +280,17 @@ class MicroBatcher(Generic[T, R]):
         ]
         self._collector = asyncio.create_task(self._collect(), name=f"{self.name}-collector")
 
+    async def on_each_worker(self, fn: Callable[[Any], Any]) -> list[Any]:
+        """`fn(worker)` for each worker, in that worker's own thread, one after another.
+
+        For work that must happen in the thread that will serve (a compiled model's warm-up),
+        before any batch is dispatched. One at a time, so timings taken there do not overlap.
+        """
+        results = []
+        for executor, worker in zip(self._executors, self._workers, strict=True):
+            results.append(await asyncio.wrap_future(executor.submit(fn, worker)))
+        return results
+
     def submit(self, item: T) -> asyncio.Future[R]:
         """Queue one item; the returned future resolves to its result.
 

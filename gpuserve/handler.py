@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import inspect
+import logging
 import time
 from typing import Any, NamedTuple
 
@@ -68,6 +69,8 @@ class Prepared(NamedTuple):
     copied: Any  # torch.cuda.Event on CUDA, None on the CPU
     size: int
 
+
+logger = logging.getLogger("gpuserve.loading")
 
 # How cuBLAS and cuDNN word a failed allocation.
 _OOM_SIGNS = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUDA out of memory")
@@ -196,6 +199,45 @@ class Handler:
                 dynamic=False,
                 **_recompile_limit(graphs),
             )
+
+    def warm(self) -> None:
+        """Make the model ready to serve, in the thread that will serve it: warm up at each
+        batch size (compiling, and capturing CUDA graphs, when configured), tune the batch cap,
+        check reduced precision. Every failure is a ModelLoadError.
+
+        The thread matters: torch keeps compiled code's CUDA graph trees per thread, so a
+        model warmed in one thread and served from another would capture everything again
+        while serving, or fail outright on some torch versions.
+        """
+        settings, name = self.settings, self.spec.name
+        self.use_device()
+        if settings.warmup:
+            started = time.monotonic()
+            self.warm_up(settings.warmup_batch_sizes)
+            logger.info(
+                "warmed up %s at batch sizes %s in %.2fs",
+                name,
+                list(settings.warmup_batch_sizes),
+                time.monotonic() - started,
+            )
+        if settings.warmup and settings.tune_batch_size and settings.max_batch_size > 1:
+            rates = self.measure_batch_sizes(settings.warmup_batch_sizes)
+            self.preferred_batch_size = choose_batch_size(rates)
+            logger.info(
+                "%s throughput by batch size (instances/s): %s; batches capped at %d",
+                name,
+                {size: round(rate) for size, rate in rates.items()},
+                self.preferred_batch_size,
+            )
+        if settings.precision != "fp32":
+            error = self.check_precision(settings.precision_tolerance)
+            logger.info(
+                "%s in %s: largest difference from fp32 is %.4f of the output's scale",
+                name,
+                settings.precision,
+                error,
+            )
+        self.serve()
 
     def serve(self) -> None:
         """Loading is over: from now on a new graph is an error, not a silent recompile."""

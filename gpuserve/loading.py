@@ -1,8 +1,9 @@
-"""Model loading: a model's settings to a warmed-up Handler on the probed device.
+"""Model loading: a model's settings to a Handler on the probed device.
 
 The steps, each logged: read the spec (file or inline), build the handler (the default one,
-or the user's class named by `handler`), load the module through it (`sources` knows the file
-formats and factories), warm it up, tune the batch cap, and check reduced precision.
+or the user's class named by `handler`), and load the module through it (`sources` knows the
+file formats and factories). Warming up, tuning the batch cap and checking reduced precision
+are `Handler.warm`, run by the server in the thread that will serve.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from gpuserve.config import ModelSettings
 from gpuserve.device import DeviceInfo
 from gpuserve.errors import ModelLoadError
-from gpuserve.handler import Handler, choose_batch_size
+from gpuserve.handler import Handler
 from gpuserve.sources import import_object
 from gpuserve.spec import ModelSpec
 
@@ -21,7 +22,20 @@ logger = logging.getLogger("gpuserve.loading")
 
 
 def load_model(settings: ModelSettings, device: DeviceInfo) -> Handler:
-    """Load, place on `device`, and warm up. Every failure is a ModelLoadError with the reason."""
+    """Load, place on `device`, and warm up in this thread. Every failure is a
+    ModelLoadError with the reason.
+
+    The server does the two halves in two threads (`build_model` in the load thread,
+    `Handler.warm` in the worker thread that will serve); this is both at once, for callers
+    that serve from the thread they load in.
+    """
+    handler = build_model(settings, device)
+    handler.warm()
+    return handler
+
+
+def build_model(settings: ModelSettings, device: DeviceInfo) -> Handler:
+    """Read the spec, build the handler and load its module onto `device`; no warm-up yet."""
     try:
         source = settings.spec_source()
     except ValueError as exc:
@@ -42,32 +56,6 @@ def load_model(settings: ModelSettings, device: DeviceInfo) -> Handler:
         device.device,
         time.monotonic() - started,
     )
-    if settings.warmup:
-        started = time.monotonic()
-        handler.warm_up(settings.warmup_batch_sizes)
-        logger.info(
-            "warmed up %s at batch sizes %s in %.2fs",
-            spec.name,
-            list(settings.warmup_batch_sizes),
-            time.monotonic() - started,
-        )
-    if settings.warmup and settings.tune_batch_size and settings.max_batch_size > 1:
-        rates = handler.measure_batch_sizes(settings.warmup_batch_sizes)
-        handler.preferred_batch_size = choose_batch_size(rates)
-        logger.info(
-            "%s throughput by batch size (instances/s): %s; batches capped at %d",
-            spec.name,
-            {size: round(rate) for size, rate in rates.items()},
-            handler.preferred_batch_size,
-        )
-    if settings.precision != "fp32":
-        error = handler.check_precision(settings.precision_tolerance)
-        logger.info(
-            "%s in %s: largest difference from fp32 is %.4f of the output's scale",
-            spec.name,
-            settings.precision,
-            error,
-        )
     return handler
 
 

@@ -212,10 +212,6 @@ class ModelService:
         if self._state == "stopping":
             return
         model, device = copies[0], devices[0]
-        for copy in copies:
-            # Loading and warm-up are over: a compiled copy compiles nothing from now on.
-            if callable(serve := getattr(copy, "serve", None)):
-                serve()
         self.model, self.device, self.devices = model, device, devices
         self._preprocess = _hook(model, "preprocess")
         self._postprocess = _hook(model, "postprocess")
@@ -233,6 +229,18 @@ class ModelService:
             bucket_of=_hook(model, "bucket") if self.settings.length_buckets else None,
         )
         await self.batcher.start()
+        try:
+            # Warm-up, tuning and CUDA graph capture happen in each copy's own worker thread,
+            # the thread that will serve it (see Handler.warm).
+            await self.batcher.on_each_worker(_warm)
+        except Exception as exc:
+            await self.batcher.stop(0)
+            self._state = "failed"
+            self._reason = f"model failed to load: {exc}"
+            logger.error("%s failed to warm up", self.name, exc_info=exc)
+            return
+        # The batch cap the copies measured while warming up.
+        self.batcher.max_batch_size = self.max_batch_size
         if self.settings.freeze_gc:
             _freeze_gc()
         self._state = "ready"
@@ -301,6 +309,13 @@ def _run_hook(hook: Callable[[Any], Any], values: list[Any], failure: str) -> li
         raise
     except BaseException as exc:
         raise InferenceError(failure) from exc
+
+
+def _warm(model: Any) -> None:
+    """A copy's own warm-up, where it has one (a Handler does)."""
+    warm = getattr(model, "warm", None)
+    if callable(warm):
+        warm()
 
 
 def _hook(model: BatchModel, name: str) -> Callable[[Any], Any] | None:

@@ -199,3 +199,55 @@ async def test_preprocess_errors_are_the_clients_or_a_500_never_a_crash() -> Non
         await service.predict([np.full(4, 99, np.float32)], 10)
     assert isinstance(failed.value.__cause__, ZeroDivisionError)
     await service.stop()
+
+
+class ThreadRecorder(FakeModel):
+    """Records the thread it is warmed in and the threads it serves from."""
+
+    def __init__(self) -> None:
+        super().__init__(FAKE_SPEC)
+        self.warmed_in: str | None = None
+        self.served_in: set[str] = set()
+        self.preferred_batch_size: int | None = None
+
+    def warm(self) -> None:
+        self.warmed_in = threading.current_thread().name
+        self.preferred_batch_size = 2
+
+    def __call__(self, instances: list[np.ndarray]) -> list[float]:
+        self.served_in.add(threading.current_thread().name)
+        return super().__call__(instances)
+
+
+async def test_each_copy_is_warmed_in_the_thread_that_serves_it() -> None:
+    copies: list[ThreadRecorder] = []
+
+    def loader(settings: ModelSettings, device: DeviceInfo) -> ThreadRecorder:
+        copies.append(ThreadRecorder())
+        return copies[-1]
+
+    service = make(loader, settings=ModelSettings(freeze_gc=False, instances_per_device=2))
+    await service.start()
+    await until_settled(service)
+    assert service.state == "ready"
+    x = np.ones(4, np.float32)
+    for _ in range(20):
+        await service.predict([x, x, x], timeout_s=10)
+    for copy in copies:
+        assert copy.warmed_in is not None and "-fwd" in copy.warmed_in
+        assert copy.served_in <= {copy.warmed_in}  # served only from where it was warmed
+    assert any(copy.served_in for copy in copies)
+    assert service.batcher is not None and service.batcher.max_batch_size == 2  # tuned there
+    await service.stop()
+
+
+async def test_a_failed_warm_up_fails_the_load_with_its_reason() -> None:
+    class Broken(FakeModel):
+        def warm(self) -> None:
+            raise InvalidInput("warm-up batch failed: the spec does not match")
+
+    service = make(fake_loader(Broken(FAKE_SPEC)))
+    await service.start()
+    await until_settled(service)
+    assert service.state == "failed" and "spec does not match" in (service.reason or "")
+    await service.stop()

@@ -27,7 +27,7 @@ from gpuserve.config import Settings
 from gpuserve.decoding import BodyDecoder
 from gpuserve.device import GpuMonitor, visible_gpu_uuids
 from gpuserve.errors import GpuserveError
-from gpuserve.loading import load_model
+from gpuserve.loading import build_model
 from gpuserve.metrics import Metrics, sample_gpus
 from gpuserve.registry import ModelRegistry
 from gpuserve.service import Loader, ModelService
@@ -45,7 +45,7 @@ def create_app(
     such as Ray Serve that route to a replica as soon as its start-up ends.
     """
     metrics = Metrics()
-    models = ModelRegistry(settings, loader if loader is not None else load_model, metrics)
+    models = ModelRegistry(settings, loader if loader is not None else build_model, metrics)
     decoder = BodyDecoder(settings.parse_offload_bytes, settings.parse_processes)
 
     @asynccontextmanager
