@@ -156,7 +156,9 @@ class Trace:
     forward_s: float = 0.0
 
 
-@dataclass(slots=True)
+# eq=False: entries and batches are compared by identity. Field-wise equality would compare
+# the items, and numpy arrays refuse to be truth-tested (`batch in in_flight` raised).
+@dataclass(slots=True, eq=False)
 class _Entry(Generic[T, R]):
     item: T
     future: asyncio.Future[R]
@@ -165,7 +167,7 @@ class _Entry(Generic[T, R]):
     trace: Trace | None = None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Batch(Generic[T, R]):
     entries: list[_Entry[T, R]]
     worker: int = 0
@@ -589,7 +591,19 @@ class MicroBatcher(Generic[T, R]):
             loop.call_soon_threadsafe(self._finish, batch, done)
 
     def _finish(self, batch: _Batch[T, R], done: ConcurrentFuture[_Outcome[R]]) -> None:
-        """Runs in the event loop when a batch's work is done."""
+        """Runs in the event loop when a batch's work is done. Whatever goes wrong in the
+        bookkeeping, the batch's requests are answered and the collector wakes."""
+        try:
+            self._settle(batch, done)
+        except BaseException:
+            logger.exception("%s: finishing a batch failed", self.name)
+            if not batch.requeued:
+                _fail_unanswered(batch.entries, InferenceError("inference failed"))
+            with contextlib.suppress(ValueError):
+                self._in_flight.remove(batch)
+            self._wake.set()
+
+    def _settle(self, batch: _Batch[T, R], done: ConcurrentFuture[_Outcome[R]]) -> None:
         if batch.requeued:  # its entries went back to the queue; they are not done
             return
         if batch in self._in_flight:

@@ -22,6 +22,7 @@ import contextlib
 import inspect
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -157,8 +158,10 @@ class Handler:
             batch = self._arrived(prepared)
             output = self.forward(batch)
             per_position = isinstance(batch, Padded) and self.spec.output.shape[:1] == (-1,)
-            broken = _non_finite_rows(output, batch.mask if per_position else None, prepared.size)
+            mask = batch.mask if per_position else None
+            read_broken = _non_finite_rows(output, mask, prepared.size)
             rows = self.split(output)[: prepared.size]
+            broken = read_broken()
         if isinstance(batch, Padded) and self.spec.output.shape[:1] == (-1,):
             # A per-position output (one row per token): cut each back to its own length.
             rows = [row[: lengths[0]] for row, lengths in zip(rows, batch.lengths, strict=True)]
@@ -513,21 +516,37 @@ def _timed(handler: Handler, batch: list[Any]) -> float:
     return time.perf_counter() - started
 
 
-def _non_finite_rows(output: Any, mask: torch.Tensor | None, size: int) -> list[int]:
-    """The rows, among the first `size`, whose output holds NaN or infinity.
+def _non_finite_rows(output: Any, mask: torch.Tensor | None, size: int) -> Callable[[], list[int]]:
+    """The rows, among the first `size`, whose output holds NaN or infinity, to read once the
+    output is on the host.
 
     With the `mask` of a per-position output, padded positions do not count: they are cut
     away. One vectorised check per batch; an output that is not one floating tensor is not
-    checked.
+    checked. On a GPU the flags travel to pinned memory behind the output, without a
+    synchronisation of their own.
     """
     if not isinstance(output, torch.Tensor) or not output.is_floating_point() or output.ndim < 1:
-        return []
+        return list
     finite = torch.isfinite(output[:size])
     if mask is not None and finite.ndim >= mask.ndim:
         mask = mask[:size].to(finite.device)
         finite = finite | ~mask.reshape(*mask.shape, *[1] * (finite.ndim - mask.ndim))
     bad = ~finite.reshape(finite.shape[0], -1).all(dim=1)
-    return bad.nonzero().flatten().tolist() if bool(bad.any()) else []
+    done = None
+    if bad.is_cuda:
+        host = torch.empty(bad.shape, dtype=torch.bool, pin_memory=True)
+        host.copy_(bad, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        bad = host
+
+    def read() -> list[int]:
+        if done is not None:
+            done.synchronize()  # at once: splitting the output waited for the same stream
+        flags: list[int] = bad.nonzero().flatten().tolist() if bool(bad.any()) else []
+        return flags
+
+    return read
 
 
 class RecompileWhileServing(RuntimeError):

@@ -640,3 +640,29 @@ async def test_a_fatal_error_on_the_last_copy_fails_the_batcher() -> None:
     with pytest.raises(BatcherClosed, match="illegal memory access"):
         batcher.submit(1)
     await batcher.stop()
+
+
+async def test_a_later_batch_finishing_first_on_another_copy_is_answered_with_array_items() -> None:
+    """Batches were compared field by field (`batch in in_flight`): numpy items raised there,
+    and the requests of a batch that finished before an earlier one waited forever."""
+    import numpy as np
+
+    slow_gate = threading.Event()
+
+    def slow(items: list[np.ndarray]) -> list[float]:
+        slow_gate.wait(30)
+        return [float(x.sum()) for x in items]
+
+    def fast(items: list[np.ndarray]) -> list[float]:
+        return [float(x.sum()) for x in items]
+
+    batcher: MicroBatcher[Any, Any] = MicroBatcher([slow, fast], max_batch_size=2, max_wait_s=0)
+    await batcher.start()
+    first = batcher.submit_many([np.ones(3), np.ones(3)])  # to the slow copy
+    await asyncio.sleep(0.05)
+    second = batcher.submit_many([np.full(3, 2.0), np.full(3, 2.0)])  # to the fast copy
+    with anyio.fail_after(10):
+        assert await asyncio.gather(*second) == [6.0, 6.0]  # answered while the first runs
+        slow_gate.set()
+        assert await asyncio.gather(*first) == [3.0, 3.0]
+    await batcher.stop()

@@ -1,0 +1,40 @@
+"""scripts/gpu_check.py in its CPU mode, so the GPU check cannot rot between GPU sessions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import ROOT
+
+
+def test_the_gpu_check_runs_on_the_cpu_and_skips_only_what_needs_cuda(tmp_path: Path) -> None:
+    out = tmp_path / "check.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    report = json.loads(out.read_text())
+    statuses = {name[0]: section["status"] for name, section in report["sections"].items()}
+    assert statuses == {
+        "A": "SKIP",  # NVML and CUDA
+        "B": "PASS",
+        "C": "PASS",
+        "D": "PASS",
+        "E": "SKIP",  # a CUDA memory limit
+        "F": "PASS",
+        "G": "SKIP",
+    }
+    ordering = report["sections"]["B. ordering under stress"]
+    assert ordering["max_abs_error"] <= 1e-4 and ordering["prepared_share"] >= 0.5
+    compiled = report["sections"]["D. compile"]
+    assert compiled["default x1"]["graphs_compiled_while_serving"] == 0
+    assert compiled["default, max_batch_size 256"]["ok"]
+    # One line per section on the console, as on the GPU machine.
+    assert result.stdout.count("PASS ") == 4 and result.stdout.count("SKIP ") == 3
