@@ -610,11 +610,24 @@ def _recompile_limit(graphs: int) -> dict[str, Any]:
     has one process-wide limit, raised here to what all compiled models reserve together.
     """
     config = torch._dynamo.config
-    config.fail_on_recompile_limit_hit = True
+    # The names changed over torch's versions (cache_size_limit before recompile_limit).
+    _set_first(config, ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"), True)
     if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
         return {"recompile_limit": graphs, "isolate_recompiles": True}
     global _reserved_graphs
     _reserved_graphs += graphs
-    config.recompile_limit = max(config.recompile_limit, _reserved_graphs)
-    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, _reserved_graphs)
+    for names in (
+        ("recompile_limit", "cache_size_limit"),
+        ("accumulated_recompile_limit", "accumulated_cache_size_limit"),
+    ):
+        current = next((getattr(config, n) for n in names if hasattr(config, n)), 0)
+        _set_first(config, names, max(current, _reserved_graphs))
     return {}
+
+
+def _set_first(config: Any, names: tuple[str, ...], value: Any) -> None:
+    """Set the first of `names` that this torch's dynamo config has."""
+    for name in names:
+        if hasattr(config, name):
+            setattr(config, name, value)
+            return

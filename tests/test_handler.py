@@ -491,3 +491,25 @@ def test_reduced_precision_is_checked_against_the_eager_module_without_new_graph
     assert type(handler._eager_module).__name__ == "Linear"
     handler.serve()
     assert len(handler(instances(3))) == 3
+
+
+def test_where_torch_compile_has_no_limit_of_its_own_the_process_limit_is_raised(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import inspect
+
+    def without_isolation(fn: Any) -> inspect.Signature:
+        signature = inspect.Signature.from_callable(fn)
+        kept = [p for n, p in signature.parameters.items() if n != "isolate_recompiles"]
+        return signature.replace(parameters=kept)
+
+    monkeypatch.setattr(handler_module.inspect, "signature", without_isolation)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    copies = [
+        served(
+            make(Linear().eval(), compile="default", compile_backend="eager", max_batch_size=256)
+        )
+        for _ in range(2)
+    ]
+    assert torch._dynamo.config.recompile_limit >= 2 * 10
+    assert all(h.graph_gate is not None and h.graph_gate.graphs == 9 for h in copies)
