@@ -9,9 +9,9 @@ hard time limit every thread's traceback is dumped (faulthandler) and the run en
     python scripts/gpu_check.py --cpu --out /tmp/check.json   # here: CUDA sections SKIP
 
 Sections: A probe and NVML, B ordering under stress, C precision, D compile, E out of memory,
-F throughput, G over HTTP. On the CPU the correctness checks run small and the speed bars are
-reported, not judged. The wheels gpuserve needs beyond that machine's packages come from
-`scripts/gpu_wheels.sh`.
+F throughput, G over HTTP (a `gpuserve serve` process loaded by several client processes).
+On the CPU the correctness checks run small and the speed bars are reported, not judged. The
+wheels gpuserve needs beyond that machine's packages come from `scripts/gpu_wheels.sh`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,51 @@ from typing import Any, ClassVar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+
+def load_client(url: str, body: bytes, concurrency: int, seconds: float) -> None:
+    """One load process for section G (`--client`): `concurrency` keep-alive connections
+    posting `body` for `seconds`; prints one JSON line. Before the heavy imports on purpose."""
+    import httpx
+
+    async def main() -> dict[str, Any]:
+        latencies: list[float] = []
+        errors = 0
+        deadline = time.monotonic() + seconds
+        limits = httpx.Limits(max_connections=concurrency)
+        headers = {"content-type": "application/json"}
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+
+            async def loop() -> None:
+                nonlocal errors
+                while time.monotonic() < deadline:
+                    began = time.perf_counter()
+                    try:
+                        response = await client.post("/predict", content=body, headers=headers)
+                        ok = response.status_code == 200
+                    except httpx.HTTPError:
+                        ok = False
+                    errors += not ok
+                    latencies.append(time.perf_counter() - began)
+
+            began = time.perf_counter()
+            await asyncio.gather(*(loop() for _ in range(concurrency)))
+            elapsed = time.perf_counter() - began
+        latencies.sort()
+        return {
+            "requests": len(latencies),
+            "errors": errors,
+            "seconds": elapsed,
+            "p50_ms": 1e3 * latencies[len(latencies) // 2] if latencies else None,
+            "p99_ms": 1e3 * latencies[int(len(latencies) * 0.99)] if latencies else None,
+        }
+
+    print(json.dumps(asyncio.run(main())), flush=True)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--client"]:
+    load_client(sys.argv[2], sys.argv[3].encode(), int(sys.argv[4]), float(sys.argv[5]))
+    sys.exit(0)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -548,10 +593,100 @@ def throughput(check: Check) -> Result:
 
 @section("G. over HTTP")
 def over_http(check: Check) -> Result:
-    return {
-        "status": "SKIP",
-        "reason": "not built yet: the in-process sections come first within six minutes",
+    import os
+    import signal
+    import subprocess
+
+    import httpx
+    from _loadgen import batch_totals, free_port
+
+    processes = int(check.scaled(8, 2))
+    concurrency = int(check.scaled(128, 16))
+    seconds = check.scaled(10.0, 2.0)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "GPUSERVE_DEVICE": check.info.device,
+        "GPUSERVE_MODEL__PATH": str(check.files["encoder"]),
+        "GPUSERVE_MODEL__PRECISION": "bf16",
+        "GPUSERVE_MODEL__MAX_BATCH_SIZE": "128",
+        "GPUSERVE_MODEL__TUNE_BATCH_SIZE": "false",
+        "GPUSERVE_LOG_LEVEL": "warning",
+        "GPUSERVE_ACCESS_LOG": "false",
+        "GPUSERVE_GPU_METRICS_INTERVAL_S": "0",
     }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gpuserve", "serve", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None:
+                return {"status": "FAIL", "error": f"the server exited with {server.returncode}"}
+            try:
+                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                return {"status": "FAIL", "error": "the server was not ready within 120 s"}
+            time.sleep(0.2)
+        body = json.dumps({"inputs": MODELS["encoder"]["body"]()})
+        cpu_before, batches_before = _cpu_seconds(server.pid), batch_totals(url)
+        clients = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "--client",
+                    url,
+                    body,
+                    str(concurrency // processes),
+                    str(seconds),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(processes)
+        ]
+        reports = [json.loads(c.communicate(timeout=seconds + 60)[0]) for c in clients]
+        cpu = _cpu_seconds(server.pid) - cpu_before
+        instances, batches = (a - b for a, b in zip(batch_totals(url), batches_before, strict=True))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=60)
+    requests = sum(r["requests"] for r in reports)
+    errors = sum(r["errors"] for r in reports)
+    served_rate = requests / max(r["seconds"] for r in reports)
+    mean_batch = instances / batches if batches else 0.0
+    raw = raw_rate(check, check.module("encoder"), "encoder", max(1, round(mean_batch)), 2.0)
+    result: Result = {
+        "concurrency": concurrency,
+        "load_processes": processes,
+        "served_samples_per_s": served_rate,
+        "mean_batch": mean_batch,
+        "raw_at_served_batch": raw,
+        "served_over_raw": served_rate / raw,
+        "p50_ms": statistics.median(r["p50_ms"] for r in reports if r["p50_ms"]),
+        "p99_ms": max(r["p99_ms"] for r in reports if r["p99_ms"]),
+        "errors": errors,
+        "server_cpu_cores": cpu / max(r["seconds"] for r in reports),
+        "server_exit": code,
+    }
+    ok = errors == 0 and code == 0 and requests > 0
+    return {"status": "PASS" if ok else "FAIL", **result}
+
+
+def _cpu_seconds(pid: int) -> float:
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:

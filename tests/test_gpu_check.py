@@ -29,12 +29,14 @@ def test_the_gpu_check_runs_on_the_cpu_and_skips_only_what_needs_cuda(tmp_path: 
         "D": "PASS",
         "E": "SKIP",  # a CUDA memory limit
         "F": "PASS",
-        "G": "SKIP",
+        "G": "PASS",  # a real server process, loaded by two client processes
     }
     ordering = report["sections"]["B. ordering under stress"]
     assert ordering["max_abs_error"] <= 1e-4 and ordering["prepared_share"] >= 0.5
     compiled = report["sections"]["D. compile"]
     assert compiled["default x1"]["graphs_compiled_while_serving"] == 0
     assert compiled["default, max_batch_size 256"]["ok"]
+    over_http = report["sections"]["G. over HTTP"]
+    assert over_http["errors"] == 0 and over_http["server_exit"] == 0
     # One line per section on the console, as on the GPU machine.
-    assert result.stdout.count("PASS ") == 4 and result.stdout.count("SKIP ") == 3
+    assert result.stdout.count("PASS ") == 5 and result.stdout.count("SKIP ") == 2
