@@ -403,12 +403,14 @@ def compile_modes(check: Check) -> Result:
             slow_first = [
                 size for size, t in timings.items() if t["first_ms"] > 3 * t["steady_ms"] + 0.05
             ]
-            good = relative <= 0.02 and new_graphs == 0 and not slow_first
+            # Timings are judged on the GPU only: on a shared CPU they are noise.
+            good = relative <= 0.02 and new_graphs == 0 and (check.cpu or not slow_first)
             ok = ok and good
             figures[f"{mode} x{copies}"] = {
                 "relative_error": relative,
                 "graphs_compiled_while_serving": new_graphs,
                 "first_vs_steady_ms": timings,
+                "slow_first_sizes": slow_first,
                 "ok": good,
             }
     big = check.handler("light", compile="default", precision="bf16", max_batch_size=256)
