@@ -172,9 +172,10 @@ def test_chaos_then_sigterm(tmp_path: Path) -> None:
     statuses = Counter((who, status) for who, _, status, _ in record.answers)
     normal = [(when, status) for who, when, status, _ in record.answers if who == "normal"]
     assert {status for _, status in normal} == {200}
-    # Served throughout: a 200 for the normal clients in every second of the chaos.
-    seconds = Counter(int(when - began) for when, _ in normal)
-    assert all(seconds[second] > 0 for second in range(int(CHAOS_S))), seconds
+    # Served throughout: 200s for the normal clients in every two seconds of the chaos (two, not
+    # one, so that a CI machine's stall of a second is not mistaken for starvation).
+    windows = Counter(int((when - began) // 2) for when, _ in normal)
+    assert all(windows[window] > 0 for window in range(int(CHAOS_S // 2))), windows
     assert statuses[("poison", 500)] >= 3 and set(s for w, s in statuses if w == "poison") == {500}
     assert statuses[("abusive", 422)] >= 2
     assert {status for status, _ in in_flight} == {200} and len(in_flight) == 5
