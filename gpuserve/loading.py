@@ -36,6 +36,13 @@ def load_model(settings: ModelSettings, device: DeviceInfo) -> Handler:
 
 def build_model(settings: ModelSettings, device: DeviceInfo) -> Handler:
     """Read the spec, build the handler and load its module onto `device`; no warm-up yet."""
+    path = settings.path
+    if path is not None and not path.is_file():
+        # Before the spec, whose own absence would otherwise be reported instead.
+        raise ModelLoadError(
+            f"model file not found: {path} (looked for {path.resolve()}; relative paths are "
+            "taken from the working directory)"
+        )
     try:
         source = settings.spec_source()
     except ValueError as exc:

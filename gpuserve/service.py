@@ -259,13 +259,15 @@ class ModelService:
         devices = self._placement()
         copies = []
         for device in devices:
+            count = self.settings.instances_per_device
             logger.info(
-                "%s on %s (%s): %s x%d",
+                "loading %s: %d cop%s on %s (%s), chosen because %s",
                 self.name,
+                count,
+                "y" if count == 1 else "ies",
                 device.device,
                 device.name,
                 device.reason,
-                self.settings.instances_per_device,
             )
             copies += [
                 self._loader(self.settings, device)

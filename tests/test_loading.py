@@ -71,6 +71,17 @@ def test_a_missing_model_file_is_named(tmp_path: Path) -> None:
         load_model(ModelSettings(path=tmp_path / "gone.pt2"), CPU)
 
 
+def test_a_missing_model_file_is_named_even_without_its_spec(tmp_path: Path) -> None:
+    # Neither nope.pt2 nor nope.json exists: the file asked for is what is missing.
+    with pytest.raises(ModelLoadError) as caught:
+        load_model(ModelSettings(path=tmp_path / "nope.pt2"), CPU)
+    assert caught.value.message.startswith("model file not found:")
+    assert (
+        str(tmp_path / "nope.pt2") in caught.value.message
+        and "nope.json" not in caught.value.message
+    )
+
+
 def test_a_missing_spec_is_named(tmp_path: Path) -> None:
     settings = export_to(tmp_path / "double.pt2")
     spec = settings.spec_source()
