@@ -166,7 +166,13 @@ def _serve(settings: Settings) -> None:
     from gpuserve.app.connections import connection_cap, guarded_protocol, raise_fd_limit
 
     max_connections = connection_cap(settings.max_connections, raise_fd_limit())
-    app = create_app(settings)
+    no_model: list[bool] = []
+
+    def stop_without_models() -> None:
+        no_model.append(True)
+        server.stop()
+
+    app = create_app(settings, on_no_model=stop_without_models)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -186,7 +192,10 @@ def _serve(settings: Settings) -> None:
     # `docker stop` expect, rather than 143, or 130 with a KeyboardInterrupt traceback.
     signal.signal(signal.SIGTERM, _drained)
     signal.signal(signal.SIGINT, _drained)
-    _DrainingServer(config, app.state.models, settings.shutdown_timeout_s).run()
+    server = _DrainingServer(config, app.state.models, settings.shutdown_timeout_s)
+    server.run()
+    if no_model:
+        sys.exit(1)
 
 
 def _warn_if_exposed(settings: Settings) -> None:
@@ -214,6 +223,11 @@ class _DrainingServer(uvicorn.Server):
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    def stop(self) -> None:
+        """Stop as on a signal, from the event loop (every model failed to load)."""
+        self._models.begin_shutdown()
+        self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # A signal handler may run in the middle of the event loop's own code: only flags are

@@ -342,6 +342,11 @@ class Settings(BaseSettings):
         description="Several models, each with its own batcher and readiness ([[models]] in "
         "TOML). When given, `model` is ignored.",
     )
+    keep_running_without_models: bool = Field(
+        default=False,
+        description="By default the server exits with status 1 once every model has failed "
+        "to load; true keeps it up, not ready, with the reasons on /health/ready.",
+    )
     default_model: str | None = Field(
         default=None, description="The model /predict serves. Default: the first one."
     )

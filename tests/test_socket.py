@@ -327,3 +327,20 @@ def test_connections_past_the_cap_get_a_503_and_are_closed(tmp_path: Path) -> No
         limits = Path(f"/proc/{server.process.pid}/limits").read_text()
         soft, hard = re.search(r"Max open files\s+(\S+)\s+(\S+)", limits).groups()  # type: ignore[union-attr]
         assert soft == hard
+
+
+def test_a_server_whose_every_model_failed_exits_1_unless_told_to_stay(tmp_path: Path) -> None:
+    missing = {"GPUSERVE_MODEL__PATH": str(tmp_path / "nope.pt2")}
+    with ServerProcess("--device", "cpu", env=missing) as server:
+        assert server.process is not None
+        assert server.process.wait(timeout=60) == 1
+    assert any("no model can serve" in line and "nope.pt2" in line for line in server.log)
+    stay = {**missing, "GPUSERVE_KEEP_RUNNING_WITHOUT_MODELS": "true"}
+    with ServerProcess("--device", "cpu", env=stay) as server:
+        deadline = time.monotonic() + 30
+        while (ready := httpx.get(f"{server.url}/health/ready")).json()["status"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert ready.status_code == 503 and "nope.pt2" in ready.json()["reason"]
+        assert server.process is not None and server.process.poll() is None
+        assert server.stop() == 0

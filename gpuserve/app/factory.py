@@ -36,13 +36,19 @@ logger = logging.getLogger("gpuserve.app")
 
 
 def create_app(
-    settings: Settings, *, loader: Loader | None = None, wait_for_models: bool = False
+    settings: Settings,
+    *,
+    loader: Loader | None = None,
+    wait_for_models: bool = False,
+    on_no_model: Callable[[], None] | None = None,
 ) -> FastAPI:
     """Build the ASGI app. The models start loading when the app's lifespan starts.
 
     By default the lifespan returns at once, so health checks answer while models load. With
     `wait_for_models`, start-up ends only when every model has loaded or failed: for hosts
-    such as Ray Serve that route to a replica as soon as its start-up ends.
+    such as Ray Serve that route to a replica as soon as its start-up ends. `on_no_model` is
+    called once every model has failed to load (the server then stops, unless
+    `keep_running_without_models`).
     """
     metrics = Metrics()
     models = ModelRegistry(settings, loader if loader is not None else build_model, metrics)
@@ -54,9 +60,15 @@ def create_app(
         if wait_for_models:
             await models.loaded()
         monitor, sampler = _start_gpu_sampling(settings, metrics)
+        watcher = None
+        if on_no_model is not None and not settings.keep_running_without_models:
+            watcher = asyncio.create_task(_stop_if_no_model(models, on_no_model))
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
             await models.stop(settings.shutdown_timeout_s)
             decoder.close()
             if sampler is not None:
@@ -91,6 +103,17 @@ def create_app(
     app.lane = context(InferenceLane(models))
     app.openapi = functools.partial(_openapi, app, app.openapi)  # type: ignore[method-assign]
     return app
+
+
+async def _stop_if_no_model(models: ModelRegistry, stop: Callable[[], None]) -> None:
+    """Once every model has finished loading, stop the server if none of them can serve: a
+    terminal user sees it, and Kubernetes restarts it, rather than it staying up, alive and
+    useless."""
+    await models.loaded()
+    if models.status == "failed":
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in models)
+        logger.error("no model can serve (%s); stopping", reasons)
+        stop()
 
 
 def _start_gpu_sampling(
