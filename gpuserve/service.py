@@ -205,9 +205,7 @@ class ModelService:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._state = "failed"
-            self._reason = f"model failed to load: {exc}"
-            logger.error("%s failed to load", self.name, exc_info=exc)
+            self._failed(exc)
             return
         if self._state == "stopping":
             return
@@ -235,9 +233,7 @@ class ModelService:
             await self.batcher.on_each_worker(_warm)
         except Exception as exc:
             await self.batcher.stop(0)
-            self._state = "failed"
-            self._reason = f"model failed to load: {exc}"
-            logger.error("%s failed to warm up", self.name, exc_info=exc)
+            self._failed(exc)
             return
         # The batch cap the copies measured while warming up.
         self.batcher.max_batch_size = self.max_batch_size
@@ -253,6 +249,17 @@ class ModelService:
             ", ".join(d.device for d in devices),
             device.reason,
         )
+
+    def _failed(self, exc: Exception) -> None:
+        self._state = "failed"
+        self._reason = f"model failed to load: {exc}"
+        if isinstance(exc, GpuserveError):
+            # The user's own mistake (a missing file, a spec that does not fit): one clear
+            # line; the traceback only at debug level.
+            logger.error("%s: %s", self.name, self._reason)
+            logger.debug("%s: where the load failed", self.name, exc_info=exc)
+        else:  # a bug, ours or in a user's code: the traceback belongs in the log
+            logger.error("%s: %s", self.name, self._reason, exc_info=exc)
 
     def _load_blocking(self) -> tuple[list[BatchModel], list[DeviceInfo]]:
         """One copy per device and instance; the first is the one readiness and /info report."""

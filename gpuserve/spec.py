@@ -174,13 +174,26 @@ class ModelSpec(BaseModel):
 
     @classmethod
     def from_file(cls, path: Path) -> ModelSpec:
-        """Read and check a spec file; every failure is a ModelLoadError naming the file."""
+        """Read and check a spec file; every failure is a ModelLoadError naming the file.
+
+        `name` may be left out: the model is served under its configured name anyway.
+        """
         try:
-            return cls.model_validate_json(path.read_bytes())
+            data = json.loads(path.read_bytes())
         except FileNotFoundError:
             raise ModelLoadError(f"model spec not found: {path}") from None
+        except ValueError as exc:
+            raise ModelLoadError(f"model spec {path} is not valid JSON: {exc}") from None
+        if isinstance(data, dict):
+            data.setdefault("name", path.stem)
+        try:
+            return cls.model_validate(data)
         except ValidationError as exc:
-            raise ModelLoadError(f"model spec {path} is invalid: {exc}") from None
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in error['loc']) or 'spec'}: {error['msg']}"
+                for error in exc.errors(include_url=False)
+            )
+            raise ModelLoadError(f"model spec {path} is invalid: {problems}") from None
 
     @classmethod
     def resolve(cls, source: Path | dict[str, Any], name: str) -> ModelSpec:

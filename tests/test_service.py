@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import threading
 
 import anyio
@@ -11,7 +12,7 @@ import pytest
 
 from gpuserve.config import ModelSettings
 from gpuserve.device import DeviceInfo
-from gpuserve.errors import DeviceError, InferenceError, InvalidInput, NotReady
+from gpuserve.errors import DeviceError, InferenceError, InvalidInput, ModelLoadError, NotReady
 from gpuserve.metrics import Metrics
 from gpuserve.service import ModelService
 
@@ -250,4 +251,24 @@ async def test_a_failed_warm_up_fails_the_load_with_its_reason() -> None:
     await service.start()
     await until_settled(service)
     assert service.state == "failed" and "spec does not match" in (service.reason or "")
+    await service.stop()
+
+
+@pytest.mark.parametrize(
+    ("raised", "traceback_logged"),
+    [(ModelLoadError("model file not found: nope.pt2"), False), (KeyError("a bug"), True)],
+)
+async def test_a_users_load_error_is_one_line_and_a_bug_keeps_its_traceback(
+    caplog: pytest.LogCaptureFixture, raised: Exception, traceback_logged: bool
+) -> None:
+    def loader(settings: ModelSettings, device: DeviceInfo) -> FakeModel:
+        raise raised
+
+    caplog.set_level(logging.INFO, logger="gpuserve.service")
+    service = make(loader)
+    await service.start()
+    await until_settled(service)
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and str(raised) in errors[0].getMessage()
+    assert (errors[0].exc_info is not None) is traceback_logged
     await service.stop()

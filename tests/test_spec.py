@@ -180,3 +180,23 @@ def test_an_inline_spec_takes_the_served_name() -> None:
     assert spec.name == "mine"
     with pytest.raises(ModelLoadError, match="inline spec of mine is invalid"):
         ModelSpec.resolve({"input": {"shape": [2]}}, "mine")
+
+
+def test_a_spec_file_without_a_name_is_served_under_the_models_name(tmp_path: Path) -> None:
+    path = tmp_path / "mine.json"
+    path.write_text('{"input": {"shape": [4]}, "output": {"shape": [2]}}')
+    assert ModelSpec.from_file(path).name == "mine"
+    assert ModelSpec.resolve(path, "served-as").name == "served-as"
+
+
+def test_an_invalid_spec_file_says_what_is_wrong_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text('{"input": {"shape": "four"}, "output": {"shape": [2]}}')
+    with pytest.raises(ModelLoadError) as caught:
+        ModelSpec.from_file(path)
+    message = caught.value.message
+    assert message.startswith(f"model spec {path} is invalid: input.shape")
+    assert "\n" not in message and "errors.pydantic.dev" not in message
+    path.write_text("{not json")
+    with pytest.raises(ModelLoadError, match="is not valid JSON"):
+        ModelSpec.from_file(path)
