@@ -1,0 +1,85 @@
+"""RequestContext, the pure ASGI middleware around every request: the last line of defence."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from gpuserve.app.context import RequestContext
+from gpuserve.metrics import Metrics
+
+pytestmark = pytest.mark.anyio
+
+
+def scope() -> dict[str, Any]:
+    return {"type": "http", "method": "POST", "path": "/predict", "headers": [], "state": {}}
+
+
+async def call(app: Any) -> tuple[list[dict[str, Any]], BaseException | None]:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    try:
+        await RequestContext(app, Metrics(), [])(scope(), receive, send)
+    except BaseException as exc:
+        return sent, exc
+    return sent, None
+
+
+def answer(sent: list[dict[str, Any]]) -> tuple[int, dict[str, str], dict[str, Any]]:
+    start, body = sent[0], sent[1]
+    headers = {k.decode(): v.decode() for k, v in start["headers"]}
+    return start["status"], headers, json.loads(body["body"])
+
+
+class Poison(BaseException):
+    pass
+
+
+async def test_a_base_exception_escaping_the_app_is_a_json_500(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise Poison("from a user's hook")
+
+    sent, escaped = await call(app)
+    assert escaped is None  # answered here; nothing reaches uvicorn's text/plain 500
+    status, headers, body = answer(sent)
+    assert status == 500 and headers["content-type"] == "application/json"
+    assert body["error"] == "internal error" and body["request_id"] == headers["x-request-id"]
+    assert "Poison: from a user's hook" in caplog.text
+
+
+async def test_a_request_cancelled_by_the_servers_stop_gets_a_json_503() -> None:
+    entered = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        entered.set()
+        await asyncio.Event().wait()  # a request the graceful stop gives up on
+
+    task = asyncio.ensure_future(call(app))
+    await entered.wait()
+    task.cancel()
+    sent, escaped = await task
+    assert isinstance(escaped, asyncio.CancelledError)  # the cancellation goes on
+    status, headers, body = answer(sent)
+    assert status == 503 and headers["retry-after"] == "1"
+    assert "stopping" in body["error"]
+
+
+async def test_an_error_after_the_response_started_is_not_answered_twice() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise RuntimeError("mid-body")
+
+    sent, escaped = await call(app)
+    assert isinstance(escaped, RuntimeError)
+    assert [m["type"] for m in sent] == ["http.response.start"]
