@@ -83,3 +83,20 @@ async def test_an_error_after_the_response_started_is_not_answered_twice() -> No
     sent, escaped = await call(app)
     assert isinstance(escaped, RuntimeError)
     assert [m["type"] for m in sent] == ["http.response.start"]
+
+
+async def test_the_docs_routes_are_counted_under_their_own_paths_and_unknown_ones_are_not() -> None:
+    from gpuserve.app import create_app
+    from gpuserve.config import ModelSettings, Settings
+
+    from .conftest import FAKE_SPEC, FakeModel, fake_loader
+    from .test_app import serving
+
+    settings = Settings(device="cpu", model=ModelSettings(freeze_gc=False))
+    async with serving(create_app(settings, loader=fake_loader(FakeModel(FAKE_SPEC)))) as client:
+        for path in ("/docs", "/openapi.json", "/no/such/route", "/another/unknown"):
+            await client.get(path)
+        text = (await client.get("/metrics")).text
+    assert 'gpuserve_requests_total{code="200",model="",route="/docs"} 1.0' in text
+    assert 'gpuserve_requests_total{code="200",model="",route="/openapi.json"} 1.0' in text
+    assert 'gpuserve_requests_total{code="404",model="",route="unmatched"} 2.0' in text

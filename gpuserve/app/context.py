@@ -90,8 +90,7 @@ class RequestContext:
         finally:
             status = status or 500
             self.metrics.in_flight.dec()
-            route = scope.get("route")
-            path = getattr(route, "path", "unmatched")
+            path = _route_label(scope)
             seconds = time.perf_counter() - started
             self.metrics.observe_request(path, status, seconds, state.get("model", ""))
             if self.access_log and access.isEnabledFor(logging.INFO):
@@ -108,6 +107,21 @@ class RequestContext:
         # Compare against every key, in constant time, so timing reveals neither key nor match.
         matches = [hmac.compare_digest(presented, key) for key in self.api_keys]
         return any(matches)
+
+
+def _route_label(scope: Scope) -> str:
+    """The route a request matched, as a metrics label: its path template, bounded in number.
+
+    FastAPI's own routes say which route they are; plain Starlette routes (FastAPI's /docs and
+    /openapi.json) only leave their endpoint, and as they take no parameters their path is the
+    template.
+    """
+    route = scope.get("route")
+    if route is not None:
+        return str(getattr(route, "path", "unmatched"))
+    if scope.get("endpoint") is not None and not scope.get("path_params"):
+        return str(scope["path"])
+    return "unmatched"
 
 
 def _log_request(scope: Scope, state: dict[str, Any], status: int, seconds: float) -> None:
