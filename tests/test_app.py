@@ -559,3 +559,17 @@ async def test_a_non_finite_output_is_a_500_for_its_request_alone() -> None:
         )
         assert bad.status_code == 500 and bad.json()["error"] == "NaN"
         assert good.status_code == 200 and good.json()["outputs"] == 1.0
+
+
+async def test_openapi_lists_only_the_errors_each_route_can_give(client: httpx.AsyncClient) -> None:
+    paths = (await client.get("/openapi.json")).json()["paths"]
+
+    def codes(path: str, method: str) -> set[str]:
+        return set(paths[path][method]["responses"]) - {"200"}
+
+    assert codes("/predict", "post") == {"401", "413", "415", "422", "500", "503", "504"}
+    assert codes("/models/{name}/predict", "post") == codes("/predict", "post") | {"404"}
+    assert codes("/v2/models/{name}", "get") == {"401", "404", "500", "503"}
+    assert codes("/v2/models/{name}/ready", "get") == {"400", "401", "404", "500"}
+    assert codes("/v2/health/ready", "get") == {"400"}
+    assert "422" not in codes("/v2/models/{name}/infer", "post")  # v2 answers 400

@@ -142,6 +142,7 @@ def _openapi(app: FastAPI, default: Callable[[], dict[str, Any]]) -> dict[str, A
     if app.openapi_schema is not None:
         return app.openapi_schema
     document = default()
+    _drop_unreachable_validation_errors(document)
     service = app.state.models.default
     if service.model is None:
         app.openapi_schema = None
@@ -153,6 +154,18 @@ def _openapi(app: FastAPI, default: Callable[[], dict[str, Any]]) -> dict[str, A
         body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]
         body["schema"] = schema
     return document
+
+
+def _drop_unreachable_validation_errors(document: dict[str, Any]) -> None:
+    """FastAPI documents a 422 for every route with a parameter; gpuserve's parameters are
+    plain strings that cannot fail validation, so that 422 is never given. The routes that do
+    answer 422 (/predict, for a bad instance) document their own, in the error shape."""
+    for operations in document["paths"].values():
+        for operation in operations.values():
+            response = operation.get("responses", {}).get("422", {})
+            schema = response.get("content", {}).get("application/json", {}).get("schema", {})
+            if schema.get("$ref", "").endswith("/HTTPValidationError"):
+                del operation["responses"]["422"]
 
 
 def _name_models(document: dict[str, Any], names: list[str]) -> None:

@@ -26,8 +26,10 @@ from gpuserve.service import ModelService
 router = APIRouter()
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (401, 404, 413, 415, 422, 500, 503, 504)
+    code: {"model": ErrorResponse} for code in (401, 413, 415, 422, 500, 503, 504)
 }
+# A model named in the path may not exist; the default model always does.
+_NAMED_ERRORS = {**_ERRORS, 404: {"model": ErrorResponse}}
 _PREDICT_BODY = {
     "requestBody": {
         "required": True,
@@ -68,7 +70,7 @@ async def predict(request: Request) -> Response:
 @router.post(
     "/models/{name}/predict",
     response_model=PredictResponse,
-    responses=_ERRORS,
+    responses=_NAMED_ERRORS,
     openapi_extra=_PREDICT_BODY,
 )
 async def predict_model(request: Request, name: str) -> Response:

@@ -27,6 +27,14 @@ router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"])
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 500, 503, 504)
 }
+# A GET reads no body and waits for no model: no 400, 413, 415 or 504; metadata needs the
+# loaded spec (503 until then), readiness only the model's state.
+_METADATA_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (401, 404, 500, 503)
+}
+_READY_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (401, 404, 500)
+}
 _NOT_READY: dict[int | str, dict[str, Any]] = {
     400: {"description": "not ready (the protocol's 4xx for false)"}
 }
@@ -75,13 +83,13 @@ async def server_ready(request: Request) -> Response:
     return json_response({"ready": ready}, 200 if ready else 400)
 
 
-@router.get("/models/{name}", responses=_ERRORS)
+@router.get("/models/{name}", responses=_METADATA_ERRORS)
 async def model_metadata(request: Request, name: str) -> Response:
     """Name, versions, platform, and the input and output tensors (batch dimension -1)."""
     return json_response(oip.metadata(_service(request, name).spec, _PLATFORM))
 
 
-@router.get("/models/{name}/ready", responses={**_ERRORS, **_NOT_READY})
+@router.get("/models/{name}/ready", responses={**_READY_ERRORS, **_NOT_READY})
 async def model_ready(request: Request, name: str) -> Response:
     """200 when the model is ready; 400 while it loads, after it failed, or while stopping."""
     ready = _service(request, name).state == "ready"
