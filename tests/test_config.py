@@ -9,6 +9,8 @@ from pydantic import ValidationError
 
 from gpuserve.config import ModelSettings, Settings
 
+from .conftest import ROOT
+
 
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:
@@ -171,3 +173,28 @@ def test_model_names_must_be_unique_and_the_default_must_exist() -> None:
         Settings(models=twins)
     with pytest.raises(ValidationError, match="default_model 'c'"):
         Settings(models=twins[:1], default_model="c")
+
+
+def test_every_setting_is_in_the_readme_and_the_default_config() -> None:
+    """The settings reference cannot drift from the settings class: a new field fails here until
+    README's table and configs/default.toml (a key, or a commented example) both list it."""
+    import re
+
+    from gpuserve.config import RaySettings
+
+    readme = (ROOT / "README.md").read_text()
+    default_toml = (ROOT / "configs" / "default.toml").read_text()
+    ray_toml = (ROOT / "configs" / "ray.toml").read_text()
+    structural = {"config_file", "model", "models", "ray"}  # sections, not values
+    missing = []
+    for cls, prefix, config in (
+        (Settings, "", default_toml),
+        (ModelSettings, "model.", default_toml),
+        (RaySettings, "", ray_toml),
+    ):
+        for name in set(cls.model_fields) - structural:
+            in_readme = f"`{prefix}{name}`" in readme
+            in_config = re.search(rf"^#?\s*{name}\s*=", config, re.M) is not None
+            if not (in_readme and in_config):
+                missing.append(f"{prefix}{name}: README {in_readme}, config {in_config}")
+    assert not missing, missing
