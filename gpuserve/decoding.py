@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import numpy as np
 from pydantic import ValidationError
 
-from gpuserve.errors import InferenceError, InvalidInput, NotReady
+from gpuserve.errors import InferenceError, InvalidInput, NotReady, describe_validation
 from gpuserve.schemas import PredictRequest
 from gpuserve.spec import TensorSpec, to_array, to_arrays
 
@@ -60,14 +60,7 @@ _MAX_ERRORS_SHOWN = 5
 
 def describe(exc: ValidationError) -> str:
     """A validation error in a few words: where and what, for the first few problems."""
-    errors = exc.errors(include_url=False, include_input=False)
-    parts = []
-    for error in errors[:_MAX_ERRORS_SHOWN]:
-        where = ".".join(str(part) for part in error["loc"]) or "body"
-        parts.append(f"{where}: {error['msg']}")
-    if len(errors) > _MAX_ERRORS_SHOWN:
-        parts.append(f"and {len(errors) - _MAX_ERRORS_SHOWN} more")
-    return "; ".join(parts)
+    return describe_validation(exc, "body", _MAX_ERRORS_SHOWN)
 
 
 class BodyDecoder:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class GpuserveError(Exception):
     """Base class: a message safe to show a client, its HTTP status, and when to retry."""
@@ -94,3 +99,14 @@ class DeviceError(GpuserveError):
 
 class ModelLoadError(GpuserveError):
     """The model or its spec could not be loaded, or its warm-up batch failed."""
+
+
+def describe_validation(exc: ValidationError, root: str, limit: int | None = None) -> str:
+    """A pydantic validation error in a few words: `where: what` for each problem (the first
+    `limit` of them), `root` where the problem is the whole document."""
+    errors = exc.errors(include_url=False, include_input=False)
+    shown = errors if limit is None else errors[:limit]
+    parts = [f"{'.'.join(str(p) for p in error['loc']) or root}: {error['msg']}" for error in shown]
+    if len(errors) > len(shown):
+        parts.append(f"and {len(errors) - len(shown)} more")
+    return "; ".join(parts)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from gpuserve.errors import InvalidInput, ModelLoadError
+from gpuserve.errors import InvalidInput, ModelLoadError, describe_validation
 
 DType = Literal["float32", "float64", "float16", "bfloat16", "int64", "int32", "uint8", "bool"]
 
@@ -189,10 +189,7 @@ class ModelSpec(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in error['loc']) or 'spec'}: {error['msg']}"
-                for error in exc.errors(include_url=False)
-            )
+            problems = describe_validation(exc, "spec")
             raise ModelLoadError(f"model spec {path} is invalid: {problems}") from None
 
     @classmethod
