@@ -419,11 +419,16 @@ class MicroBatcher(Generic[T, R]):
             loads[batch.worker] += 1
         return loads
 
+    def _serving(self) -> list[int]:
+        """The workers in service: neither stuck in a pass nor ended by a fatal error."""
+        return [
+            i for i in range(len(self._workers)) if i not in self._stuck and i not in self._dead
+        ]
+
     def _free_worker(self) -> int | None:
-        """The least loaded worker, not stuck, that can take a batch now, or None."""
+        """The least loaded worker in service that can take a batch now, or None."""
         loads = self._loads()
-        out = self._stuck.keys() | self._dead.keys()
-        serving = [index for index in range(len(loads)) if index not in out]
+        serving = self._serving()
         if not serving:
             return None
         least = min(serving, key=loads.__getitem__)
@@ -431,8 +436,7 @@ class MicroBatcher(Generic[T, R]):
 
     def _all_busy(self) -> bool:
         loads = self._loads()
-        out = self._stuck.keys() | self._dead.keys()
-        return all(loads[index] for index in range(len(loads)) if index not in out)
+        return all(loads[index] for index in self._serving())
 
     def _should_grow(self) -> bool:
         """While the worker is busy, keep a small batch open until it is full or old enough."""

@@ -162,7 +162,7 @@ class Handler:
             read_broken = _non_finite_rows(output, mask, prepared.size)
             rows = self.split(output)[: prepared.size]
             broken = read_broken()
-        if isinstance(batch, Padded) and self.spec.output.shape[:1] == (-1,):
+        if per_position:
             # A per-position output (one row per token): cut each back to its own length.
             rows = [row[: lengths[0]] for row, lengths in zip(rows, batch.lengths, strict=True)]
         for index in broken:
