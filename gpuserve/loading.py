@@ -15,7 +15,7 @@ from gpuserve.config import ModelSettings
 from gpuserve.device import DeviceInfo
 from gpuserve.errors import ModelLoadError
 from gpuserve.handler import Handler
-from gpuserve.sources import import_object
+from gpuserve.sources import import_object, require_file
 from gpuserve.spec import ModelSpec
 
 logger = logging.getLogger("gpuserve.loading")
@@ -36,13 +36,9 @@ def load_model(settings: ModelSettings, device: DeviceInfo) -> Handler:
 
 def build_model(settings: ModelSettings, device: DeviceInfo) -> Handler:
     """Read the spec, build the handler and load its module onto `device`; no warm-up yet."""
-    path = settings.path
-    if path is not None and not path.is_file():
+    if settings.path is not None:
         # Before the spec, whose own absence would otherwise be reported instead.
-        raise ModelLoadError(
-            f"model file not found: {path} (looked for {path.resolve()}; relative paths are "
-            "taken from the working directory)"
-        )
+        require_file(settings.path)
     try:
         source = settings.spec_source()
     except ValueError as exc:

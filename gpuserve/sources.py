@@ -64,9 +64,17 @@ def _on_device(program: Any, device: torch.device) -> torch.nn.Module:
     return moved
 
 
-def _from_file(path: Path, device: torch.device) -> torch.nn.Module:
+def require_file(path: Path) -> None:
+    """ModelLoadError unless the model file is there, naming where it was looked for."""
     if not path.is_file():
-        raise ModelLoadError(f"model file not found: {path}")
+        raise ModelLoadError(
+            f"model file not found: {path} (looked for {path.resolve()}; relative paths are "
+            "taken from the working directory)"
+        )
+
+
+def _from_file(path: Path, device: torch.device) -> torch.nn.Module:
+    require_file(path)
     suffix = path.suffix.lower()
     try:
         if suffix in _EXPORT_SUFFIXES:
