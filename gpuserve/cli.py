@@ -236,9 +236,10 @@ class _DrainingServer(uvicorn.Server):
         loop = self._loop
         if self._signals == 1:
             logger.info("signal %d: draining for up to %gs", sig, self._drain_s)
-            self._models.begin_shutdown()
             if loop is not None:
                 loop.call_soon_threadsafe(self._models.begin_shutdown, self._drain_s)
+            else:  # not serving yet: the lifespan's stop drains
+                self._models.begin_shutdown()
             super().handle_exit(sig, frame)
         elif self._signals == 2:
             logger.warning("signal %d again: answering what is left with 503 and stopping", sig)
