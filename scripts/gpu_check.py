@@ -600,7 +600,7 @@ def over_http(check: Check) -> Result:
     import subprocess
 
     import httpx
-    from _loadgen import batch_totals, free_port
+    from _loadgen import batch_totals, free_port, tree_cpu_seconds
 
     processes = int(check.scaled(8, 2))
     concurrency = int(check.scaled(128, 16))
@@ -639,7 +639,7 @@ def over_http(check: Check) -> Result:
                 return {"status": "FAIL", "error": "the server was not ready within 120 s"}
             time.sleep(0.2)
         body = json.dumps({"inputs": MODELS["encoder"]["body"]()})
-        cpu_before, batches_before = _cpu_seconds(server.pid), batch_totals(url)
+        cpu_before, batches_before = tree_cpu_seconds(server.pid), batch_totals(url)
         clients = [
             subprocess.Popen(
                 [
@@ -657,7 +657,7 @@ def over_http(check: Check) -> Result:
             for _ in range(processes)
         ]
         reports = [json.loads(c.communicate(timeout=seconds + 60)[0]) for c in clients]
-        cpu = _cpu_seconds(server.pid) - cpu_before
+        cpu = tree_cpu_seconds(server.pid) - cpu_before
         instances, batches = (a - b for a, b in zip(batch_totals(url), batches_before, strict=True))
     finally:
         server.send_signal(signal.SIGTERM)
@@ -682,13 +682,6 @@ def over_http(check: Check) -> Result:
     }
     ok = errors == 0 and code == 0 and requests > 0
     return {"status": "PASS" if ok else "FAIL", **result}
-
-
-def _cpu_seconds(pid: int) -> float:
-    import os
-
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
