@@ -293,19 +293,25 @@ class Handler:
             return self._call_module(batch)
 
     def split(self, output: Any) -> list[Any]:
-        """Bring the whole batch back to the host once, then cut it into rows."""
-        output = output.float()
-        if self.spec.labels is not None:
-            output = torch.softmax(output, dim=-1)
-        rows: list[Any] = output.cpu().tolist()
-        return rows
+        """Bring the whole batch back to the host once, then cut it into rows.
+
+        The rows are the model's own values (float32 numpy arrays): /v2 returns them as they
+        are, and `postprocess` turns them into what /predict answers.
+        """
+        # A copy: the rows outlive this batch, and a CPU output may be a view of the model's.
+        host: np.ndarray[Any, Any] = output.float().cpu().numpy().copy()
+        return list(host)
 
     def postprocess(self, row: Any) -> Any:
-        """Shape one row for the /predict response: label and probabilities for a classifier."""
-        if self.spec.labels is None:
+        """Shape one row for the /predict response: for a classifier, the label with the
+        probabilities (softmax of logits, or the model's own), or with the model's scores."""
+        labels = self.spec.labels
+        if labels is None:
             return row
-        best = max(range(len(row)), key=row.__getitem__)
-        return {"label": self.spec.labels[best], "probabilities": row}
+        kind = self.spec.output_kind
+        values = softmax(row) if kind == "logits" else row
+        key = "scores" if kind == "scores" else "probabilities"
+        return {"label": labels[int(np.argmax(values))], key: values}
 
     # What the batcher and loader ask of a model.
 
@@ -395,6 +401,18 @@ class Handler:
                 f"warm-up output shape {list(got)} does not match the spec's output "
                 f"{self.spec.output.describe()}"
             )
+        if (
+            self.spec.labels is not None
+            and self.spec.output_kind == "logits"
+            and isinstance(output, torch.Tensor)
+            and looks_like_probabilities(output)
+        ):
+            logger.warning(
+                "%s: the output is declared as logits (the default), but its rows already sum "
+                "to 1 within [0, 1], so /predict would apply softmax twice; if the model ends "
+                'in softmax, set output.kind = "probabilities" in its spec',
+                self.spec.name,
+            )
         if self._batch_buckets:
             # Compiled: every shape it will ever see, each its own graph, compiled now.
             for size, bound in self.graph_shapes():
@@ -476,6 +494,25 @@ class Handler:
             self._to_device(mask_host, torch.bool),
             lengths,
         )
+
+
+def softmax(row: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """Probabilities from one row of logits (last axis), in the row's own precision."""
+    shifted = np.exp(row - row.max(axis=-1, keepdims=True))
+    result: np.ndarray[Any, Any] = shifted / shifted.sum(axis=-1, keepdims=True)
+    return result
+
+
+def looks_like_probabilities(output: torch.Tensor) -> bool:
+    """Whether every row is already a probability distribution: within [0, 1], summing to 1."""
+    rows = output.detach().float().reshape(-1, output.shape[-1])
+    sums = rows.sum(dim=-1)
+    return bool(
+        rows.numel() > 0
+        and (rows >= 0).all()
+        and (rows <= 1).all()
+        and torch.allclose(sums, torch.ones_like(sums), atol=1e-3)
+    )
 
 
 def choose_batch_size(rates: dict[int, float], tolerance: float = 0.01) -> int:

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from gpuserve.errors import InvalidInput, ModelLoadError, describe_validation
 
 DType = Literal["float32", "float64", "float16", "bfloat16", "int64", "int32", "uint8", "bool"]
+# What a classifier's output holds, which decides what /predict does with it (see ModelSpec).
+OutputKind = Literal["logits", "probabilities", "scores"]
 
 # JSON numbers arrive as int64 or float64 arrays; these are the numpy kinds each dtype accepts.
 _ACCEPTED_KINDS: dict[str, str] = {
@@ -60,6 +62,13 @@ class TensorSpec(BaseModel):
     )
     pad_value: float = Field(
         default=0, description="What shorter instances are padded with in a batch."
+    )
+    kind: OutputKind | None = Field(
+        default=None,
+        description="Outputs only: what the model returns. logits (the default): /predict "
+        "answers softmax probabilities when there are labels; probabilities: served as they "
+        "are; scores: served as they are, under `scores`. /v2 always returns the tensor as "
+        "the model made it.",
     )
 
     @model_validator(mode="after")
@@ -160,12 +169,21 @@ class ModelSpec(BaseModel):
     input: TensorSpec
     output: TensorSpec
     labels: list[str] | None = Field(
-        default=None, description="Class names; when set, outputs carry a label and probabilities."
+        default=None,
+        description="Class names; when set, /predict answers a label with the probabilities "
+        "(or scores, see output.kind).",
     )
     description: str = ""
 
+    @property
+    def output_kind(self) -> OutputKind:
+        """What the output holds: `output.kind`, logits when not given."""
+        return self.output.kind or "logits"
+
     @model_validator(mode="after")
     def _check_labels(self) -> ModelSpec:
+        if self.input.kind is not None:
+            raise ValueError("kind describes an output; the input has none")
         if self.labels is not None and self.output.shape[-1:] != (len(self.labels),):
             raise ValueError(
                 f"{len(self.labels)} labels do not match output shape {list(self.output.shape)}"

@@ -79,7 +79,7 @@ def save(model: DigitsNet, out: Path, accuracy: float) -> None:
     spec = ModelSpec(
         name="digits",
         input=TensorSpec(name="pixels", shape=(64,), dtype="float32", min=0, max=16),
-        output=TensorSpec(name="probabilities", shape=(10,), dtype="float32"),
+        output=TensorSpec(name="logits", shape=(10,), dtype="float32"),
         labels=[str(i) for i in range(10)],
         description=f"MLP on sklearn's 8x8 digits; held-out accuracy {accuracy:.4f}",
     )

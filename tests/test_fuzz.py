@@ -136,7 +136,7 @@ def infer_requests(draw: st.DrawFn) -> tuple[dict[str, str], bytes]:
     for key, value in (
         ("id", maybe(st.text(max_size=8), any_json)),
         ("parameters", maybe(st.just({"binary_data_output": True}), any_json)),
-        ("outputs", maybe(st.just([{"name": "probabilities"}]), any_json)),
+        ("outputs", maybe(st.just([{"name": "logits"}]), any_json)),
     ):
         if draw(st.booleans()):
             request[key] = draw(value)

@@ -30,14 +30,25 @@ class Linear(torch.nn.Module):
         return self.layer(x)
 
 
-def spec(labels: list[str] | None = None) -> ModelSpec:
-    return ModelSpec(
-        name="lin", input=TensorSpec(shape=(4,)), output=TensorSpec(shape=(3,)), labels=labels
-    )
+def spec(labels: list[str] | None = None, kind: str | None = None) -> ModelSpec:
+    output = TensorSpec.model_validate({"shape": (3,), "kind": kind})
+    return ModelSpec(name="lin", input=TensorSpec(shape=(4,)), output=output, labels=labels)
 
 
-def make(module: torch.nn.Module, labels: list[str] | None = None, **settings: Any) -> Handler:
-    return Handler(spec(labels), CPU, ModelSettings(**settings), module=module)
+def make(
+    module: torch.nn.Module,
+    labels: list[str] | None = None,
+    kind: str | None = None,
+    **settings: Any,
+) -> Handler:
+    return Handler(spec(labels, kind), CPU, ModelSettings(**settings), module=module)
+
+
+class Softmaxed(torch.nn.Module):
+    """A classifier that ends in softmax: its rows are probabilities already."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(Linear()(x), dim=-1)
 
 
 def instances(n: int) -> list[np.ndarray]:
@@ -69,6 +80,61 @@ def test_a_labelled_model_returns_label_and_probabilities() -> None:
     logits = Linear()(torch.from_numpy(x[0])).detach()
     assert result["label"] == ["cat", "dog", "eel"][int(logits.argmax())]
     assert sum(result["probabilities"]) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_rows_are_the_models_own_float32_values_whatever_the_kind() -> None:
+    """split never transforms: /v2 serves its rows as they are."""
+    x = instances(3)
+    expected = Linear()(torch.from_numpy(np.stack(x))).detach().numpy()
+    for kind in (None, "logits", "probabilities", "scores"):
+        rows = make(Linear().eval(), ["a", "b", "c"], kind)(x)
+        assert all(row.dtype == np.float32 for row in rows)
+        np.testing.assert_allclose(np.stack(rows), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_probabilities_from_the_model_are_not_softmaxed_again() -> None:
+    handler = make(Softmaxed().eval(), ["cat", "dog", "eel"], "probabilities")
+    x = instances(1)
+    (row,) = handler(x)
+    result = handler.postprocess(row)
+    expected = Softmaxed()(torch.from_numpy(x[0])).detach().numpy()
+    np.testing.assert_allclose(result["probabilities"], expected, rtol=1e-6)
+    assert result["label"] == ["cat", "dog", "eel"][int(expected.argmax())]
+
+
+def test_scores_are_served_as_scores() -> None:
+    handler = make(Linear().eval(), ["cat", "dog", "eel"], "scores")
+    x = instances(1)
+    (row,) = handler(x)
+    result = handler.postprocess(row)
+    expected = Linear()(torch.from_numpy(x[0])).detach().numpy()
+    assert set(result) == {"label", "scores"}
+    np.testing.assert_allclose(result["scores"], expected, rtol=1e-6)
+    assert result["label"] == ["cat", "dog", "eel"][int(expected.argmax())]
+
+
+def test_an_input_has_no_kind() -> None:
+    with pytest.raises(ValueError, match="kind describes an output"):
+        ModelSpec.model_validate(
+            {"name": "m", "input": {"shape": [4], "kind": "logits"}, "output": {"shape": [3]}}
+        )
+
+
+def test_logits_that_look_like_probabilities_are_warned_about_at_warm_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    labels = ["cat", "dog", "eel"]
+    with caplog.at_level("WARNING", logger="gpuserve.loading"):
+        make(Linear().eval(), labels, tune_batch_size=False).warm()
+    assert not [r for r in caplog.records if "softmax twice" in r.getMessage()]
+    with caplog.at_level("WARNING", logger="gpuserve.loading"):
+        make(Softmaxed().eval(), labels, tune_batch_size=False).warm()
+    (warning,) = [r for r in caplog.records if "softmax twice" in r.getMessage()]
+    assert 'output.kind = "probabilities"' in warning.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gpuserve.loading"):
+        make(Softmaxed().eval(), labels, "probabilities", tune_batch_size=False).warm()
+    assert not [r for r in caplog.records if "softmax twice" in r.getMessage()]
 
 
 def test_an_unlabelled_model_returns_raw_rows() -> None:
@@ -246,7 +312,7 @@ def test_prepare_then_run_is_the_whole_batch_path() -> None:
     batch = instances(3)
     prepared = handler.prepare(batch)
     assert prepared.copied is None  # the CPU: nothing to wait for
-    assert handler.run(prepared) == handler(batch)
+    np.testing.assert_array_equal(handler.run(prepared), handler(batch))
 
 
 def test_on_cuda_the_copy_and_the_forward_run_on_this_copys_own_streams(
@@ -398,7 +464,7 @@ def test_nan_at_padded_positions_of_a_per_position_output_is_not_a_failure() -> 
     nan = torch.tensor(float("nan"))
     handler.module = lambda ids, mask: torch.where(mask.unsqueeze(-1), torch.ones(8), nan)
     short, long = handler([np.array([1]), np.array([1, 2, 3])])
-    assert short == [[1.0] * 8] and len(long) == 3
+    assert short.tolist() == [[1.0] * 8] and len(long) == 3
 
 
 def served(handler: Handler) -> Handler:

@@ -14,11 +14,13 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 import pytest
+import torch
 import tritonclient.http as triton
 from sklearn.datasets import load_digits
 
 from gpuserve.app import create_app
 from gpuserve.config import ModelSettings, Settings
+from gpuserve.handler import softmax
 
 from .conftest import ServerProcess
 from .test_app import serving
@@ -72,17 +74,32 @@ async def test_json_inference_gives_the_numbers_of_predict(client: httpx.AsyncCl
     body = response.json()
     assert body["id"] == "r1" and body["model_name"] == "digits"
     (output,) = body["outputs"]
-    assert output["name"] == "probabilities" and output["datatype"] == "FP32"
+    assert output["name"] == "logits" and output["datatype"] == "FP32"
     assert output["shape"] == [3, 10]
-    got = np.array(output["data"]).reshape(3, 10)
-    np.testing.assert_allclose(got, await predicted(client, batch), atol=1e-6)
+    got = np.array(output["data"], dtype=np.float32).reshape(3, 10)
+    np.testing.assert_allclose(softmax(got), await predicted(client, batch), atol=1e-6)
+
+
+async def test_v2_returns_the_models_own_tensor_untouched(
+    client: httpx.AsyncClient, demo_model: Path
+) -> None:
+    """The demo model's output is logits: /v2 serves them as the module computes them, and
+    only /predict turns them into probabilities."""
+    batch = images(5)
+    module = torch.export.load(str(demo_model)).module()
+    with torch.inference_mode():
+        logits = module(torch.from_numpy(batch)).numpy()
+    response = await client.post("/v2/models/digits/infer", json=infer_body(batch))
+    got = np.array(response.json()["outputs"][0]["data"], dtype=np.float32).reshape(5, 10)
+    np.testing.assert_allclose(got, logits, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(got.sum(axis=1), 1.0)  # not probabilities
 
 
 async def test_binary_tensors_in_and_out(client: httpx.AsyncClient) -> None:
     batch = images(4)
     raw = batch.astype("<f4").tobytes()
     header = infer_body(batch, parameters={"binary_data_size": len(raw)})
-    header["outputs"] = [{"name": "probabilities", "parameters": {"binary_data": True}}]
+    header["outputs"] = [{"name": "logits", "parameters": {"binary_data": True}}]
     head = json.dumps(header).encode()
     response = await client.post(
         "/v2/models/digits/infer",
@@ -98,7 +115,7 @@ async def test_binary_tensors_in_and_out(client: httpx.AsyncClient) -> None:
     (output,) = meta["outputs"]
     assert output["parameters"]["binary_data_size"] == 4 * 10 * 4 and "data" not in output
     got = np.frombuffer(response.content[length:], "<f4").reshape(output["shape"])
-    np.testing.assert_allclose(got, await predicted(client, batch), atol=1e-6)
+    np.testing.assert_allclose(softmax(got), await predicted(client, batch), atol=1e-6)
 
 
 async def test_each_row_of_a_request_joins_the_batcher_as_an_instance(
@@ -168,18 +185,17 @@ async def test_bad_bodies_are_clear_400s(
 async def test_output_parameters_that_are_not_an_object_are_a_400(
     client: httpx.AsyncClient, parameters: Any
 ) -> None:
-    body = infer_body(images(1)) | {
-        "outputs": [{"name": "probabilities", "parameters": parameters}]
-    }
+    body = infer_body(images(1)) | {"outputs": [{"name": "logits", "parameters": parameters}]}
     response = await client.post("/v2/models/digits/infer", json=body)
     assert response.status_code == 400
-    assert "output 'probabilities': 'parameters' must be an object" in response.json()["error"]
+    assert "output 'logits': 'parameters' must be an object" in response.json()["error"]
 
 
 async def test_an_unknown_output_name_is_a_400(client: httpx.AsyncClient) -> None:
-    body = infer_body(images(1)) | {"outputs": [{"name": "logits"}]}
+    body = infer_body(images(1)) | {"outputs": [{"name": "probabilities"}]}
     response = await client.post("/v2/models/digits/infer", json=body)
-    assert response.status_code == 400 and "unknown output 'logits'" in response.json()["error"]
+    assert response.status_code == 400
+    assert "unknown output 'probabilities'" in response.json()["error"]
 
 
 def test_the_triton_client_round_trips_json_and_binary(demo_model: Path) -> None:
@@ -199,9 +215,9 @@ def test_the_triton_client_round_trips_json_and_binary(demo_model: Path) -> None
             for binary in (False, True):
                 tensor = triton.InferInput("pixels", list(batch.shape), "FP32")
                 tensor.set_data_from_numpy(batch, binary_data=binary)
-                wanted = triton.InferRequestedOutput("probabilities", binary_data=binary)
+                wanted = triton.InferRequestedOutput("logits", binary_data=binary)
                 result = client.infer("digits", [tensor], outputs=[wanted])
-                np.testing.assert_allclose(result.as_numpy("probabilities"), expected, atol=1e-6)
+                np.testing.assert_allclose(softmax(result.as_numpy("logits")), expected, atol=1e-6)
         finally:
             client.close()
         assert server.stop() == 0
@@ -263,7 +279,7 @@ def test_v2_and_predict_requests_share_batches_on_a_real_socket(demo_model: Path
                     got = answer["outputs"]["probabilities"]
                 else:
                     assert answer["id"] == str(i)
-                    got = answer["outputs"][0]["data"]
+                    got = softmax(np.array(answer["outputs"][0]["data"], dtype=np.float32))
                 np.testing.assert_allclose(got, expected[i], atol=1e-6)
             after = batch_totals(server.url)
             instances, batches = after[0] - before[0], after[1] - before[1]
@@ -273,3 +289,23 @@ def test_v2_and_predict_requests_share_batches_on_a_real_socket(demo_model: Path
         else:
             pytest.fail("no batch held more than one instance in five bursts")
         assert server.stop() == 0
+
+
+def _numbers(text: str) -> list[str]:
+    return re.findall(r"-?\d+\.\d+(?:[eE][-+]?\d+)?", text)
+
+
+async def test_both_protocols_print_float32_values_at_float32_precision(
+    client: httpx.AsyncClient,
+) -> None:
+    """0.99999976, not 0.9999997615814209: the shortest text that reads back as the same
+    float32, under /predict as under /v2."""
+    batch = images(4)
+    predict = await client.post("/predict", json={"instances": batch.tolist()})
+    v2 = await client.post("/v2/models/digits/infer", json=infer_body(batch))
+    for response in (predict, v2):
+        numbers = _numbers(response.text)
+        assert len(numbers) >= 40
+        digits = [text.lstrip("-").split("e")[0].split("E")[0].replace(".", "") for text in numbers]
+        # float32 needs at most 9 significant digits; float64's repr of one gives up to 17.
+        assert max(len(d.lstrip("0")) for d in digits) <= 9, numbers

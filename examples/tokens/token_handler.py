@@ -21,6 +21,6 @@ class TokenHandler(Handler):
         return np.concatenate([np.array([CLS], dtype=instance.dtype), instance])
 
     def postprocess(self, row: Any) -> Any:
-        negative, positive = row
-        label = "positive" if positive >= negative else "negative"
-        return {"label": label, "score": max(negative, positive)}
+        # The default gives the label and the softmax of the model's logits.
+        answer = super().postprocess(row)
+        return {"label": answer["label"], "score": answer["probabilities"].max()}

@@ -37,7 +37,7 @@ def build(out: Path) -> Path:
     ModelSpec(
         name="cnn",
         input=TensorSpec(name="image", shape=(1, 8, 8), min=0, max=16),
-        output=TensorSpec(name="probabilities", shape=(10,)),
+        output=TensorSpec(name="logits", shape=(10,)),
         labels=[str(digit) for digit in range(10)],
     ).to_file(path.with_suffix(".json"))
     return path
