@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -19,7 +20,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from gpuserve import __version__
-from gpuserve.config import Settings
+from gpuserve.config import Settings, describe_error
 from gpuserve.device import DeviceInfo, GpuSample
 from gpuserve.errors import DeviceError
 from gpuserve.logs import configure as configure_logging
@@ -33,12 +34,13 @@ _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point; exits 2 on a bad setting or an unusable device."""
+    """Entry point; exits 1 with a message on a bad setting or an unusable device."""
     args = _parser().parse_args(argv)
+    flags = _flags(args)
     try:
-        settings = Settings(**_flags(args))
+        settings = Settings(**flags)
     except ValidationError as exc:
-        sys.exit(f"gpuserve: invalid settings:\n{describe_settings_error(exc)}")
+        sys.exit(f"gpuserve: invalid settings:\n{describe_error(exc, flags, os.environ)}")
     except ValueError as exc:  # the config file is missing or not TOML
         sys.exit(f"gpuserve: {exc}")
     configure_logging(settings.log_level, settings.log_format)
@@ -46,16 +48,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         _probe(settings, args.json)
     else:
         _serve(settings)
-
-
-def describe_settings_error(exc: ValidationError) -> str:
-    """One line per problem: the setting and what is wrong, never the value given (it may be
-    a secret) and without pydantic's links."""
-    lines = []
-    for error in exc.errors(include_url=False, include_input=False, include_context=False):
-        where = ".".join(str(part) for part in error["loc"]) or "settings"
-        lines.append(f"  {where}: {error['msg'].removeprefix('Value error, ')}")
-    return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -6,8 +6,10 @@ file named by `config_file` (given as a flag, or as `GPUSERVE_CONFIG_FILE`) at t
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -52,8 +54,9 @@ class ModelSettings(BaseModel):
     )
     path: Path | None = Field(
         default=Path("models/digits.pt2"),
-        description="The model file: .pt2 (torch.export) or TorchScript. Relative to the "
-        "working directory.",
+        description="The model file: .pt2 (torch.export) or TorchScript. Relative paths in a "
+        "config file are taken from the file's folder; from a flag or the environment, from "
+        "the working directory.",
     )
     factory: str | None = Field(
         default=None,
@@ -416,6 +419,10 @@ def _check_device(value: str) -> str:
     return value
 
 
+# The model settings that name files: in a config file, relative to the file's folder.
+_PATH_KEYS = ("path", "weights", "code_dir", "spec")
+
+
 class _TomlFileSource(PydanticBaseSettingsSource):
     """Reads the TOML file whose path the higher-priority sources (flags or env) named."""
 
@@ -426,12 +433,87 @@ class _TomlFileSource(PydanticBaseSettingsSource):
         path = self.current_state.get("config_file")
         if path is None:
             return {}
-        try:
-            with Path(path).open("rb") as fh:
-                data = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ValueError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
+        data = read_config_file(Path(path))
         data.pop("config_file", None)
+        folder = Path(path).parent
+        models = [data.get("model"), *(data.get("models") or [])]
+        for model in models:
+            if isinstance(model, dict):
+                _relative_to(folder, model)
         return data
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The TOML file's keys; ValueError saying what is wrong when it cannot be read."""
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ValueError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _relative_to(folder: Path, model: dict[str, Any]) -> None:
+    """A config file's relative model paths, made relative to its folder: the file and its
+    models move together, wherever the server is started from."""
+    for key in _PATH_KEYS:
+        value = model.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute():
+            model[key] = os.path.normpath(folder / value)
+
+
+def describe_error(
+    exc: ValidationError, flags: Mapping[str, Any], environ: Mapping[str, str]
+) -> str:
+    """One line per problem: where the value came from (flag, environment variable, or the
+    config file's key), the setting and what is wrong. Never the value given (it may be a
+    secret), and without pydantic's links."""
+    config_file = flags.get("config_file") or environ.get("GPUSERVE_CONFIG_FILE")
+    try:
+        file_data = read_config_file(Path(config_file)) if config_file else {}
+    except ValueError:
+        file_data = {}
+    lines = []
+    for error in exc.errors(include_url=False, include_input=False, include_context=False):
+        loc = tuple(error["loc"])
+        where = _dotted(loc) or "settings"
+        source = _source_of(loc, flags, environ, file_data, config_file)
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"  {where} ({source}): {message}")
+    return "\n".join(lines)
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text
+
+
+def _source_of(
+    loc: tuple[Any, ...],
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str],
+    file_data: dict[str, Any],
+    config_file: str | Path | None,
+) -> str:
+    """Where the setting at `loc` came from, in the order the sources take priority."""
+    if loc and loc[0] in flags:
+        flag = "--model" if loc[0] == "model" else f"--{str(loc[0]).replace('_', '-')}"
+        return f"flag {flag}"
+    for end in range(len(loc), 0, -1):  # GPUSERVE_MODEL__PORT before GPUSERVE_MODEL
+        name = "GPUSERVE_" + "__".join(str(part) for part in loc[:end]).upper()
+        if name in environ:
+            return f"environment variable {name}"
+    node: Any = file_data
+    found = []
+    for part in loc:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            break
+        found.append(part)
+    if found:
+        return f"config file {config_file}, key {_dotted(tuple(found))}"
+    return "default"

@@ -136,9 +136,15 @@ SHORT_KEY, GOOD_KEY = "short-secret-1", "a-good-secret-key-0123456789"
 @pytest.mark.parametrize(
     ("env", "problem"),
     [
-        ({"GPUSERVE_API_KEYS": f"{SHORT_KEY},{GOOD_KEY}"}, "api_keys: API keys must be at least"),
+        (
+            {"GPUSERVE_API_KEYS": f"{SHORT_KEY},{GOOD_KEY}"},
+            "api_keys (environment variable GPUSERVE_API_KEYS): API keys must be at least",
+        ),
         ({"GPUSERVE_API_KEYS": GOOD_KEY, "GPUSERVE_DEFAULT_MODEL": "nope"}, "default_model 'nope'"),
-        ({"GPUSERVE_API_KEYS": GOOD_KEY, "GPUSERVE_PORT": "-1"}, "port: Input should be"),
+        (
+            {"GPUSERVE_API_KEYS": GOOD_KEY, "GPUSERVE_PORT": "-1"},
+            "port (environment variable GPUSERVE_PORT): Input should be",
+        ),
     ],
 )
 def test_a_settings_error_never_prints_the_api_keys(

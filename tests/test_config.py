@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from gpuserve.config import ModelSettings, Settings
+from gpuserve.config import ModelSettings, Settings, describe_error
 
 from .conftest import ROOT
 
@@ -115,8 +115,8 @@ def test_explicit_spec_path_wins() -> None:
 
 
 def test_the_shipped_config_loads() -> None:
-    settings = Settings(config_file=Path(__file__).parent.parent / "configs" / "default.toml")
-    assert settings.model.path == Path("models/digits.pt2")
+    settings = Settings(config_file=ROOT / "configs" / "default.toml")
+    assert settings.model.path == ROOT / "models" / "digits.pt2"  # relative to configs/
     assert settings.model.max_queue_size == 2048 and settings.api_keys == []
 
 
@@ -198,3 +198,67 @@ def test_every_setting_is_in_the_readme_and_the_default_config() -> None:
             if not (in_readme and in_config):
                 missing.append(f"{prefix}{name}: README {in_readme}, config {in_config}")
     assert not missing, missing
+
+
+def test_relative_paths_in_a_config_file_are_taken_from_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "deploy"
+    folder.mkdir()
+    config = folder / "gpuserve.toml"
+    config.write_text(
+        '[[models]]\nname = "a"\npath = "artifacts/a.pt2"\nspec = "../specs/a.json"\n'
+        '[[models]]\nname = "b"\nfactory = "m:build"\ncode_dir = "."\n'
+        'weights = "w.safetensors"\n'
+        f'[[models]]\nname = "c"\npath = "{tmp_path / "abs.pt2"}"\n'
+        '[[models]]\nname = "d"\nfactory = "m:build"\nspec = { input = { shape = [2] }, '
+        "output = { shape = [1] } }\n"
+    )
+    monkeypatch.chdir(tmp_path.parent)  # anywhere but the config's folder
+    a, b, c, d = Settings(config_file=config).models
+    assert a.path == folder / "artifacts" / "a.pt2"
+    assert a.spec == tmp_path / "specs" / "a.json"
+    assert b.code_dir == folder and b.weights == folder / "w.safetensors"
+    assert c.path == tmp_path / "abs.pt2"
+    assert isinstance(d.spec, dict)
+    # A flag or the environment is the user's own typing: from the working directory.
+    monkeypatch.setenv("GPUSERVE_MODEL__PATH", "here.pt2")
+    single = folder / "single.toml"
+    single.write_text('[model]\npath = "x.pt2"\n')
+    assert Settings(config_file=single).model.path == Path("here.pt2")
+
+
+def test_a_settings_error_names_where_the_value_came_from(
+    config_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config_file.write_text(
+        'port = 9000\n[model]\npath = "m.pt2"\nmax_batch_size = 0\n[ray]\nnum_cpus = -1\n'
+    )
+    monkeypatch.setenv("GPUSERVE_DEVICE", "tpu")
+    flags = {"config_file": config_file, "port": -3}
+    with pytest.raises(ValidationError) as caught:
+        Settings(**flags)
+    lines = describe_error(caught.value, flags, {"GPUSERVE_DEVICE": "tpu"}).splitlines()
+    assert any(line.startswith("  port (flag --port): ") for line in lines), lines
+    assert any(
+        line.startswith("  device (environment variable GPUSERVE_DEVICE): ") for line in lines
+    ), lines
+    assert any(
+        line.startswith(
+            f"  model.max_batch_size (config file {config_file}, key model.max_batch_size): "
+        )
+        for line in lines
+    ), lines
+    assert any(line.startswith(f"  ray.num_cpus (config file {config_file}, ") for line in lines)
+    assert all("pydantic.dev" not in line for line in lines)
+
+
+def test_an_error_in_a_list_of_models_names_the_entry(config_file: Path) -> None:
+    config_file.write_text('[[models]]\nname = "a"\npath = "a.pt2"\nmax_wait_ms = -1\n')
+    flags = {"config_file": config_file}
+    with pytest.raises(ValidationError) as caught:
+        Settings(**flags)
+    (line,) = describe_error(caught.value, flags, {}).splitlines()
+    assert line.startswith(
+        f"  models[0].max_wait_ms (config file {config_file}, key models[0].max_wait_ms): "
+    )
