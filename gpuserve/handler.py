@@ -389,7 +389,9 @@ class Handler:
         example = self.preprocess(self.spec.input.example())
         try:
             with torch.inference_mode():
-                output = self.forward(self.collate([example, example]))
+                # Two rows, to see the batch dimension; one when batches never hold more.
+                pair = [example] * min(2, self.settings.max_batch_size)
+                output = self.forward(self.collate(pair))
         except Exception as exc:
             raise ModelLoadError(
                 f"warm-up batch failed: does the input spec {self.spec.input.describe()} match "

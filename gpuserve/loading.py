@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from gpuserve.config import ModelSettings
 from gpuserve.device import DeviceInfo
 from gpuserve.errors import ModelLoadError
 from gpuserve.handler import Handler
-from gpuserve.sources import import_object, require_file
+from gpuserve.sources import (
+    import_object,
+    load_program,
+    program_module,
+    require_file,
+    spec_from_program,
+)
 from gpuserve.spec import ModelSpec
 
 logger = logging.getLogger("gpuserve.loading")
@@ -43,8 +50,23 @@ def build_model(settings: ModelSettings, device: DeviceInfo) -> Handler:
         source = settings.spec_source()
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from None
-    spec = ModelSpec.resolve(source, settings.key)
-    handler = _handler_class(settings)(spec, device, settings)
+    module = None
+    if _inferred_spec(settings, source):
+        # A .pt2 program without a spec: the program's own shapes and dtypes are the spec.
+        assert settings.path is not None
+        program = load_program(settings.path)
+        spec = spec_from_program(program, settings.key, settings.path, settings.max_batch_size)
+        logger.info(
+            "%s: no spec at %s; inferred from the program: input %s, output %s",
+            spec.name,
+            source,
+            spec.input.describe(),
+            spec.output.describe(),
+        )
+        module = program_module(program, device.device)
+    else:
+        spec = ModelSpec.resolve(source, settings.key)
+    handler = _handler_class(settings)(spec, device, settings, module=module)
 
     started = time.monotonic()
     handler.setup()
@@ -60,6 +82,19 @@ def build_model(settings: ModelSettings, device: DeviceInfo) -> Handler:
         time.monotonic() - started,
     )
     return handler
+
+
+def _inferred_spec(settings: ModelSettings, source: object) -> bool:
+    """Whether the spec is to be read from the program: a .pt2 file served by the default
+    handler, with no spec given and no .json beside it."""
+    return (
+        settings.spec is None
+        and settings.handler is None
+        and settings.path is not None
+        and settings.path.suffix.lower() == ".pt2"
+        and isinstance(source, Path)
+        and not source.exists()
+    )
 
 
 def _handler_class(settings: ModelSettings) -> type[Handler]:

@@ -13,12 +13,13 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
 from gpuserve.config import ModelSettings
 from gpuserve.errors import ModelLoadError
+from gpuserve.spec import DType, ModelSpec, TensorSpec
 
 _EXPORT_SUFFIXES = {".pt2"}
 _TORCHSCRIPT_SUFFIXES = {".pt", ".ts", ".torchscript"}
@@ -31,7 +32,7 @@ def load_module(settings: ModelSettings, device: torch.device) -> torch.nn.Modul
         return _from_factory(settings, device)
     if settings.path is None:
         raise ModelLoadError(f"model {settings.key!r} has no file or factory to load")
-    return _from_file(settings.path, device)
+    return _from_file(settings.path, device, settings.max_batch_size)
 
 
 def import_object(target: str, code_dir: Path | None = None) -> Any:
@@ -73,18 +74,112 @@ def require_file(path: Path) -> None:
         )
 
 
-def _from_file(path: Path, device: torch.device) -> torch.nn.Module:
+def load_program(path: Path) -> Any:
+    """A torch.export program from `path`, on the host; ModelLoadError when it cannot be read."""
+    require_file(path)
+    try:
+        # torch.export.load is not thread-safe, and each model loads in its own thread.
+        with _EXPORT_LOAD:
+            return torch.export.load(str(path))
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not load {path} as a torch.export program: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def program_module(program: Any, device: str) -> torch.nn.Module:
+    """An exported program's module on `device` (`cpu`, `cuda:1`)."""
+    # The export pass moves the constants baked into the graph too; `.to(device)` on the
+    # module would leave those behind. An exported program is frozen in the mode it was
+    # exported in: no .eval() here.
+    return _on_device(program, torch.device(device))
+
+
+def spec_from_program(program: Any, name: str, path: Path, max_batch_size: int) -> ModelSpec:
+    """The spec a torch.export program implies: its one input and one output, without the
+    batch dimension; dimensions exported as dynamic become -1, bounded by `max_shape` when
+    the export gave them a finite bound."""
+    inputs, outputs = _user_tensors(program)
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ModelLoadError(
+            f"{path} takes {len(inputs)} input(s) and returns {len(outputs)} output(s): only a "
+            f"model of one input and one output has its spec inferred; write "
+            f"{path.with_suffix('.json')} (see the README's spec)"
+        )
+    (input_name, given), (_, made) = inputs[0], outputs[0]
+    if max_batch_size > 1:
+        _require_dynamic_batch(given, path, max_batch_size)
+    return ModelSpec(
+        name=name,
+        input=_tensor_spec(input_name, given, program, path),
+        output=_tensor_spec("output", made, program, path),
+    )
+
+
+def _user_tensors(program: Any) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+    """(name, example value) of the program's user inputs and outputs, in order."""
+    signature = program.graph_signature
+    nodes = {node.name: node for node in program.graph.nodes}
+    inputs = [(name, nodes[name].meta.get("val")) for name in signature.user_inputs]
+    (output_node,) = [node for node in program.graph.nodes if node.op == "output"]
+    values = [getattr(arg, "meta", {}).get("val") for arg in output_node.args[0]]
+    # Mutated buffers come first; the user's outputs are the last ones.
+    values = values[len(values) - len(signature.user_outputs) :]
+    return inputs, [(str(i), value) for i, value in enumerate(values)]
+
+
+def _require_dynamic_batch(value: Any, path: Path, batch: int) -> None:
+    """ModelLoadError unless the first dimension of `value` was exported as dynamic, with
+    the way to export it so."""
+    shape = getattr(value, "shape", None)
+    if shape is None or len(shape) == 0 or not isinstance(shape[0], int):
+        return
+    rest = ", ".join(str(dim) for dim in shape[1:])
+    raise ModelLoadError(
+        f"{path} was exported with a fixed batch size of {shape[0]} (its input has shape "
+        f"{list(shape)}), and gpuserve batches up to {batch} instances at once. Export it with "
+        f"a dynamic batch dimension: torch.export.export(model, (torch.randn(2, {rest}),), "
+        'dynamic_shapes=({0: torch.export.Dim("batch")},)), or set max_batch_size = 1'
+    )
+
+
+def _tensor_spec(name: str, value: Any, program: Any, path: Path) -> TensorSpec:
+    dims = list(value.shape[1:])
+    dtype = str(value.dtype).removeprefix("torch.")
+    if dtype not in get_args(DType):
+        raise ModelLoadError(f"{path}: {name} is {dtype}, which a spec cannot declare")
+    shape = tuple(dim if isinstance(dim, int) else -1 for dim in dims)
+    bounds = [dim if isinstance(dim, int) else _upper_bound(dim, program) for dim in dims]
+    max_shape = None
+    if -1 in shape and all(bound is not None for bound in bounds):
+        max_shape = tuple(int(bound) for bound in bounds if bound is not None)
+    return TensorSpec.model_validate(
+        {"name": name, "shape": shape, "dtype": dtype, "max_shape": max_shape}
+    )
+
+
+def _upper_bound(dim: Any, program: Any) -> int | None:
+    """The largest size the export allows for a dynamic dimension, if it set one."""
+    bound = program.range_constraints.get(getattr(dim, "node", None) and dim.node.expr)
+    upper = getattr(bound, "upper", None)
+    try:
+        return int(upper) if upper is not None else None
+    except (TypeError, ValueError):  # sympy's infinity
+        return None
+
+
+def _from_file(path: Path, device: torch.device, max_batch_size: int = 1) -> torch.nn.Module:
     require_file(path)
     suffix = path.suffix.lower()
+    if suffix in _EXPORT_SUFFIXES:
+        program = load_program(path)
+        if max_batch_size > 1:
+            # Otherwise the warm-up's first batch would fail with torch's guard message.
+            inputs, _ = _user_tensors(program)
+            for _, value in inputs[:1]:
+                _require_dynamic_batch(value, path, max_batch_size)
+        return _on_device(program, device)
     try:
-        if suffix in _EXPORT_SUFFIXES:
-            # torch.export.load is not thread-safe, and each model loads in its own thread.
-            with _EXPORT_LOAD:
-                program = torch.export.load(str(path))
-            # The export pass moves the constants baked into the graph too; `.to(device)` on
-            # the module would leave those behind.
-            # An exported program is frozen in the mode it was exported in: no .eval() here.
-            return _on_device(program, device)
         if suffix in _TORCHSCRIPT_SUFFIXES:
             with warnings.catch_warnings():
                 # TorchScript is deprecated in torch, but users still hold such files.
@@ -92,9 +187,8 @@ def _from_file(path: Path, device: torch.device) -> torch.nn.Module:
                 scripted: torch.nn.Module = torch.jit.load(str(path), map_location=device)
             return scripted.eval()
     except Exception as exc:
-        kind = "a torch.export program" if suffix in _EXPORT_SUFFIXES else "a TorchScript module"
         raise ModelLoadError(
-            f"could not load {path} as {kind}: {type(exc).__name__}: {exc}"
+            f"could not load {path} as a TorchScript module: {type(exc).__name__}: {exc}"
         ) from exc
     known = ", ".join(sorted(_EXPORT_SUFFIXES | _TORCHSCRIPT_SUFFIXES))
     raise ModelLoadError(

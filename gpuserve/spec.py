@@ -199,7 +199,9 @@ class ModelSpec(BaseModel):
         try:
             data = json.loads(path.read_bytes())
         except FileNotFoundError:
-            raise ModelLoadError(f"model spec not found: {path}") from None
+            raise ModelLoadError(
+                f"model spec not found: {path} (looked for {path.resolve()})"
+            ) from None
         except ValueError as exc:
             raise ModelLoadError(f"model spec {path} is not valid JSON: {exc}") from None
         if isinstance(data, dict):

@@ -6,13 +6,17 @@ import concurrent.futures
 import itertools
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from gpuserve.config import ModelSettings
 from gpuserve.errors import ModelLoadError
-from gpuserve.sources import import_object, load_module
+from gpuserve.loading import load_model
+from gpuserve.sources import import_object, load_module, load_program, spec_from_program
+
+from .conftest import CPU as CPU_INFO
 
 CPU = torch.device("cpu")
 _modules = itertools.count()
@@ -142,7 +146,7 @@ def tensor_devices(module: torch.nn.Module) -> set[str]:
 
 def test_an_exported_program_moves_with_its_graph_constants(tmp_path: Path) -> None:
     path = tmp_path / "constants.pt2"
-    torch.export.save(torch.export.export(WithConstants(), (torch.zeros(3, 2),)), str(path))
+    exported(path, WithConstants(), torch.zeros(3, 2), dynamic=({0: torch.export.Dim("b")},))
     # The meta device stands in for a GPU: `.module().to(device)` left the constant behind.
     module = load_module(ModelSettings(path=path, name="c"), torch.device("meta"))
     assert tensor_devices(module) == {"meta"}
@@ -152,8 +156,8 @@ def test_several_exported_programs_load_at_once(tmp_path: Path) -> None:
     paths = []
     for i in range(4):
         paths.append(tmp_path / f"m{i}.pt2")
-        torch.export.save(
-            torch.export.export(WithConstants(), (torch.zeros(3, 2),)), str(paths[-1])
+        exported(
+            paths[-1], WithConstants(), torch.zeros(3, 2), dynamic=({0: torch.export.Dim("b")},)
         )
     for _ in range(3):  # torch.export.load is not thread-safe: loads at once used to fail
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -164,3 +168,79 @@ def test_several_exported_programs_load_at_once(tmp_path: Path) -> None:
                 )
             )
         assert all(isinstance(m, torch.nn.Module) for m in loaded)
+
+
+class Classifier(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = torch.nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+class Pair(torch.nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
+class Tokens(torch.nn.Module):
+    """Variable-length int64 ids to one float per position."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids.float() * 2
+
+
+def exported(path: Path, module: torch.nn.Module, *args: torch.Tensor, **shapes: object) -> Path:
+    program = torch.export.export(module.eval(), args, dynamic_shapes=shapes.get("dynamic"))
+    torch.export.save(program, str(path))
+    return path
+
+
+def test_a_program_exported_with_a_fixed_batch_says_how_to_export_it(tmp_path: Path) -> None:
+    path = exported(tmp_path / "fixed.pt2", Classifier(), torch.randn(1, 10))
+    with pytest.raises(ModelLoadError) as caught:
+        load_module(ModelSettings(path=path), CPU)
+    message = caught.value.message
+    assert "fixed batch size of 1" in message and "max_batch_size = 1" in message
+    # The export the message gives is one that loads.
+    call = message[message.index("torch.export.export(") :].split(", or set")[0]
+    rebuilt = eval(call, {"torch": torch, "model": Classifier().eval()})
+    torch.export.save(rebuilt, str(tmp_path / "dynamic.pt2"))
+    module = load_module(ModelSettings(path=tmp_path / "dynamic.pt2"), CPU)
+    assert module(torch.randn(7, 10)).shape == (7, 3)
+    # Served one at a time, the fixed batch of 1 is what the model takes.
+    assert load_module(ModelSettings(path=path, max_batch_size=1), CPU)(torch.ones(1, 10)).shape
+
+
+def test_a_program_without_a_spec_is_served_with_the_spec_it_implies(tmp_path: Path) -> None:
+    batch = torch.export.Dim("batch")
+    path = exported(tmp_path / "clf.pt2", Classifier(), torch.randn(2, 10), dynamic=({0: batch},))
+    handler = load_model(ModelSettings(path=path, tune_batch_size=False), CPU_INFO)
+    assert handler.spec.name == "clf"
+    assert handler.spec.input.describe() == "float32[10]" and handler.spec.input.name == "x"
+    assert handler.spec.output.describe() == "float32[3]"
+    x = np.random.default_rng(0).standard_normal((4, 10)).astype(np.float32)
+    expected = Classifier()(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(np.stack(handler(list(x))), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_dynamic_dimensions_of_an_inferred_spec_are_minus_one_with_their_bound(
+    tmp_path: Path,
+) -> None:
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=64)
+    ids = torch.ones(2, 5, dtype=torch.int64)
+    path = exported(tmp_path / "tok.pt2", Tokens(), ids, dynamic=({0: batch, 1: length},))
+    program = load_program(path)
+    spec = spec_from_program(program, "tok", path, 32)
+    assert spec.input.shape == (-1,) and spec.input.max_shape == (64,)
+    assert spec.input.dtype == "int64" and spec.output.shape == (-1,)
+
+
+def test_a_program_of_two_inputs_asks_for_a_spec_file(tmp_path: Path) -> None:
+    batch = torch.export.Dim("batch")
+    a = torch.ones(2, 3)
+    path = exported(tmp_path / "pair.pt2", Pair(), a, a, dynamic=({0: batch}, {0: batch}))
+    with pytest.raises(ModelLoadError, match=r"takes 2 input\(s\).*write .*pair\.json"):
+        load_model(ModelSettings(path=path), CPU_INFO)
