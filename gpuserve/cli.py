@@ -36,6 +36,11 @@ _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point; exits 1 with a message on a bad setting or an unusable device."""
     args = _parser().parse_args(argv)
+    if args.command == "init":
+        _init(args.model_file, args.init_config)
+        return
+    if getattr(args, "model_path", None) and getattr(args, "model_file", None):
+        sys.exit("gpuserve: give the model file once: as MODEL or as --model")
     flags = _flags(args)
     try:
         settings = Settings(**flags)
@@ -43,6 +48,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"gpuserve: invalid settings:\n{describe_error(exc, flags, os.environ)}")
     except ValueError as exc:  # the config file is missing or not TOML
         sys.exit(f"gpuserve: {exc}")
+    if "model" in flags and settings.models:
+        sys.exit(
+            "gpuserve: a model file on the command line serves that one model, but the config "
+            "file lists several ([[models]]); serve it without --config, or add it to the list"
+        )
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "probe":
         _probe(settings, args.json)
@@ -50,25 +60,121 @@ def main(argv: Sequence[str] | None = None) -> None:
         _serve(settings)
 
 
+_EXAMPLES = """examples:
+  gpuserve serve model.pt2                   serve a torch.export file (spec inferred if no .json)
+  gpuserve serve --config configs/default.toml --port 9000
+  gpuserve init model.pt2                    write gpuserve.toml (and model.json) to edit
+  GPUSERVE_DEVICE=cpu gpuserve serve         environment variables: GPUSERVE_<SETTING>
+  gpuserve probe --json                      which device would be used, and why
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpuserve", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="gpuserve",
+        description="Serve PyTorch models over HTTP with dynamic batching, on the best GPU "
+        "or on the CPU.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"gpuserve {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
     # Defaults are None so an absent flag leaves the file and environment in charge.
-    common.add_argument("--config", dest="config_file", type=Path, help="TOML settings file")
-    common.add_argument("--device", help="auto, all, cpu, cuda or cuda:N")
-    common.add_argument("--log-level", dest="log_level", help="debug, info, warning, error")
-    serve = commands.add_parser("serve", parents=[common], help="serve the configured model")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    probe = commands.add_parser("probe", parents=[common], help="print what the device probe finds")
+    common.add_argument(
+        "--config",
+        dest="config_file",
+        type=Path,
+        metavar="FILE",
+        help=_setting("config_file", "TOML settings file; its paths are relative to it"),
+    )
+    common.add_argument("--device", help=_setting("device", "auto, all, cpu, cuda or cuda:N"))
+    common.add_argument(
+        "--log-level", dest="log_level", help=_setting("log_level", "debug, info, warning, error")
+    )
+    serve = commands.add_parser(
+        "serve",
+        parents=[common],
+        help="serve a model file, or the models of a config file",
+        description="Serve a model file, or the models a config file lists. The settings come "
+        "from the config file, then GPUSERVE_* environment variables, then these flags.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument(
+        "model_file",
+        nargs="?",
+        type=Path,
+        metavar="MODEL",
+        help="a .pt2 or TorchScript file to serve (same as --model)",
+    )
+    serve.add_argument(
+        "--model",
+        dest="model_path",
+        type=Path,
+        metavar="PATH",
+        help="the model file (replaces model.path; the config's other model settings apply). "
+        "environment: GPUSERVE_MODEL__PATH",
+    )
+    serve.add_argument("--host", help=_setting("host", "address to listen on"))
+    serve.add_argument("--port", type=int, help=_setting("port", "port to listen on"))
+    probe = commands.add_parser(
+        "probe",
+        parents=[common],
+        help="print which device would be used and why, and every GPU NVML sees",
+        description="Print which device gpuserve would use and why, then every GPU NVML sees.",
+    )
     probe.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    init = commands.add_parser(
+        "init",
+        help="write a starter config (and spec) for a model file",
+        description="Write a starter config for MODEL, listing every model setting at its "
+        "default, and MODEL's spec beside it when there is none (inferred from a .pt2 "
+        "program; a template to fill in for TorchScript). Never overwrites a file.",
+    )
+    init.add_argument("model_file", type=Path, metavar="MODEL", help="a .pt2 or TorchScript file")
+    init.add_argument(
+        "--config",
+        dest="init_config",
+        type=Path,
+        default=Path("gpuserve.toml"),
+        metavar="FILE",
+        help="the config file to write (default: gpuserve.toml)",
+    )
     return parser
 
 
+def _setting(name: str, text: str) -> str:
+    """A flag's help: what it is, its default and its environment variable."""
+    default = Settings.model_fields[name].default
+    shown = "" if default is None else f"default: {default}; "
+    return f"{text} ({shown}environment: GPUSERVE_{name.upper()})"
+
+
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if k not in ("command", "json") and v is not None}
+    flags = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("command", "json", "model_file", "model_path", "init_config") and v is not None
+    }
+    model = getattr(args, "model_path", None) or getattr(args, "model_file", None)
+    if model is not None:
+        flags["model"] = {"path": model}
+    return flags
+
+
+def _init(model: Path, config: Path) -> None:
+    from gpuserve.errors import ModelLoadError
+    from gpuserve.starter import write_starter
+
+    try:
+        started = write_starter(model, config)
+    except (FileExistsError, ModelLoadError) as exc:
+        sys.exit(f"gpuserve: {exc}")
+    print(f"wrote {config}" + (f" and {started.spec}" if started.spec else ""))
+    for step in started.todo:
+        print(f"  next: {step}")
+    print(f"  then: gpuserve serve --config {config}")
 
 
 def _probe(settings: Settings, as_json: bool) -> None:

@@ -172,3 +172,46 @@ def test_api_keys_are_secrets_in_every_rendering() -> None:
     with pytest.raises(ValueError) as refused:
         Settings(api_keys=[SHORT_KEY], port=-5)
     assert SHORT_KEY not in str(refused.value)
+
+
+def test_every_flag_of_serve_says_its_default_and_its_environment_variable() -> None:
+    result = gpuserve("serve", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for flag, variable in [
+        ("--config", "GPUSERVE_CONFIG_FILE"),
+        ("--device", "GPUSERVE_DEVICE"),
+        ("--log-level", "GPUSERVE_LOG_LEVEL"),
+        ("--model", "GPUSERVE_MODEL__PATH"),
+        ("--host", "GPUSERVE_HOST"),
+        ("--port", "GPUSERVE_PORT"),
+    ]:
+        assert flag in text and f"environment: {variable}" in text
+    assert "(default: 8000; environment: GPUSERVE_PORT)" in text
+    assert "examples:" in result.stdout and "gpuserve serve model.pt2" in result.stdout
+    top = gpuserve("--help").stdout
+    assert all(command in top for command in ("serve", "probe", "init"))
+
+
+def test_a_model_file_on_the_command_line_sets_the_model_path() -> None:
+    from gpuserve.cli import _flags, _parser
+
+    for argv in (["serve", "m.pt2"], ["serve", "--model", "m.pt2"]):
+        flags = _flags(_parser().parse_args(argv))
+        assert Settings(**flags).model.path == Path("m.pt2")
+
+
+def test_a_model_file_and_a_list_of_models_conflict(tmp_path: Path) -> None:
+    config = tmp_path / "many.toml"
+    config.write_text('[[models]]\nname = "a"\npath = "a.pt2"\n')
+    with pytest.raises(SystemExit) as stopped:
+        main(["serve", "x.pt2", "--config", str(config)])
+    assert "lists several ([[models]])" in str(stopped.value.code)
+    with pytest.raises(SystemExit) as twice:
+        main(["serve", "x.pt2", "--model", "y.pt2"])
+    assert "give the model file once" in str(twice.value.code)
+
+
+def test_init_from_the_command_line_prints_the_next_steps(tmp_path: Path) -> None:
+    result = gpuserve("init", str(tmp_path / "nope.pt2"), "--config", str(tmp_path / "g.toml"))
+    assert result.returncode == 1 and "model file not found" in result.stderr
