@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Settings", "__version__", "create_app"]
+__all__ = ["Settings", "__version__", "create_app", "serve"]
 
 if TYPE_CHECKING:
+    from gpuserve.api import serve
     from gpuserve.app import create_app
     from gpuserve.config import Settings
 
@@ -18,6 +19,10 @@ def __getattr__(name: str) -> Any:
         from gpuserve.app import create_app
 
         return create_app
+    if name == "serve":
+        from gpuserve.api import serve
+
+        return serve
     if name == "Settings":
         from gpuserve.config import Settings
 

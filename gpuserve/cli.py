@@ -27,6 +27,7 @@ from gpuserve.logs import configure as configure_logging
 
 if TYPE_CHECKING:
     from gpuserve.registry import ModelRegistry
+    from gpuserve.service import Loader
 
 logger = logging.getLogger("gpuserve")
 
@@ -57,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "probe":
         _probe(settings, args.json)
     else:
-        _serve(settings)
+        run(settings)
 
 
 _EXAMPLES = """examples:
@@ -251,7 +252,11 @@ def _drained(signum: int, frame: FrameType | None) -> None:
     logger.info("stopped on signal %d after draining", signum)
 
 
-def _serve(settings: Settings) -> None:
+def run(settings: Settings, loader: Loader | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then drain; exits 1 when every model failed to load.
+
+    `loader` replaces how models are loaded (the Python API serves modules in memory so).
+    """
     from gpuserve.app import create_app
     from gpuserve.device import probe
 
@@ -270,7 +275,7 @@ def _serve(settings: Settings) -> None:
         no_model.append(True)
         server.stop()
 
-    app = create_app(settings, on_no_model=stop_without_models)
+    app = create_app(settings, loader=loader, on_no_model=stop_without_models)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from gpuserve.config import ModelSettings
 from gpuserve.device import DeviceInfo
@@ -41,8 +42,18 @@ def load_model(settings: ModelSettings, device: DeviceInfo) -> Handler:
     return handler
 
 
-def build_model(settings: ModelSettings, device: DeviceInfo) -> Handler:
-    """Read the spec, build the handler and load its module onto `device`; no warm-up yet."""
+def build_model(
+    settings: ModelSettings,
+    device: DeviceInfo,
+    *,
+    module: Any = None,
+    handler_class: type[Handler] | None = None,
+) -> Handler:
+    """Read the spec, build the handler and load its module onto `device`; no warm-up yet.
+
+    `module` (already on `device`) and `handler_class` replace what the settings name: the
+    Python API serves objects in memory so.
+    """
     if settings.path is not None:
         # Before the spec, whose own absence would otherwise be reported instead.
         require_file(settings.path)
@@ -50,8 +61,7 @@ def build_model(settings: ModelSettings, device: DeviceInfo) -> Handler:
         source = settings.spec_source()
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from None
-    module = None
-    if _inferred_spec(settings, source):
+    if module is None and _inferred_spec(settings, source):
         # A .pt2 program without a spec: the program's own shapes and dtypes are the spec.
         assert settings.path is not None
         program = load_program(settings.path)
@@ -66,7 +76,7 @@ def build_model(settings: ModelSettings, device: DeviceInfo) -> Handler:
         module = program_module(program, device.device)
     else:
         spec = ModelSpec.resolve(source, settings.key)
-    handler = _handler_class(settings)(spec, device, settings, module=module)
+    handler = (handler_class or _handler_class(settings))(spec, device, settings, module=module)
 
     started = time.monotonic()
     handler.setup()
