@@ -9,11 +9,17 @@ CONFIG ?= configs/default.toml
 
 .PHONY: serve test lint typecheck unit bench bench-peers clean
 
+# Serving needs the runtime and the demo's scikit-learn only; the test tools, Ray and the
+# linters come with `make test`.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, so that resolving the project never pulls a multi-GB CUDA build.
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[demo]"
+	touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[dev,demo]"
 	touch $@
 
@@ -23,24 +29,24 @@ $(DEMO_MODEL): scripts/make_demo_model.py | $(VENV)/.installed
 serve: $(VENV)/.installed $(DEMO_MODEL)
 	$(PY) -m gpuserve serve --config $(CONFIG)
 
-lint: $(VENV)/.installed
+lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-typecheck: $(VENV)/.installed
+typecheck: $(VENV)/.dev-installed
 	$(VENV)/bin/mypy
 
-unit: $(VENV)/.installed $(DEMO_MODEL)
+unit: $(VENV)/.dev-installed $(DEMO_MODEL)
 	$(PY) -m pytest
 
 test: lint typecheck unit
 
 # Needs wrk (Debian: apt-get install wrk). bench: the quick load test; bench-peers: the full
 # side-by-side comparison with LitServe and a naive server (about 15 minutes).
-bench: $(VENV)/.installed $(DEMO_MODEL)
+bench: $(VENV)/.dev-installed $(DEMO_MODEL)
 	$(PY) scripts/load_test.py
 
-bench-peers: $(VENV)/.installed
+bench-peers: $(VENV)/.dev-installed
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) scripts/bench.py --repeats 2
 
