@@ -27,6 +27,7 @@ from gpuserve.errors import (
     Overloaded,
 )
 from gpuserve.metrics import Metrics
+from gpuserve.progress import LoadProgress, tracking
 from gpuserve.spec import ModelSpec
 
 logger = logging.getLogger("gpuserve.service")
@@ -76,6 +77,7 @@ class ModelService:
         self.batcher: MicroBatcher[Any, Any] | None = None
         self._preprocess: Callable[[Instance], Any] | None = None
         self._postprocess: Callable[[Any], Any] | None = None
+        self.progress = LoadProgress(self.name)
         metrics.track_queue_depth(
             self.name, lambda: self.batcher.queue_depth if self.batcher else 0
         )
@@ -197,6 +199,8 @@ class ModelService:
         body: dict[str, Any] = {"status": self.state}
         if self.reason is not None and self.state != "ready":
             body["reason"] = self.reason
+        if self.state == "loading":
+            body["progress"] = self.progress.to_dict()
         return body
 
     async def _load(self) -> None:
@@ -227,6 +231,7 @@ class ModelService:
             bucket_of=_hook(model, "bucket") if self.settings.length_buckets else None,
         )
         await self.batcher.start()
+        self.progress.enter("warming up")
         try:
             # Warm-up, tuning and CUDA graph capture happen in each copy's own worker thread,
             # the thread that will serve it (see Handler.warm).
@@ -263,6 +268,11 @@ class ModelService:
 
     def _load_blocking(self) -> tuple[list[BatchModel], list[DeviceInfo]]:
         """One copy per device and instance; the first is the one readiness and /info report."""
+        with tracking(self.progress):
+            return self._load_copies()
+
+    def _load_copies(self) -> tuple[list[BatchModel], list[DeviceInfo]]:
+        self.progress.enter("finding the device")
         devices = self._placement()
         copies = []
         for device in devices:
@@ -276,6 +286,7 @@ class ModelService:
                 device.name,
                 device.reason,
             )
+            self.progress.enter("loading")
             copies += [
                 self._loader(self.settings, device)
                 for _ in range(self.settings.instances_per_device)

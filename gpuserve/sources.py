@@ -17,8 +17,10 @@ from typing import Any, get_args
 
 import torch
 
+from gpuserve import progress
 from gpuserve.config import ModelSettings
 from gpuserve.errors import ModelLoadError
+from gpuserve.progress import open_counted
 from gpuserve.spec import DType, ModelSpec, TensorSpec
 
 _EXPORT_SUFFIXES = {".pt2"}
@@ -79,8 +81,10 @@ def load_program(path: Path) -> Any:
     require_file(path)
     try:
         # torch.export.load is not thread-safe, and each model loads in its own thread.
-        with _EXPORT_LOAD:
-            return torch.export.load(str(path))
+        with _EXPORT_LOAD, open_counted(path) as file:
+            program = torch.export.load(file)
+        progress.enter("placing on the device")
+        return program
     except Exception as exc:
         raise ModelLoadError(
             f"could not load {path} as a torch.export program: {type(exc).__name__}: {exc}"
@@ -184,7 +188,8 @@ def _from_file(path: Path, device: torch.device, max_batch_size: int = 1) -> tor
             with warnings.catch_warnings():
                 # TorchScript is deprecated in torch, but users still hold such files.
                 warnings.simplefilter("ignore", DeprecationWarning)
-                scripted: torch.nn.Module = torch.jit.load(str(path), map_location=device)
+                with open_counted(path) as file:
+                    scripted: torch.nn.Module = torch.jit.load(file, map_location=device)
             return scripted.eval()
     except Exception as exc:
         raise ModelLoadError(
@@ -194,6 +199,23 @@ def _from_file(path: Path, device: torch.device, max_batch_size: int = 1) -> tor
     raise ModelLoadError(
         f"unknown model format {suffix!r} for {path}: use one of {known}, or a factory"
     )
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A .safetensors state dict, tensor by tensor, so that the load's progress moves."""
+    from safetensors import safe_open
+
+    tracked = progress.current()
+    if tracked is not None:
+        tracked.expect(path.stat().st_size)
+        tracked.enter(f"reading {path.name}")
+    state = {}
+    with safe_open(str(path), framework="pt") as file:
+        for key in file.keys():  # noqa: SIM118 (a safetensors file is not a dict)
+            state[key] = file.get_tensor(key)
+            if tracked is not None:
+                tracked.advance(state[key].numel() * state[key].element_size())
+    return state
 
 
 def _from_factory(settings: ModelSettings, device: torch.device) -> torch.nn.Module:
@@ -221,12 +243,11 @@ def _load_weights(module: torch.nn.Module, path: Path) -> None:
     suffix = path.suffix.lower()
     try:
         if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
+            state = _read_safetensors(path)
         elif suffix in _STATE_DICT_SUFFIXES:
             # weights_only: a pickle from elsewhere must not run code on load.
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            with open_counted(path) as file:
+                state = torch.load(file, map_location="cpu", weights_only=True)
         else:
             raise ModelLoadError(
                 f"unknown weights format {suffix!r} for {path}: use .safetensors or .pt"

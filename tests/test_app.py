@@ -7,6 +7,7 @@ import re
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -18,6 +19,7 @@ from gpuserve.app import create_app
 from gpuserve.config import ModelSettings, Settings
 from gpuserve.device import DeviceInfo
 from gpuserve.errors import InferenceError, ModelLoadError
+from gpuserve.progress import open_counted
 
 from .conftest import FAKE_SPEC, FakeModel, fake_loader
 
@@ -126,21 +128,36 @@ async def test_bad_requests_do_not_disturb_good_ones_batched_beside_them(
             assert response.status_code == 422
 
 
-async def test_readiness_waits_for_a_slow_load(fake_model: FakeModel) -> None:
-    release = threading.Event()
+async def test_readiness_waits_for_a_slow_load_and_shows_its_progress(
+    fake_model: FakeModel, tmp_path: Path
+) -> None:
+    release, halfway = threading.Event(), threading.Event()
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(bytes(3 * 2**20))
 
     def slow_loader(settings: ModelSettings, device: DeviceInfo) -> FakeModel:
-        assert release.wait(timeout=30)
+        with open_counted(weights) as file:  # what the file loaders read through
+            file.read(2**20)
+            halfway.set()
+            assert release.wait(timeout=30)
+            file.read()
         return fake_model
 
     app = create_app(SETTINGS, loader=slow_loader)
     async with serving(app, wait_ready=False) as client:
         assert (await client.get("/health/live")).status_code == 200
+        assert await anyio.to_thread.run_sync(halfway.wait, 30)
         ready = await client.get("/health/ready")
-        assert ready.status_code == 503 and ready.json() == {
-            "status": "loading",
-            "models": {"digits": {"status": "loading"}},
-        }
+        assert ready.status_code == 503
+        body = ready.json()
+        assert body["status"] == "loading"
+        model = body["models"]["digits"]
+        assert model["status"] == "loading"
+        progress = model["progress"]
+        assert progress["phase"] == "reading weights.bin"
+        assert progress["bytes_total"] == 3 * 2**20
+        assert 2**20 <= progress["bytes_read"] < 3 * 2**20  # buffered reads run ahead a little
+        assert progress["seconds"] >= 0
         predict = await client.post("/predict", json={"inputs": [1, 2, 3, 4]})
         assert predict.status_code == 503
         assert predict.headers["retry-after"] == "2"
