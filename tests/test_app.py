@@ -253,6 +253,20 @@ async def test_openapi_documents_predict(client: httpx.AsyncClient) -> None:
     assert "oneOf" in body["content"]["application/json"]["schema"]
 
 
+async def test_the_docs_pages_load_every_file_from_this_server(client: httpx.AsyncClient) -> None:
+    """/docs and /redoc work offline: Swagger UI's and ReDoc's files come from an installed
+    package, not from a CDN."""
+    for page in ("/docs", "/redoc"):
+        html = (await client.get(page)).text
+        urls = re.findall(r'(?:src|href)="([^"]+)"', html)
+        urls += re.findall(r"url: '([^']+)'", html)
+        assert urls and not [url for url in urls if "://" in url or url.startswith("//")], urls
+        for url in urls:
+            response = await client.get(url)
+            assert response.status_code == 200, url
+            assert len(response.content) > 1000, url
+
+
 async def test_a_body_not_declared_as_json_is_a_415(client: httpx.AsyncClient) -> None:
     response = await client.post(
         "/predict",

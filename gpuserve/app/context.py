@@ -112,15 +112,17 @@ class RequestContext:
 def _route_label(scope: Scope) -> str:
     """The route a request matched, as a metrics label: its path template, bounded in number.
 
-    FastAPI's own routes say which route they are; plain Starlette routes (FastAPI's /docs and
+    FastAPI's own routes say which route they are; plain Starlette routes (/docs and
     /openapi.json) only leave their endpoint, and as they take no parameters their path is the
-    template.
+    template. A mounted app (the docs' static files) is labelled by where it is mounted, so
+    that made-up file names cannot each add a label.
     """
     route = scope.get("route")
     if route is not None:
         return str(getattr(route, "path", "unmatched"))
     if scope.get("endpoint") is not None and not scope.get("path_params"):
-        return str(scope["path"])
+        mounted = str(scope.get("root_path", ""))[len(str(scope.get("app_root_path", ""))) :]
+        return mounted or str(scope["path"])
     return "unmatched"
 
 

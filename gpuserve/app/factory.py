@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib.resources
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from gpuserve import __version__
@@ -80,7 +84,12 @@ def create_app(
     # No trailing-slash redirects: Starlette builds their Location from the client's Host
     # header, which lets anyone make this server redirect to a host of their choosing.
     app = GpuserveAPI(
-        title="gpuserve", version=__version__, lifespan=lifespan, redirect_slashes=False
+        title="gpuserve",
+        version=__version__,
+        lifespan=lifespan,
+        redirect_slashes=False,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.models = models
@@ -88,6 +97,7 @@ def create_app(
     app.state.decoder = decoder
     app.include_router(routes.router)
     app.include_router(v2.router)
+    _add_docs(app)
     app.add_exception_handler(GpuserveError, on_gpuserve_error)
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
@@ -131,6 +141,37 @@ def _start_gpu_sampling(
         sample_gpus(metrics, monitor, settings.gpu_metrics_interval_s), name="gpuserve-gpu-gauges"
     )
     return monitor, task
+
+
+# Swagger UI's own files, from an installed package: /docs works where no CDN can be reached.
+_DOCS_ASSETS = "/docs/assets"
+
+
+def _add_docs(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc, their scripts and styles served from this server."""
+    assets = importlib.resources.files("fastapi_offline") / "static"
+    app.mount(_DOCS_ASSETS, StaticFiles(directory=str(assets)), name="docs-assets")
+
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="gpuserve",
+            swagger_js_url=f"{_DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{_DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{_DOCS_ASSETS}/favicon.png",
+        )
+
+    async def redoc(request: Request) -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url="/openapi.json",
+            title="gpuserve",
+            redoc_js_url=f"{_DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{_DOCS_ASSETS}/favicon.png",
+            with_google_fonts=False,
+        )
+
+    app.add_route("/docs", swagger_ui, include_in_schema=False)
+    app.add_route("/redoc", redoc, include_in_schema=False)
 
 
 def _openapi(app: FastAPI, default: Callable[[], dict[str, Any]]) -> dict[str, Any]:
