@@ -46,8 +46,11 @@ def serve(
     command does, when the model fails to load.
     """
     from gpuserve.cli import run
+    from gpuserve.logs import configure as configure_logging
 
-    run(*configure(model, spec, handler=handler, **settings))
+    full, loader = configure(model, spec, handler=handler, **settings)
+    configure_logging(full.log_level, full.log_format)
+    run(full, loader)
 
 
 def configure(

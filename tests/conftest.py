@@ -85,21 +85,33 @@ def fake_loader(model: FakeModel) -> Any:
 
 
 class ServerProcess:
-    """`gpuserve serve` in a subprocess on a port the OS picks; stopped by its own PID."""
+    """`gpuserve serve` in a subprocess on a port the OS picks; stopped by its own PID.
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    `command` replaces `gpuserve serve --port 0` (a script serving through the Python API,
+    with GPUSERVE_PORT=0), and `cwd` the repository root.
+    """
+
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.args = args
         self.env = env
+        self.command = command
+        self.cwd = cwd
         self.process: subprocess.Popen[str] | None = None
         self.url = ""
         self.log: list[str] = []
         self._bound = threading.Event()
 
     def __enter__(self) -> ServerProcess:
-        command = [sys.executable, "-m", "gpuserve", "serve", "--port", "0", *self.args]
+        command = self.command or [sys.executable, "-m", "gpuserve", "serve", "--port", "0"]
         self.process = subprocess.Popen(
-            command,
-            cwd=ROOT,
+            [*command, *self.args],
+            cwd=self.cwd or ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
