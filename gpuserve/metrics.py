@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -39,6 +40,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._request_children: dict[tuple[str, int, str], tuple[Any, Any]] = {}
         self.requests = Counter(
             "gpuserve_requests",
             "HTTP requests answered, by route, status code and model (empty: no model).",
@@ -158,8 +160,19 @@ class Metrics:
         self.queue_depth.labels(model).set_function(read)
 
     def observe_request(self, route: str, code: int, seconds: float, model: str = "") -> None:
-        self.requests.labels(route, str(code), model).inc()
-        self.request_seconds.labels(route, model).observe(seconds)
+        # The labelled children, found once per (route, code, model): prometheus-client's
+        # labels() checks and joins its arguments under a lock on every call.
+        key = (route, code, model)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(route, str(code), model),
+                self.request_seconds.labels(route, model),
+            )
+            self._request_children[key] = children
+        counter, histogram = children
+        counter.inc()
+        histogram.observe(seconds)
 
     def observe_batch(
         self,
