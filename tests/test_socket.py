@@ -306,6 +306,23 @@ def test_silent_and_slow_header_connections_are_closed(tmp_path: Path) -> None:
                 assert client.get("/health/ready").status_code == 200
 
 
+def test_a_kept_alive_connection_stalling_in_its_next_headers_is_closed(tmp_path: Path) -> None:
+    """The header deadline holds for the second request of a connection too, though a
+    request that arrives whole is no longer timed."""
+    with faulty_server(tmp_path, header=0.5) as server:
+        wait_ready(server.url)
+        body = small(1)
+        head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        with raw_connection(server.url) as sock:
+            for _ in range(3):  # whole requests, answered on the one connection
+                sock.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            sock.sendall(head)  # the next request's headers, never finished
+            started = time.monotonic()
+            assert closed_by_server(sock)
+            assert time.monotonic() - started < 10  # the header deadline, not keep-alive's 75 s
+
+
 def test_connections_past_the_cap_get_a_503_and_are_closed(tmp_path: Path) -> None:
     with faulty_server(tmp_path, connections=4) as server:
         wait_ready(server.url)

@@ -75,15 +75,23 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[asyn
             self._arm()
 
         def data_received(self, data: bytes) -> None:
-            if self._header_timer is None and not self._in_request():
-                self._arm()  # the first byte of the next request on a kept-alive connection
             super().data_received(data)
+            # Most requests arrive whole: their headers are parsed by now, and no timer is
+            # needed (one per request cost a timer in the loop's heap for its 10 s). Only a
+            # request whose headers are still incomplete after this read is timed.
+            if self._in_request():
+                self._disarm()
+            elif self._header_timer is None:
+                self._arm()  # part of the next request's headers, on a kept-alive connection
 
         def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _disarm(self) -> None:
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
-            super().connection_lost(exc)
 
         def _in_request(self) -> bool:
             cycle = self.cycle
