@@ -287,15 +287,20 @@ def _checked(
         raise InvalidInput(f"{field}: {expected}{bound}, got shape {list(shape)}")
     if array.size == 0:
         raise InvalidInput(f"{field}: {expected}, got an empty array")
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
+    # One reduction finds NaN (a NaN largest magnitude), infinity and values too large for
+    # the spec's float type, where separate checks cost a numpy call each.
+    largest = np.abs(array).max() if array.dtype.kind == "f" else None
+    if largest is not None and not np.isfinite(largest):
         raise InvalidInput(f"{field}: {expected}, got NaN or infinity")
     if spec.min is not None and array.min() < spec.min:
         raise InvalidInput(f"{field}: values must be >= {spec.min}, got {array.min()}")
     if spec.max is not None and array.max() > spec.max:
         raise InvalidInput(f"{field}: values must be <= {spec.max}, got {array.max()}")
     target = spec.numpy_dtype
-    if array.dtype.kind == "f" and target.kind == "f":
-        with np.errstate(over="ignore"):
+    if largest is not None and target.kind == "f":
+        if largest <= np.finfo(target).max:
+            return array.astype(target)  # nothing can overflow
+        with np.errstate(over="ignore"):  # near the top: whether it rounds to infinity
             converted = array.astype(target)
         if not np.isfinite(converted).all():
             raise InvalidInput(f"{field}: values overflow {spec.dtype}")

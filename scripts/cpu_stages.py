@@ -33,36 +33,51 @@ from _loadgen import (
 )
 from bench import MODELS, ROOT, export_models, server_command
 
-# (stage, the frames that belong to it: "file.py" or "file.py:function" fragments), most
-# specific first.
+# (stage, the frames that belong to it: "file.py" or "file.py:function" fragments). A sample
+# counts for the innermost of its frames that some stage names, so that work is charged to
+# the step that asked for it (the torch calls under Handler.forward to the forward pass, the
+# task a route creates to that route's step); the generic frames of GENERIC count only when
+# no other frame is named.
 STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("forward (the model)", ("handler.py:forward", "handler.py:_call")),
     ("collate and copy", ("handler.py:collate", "handler.py:prepare", "handler.py:_pad")),
     ("split and NaN check", ("handler.py:split", "handler.py:_non_finite", "handler.py:run")),
+    ("postprocess", ("handler.py:postprocess", "handler.py:softmax")),
     ("metrics", ("metrics.py", "prometheus_client/")),
     ("logs", ("logs.py", "logging/")),
+    ("read the body", ("app/responses.py:read_body", "starlette/requests.py")),
     ("parse and check", ("decoding.py", "spec.py", "schemas.py", "oip.py", "pydantic")),
-    ("postprocess", ("handler.py:postprocess", "handler.py:softmax")),
-    ("encode and send", ("responses.py",)),
+    ("hang-up watch", ("app/responses.py:unless_disconnected", "app/responses.py:_disconnect")),
+    ("encode", ("app/responses.py:json_response", "app/responses.py:error_response")),
     ("batcher: submit, collect, resolve", ("batcher.py",)),
-    ("service: deadline, release", ("service.py",)),
+    ("service: hooks, deadline, release", ("service.py",)),
     ("app: lane, context, routes", ("lane.py", "context.py", "routes.py", "v2.py")),
-    ("HTTP (uvicorn, httptools)", ("uvicorn/", "httptools", "connections.py")),
-    ("event loop (asyncio, uvloop)", ("asyncio/", "uvloop")),
+    ("response object (starlette)", ("starlette/responses.py", "starlette/datastructures.py")),
+    ("HTTP (uvicorn)", ("uvicorn/", "httptools", "connections.py")),
+]
+GENERIC: list[tuple[str, tuple[str, ...]]] = [
+    ("event loop (asyncio)", ("asyncio/", "uvloop")),
     ("thread hand-off", ("threading.py", "concurrent/", "queue.py")),
 ]
 
 
+def _names(frame: str, marks: tuple[str, ...]) -> bool:
+    # py-spy frames read "function (path/file.py:line)", e.g. "Handler.forward (...)".
+    function, _, where = frame.partition(" (")
+    location = where.rsplit(":", 1)[0]
+    for mark in marks:
+        file, _, name = mark.partition(":")
+        in_file = location.endswith(file) or (file.endswith("/") and file in location)
+        if in_file and (not name or function.rsplit(".", 1)[-1].startswith(name)):
+            return True
+    return False
+
+
 def stage_of(frames: list[str]) -> str:
-    for stage, marks in STAGES:
-        for frame in frames:
-            # py-spy frames read "function (path/file.py:line)".
-            function, _, where = frame.partition(" (")  # e.g. "Handler.forward"
-            location = where.rsplit(":", 1)[0]
-            for mark in marks:
-                file, _, name = mark.partition(":")
-                in_file = location.endswith(file) or (file.endswith("/") and file in location)
-                if in_file and (not name or function.rsplit(".", 1)[-1].startswith(name)):
+    for rules in (STAGES, GENERIC):
+        for frame in reversed(frames):
+            for stage, marks in rules:
+                if _names(frame, marks):
                     return stage
     return "other"
 
