@@ -11,6 +11,7 @@ exactly like the instances of a /predict request.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,13 +72,26 @@ def metadata(spec: ModelSpec, platform: str) -> dict[str, Any]:
     }
 
 
+# The extensions gpuserve speaks, exactly: server metadata lists these and no others.
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "parameters")
+# The parameters it acts on, at each level; any other is refused, never silently ignored.
+_REQUEST_PARAMETERS = frozenset({"binary_data_output", "timeout"})
+_INPUT_PARAMETERS = frozenset({"binary_data_size"})
+_OUTPUT_PARAMETERS = frozenset({"binary_data"})
+
+
 @dataclass(frozen=True, slots=True)
 class InferRequest:
-    """A decoded infer request: the model's instances, and how to send the output back."""
+    """A decoded infer request: the model's instances, and how to send the output back.
+
+    `timeout_s` is the client's own deadline (the `timeout` parameter, in microseconds as in
+    Triton), if it gave one.
+    """
 
     id: str | None
     instances: list[np.ndarray[Any, Any]]
     binary_output: bool
+    timeout_s: float | None = None
 
 
 def decode_request(
@@ -95,7 +109,10 @@ def decode_request(
         raise BadRequest(f"the request is not valid JSON: {exc}") from None
     if not isinstance(request, dict):
         raise BadRequest("the request must be a JSON object")
-    _parameters(request, "the request")
+    parameters = _supported(request, _REQUEST_PARAMETERS, "the request")
+    request_id = request.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise BadRequest(f"'id' must be a string, not {_json_type(request_id)}")
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise BadRequest(f"'inputs' must list exactly one tensor, {spec.input.name!r}")
@@ -109,12 +126,35 @@ def decode_request(
         instances = block_to_arrays(array, spec.input, spec.input.name)
     except InvalidInput as exc:
         raise BadRequest(exc.message) from None
-    request_id = request.get("id")
     return InferRequest(
-        id=request_id if isinstance(request_id, str) else None,
+        id=request_id,
         instances=instances,
         binary_output=_wants_binary(request, spec),
+        timeout_s=_timeout_s(parameters.get("timeout")),
     )
+
+
+def _timeout_s(value: Any) -> float | None:
+    """The `timeout` parameter (microseconds, as Triton's clients send it), in seconds."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise BadRequest(
+            f"parameter 'timeout' must be a positive integer of microseconds, not {value!r}"
+        )
+    return value / 1e6
+
+
+def _supported(owner: dict[str, Any], allowed: frozenset[str], where: str) -> dict[str, Any]:
+    """An object's parameters, refused with a 400 naming any that gpuserve does not act on
+    (sequence_id, priority, class_count, shared memory, ...): silence would mislead."""
+    parameters = _parameters(owner, where)
+    unknown = sorted(set(parameters) - allowed)
+    if unknown:
+        names = ", ".join(repr(name) for name in unknown)
+        supported = ", ".join(sorted(allowed))
+        raise BadRequest(f"{where}: parameter {names} is not supported (supported: {supported})")
+    return parameters
 
 
 def encode_response(
@@ -190,7 +230,7 @@ def _tensor_data(
         raise BadRequest(f"{shape[0]} instances given, at most {limit} allowed")
     # Python's integers, not numpy's: a product of large sizes must not wrap around int64.
     count = math.prod(shape)
-    size = _parameters(tensor, f"input {name!r}").get("binary_data_size")
+    size = _supported(tensor, _INPUT_PARAMETERS, f"input {name!r}").get("binary_data_size")
     if size is not None:
         return _from_bytes(binary, size, declared, shape, count, name)
     if "data" not in tensor:
@@ -227,19 +267,59 @@ def _to_bytes(array: np.ndarray[Any, Any], spec: TensorSpec) -> bytes:
 
 
 def _wants_binary(request: dict[str, Any], spec: ModelSpec) -> bool:
-    if _parameters(request, "the request").get("binary_data_output") is True:
-        return True
+    """Binary output: an output's own `binary_data` decides, as the binary tensor extension
+    says; otherwise the request's `binary_data_output`."""
+    default = _parameters(request, "the request").get("binary_data_output") is True
     outputs = request.get("outputs")
     if outputs is None:
-        return False
+        return default
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise BadRequest("'outputs' must be a list of objects")
-    binary = False
+    binary = default
     for wanted in outputs:
         if wanted.get("name") != spec.output.name:
             raise BadRequest(
                 f"unknown output {wanted.get('name')!r}: the model gives {spec.output.name!r}"
             )
-        parameters = _parameters(wanted, f"output {spec.output.name!r}")
-        binary = binary or parameters.get("binary_data") is True
+        own = _supported(wanted, _OUTPUT_PARAMETERS, f"output {spec.output.name!r}")
+        if "binary_data" in own:
+            binary = own["binary_data"] is True
     return binary
+
+
+def model_config(
+    spec: ModelSpec,
+    *,
+    max_batch_size: int,
+    preferred_batch_size: int,
+    max_wait_ms: float,
+    copies: Sequence[tuple[str, int | None, int]],
+) -> dict[str, Any]:
+    """The model configuration in Triton's JSON form, what perf_analyzer and model-analyzer
+    read first. `copies` is (kind: cpu or cuda, GPU index, copies on it) per device."""
+
+    def tensor(t: TensorSpec) -> dict[str, Any]:
+        return {"name": t.name, "data_type": f"TYPE_{datatype(t)}", "dims": list(t.shape)}
+
+    return {
+        "name": spec.name,
+        "platform": "pytorch_libtorch",
+        "backend": "pytorch",
+        "version_policy": {"latest": {"num_versions": 1}},
+        "max_batch_size": max_batch_size,
+        "input": [tensor(spec.input)],
+        "output": [tensor(spec.output)],
+        "dynamic_batching": {
+            "preferred_batch_size": [preferred_batch_size],
+            "max_queue_delay_microseconds": round(max_wait_ms * 1000),
+        },
+        "instance_group": [
+            {
+                "name": f"{spec.name}_{i}",
+                "kind": "KIND_GPU" if kind == "cuda" else "KIND_CPU",
+                "count": count,
+                **({"gpus": [index]} if kind == "cuda" and index is not None else {}),
+            }
+            for i, (kind, index, count) in enumerate(copies)
+        ],
+    }

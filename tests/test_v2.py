@@ -210,6 +210,9 @@ def test_the_triton_client_round_trips_json_and_binary(demo_model: Path) -> None
         try:
             assert client.is_server_live() and client.is_server_ready()
             assert client.is_model_ready("digits")
+            config = client.get_model_config("digits")
+            assert config["max_batch_size"] == 32 and config["input"][0]["dims"] == [64]
+            assert client.get_model_config("digits", model_version="1") == config
             meta = client.get_model_metadata("digits")
             assert meta["inputs"][0]["name"] == "pixels" and meta["inputs"][0]["shape"] == [-1, 64]
             for binary in (False, True):
@@ -309,3 +312,92 @@ async def test_both_protocols_print_float32_values_at_float32_precision(
         digits = [text.lstrip("-").split("e")[0].split("E")[0].replace(".", "") for text in numbers]
         # float32 needs at most 9 significant digits; float64's repr of one gives up to 17.
         assert max(len(d.lstrip("0")) for d in digits) <= 9, numbers
+
+
+async def test_the_model_config_is_triton_s_form(client: httpx.AsyncClient) -> None:
+    config = (await client.get("/v2/models/digits/config")).json()
+    assert config["name"] == "digits" and config["max_batch_size"] == 32
+    assert config["input"] == [{"name": "pixels", "data_type": "TYPE_FP32", "dims": [64]}]
+    assert config["output"] == [{"name": "logits", "data_type": "TYPE_FP32", "dims": [10]}]
+    batching = config["dynamic_batching"]
+    assert batching["max_queue_delay_microseconds"] == 2000
+    assert 1 <= batching["preferred_batch_size"][0] <= 32  # tuned at load
+    assert config["instance_group"] == [{"name": "digits_0", "kind": "KIND_CPU", "count": 1}]
+    assert (await client.get("/v2/models/digits/versions/1/config")).json() == config
+    assert (await client.get("/v2/models/digits/versions/2/config")).status_code == 404
+    assert (await client.get("/v2/models/nope/config")).status_code == 404
+
+
+async def test_server_metadata_lists_exactly_the_extensions_served(
+    client: httpx.AsyncClient,
+) -> None:
+    server = (await client.get("/v2")).json()
+    assert server["extensions"] == ["binary_tensor_data", "model_configuration", "parameters"]
+
+
+async def test_the_response_id_is_the_clients_or_the_requests_own(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.post("/v2/models/digits/infer", json=infer_body(images(1)))
+    assert response.json()["id"] == response.headers["x-request-id"]
+    for bad in (7, None, ["a"], {"a": 1}):
+        body = {"id": bad, **infer_body(images(1))}
+        refused = await client.post("/v2/models/digits/infer", json=body)
+        if bad is None:  # JSON null: as if absent
+            assert refused.status_code == 200
+            continue
+        assert refused.status_code == 400 and "'id' must be a string" in refused.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("where", "parameter"),
+    [
+        ("request", {"sequence_id": 4}),
+        ("request", {"priority": 1}),
+        ("request", {"sequence_start": True}),
+        ("output", {"class_count": 3}),
+        ("input", {"shared_memory_region": "r0"}),
+    ],
+)
+async def test_a_parameter_gpuserve_does_not_act_on_is_refused_by_name(
+    client: httpx.AsyncClient, where: str, parameter: dict[str, Any]
+) -> None:
+    body = infer_body(images(1))
+    if where == "request":
+        body["parameters"] = parameter
+    elif where == "output":
+        body["outputs"] = [{"name": "logits", "parameters": parameter}]
+    else:
+        body["inputs"][0]["parameters"] = parameter
+    response = await client.post("/v2/models/digits/infer", json=body)
+    assert response.status_code == 400
+    (name,) = parameter
+    assert f"parameter {name!r} is not supported" in response.json()["error"]
+
+
+async def test_the_timeout_parameter_is_the_requests_deadline(client: httpx.AsyncClient) -> None:
+    body = infer_body(images(1)) | {"parameters": {"timeout": 1}}  # one microsecond
+    expired = await client.post("/v2/models/digits/infer", json=body)
+    assert expired.status_code == 504
+    body["parameters"] = {"timeout": 10_000_000}
+    assert (await client.post("/v2/models/digits/infer", json=body)).status_code == 200
+    for bad in (0, -5, 1.5, "10", True):
+        body["parameters"] = {"timeout": bad}
+        refused = await client.post("/v2/models/digits/infer", json=body)
+        assert refused.status_code == 400 and "'timeout'" in refused.json()["error"]
+
+
+async def test_an_outputs_own_binary_data_false_wins_over_the_requests_default(
+    client: httpx.AsyncClient,
+) -> None:
+    body = infer_body(images(2)) | {
+        "parameters": {"binary_data_output": True},
+        "outputs": [{"name": "logits", "parameters": {"binary_data": False}}],
+    }
+    response = await client.post("/v2/models/digits/infer", json=body)
+    assert response.status_code == 200
+    assert "inference-header-content-length" not in response.headers
+    assert len(response.json()["outputs"][0]["data"]) == 20
+    body["outputs"] = [{"name": "logits"}]  # no word of its own: the request's default
+    binary = await client.post("/v2/models/digits/infer", json=body)
+    assert "inference-header-content-length" in binary.headers

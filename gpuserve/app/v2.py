@@ -13,7 +13,13 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from gpuserve import __version__, oip
-from gpuserve.app.responses import deadline_s, json_response, read_body, unless_disconnected
+from gpuserve.app.responses import (
+    deadline_s,
+    json_response,
+    read_body,
+    request_id_of,
+    unless_disconnected,
+)
 from gpuserve.batcher import Trace
 from gpuserve.config import Settings
 from gpuserve.decoding import BodyDecoder
@@ -65,7 +71,7 @@ def _check_version(name: str, version: str) -> None:
 async def server_metadata() -> Response:
     """The server's name, version and protocol extensions."""
     return json_response(
-        {"name": "gpuserve", "version": __version__, "extensions": ["binary_tensor_data"]}
+        {"name": "gpuserve", "version": __version__, "extensions": list(oip.EXTENSIONS)}
     )
 
 
@@ -87,6 +93,24 @@ async def server_ready(request: Request) -> Response:
 async def model_metadata(request: Request, name: str) -> Response:
     """Name, versions, platform, and the input and output tensors (batch dimension -1)."""
     return json_response(oip.metadata(_service(request, name).spec, _PLATFORM))
+
+
+@router.get("/models/{name}/config", responses=_METADATA_ERRORS)
+async def model_config(request: Request, name: str) -> Response:
+    """The model's configuration in Triton's form: tensors, batching, copies on devices."""
+    service = _service(request, name)
+    settings = service.settings
+    copies = [
+        (device.kind, device.index, settings.instances_per_device) for device in service.devices
+    ]
+    body = oip.model_config(
+        service.spec,
+        max_batch_size=settings.max_batch_size,
+        preferred_batch_size=service.max_batch_size,
+        max_wait_ms=settings.max_wait_ms,
+        copies=copies,
+    )
+    return json_response(body)
 
 
 @router.get("/models/{name}/ready", responses={**_READY_ERRORS, **_NOT_READY})
@@ -112,11 +136,15 @@ async def infer(request: Request, name: str) -> Response:
     decoder: BodyDecoder = request.app.state.decoder
     limit = service.settings.max_instances_per_request
     decoded = await decoder.run(body, oip.decode_request, header_length, spec, limit)
+    if decoded.timeout_s is not None:
+        timeout_s = min(timeout_s, decoded.timeout_s)
     trace = request.state.trace = Trace()
     rows = await unless_disconnected(
         request, service.predict(decoded.instances, timeout_s, postprocess=False, trace=trace)
     )
-    content, json_length = oip.encode_response(spec, rows, decoded.id, decoded.binary_output)
+    # The client's id, or the request's own (X-Request-Id, in the logs too) when it sent none.
+    response_id = decoded.id if decoded.id is not None else request_id_of(request)
+    content, json_length = oip.encode_response(spec, rows, response_id, decoded.binary_output)
     if json_length is None:
         return Response(content, media_type="application/json")
     return Response(
@@ -133,6 +161,12 @@ async def infer(request: Request, name: str) -> Response:
 async def version_metadata(request: Request, name: str, version: str) -> Response:
     _check_version(name, version)
     return await model_metadata(request, name)
+
+
+@router.get("/models/{name}/versions/{version}/config", include_in_schema=False)
+async def version_config(request: Request, name: str, version: str) -> Response:
+    _check_version(name, version)
+    return await model_config(request, name)
 
 
 @router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
