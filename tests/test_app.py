@@ -604,3 +604,38 @@ async def test_openapi_lists_only_the_errors_each_route_can_give(client: httpx.A
     assert codes("/v2/models/{name}/ready", "get") == {"400", "401", "404", "500"}
     assert codes("/v2/health/ready", "get") == {"400"}
     assert "422" not in codes("/v2/models/{name}/infer", "post")  # v2 answers 400
+
+
+JSON_TYPE = {"content-type": "application/json"}
+
+
+async def test_gzip_and_deflate_bodies_are_read_within_the_limit(client: httpx.AsyncClient) -> None:
+    import gzip
+    import json
+    import zlib
+
+    body = json.dumps({"inputs": [1, 2, 3, 4]}).encode()
+    plain = await client.post("/predict", content=body, headers=JSON_TYPE)
+    for encoding, packed in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body))):
+        headers = {**JSON_TYPE, "content-encoding": encoding}
+        answer = await client.post("/predict", content=packed, headers=headers)
+        assert answer.status_code == 200 and answer.json() == plain.json(), encoding
+    # 5 MB of zeros packs into a few kB: the limit holds on what the body becomes.
+    bomb = gzip.compress(b" " * (5 * 2**20))
+    assert len(bomb) < 64 * 1024
+    refused = await client.post(
+        "/predict", content=bomb, headers={**JSON_TYPE, "content-encoding": "gzip"}
+    )
+    assert refused.status_code == 413 and "inflates past the limit" in refused.json()["error"]
+    for bad, status, message in [
+        (b"not gzip at all", 422, "not valid gzip"),
+        (gzip.compress(body)[:-12], 422, "ends before its stream does"),
+    ]:
+        response = await client.post(
+            "/predict", content=bad, headers={**JSON_TYPE, "content-encoding": "gzip"}
+        )
+        assert response.status_code == status and message in response.json()["error"]
+    brotli = await client.post(
+        "/predict", content=body, headers={**JSON_TYPE, "content-encoding": "br"}
+    )
+    assert brotli.status_code == 415 and "send identity, gzip or deflate" in brotli.json()["error"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from collections.abc import Awaitable
 from typing import Any
 
@@ -117,7 +118,15 @@ async def read_body(request: Request, limit: int, *, binary: bool = False) -> by
     media_type = content_type.split(";", 1)[0].strip().lower()
     json_like = media_type == "application/json" or media_type.endswith("+json")
     if not json_like and not (binary and media_type == "application/octet-stream"):
-        raise UnsupportedMediaType(f"send the body as application/json, not {media_type!r}")
+        raise UnsupportedMediaType(
+            f"send the body as application/json, not {media_type!r} "
+            "(with curl: -H 'content-type: application/json'; -d alone sends a form type)"
+        )
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in _DECODERS:
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding!r} is not supported: send identity, gzip or deflate"
+        )
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
@@ -129,9 +138,32 @@ async def read_body(request: Request, limit: int, *, binary: bool = False) -> by
             raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
         chunks.append(chunk)
     body = b"".join(chunks)
+    if encoding != "identity":
+        body = _decoded(body, encoding, limit)
     if not body:
         raise InvalidInput("the request body is empty")
     return body
+
+
+# zlib's window bits for each Content-Encoding: gzip's header, or zlib's (deflate as HTTP
+# means it); identity is read as it is.
+_DECODERS = {"identity": 0, "gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS}
+_DECODERS["deflate"] = zlib.MAX_WBITS
+
+
+def _decoded(body: bytes, encoding: str, limit: int) -> bytes:
+    """A compressed body, inflated to at most `limit` bytes: the limit applies to what the
+    body becomes, so a small bomb cannot unpack into gigabytes."""
+    inflater = zlib.decompressobj(_DECODERS[encoding])
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidInput(f"the body is not valid {encoding}: {exc}") from None
+    if len(data) > limit or inflater.unconsumed_tail:
+        raise PayloadTooLarge(f"the body inflates past the limit of {limit} bytes")
+    if not inflater.eof:
+        raise InvalidInput(f"the body is not valid {encoding}: it ends before its stream does")
+    return data
 
 
 def deadline_s(request: Request, default_s: float) -> float:
