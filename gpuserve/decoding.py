@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from gpuserve.errors import InferenceError, InvalidInput, NotReady, describe_validation
-from gpuserve.schemas import PredictRequest
+from gpuserve.schemas import PredictRequest, V1PredictRequest
 from gpuserve.spec import TensorSpec, to_array, to_arrays
 
 logger = logging.getLogger("gpuserve.decoding")
@@ -52,6 +52,19 @@ def decode_predict(body: bytes, spec: TensorSpec, limit: int) -> PredictBody:
             raise InvalidInput(f"instances: {len(parsed.instances)} given, at most {limit} allowed")
         return PredictBody(to_arrays(parsed.instances, spec, "instances"), single=False)
     return PredictBody([to_array(parsed.inputs, spec, "inputs")], single=True)
+
+
+def decode_v1(body: bytes, spec: TensorSpec, limit: int) -> PredictBody:
+    """Parse a KServe v1 `:predict` body; InvalidInput (422) if it fails."""
+    try:
+        parsed = V1PredictRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise InvalidInput(describe(exc)) from None
+    rows = parsed.rows
+    field = "instances" if parsed.instances is not None else "inputs"
+    if len(rows) > limit:
+        raise InvalidInput(f"{field}: {len(rows)} given, at most {limit} allowed")
+    return PredictBody(to_arrays(rows, spec, field), single=False)
 
 
 # A body with thousands of bad values would otherwise get a message listing each of them.

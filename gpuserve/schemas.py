@@ -27,6 +27,31 @@ class PredictRequest(BaseModel):
         return self
 
 
+class V1PredictRequest(BaseModel):
+    """KServe's v1 body: a list of instances, under `instances` (rows) or `inputs`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instances: list[Any] | None = Field(default=None, description="The instances, one per row.")
+    inputs: list[Any] | None = Field(default=None, description="The same, under v1's other name.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> V1PredictRequest:
+        given = self.model_fields_set & {"inputs", "instances"}
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'instances' or 'inputs', a list of instances")
+        (name,) = given
+        if not getattr(self, name):
+            raise ValueError(f"'{name}' must be a non-empty list")
+        return self
+
+    @property
+    def rows(self) -> list[Any]:
+        rows = self.instances if self.instances is not None else self.inputs
+        assert rows is not None
+        return rows
+
+
 class PredictResponse(BaseModel):
     """For `inputs`, `outputs` is that instance's output; for `instances`, a list of them."""
 

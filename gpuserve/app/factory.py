@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from gpuserve import __version__
-from gpuserve.app import routes, v2
+from gpuserve.app import routes, v1, v2
 from gpuserve.app.context import RequestContext
 from gpuserve.app.lane import GpuserveAPI, InferenceLane
 from gpuserve.app.responses import (
@@ -97,6 +97,7 @@ def create_app(
     app.state.decoder = decoder
     app.include_router(routes.router)
     app.include_router(v2.router)
+    app.include_router(v1.router)
     _add_docs(app)
     app.add_exception_handler(GpuserveError, on_gpuserve_error)
     app.add_exception_handler(HTTPException, on_http_error)
@@ -194,6 +195,9 @@ def _openapi(app: FastAPI, default: Callable[[], dict[str, Any]]) -> dict[str, A
     for path in ("/predict", "/models/{name}/predict") if single else ("/predict",):
         body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]
         body["schema"] = schema
+    if single:  # with several models, each route's body depends on the model named
+        v1 = document["paths"]["/v1/models/{name}:predict"]["post"]["requestBody"]
+        v1["content"]["application/json"]["schema"] = _v1_schema(service)
     return document
 
 
@@ -222,27 +226,34 @@ def _predict_schema(service: ModelService) -> dict[str, Any]:
     """A /predict body for this model: its instances, shaped, typed and bounded by its spec."""
     assert service.model is not None
     instance = service.model.spec.input.json_schema()
-    limit = service.settings.max_instances_per_request
     return {
         "oneOf": [
-            {
-                "type": "object",
-                "properties": {"inputs": instance},
-                "required": ["inputs"],
-                "additionalProperties": False,
-            },
-            {
-                "type": "object",
-                "properties": {
-                    "instances": {
-                        "type": "array",
-                        "items": instance,
-                        "minItems": 1,
-                        "maxItems": limit,
-                    }
-                },
-                "required": ["instances"],
-                "additionalProperties": False,
-            },
+            _one_field("inputs", instance),
+            _one_field("instances", _instances(service)),
         ]
+    }
+
+
+def _v1_schema(service: ModelService) -> dict[str, Any]:
+    """A KServe v1 body for this model: its instances as a list, under either name."""
+    rows = _instances(service)
+    return {"oneOf": [_one_field("instances", rows), _one_field("inputs", rows)]}
+
+
+def _instances(service: ModelService) -> dict[str, Any]:
+    assert service.model is not None
+    return {
+        "type": "array",
+        "items": service.model.spec.input.json_schema(),
+        "minItems": 1,
+        "maxItems": service.settings.max_instances_per_request,
+    }
+
+
+def _one_field(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {name: schema},
+        "required": [name],
+        "additionalProperties": False,
     }

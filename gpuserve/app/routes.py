@@ -7,6 +7,7 @@ against the spec as one numpy block -> `ModelService.predict` -> encode with orj
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 from typing import Any
 
 import fastapi
@@ -17,11 +18,12 @@ from gpuserve import __version__
 from gpuserve.app.responses import deadline_s, json_response, read_body, unless_disconnected
 from gpuserve.batcher import Trace
 from gpuserve.config import Settings
-from gpuserve.decoding import BodyDecoder, decode_predict
+from gpuserve.decoding import BodyDecoder, PredictBody, decode_predict
 from gpuserve.metrics import Metrics
 from gpuserve.registry import ModelRegistry
 from gpuserve.schemas import ErrorResponse, PredictRequest, PredictResponse
 from gpuserve.service import ModelService
+from gpuserve.spec import ModelSpec
 
 router = APIRouter()
 
@@ -80,6 +82,16 @@ async def predict_model(request: Request, name: str) -> Response:
 
 async def predict_with(request: Request, service: ModelService) -> Response:
     """`/predict` for `service`, here and in the fast lane: read, check, queue, answer."""
+    spec, decoded, outputs = await run_predict(request, service, decode_predict)
+    single = decoded.single
+    return json_response({"model": spec.name, "outputs": outputs[0] if single else outputs})
+
+
+async def run_predict(
+    request: Request, service: ModelService, decode: Callable[..., PredictBody]
+) -> tuple[ModelSpec, PredictBody, list[Any]]:
+    """The request path every JSON-instances protocol shares (`/predict`, KServe v1): read
+    the body, `decode` and check it against the spec, queue the instances, await them."""
     request.state.model = service.name
     spec = service.spec  # NotReady (503) while loading, before the body is read
     timeout_s = deadline_s(request, service.settings.request_timeout_s)
@@ -87,13 +99,12 @@ async def predict_with(request: Request, service: ModelService) -> Response:
     body = await read_body(request, settings.max_body_bytes)
     decoder: BodyDecoder = request.app.state.decoder
     limit = service.settings.max_instances_per_request
-    decoded = await decoder.run(body, decode_predict, spec.input, limit)
+    decoded = await decoder.run(body, decode, spec.input, limit)
     trace = request.state.trace = Trace()
     outputs = await unless_disconnected(
         request, service.predict(decoded.instances, timeout_s, trace=trace)
     )
-    single = decoded.single
-    return json_response({"model": spec.name, "outputs": outputs[0] if single else outputs})
+    return spec, decoded, outputs
 
 
 @router.get("/models")
