@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from gpuserve.device import GpuMonitor, GpuSample
+from gpuserve.stats import ModelStats
 
 logger = logging.getLogger("gpuserve.metrics")
 
@@ -41,6 +42,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._request_children: dict[tuple[str, int, str], tuple[Any, Any]] = {}
+        self._stats: dict[str, ModelStats] = {}
         self.requests = Counter(
             "gpuserve_requests",
             "HTTP requests answered, by route, status code and model (empty: no model).",
@@ -173,6 +175,9 @@ class Metrics:
         counter, histogram = children
         counter.inc()
         histogram.observe(seconds)
+        if model:  # a request that reached a model: the protocol's statistics count it too
+            stats = self._stats.get(model) or self.stats(model)
+            stats.request(200 <= code < 300, seconds)
 
     def observe_batch(
         self,
@@ -182,7 +187,10 @@ class Metrics:
         forward_s: float,
         failed_items: int,
         oom_splits: int,
+        queue_wait_total_s: float = 0.0,
     ) -> None:
+        stats = self._stats.get(model) or self.stats(model)
+        stats.batch(size, queue_wait_total_s, forward_s)
         self.batch_size.labels(model).observe(size)
         self.queue_wait_seconds.labels(model).observe(queue_wait_s)
         self.forward_seconds.labels(model).observe(forward_s)
@@ -190,6 +198,13 @@ class Metrics:
             self.failed_items.labels(model).inc(failed_items)
         if oom_splits:
             self.oom_splits.labels(model).inc(oom_splits)
+
+    def stats(self, model: str) -> ModelStats:
+        """The model's counters in the protocol's form, kept beside its Prometheus series."""
+        found = self._stats.get(model)
+        if found is None:
+            found = self._stats[model] = ModelStats()
+        return found
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

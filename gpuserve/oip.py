@@ -73,7 +73,7 @@ def metadata(spec: ModelSpec, platform: str) -> dict[str, Any]:
 
 
 # The extensions gpuserve speaks, exactly: server metadata lists these and no others.
-EXTENSIONS = ("binary_tensor_data", "model_configuration", "parameters")
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "parameters", "statistics")
 # The parameters it acts on, at each level; any other is refused, never silently ignored.
 _REQUEST_PARAMETERS = frozenset({"binary_data_output", "timeout"})
 _INPUT_PARAMETERS = frozenset({"binary_data_size"})

@@ -308,6 +308,7 @@ class ModelService:
             stats.forward_s,
             stats.failed_items,
             stats.oom_splits,
+            stats.queue_wait_total_s,
         )
 
     def _not_ready(self) -> NotReady:

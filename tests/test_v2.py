@@ -213,6 +213,9 @@ def test_the_triton_client_round_trips_json_and_binary(demo_model: Path) -> None
             config = client.get_model_config("digits")
             assert config["max_batch_size"] == 32 and config["input"][0]["dims"] == [64]
             assert client.get_model_config("digits", model_version="1") == config
+            every = client.get_inference_statistics()["model_stats"]
+            one = client.get_inference_statistics("digits")["model_stats"]
+            assert [s["name"] for s in every] == ["digits"] and one[0]["name"] == "digits"
             meta = client.get_model_metadata("digits")
             assert meta["inputs"][0]["name"] == "pixels" and meta["inputs"][0]["shape"] == [-1, 64]
             for binary in (False, True):
@@ -221,6 +224,8 @@ def test_the_triton_client_round_trips_json_and_binary(demo_model: Path) -> None
                 wanted = triton.InferRequestedOutput("logits", binary_data=binary)
                 result = client.infer("digits", [tensor], outputs=[wanted])
                 np.testing.assert_allclose(softmax(result.as_numpy("logits")), expected, atol=1e-6)
+            stats = client.get_inference_statistics("digits")["model_stats"][0]
+            assert stats["inference_count"] >= 12  # 6 rows, JSON and binary
         finally:
             client.close()
         assert server.stop() == 0
@@ -332,7 +337,12 @@ async def test_server_metadata_lists_exactly_the_extensions_served(
     client: httpx.AsyncClient,
 ) -> None:
     server = (await client.get("/v2")).json()
-    assert server["extensions"] == ["binary_tensor_data", "model_configuration", "parameters"]
+    assert server["extensions"] == [
+        "binary_tensor_data",
+        "model_configuration",
+        "parameters",
+        "statistics",
+    ]
 
 
 async def test_the_response_id_is_the_clients_or_the_requests_own(
@@ -401,3 +411,33 @@ async def test_an_outputs_own_binary_data_false_wins_over_the_requests_default(
     body["outputs"] = [{"name": "logits"}]  # no word of its own: the request's default
     binary = await client.post("/v2/models/digits/infer", json=body)
     assert "inference-header-content-length" in binary.headers
+
+
+async def test_statistics_count_what_metrics_count(client: httpx.AsyncClient) -> None:
+    for n in (3, 1, 2):
+        assert (
+            await client.post("/v2/models/digits/infer", json=infer_body(images(n)))
+        ).status_code == 200
+    bad = infer_body(images(1)) | {"parameters": {"priority": 1}}
+    assert (await client.post("/v2/models/digits/infer", json=bad)).status_code == 400
+    assert (
+        await client.post("/predict", json={"inputs": images(1)[0].tolist()})
+    ).status_code == 200
+    (stats,) = (await client.get("/v2/models/digits/stats")).json()["model_stats"]
+    assert stats["name"] == "digits" and stats["version"] == "1"
+    assert stats["inference_count"] == 7
+    inference = stats["inference_stats"]
+    assert inference["success"]["count"] == 4 and inference["fail"]["count"] == 1
+    assert inference["queue"]["count"] == 7 and inference["compute_infer"]["count"] == 7
+    assert (
+        sum(b["compute_infer"]["count"] for b in stats["batch_stats"]) == stats["execution_count"]
+    )
+    metrics = (await client.get("/metrics")).text
+    assert f'gpuserve_batch_size_sum{{model="digits"}} {float(stats["inference_count"])}' in metrics
+    assert (
+        f'gpuserve_batch_size_count{{model="digits"}} {float(stats["execution_count"])}' in metrics
+    )
+    every = (await client.get("/v2/models/stats")).json()["model_stats"]
+    assert [s["name"] for s in every] == ["digits"]
+    assert (await client.get("/v2/models/digits/versions/1/stats")).status_code == 200
+    assert (await client.get("/v2/models/nope/stats")).status_code == 404

@@ -24,6 +24,7 @@ from gpuserve.batcher import Trace
 from gpuserve.config import Settings
 from gpuserve.decoding import BodyDecoder
 from gpuserve.errors import BadRequest, InvalidInput, ModelNotFound
+from gpuserve.metrics import Metrics
 from gpuserve.registry import ModelRegistry
 from gpuserve.schemas import ErrorResponse
 from gpuserve.service import ModelService
@@ -87,6 +88,27 @@ async def server_ready(request: Request) -> Response:
     models: ModelRegistry = request.app.state.models
     ready = models.status == "ready"
     return json_response({"ready": ready}, 200 if ready else 400)
+
+
+# Before /models/{name}: "stats" is this route, not a model's name.
+@router.get("/models/stats", responses={401: {"model": ErrorResponse}})
+async def all_statistics(request: Request) -> Response:
+    """Every model's statistics in Triton's form (the statistics extension)."""
+    models: ModelRegistry = request.app.state.models
+    return json_response({"model_stats": [_statistics(request, s.name) for s in models]})
+
+
+@router.get("/models/{name}/stats", responses=_READY_ERRORS)
+async def model_statistics(request: Request, name: str) -> Response:
+    """One model's statistics: requests that succeeded and failed, queue and compute time,
+    batches by size. The same observations as /metrics."""
+    service = _service(request, name)
+    return json_response({"model_stats": [_statistics(request, service.name)]})
+
+
+def _statistics(request: Request, name: str) -> dict[str, Any]:
+    metrics: Metrics = request.app.state.metrics
+    return metrics.stats(name).to_triton(name, oip.VERSION)
 
 
 @router.get("/models/{name}", responses=_METADATA_ERRORS)
@@ -161,6 +183,12 @@ async def infer(request: Request, name: str) -> Response:
 async def version_metadata(request: Request, name: str, version: str) -> Response:
     _check_version(name, version)
     return await model_metadata(request, name)
+
+
+@router.get("/models/{name}/versions/{version}/stats", include_in_schema=False)
+async def version_statistics(request: Request, name: str, version: str) -> Response:
+    _check_version(name, version)
+    return await model_statistics(request, name)
 
 
 @router.get("/models/{name}/versions/{version}/config", include_in_schema=False)

@@ -1,0 +1,96 @@
+"""Per-model inference statistics in Triton's form, for the protocol's statistics extension.
+
+`Metrics` records into these at the same moments, from the same observations, as into its
+Prometheus series, so `/v2/models/stats` and `/metrics` never disagree. Triton's semantics:
+each request accrues the queue time and the compute time of the batch it ran in; each batch
+size keeps its own count and compute time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class _Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, seconds: float, count: int = 1) -> None:
+        self.count += count
+        self.ns += int(seconds * 1e9)
+
+    def to_dict(self) -> dict[str, int]:
+        return {"count": self.count, "ns": self.ns}
+
+
+@dataclass(slots=True)
+class ModelStats:
+    """One model's counters since the server started."""
+
+    success: _Duration = field(default_factory=_Duration)
+    fail: _Duration = field(default_factory=_Duration)
+    queue: _Duration = field(default_factory=_Duration)
+    compute_infer: _Duration = field(default_factory=_Duration)
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    by_batch_size: dict[int, _Duration] = field(default_factory=dict)
+
+    # Both run for every request or batch: the additions are written out, not calls of
+    # _Duration.add (tests/test_lane.py counts the calls a request costs).
+
+    def request(self, ok: bool, seconds: float) -> None:
+        """A request to this model was answered: 2xx counts as success, anything else fails."""
+        duration = self.success if ok else self.fail
+        duration.count += 1
+        duration.ns += int(seconds * 1e9)
+
+    def batch(self, size: int, queue_s_total: float, compute_s: float) -> None:
+        """A batch of `size` instances ran for `compute_s` after they waited `queue_s_total`
+        in all."""
+        self.inference_count += size
+        self.execution_count += 1
+        self.queue.count += size
+        self.queue.ns += int(queue_s_total * 1e9)
+        self.compute_infer.count += size
+        self.compute_infer.ns += int(compute_s * size * 1e9)
+        sized = self.by_batch_size.get(size)
+        if sized is None:
+            sized = self.by_batch_size[size] = _Duration()
+        sized.count += 1
+        sized.ns += int(compute_s * 1e9)
+        self.last_inference_ms = int(time.time() * 1000)
+
+    def to_triton(self, name: str, version: str) -> dict[str, Any]:
+        """Triton's `model_stats` entry. gpuserve times a batch's run as one (collate,
+        forward, split): it is `compute_infer`; `compute_input` and `compute_output` stay 0."""
+        none = {"count": 0, "ns": 0}
+        return {
+            "name": name,
+            "version": version,
+            "last_inference": self.last_inference_ms,
+            "inference_count": self.inference_count,
+            "execution_count": self.execution_count,
+            "inference_stats": {
+                "success": self.success.to_dict(),
+                "fail": self.fail.to_dict(),
+                "queue": self.queue.to_dict(),
+                "compute_input": none,
+                "compute_infer": self.compute_infer.to_dict(),
+                "compute_output": none,
+                "cache_hit": none,
+                "cache_miss": none,
+            },
+            "batch_stats": [
+                {
+                    "batch_size": size,
+                    "compute_input": {"count": duration.count, "ns": 0},
+                    "compute_infer": duration.to_dict(),
+                    "compute_output": {"count": duration.count, "ns": 0},
+                }
+                for size, duration in sorted(self.by_batch_size.items())
+            ],
+        }

@@ -1,0 +1,28 @@
+"""The protocol's statistics: each request and batch adds up as Triton's semantics say."""
+
+from __future__ import annotations
+
+from gpuserve.stats import ModelStats
+
+
+def test_requests_and_batches_add_up_in_triton_s_form() -> None:
+    stats = ModelStats()
+    stats.batch(3, queue_s_total=0.003, compute_s=0.010)
+    stats.batch(1, queue_s_total=0.001, compute_s=0.004)
+    stats.batch(3, queue_s_total=0.0, compute_s=0.006)
+    for ok, seconds in ((True, 0.02), (True, 0.03), (False, 0.001)):
+        stats.request(ok, seconds)
+    body = stats.to_triton("m", "1")
+    assert body["name"] == "m" and body["version"] == "1"
+    assert body["inference_count"] == 7 and body["execution_count"] == 3
+    assert body["last_inference"] > 1_700_000_000_000  # milliseconds since the epoch
+    inference = body["inference_stats"]
+    assert inference["success"] == {"count": 2, "ns": 50_000_000}
+    assert inference["fail"] == {"count": 1, "ns": 1_000_000}
+    assert inference["queue"] == {"count": 7, "ns": 4_000_000}
+    # Each instance accrues its batch's compute time.
+    assert inference["compute_infer"] == {"count": 7, "ns": 3 * 10_000_000 + 4_000_000 + 18_000_000}
+    assert inference["compute_input"] == {"count": 0, "ns": 0}
+    sizes = {entry["batch_size"]: entry["compute_infer"] for entry in body["batch_stats"]}
+    assert sizes == {1: {"count": 1, "ns": 4_000_000}, 3: {"count": 2, "ns": 16_000_000}}
+    assert [entry["batch_size"] for entry in body["batch_stats"]] == [1, 3]
