@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Triton's perf_analyzer against a running gpuserve, wherever perf_analyzer can run.
+#
+#   scripts/perf_analyzer.sh [MODEL] [HOST:PORT]      (default: digits on 127.0.0.1:8000)
+#
+# Start the server first (`make serve`). perf_analyzer reads the model's configuration
+# (/v2/models/MODEL/config), then sends random inputs at concurrency 1, 8 and 32, JSON and
+# binary tensors over HTTP (gRPC once gpuserve serves it: issue 12), and prints its tables.
+# Without perf_analyzer on the PATH it is installed into .venv-perf. Where no build can run
+# (its PyPI wheels need glibc 2.38), the script says so and exits 3.
+set -uo pipefail
+model="${1:-digits}"
+url="${2:-127.0.0.1:8000}"
+if ! command -v perf_analyzer >/dev/null 2>&1; then
+    if [ ! -x .venv-perf/bin/python ]; then
+        python3 -m venv .venv-perf >/dev/null 2>&1 || true
+    fi
+    .venv-perf/bin/python -m pip install --quiet "perf-analyzer>=2.40" >/dev/null 2>&1 || true
+    PATH="$PWD/.venv-perf/bin:$PATH"
+fi
+if ! perf_analyzer --help >/dev/null 2>&1; then
+    glibc="$(ldd --version 2>/dev/null | head -1 | awk '{print $NF}')"
+    echo "perf_analyzer cannot run on this machine: no build of it installs or starts here" \
+        "(its PyPI wheels need glibc 2.38 or newer; this machine has glibc ${glibc:-unknown})." \
+        "Run this script where it can, for example in NVIDIA's tritonserver SDK container." >&2
+    exit 3
+fi
+status=0
+for concurrency in 1 8 32; do
+    for output in json binary; do
+        flags=()
+        if [ "$output" = binary ]; then flags+=(--input-data random); fi
+        echo "== $model over http, concurrency $concurrency, $output tensors"
+        if [ "$output" = json ]; then flags+=(--input-tensor-format json --output-tensor-format json); fi
+        perf_analyzer -m "$model" -u "$url" -i http --concurrency-range "$concurrency" \
+            --measurement-interval 5000 "${flags[@]}" || status=$?
+    done
+done
+exit "$status"
