@@ -73,11 +73,19 @@ def metadata(spec: ModelSpec, platform: str) -> dict[str, Any]:
 
 
 # The extensions gpuserve speaks, exactly: server metadata lists these and no others.
-EXTENSIONS = ("binary_tensor_data", "model_configuration", "parameters", "statistics")
+EXTENSIONS = (
+    "binary_tensor_data",
+    "classification",
+    "model_configuration",
+    "parameters",
+    "statistics",
+)
 # The parameters it acts on, at each level; any other is refused, never silently ignored.
 _REQUEST_PARAMETERS = frozenset({"binary_data_output", "timeout"})
 _INPUT_PARAMETERS = frozenset({"binary_data_size"})
-_OUTPUT_PARAMETERS = frozenset({"binary_data"})
+# "classification" is the classification extension's own name for the count, the one
+# tritonclient sends for its `class_count`; "class_count" is accepted too.
+_OUTPUT_PARAMETERS = frozenset({"binary_data", "classification", "class_count"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +100,7 @@ class InferRequest:
     instances: list[np.ndarray[Any, Any]]
     binary_output: bool
     timeout_s: float | None = None
+    class_count: int | None = None  # the classification extension: top classes as strings
 
 
 def decode_request(
@@ -126,11 +135,13 @@ def decode_request(
         instances = block_to_arrays(array, spec.input, spec.input.name)
     except InvalidInput as exc:
         raise BadRequest(exc.message) from None
+    binary_output, class_count = _output_choices(request, spec)
     return InferRequest(
         id=request_id,
         instances=instances,
-        binary_output=_wants_binary(request, spec),
+        binary_output=binary_output,
         timeout_s=_timeout_s(parameters.get("timeout")),
+        class_count=class_count,
     )
 
 
@@ -158,25 +169,39 @@ def _supported(owner: dict[str, Any], allowed: frozenset[str], where: str) -> di
 
 
 def encode_response(
-    spec: ModelSpec, rows: list[Any], request_id: str | None, binary: bool
+    spec: ModelSpec,
+    rows: list[Any],
+    request_id: str | None,
+    binary: bool,
+    class_count: int | None = None,
 ) -> tuple[bytes, int | None]:
-    """The response body, and the JSON header's length when binary data follows it."""
+    """The response body, and the JSON header's length when binary data follows it.
+
+    With `class_count`, the output is the classification extension's instead: for each
+    instance its top classes as BYTES strings "score:index:label", highest first.
+    """
     want = spec.output
     try:
         array = np.asarray(rows, dtype=want.numpy_dtype)  # bfloat16 rows travel as float32
     except ValueError as exc:
         raise InferenceError("the model's outputs for this request do not form one tensor") from exc
-    output: dict[str, Any] = {
-        "name": want.name,
-        "datatype": datatype(want),
-        "shape": list(array.shape),
-    }
-    raw = b""
+    if class_count is not None:
+        strings = _classes(array, class_count, spec.labels)
+        output: dict[str, Any] = {
+            "name": want.name,
+            "datatype": "BYTES",
+            "shape": list(strings.shape),
+        }
+        raw = _bytes_elements(strings) if binary else b""
+        values: Any = strings.ravel().tolist()
+    else:
+        output = {"name": want.name, "datatype": datatype(want), "shape": list(array.shape)}
+        raw = _to_bytes(array, want) if binary else b""
+        values = array.ravel()
     if binary:
-        raw = _to_bytes(array, want)
         output["parameters"] = {"binary_data_size": len(raw)}
     else:
-        output["data"] = array.ravel()
+        output["data"] = values
     body: dict[str, Any] = {"model_name": spec.name, "model_version": VERSION, "outputs": [output]}
     if request_id is not None:
         body["id"] = request_id
@@ -184,6 +209,33 @@ def encode_response(
     if not binary:
         return header, None
     return header + raw, len(header)
+
+
+def _classes(array: np.ndarray[Any, Any], count: int, labels: list[str] | None) -> Any:
+    """Each instance's `count` highest values as "score:index[:label]", as Triton writes
+    them (the score with six decimals), over the output's last dimension."""
+    if array.ndim != 2:
+        shape = list(array.shape[1:])
+        raise BadRequest(f"class_count needs an output of one dimension per instance, not {shape}")
+    count = min(count, array.shape[1])
+    # A stable sort of the negated scores: ties keep the lower index first.
+    top = np.argsort(-array.astype(np.float64), axis=1, kind="stable")[:, :count]
+    strings = np.empty(top.shape, dtype=object)
+    for row, indices in enumerate(top):
+        for column, index in enumerate(indices):
+            text = f"{float(array[row, index]):f}:{index}"
+            strings[row, column] = f"{text}:{labels[index]}" if labels else text
+    return strings
+
+
+def _bytes_elements(strings: Any) -> bytes:
+    """BYTES elements in the binary extension's layout: each a 4-byte little-endian length,
+    then its UTF-8 bytes."""
+    parts = []
+    for text in strings.ravel():
+        encoded = str(text).encode()
+        parts += [len(encoded).to_bytes(4, "little"), encoded]
+    return b"".join(parts)
 
 
 def _parameters(owner: dict[str, Any], where: str) -> dict[str, Any]:
@@ -266,16 +318,18 @@ def _to_bytes(array: np.ndarray[Any, Any], spec: TensorSpec) -> bytes:
     return np.ascontiguousarray(array, dtype=_DATATYPES[datatype(spec)]).tobytes()
 
 
-def _wants_binary(request: dict[str, Any], spec: ModelSpec) -> bool:
-    """Binary output: an output's own `binary_data` decides, as the binary tensor extension
-    says; otherwise the request's `binary_data_output`."""
+def _output_choices(request: dict[str, Any], spec: ModelSpec) -> tuple[bool, int | None]:
+    """Binary output, and the classification's class count, from the requested outputs.
+
+    An output's own `binary_data` decides, as the binary tensor extension says; otherwise the
+    request's `binary_data_output`."""
     default = _parameters(request, "the request").get("binary_data_output") is True
     outputs = request.get("outputs")
     if outputs is None:
-        return default
+        return default, None
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise BadRequest("'outputs' must be a list of objects")
-    binary = default
+    binary, class_count = default, None
     for wanted in outputs:
         if wanted.get("name") != spec.output.name:
             raise BadRequest(
@@ -284,7 +338,16 @@ def _wants_binary(request: dict[str, Any], spec: ModelSpec) -> bool:
         own = _supported(wanted, _OUTPUT_PARAMETERS, f"output {spec.output.name!r}")
         if "binary_data" in own:
             binary = own["binary_data"] is True
-    return binary
+        for name in ("classification", "class_count"):
+            if name not in own:
+                continue
+            class_count = own[name]
+            if isinstance(class_count, bool) or not isinstance(class_count, int) or class_count < 1:
+                raise BadRequest(
+                    f"output {spec.output.name!r}: {name} (class_count) must be a positive "
+                    f"integer, not {class_count!r}"
+                )
+    return binary, class_count
 
 
 def model_config(

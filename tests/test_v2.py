@@ -224,6 +224,13 @@ def test_the_triton_client_round_trips_json_and_binary(demo_model: Path) -> None
                 wanted = triton.InferRequestedOutput("logits", binary_data=binary)
                 result = client.infer("digits", [tensor], outputs=[wanted])
                 np.testing.assert_allclose(softmax(result.as_numpy("logits")), expected, atol=1e-6)
+                top = triton.InferRequestedOutput("logits", binary_data=binary, class_count=3)
+                classes = client.infer("digits", [tensor], outputs=[top]).as_numpy("logits")
+                assert classes.shape == (6, 3)
+                for row, probabilities in zip(classes, expected, strict=True):
+                    first = row[0].decode() if isinstance(row[0], bytes) else row[0]
+                    _, index, label = first.split(":")
+                    assert int(index) == int(np.argmax(probabilities)) and label == index
             stats = client.get_inference_statistics("digits")["model_stats"][0]
             assert stats["inference_count"] >= 12  # 6 rows, JSON and binary
         finally:
@@ -339,6 +346,7 @@ async def test_server_metadata_lists_exactly_the_extensions_served(
     server = (await client.get("/v2")).json()
     assert server["extensions"] == [
         "binary_tensor_data",
+        "classification",
         "model_configuration",
         "parameters",
         "statistics",
@@ -365,7 +373,7 @@ async def test_the_response_id_is_the_clients_or_the_requests_own(
         ("request", {"sequence_id": 4}),
         ("request", {"priority": 1}),
         ("request", {"sequence_start": True}),
-        ("output", {"class_count": 3}),
+        ("output", {"shared_memory_region": "r1"}),
         ("input", {"shared_memory_region": "r0"}),
     ],
 )
@@ -441,3 +449,46 @@ async def test_statistics_count_what_metrics_count(client: httpx.AsyncClient) ->
     assert [s["name"] for s in every] == ["digits"]
     assert (await client.get("/v2/models/digits/versions/1/stats")).status_code == 200
     assert (await client.get("/v2/models/nope/stats")).status_code == 404
+
+
+async def test_class_count_gives_the_top_classes_as_triton_s_strings(
+    client: httpx.AsyncClient, demo_model: Path
+) -> None:
+    batch = images(4)
+    logits = torch.export.load(str(demo_model)).module()(torch.from_numpy(batch)).detach().numpy()
+    wanted = [{"name": "logits", "parameters": {"class_count": 3}}]
+    body = infer_body(batch) | {"outputs": wanted}
+    (output,) = (await client.post("/v2/models/digits/infer", json=body)).json()["outputs"]
+    assert output["datatype"] == "BYTES" and output["shape"] == [4, 3]
+    rows = np.array(output["data"]).reshape(4, 3)
+    for strings, scores in zip(rows, logits, strict=True):
+        order = np.argsort(-scores, kind="stable")[:3]
+        assert [int(s.split(":")[1]) for s in strings] == order.tolist()
+        for text, index in zip(strings, order, strict=True):
+            score, _, label = text.split(":")
+            assert float(score) == pytest.approx(float(scores[index]), abs=1e-6)
+            assert label == str(index)  # the digits' labels are "0" to "9"
+    # The same strings in the binary extension's layout: a 4-byte length before each.
+    wanted[0]["parameters"]["binary_data"] = True
+    binary = await client.post(
+        "/v2/models/digits/infer", json=infer_body(batch) | {"outputs": wanted}
+    )
+    length = int(binary.headers["inference-header-content-length"])
+    raw, found = binary.content[length:], []
+    while raw:
+        size = int.from_bytes(raw[:4], "little")
+        found.append(raw[4 : 4 + size].decode())
+        raw = raw[4 + size :]
+    assert found == rows.ravel().tolist()
+    # More classes than the model has: all of them.
+    wanted = [{"name": "logits", "parameters": {"class_count": 50}}]
+    every = await client.post(
+        "/v2/models/digits/infer", json=infer_body(batch) | {"outputs": wanted}
+    )
+    assert every.json()["outputs"][0]["shape"] == [4, 10]
+    for bad in (0, -1, "3", 2.5, True):
+        wanted = [{"name": "logits", "parameters": {"class_count": bad}}]
+        refused = await client.post(
+            "/v2/models/digits/infer", json=infer_body(batch) | {"outputs": wanted}
+        )
+        assert refused.status_code == 400 and "class_count" in refused.json()["error"]
