@@ -350,6 +350,18 @@ class Settings(BaseSettings):
         description="By default the server exits with status 1 once every model has failed "
         "to load; true keeps it up, not ready, with the reasons on /health/ready.",
     )
+    repository_api: bool = Field(
+        default=False,
+        description="The Open Inference Protocol's repository API (/v2/repository/...): list "
+        "the configured models, load (or reload) and unload them while serving. Off by "
+        "default, as Triton's model control is; it needs an API key when api_keys is set.",
+    )
+    repository_dir: Path | None = Field(
+        default=None,
+        description="With repository_api, a folder whose <name>.pt2 files (spec beside them, "
+        "or inferred) may be loaded by name without being configured. Names only: no path "
+        "from a request is ever opened.",
+    )
     default_model: str | None = Field(
         default=None, description="The model /predict serves. Default: the first one."
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import os
 import platform
 from collections.abc import Callable
@@ -395,3 +396,22 @@ def _total_ram() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def release_memory() -> None:
+    """After a model is unloaded: collect what it left in reference cycles, and hand the
+    blocks torch's CUDA allocator keeps cached back to the device.
+
+    gc.freeze() (freeze_gc) exempts what was alive at load from collection, the unloaded
+    model's objects included; they are unfrozen for this collection and the survivors
+    frozen again.
+    """
+    import torch
+
+    frozen = gc.get_freeze_count() > 0
+    gc.unfreeze()
+    gc.collect()
+    if frozen:
+        gc.freeze()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

@@ -57,6 +57,12 @@ class UnsupportedMediaType(GpuserveError):
     status_code = 415
 
 
+class Conflict(GpuserveError):
+    """The model is already being loaded or unloaded: one change at a time."""
+
+    status_code = 409
+
+
 class NotReady(GpuserveError):
     """The model is loading, failed to load, or the server is shutting down."""
 

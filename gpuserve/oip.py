@@ -80,6 +80,8 @@ EXTENSIONS = (
     "parameters",
     "statistics",
 )
+# Listed too when the repository API is on.
+REPOSITORY_EXTENSION = "model_repository"
 # The parameters it acts on, at each level; any other is refused, never silently ignored.
 _REQUEST_PARAMETERS = frozenset({"binary_data_output", "timeout"})
 _INPUT_PARAMETERS = frozenset({"binary_data_size"})

@@ -172,6 +172,16 @@ class ModelService:
         assert self._preprocess is not None
         return _run_hook(self._preprocess, instances, "preprocessing failed")
 
+    def publish_ready(self) -> None:
+        """Set this model's readiness gauge from its state (after a replaced copy's stop)."""
+        self._metrics.ready.labels(self.name).set(1 if self.state == "ready" else 0)
+
+    def release(self) -> None:
+        """Drop the model and its batcher, once stopped, so their memory can be freed."""
+        self.model = None
+        self.batcher = None
+        self._preprocess = self._postprocess = None
+
     def begin_shutdown(self) -> None:
         """Refuse new requests and report not ready, while accepted requests finish."""
         self._state = "stopping"

@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from gpuserve import __version__
-from gpuserve.app import routes, v1, v2
+from gpuserve.app import repository, routes, v1, v2
 from gpuserve.app.context import RequestContext
 from gpuserve.app.lane import GpuserveAPI, InferenceLane
 from gpuserve.app.responses import (
@@ -98,6 +98,8 @@ def create_app(
     app.include_router(routes.router)
     app.include_router(v2.router)
     app.include_router(v1.router)
+    if settings.repository_api:
+        app.include_router(repository.router)
     _add_docs(app)
     app.add_exception_handler(GpuserveError, on_gpuserve_error)
     app.add_exception_handler(HTTPException, on_http_error)
@@ -185,8 +187,9 @@ def _openapi(app: FastAPI, default: Callable[[], dict[str, Any]]) -> dict[str, A
         return app.openapi_schema
     document = default()
     _drop_unreachable_validation_errors(document)
-    service = app.state.models.default
-    if service.model is None:
+    models: ModelRegistry = app.state.models
+    service = models.find(models.default_name)
+    if service is None or service.model is None:
         app.openapi_schema = None
         return document
     _name_models(document, [s.name for s in app.state.models])

@@ -112,7 +112,7 @@ async def list_models(request: Request) -> Response:
     """Every served model with its state; the first is the default."""
     models = _models(request)
     return json_response(
-        {"default": models.default.name, "models": [_describe_model(s) for s in models]}
+        {"default": models.default_name, "models": [_describe_model(s) for s in models]}
     )
 
 

@@ -69,11 +69,13 @@ def _check_version(name: str, version: str) -> None:
 
 
 @router.get("")
-async def server_metadata() -> Response:
+async def server_metadata(request: Request) -> Response:
     """The server's name, version and protocol extensions."""
-    return json_response(
-        {"name": "gpuserve", "version": __version__, "extensions": list(oip.EXTENSIONS)}
-    )
+    settings: Settings = request.app.state.settings
+    extensions = list(oip.EXTENSIONS)
+    if settings.repository_api:
+        extensions.append(oip.REPOSITORY_EXTENSION)
+    return json_response({"name": "gpuserve", "version": __version__, "extensions": extensions})
 
 
 @router.get("/health/live")
