@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import shutil
 import weakref
 from collections.abc import AsyncIterator
@@ -176,3 +177,66 @@ def test_tritonclient_lists_unloads_and_loads(folder: Path) -> None:
         finally:
             client.close()
         assert server.stop() == 0
+
+
+class Wide(torch.nn.Module):
+    """32 MiB of weights: a leak of one copy per cycle would show in the process's RSS."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2048, 4096)
+        self.head = torch.nn.Linear(4096, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(x))
+
+
+def rss_bytes() -> int:
+    import os
+
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def test_unload_and_load_cycles_under_traffic_fail_nothing_and_leak_nothing(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(0)
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(
+        Wide().eval(), (torch.randn(2, 2048),), dynamic_shapes=({0: batch},)
+    )
+    torch.export.save(program, str(tmp_path / "wide.pt2"))
+    export(tmp_path / "small.pt2", 0)
+    models = [
+        ModelSettings(name="small", path=tmp_path / "small.pt2", tune_batch_size=False),
+        ModelSettings(name="wide", path=tmp_path / "wide.pt2", tune_batch_size=False),
+    ]
+    app = create_app(Settings(device="cpu", models=models, repository_api=True))
+    async with serving(app) as client:
+        statuses: list[int] = []
+        cycling = True
+
+        async def traffic() -> None:  # the model that stays, asked all along
+            while cycling:
+                response = await client.post("/models/small/predict", json=ROW)
+                statuses.append(response.status_code)
+
+        clients = [asyncio.ensure_future(traffic()) for _ in range(4)]
+        try:
+            # One cycle first: allocators keep what they were given once, leak or not.
+            for url in ("/v2/repository/models/wide/unload", "/v2/repository/models/wide/load"):
+                assert (await client.post(url)).status_code == 200
+            start = rss_bytes()
+            for _ in range(5):
+                assert (await client.post("/v2/repository/models/wide/unload")).status_code == 200
+                assert (await client.post("/v2/repository/models/wide/load")).status_code == 200
+            grown = rss_bytes() - start
+        finally:
+            cycling = False
+            await asyncio.gather(*clients)
+        assert set(statuses) == {200} and len(statuses) > 4
+        answer = await client.post("/models/wide/predict", json={"inputs": [0.0] * 2048})
+        assert answer.status_code == 200
+    gc.unfreeze()  # freeze_gc froze this test process's heap, as it does a server's
+    # Five leaked copies would be 160 MiB and more.
+    assert grown < 48 * 2**20, f"RSS grew {grown / 2**20:.0f} MiB over 5 unload/load cycles"
