@@ -18,6 +18,7 @@ import orjson
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from gpuserve.app.context import new_request_id
+from gpuserve.app.responses import HangUp
 
 logger = logging.getLogger("gpuserve.connections")
 
@@ -84,9 +85,19 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[asyn
             elif self._header_timer is None:
                 self._arm()  # part of the next request's headers, on a kept-alive connection
 
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            # Each request's own: the app registers what to do if its client goes.
+            self.scope["extensions"] = {HangUp.KEY: HangUp()}
+
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            cycle = self.cycle
             super().connection_lost(exc)
+            if cycle is not None and cycle.disconnected:
+                hangup = cycle.scope.get("extensions", {}).get(HangUp.KEY)
+                if hangup is not None:
+                    hangup.hung_up()
 
         def _disarm(self) -> None:
             if self._header_timer is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import zlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -178,33 +178,69 @@ def deadline_s(request: Request, default_s: float) -> float:
     return min(asked_s, default_s)
 
 
+class HangUp:
+    """Told by gpuserve's HTTP protocol (`connections.py`) when the client of the request in
+    progress hangs up: a scope extension, so that a request need not keep a task of its own
+    waiting on `receive()` to learn it."""
+
+    KEY = "gpuserve.hangup"
+    __slots__ = ("callbacks", "gone")
+
+    def __init__(self) -> None:
+        self.gone = False
+        self.callbacks: list[Callable[[], None]] = []
+
+    def hung_up(self) -> None:
+        self.gone = True
+        callbacks, self.callbacks = self.callbacks, []
+        for callback in callbacks:
+            callback()
+
+
 async def unless_disconnected(request: Request, work: Awaitable[list[Any]]) -> list[Any]:
     """Await `work`, but cancel it if the client hangs up first.
 
     Cancelling drops the request's instances from the queue, so no forward pass is spent on an
-    answer nobody will read. Starlette does not do this on its own for plain responses. A done
-    callback, rather than asyncio.wait, keeps this to one extra task per request.
+    answer nobody will read. Starlette does not do this on its own for plain responses. Under
+    gpuserve's own HTTP protocol the protocol says so (`HangUp`); elsewhere (another server,
+    tests in-process) one watcher task per request waits for the disconnect message.
     """
     me = asyncio.current_task()
     assert me is not None
     finished = False
+    hangup: HangUp | None = request.scope.get("extensions", {}).get(HangUp.KEY)
+    watcher: asyncio.Future[None] | None = None
 
-    def hung_up(watcher: asyncio.Future[None]) -> None:
-        if not finished and not watcher.cancelled():
+    def cancel_me() -> None:
+        if not finished:
             me.cancel()
 
-    watcher = asyncio.ensure_future(_disconnect(request.receive))
-    watcher.add_done_callback(hung_up)
+    if hangup is not None:
+        if hangup.gone:
+            raise ClientDisconnected("the client disconnected before its result was ready")
+        hangup.callbacks.append(cancel_me)
+    else:
+
+        def watched(done: asyncio.Future[None]) -> None:
+            if not done.cancelled():
+                cancel_me()
+
+        watcher = asyncio.ensure_future(_disconnect(request.receive))
+        watcher.add_done_callback(watched)
     try:
         return await work
     except asyncio.CancelledError:
-        if watcher.cancelled() or not watcher.done():
+        hung_up = hangup.gone if hangup is not None else watcher is not None and watcher.done()
+        if not hung_up or (watcher is not None and watcher.cancelled()):
             raise  # cancelled from outside (shutdown), not by the hang-up
         me.uncancel()
         raise ClientDisconnected("the client disconnected before its result was ready") from None
     finally:
         finished = True
-        watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()
+        elif hangup is not None and cancel_me in hangup.callbacks:
+            hangup.callbacks.remove(cancel_me)
 
 
 async def _disconnect(receive: Receive) -> None:
