@@ -211,7 +211,7 @@ async def test_a_bug_in_the_lane_is_one_500_with_one_request_id(
 # (routes.run_predict) and the statistics extension's counters (one call per request).
 _GPUSERVE_CALLS_PER_REQUEST = 60
 _GPUSERVE_CALLS_PER_BATCH = 36  # collect, hand to the worker, settle, count
-_TASKS_PER_REQUEST = 1  # the hang-up watch
+_TASKS_PER_REQUEST = 1  # the hang-up watch, in-process (under gpuserve's HTTP protocol: none)
 _TIMERS_PER_REQUEST = 1  # the request's deadline
 _THREAD_WAKE_UPS_PER_BATCH = 1  # the worker hands a whole batch back at once
 
