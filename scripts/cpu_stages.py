@@ -142,11 +142,17 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--model", choices=sorted(MODELS), default="light")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        help="the server's log level: info turns its access log on (one line per request)",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cpu-stages-"))
     path = export_models(work)[args.model]
     port = 8000 + int(time.time()) % 1000
     command, ready, env = server_command("gpuserve", path, port, args.model == "encoder")
+    env["GPUSERVE_LOG_LEVEL"] = args.log_level
     body = json.dumps({"inputs": MODELS[args.model]["body"]()})
     url = f"http://127.0.0.1:{port}/predict"
     server = start(command, ready, env, ROOT)

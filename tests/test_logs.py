@@ -131,3 +131,22 @@ def test_json_lines_drop_uvicorns_colour_codes() -> None:
     )
     record.color_message = "\x1b[32mStarted\x1b[0m"  # type: ignore[attr-defined]
     assert "color_message" not in json.loads(JsonFormatter().format(record))
+
+
+def test_the_text_line_is_what_the_standard_formatter_writes_for_a_clean_record() -> None:
+    """The direct path gives logging's own layout and time, across seconds too."""
+    standard = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ours = TextFormatter()
+    for created in (1_764_140_632.123, 1_764_140_632.999, 1_764_140_633.004, 1_764_140_700.5):
+        record = logging.makeLogRecord(
+            {
+                "name": "gpuserve.access",
+                "levelname": "INFO",
+                "levelno": 20,
+                "msg": "%s %d",
+                "args": ("POST /predict", 200),
+                "created": created,
+                "msecs": (created - int(created)) * 1000,
+            }
+        )
+        assert ours.format(record) == standard.format(record)
