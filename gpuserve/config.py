@@ -170,6 +170,12 @@ class ModelSettings(BaseModel):
         description="After loading, exempt the objects alive then from garbage collection, "
         "which otherwise stalls the event loop for 100 ms and more under load.",
     )
+    offload_hooks: bool = Field(
+        default=False,
+        description="Run the handler's preprocess and postprocess hooks in a thread pool "
+        "instead of on the event loop: for heavy ones (a tokenizer, image decoding), which "
+        "would otherwise stall every other request. Costs a thread hand-off per request.",
+    )
 
     @property
     def warmup_batch_sizes(self) -> tuple[int, ...]:

@@ -137,7 +137,10 @@ class ModelService:
         if batcher is None or self.state != "ready":
             raise self._not_ready()
         if self._preprocess is not None:
-            instances = self._run_preprocess(instances)
+            if self.settings.offload_hooks:
+                instances = await asyncio.to_thread(self._run_preprocess, instances)
+            else:
+                instances = self._run_preprocess(instances)
         try:
             futures = batcher.submit_many(instances, trace)
         except Overloaded:
@@ -165,6 +168,10 @@ class ModelService:
             # Cancelled futures are skipped when batches form, and leave the queue's count.
             batcher.release(futures)
         if postprocess and self._postprocess is not None:
+            if self.settings.offload_hooks:
+                return await asyncio.to_thread(
+                    _run_hook, self._postprocess, results, "postprocessing failed"
+                )
             return _run_hook(self._postprocess, results, "postprocessing failed")
         return results
 

@@ -272,3 +272,43 @@ async def test_a_users_load_error_is_one_line_and_a_bug_keeps_its_traceback(
     assert len(errors) == 1 and str(raised) in errors[0].getMessage()
     assert (errors[0].exc_info is not None) is traceback_logged
     await service.stop()
+
+
+class Blocking(FakeModel):
+    """Hooks that block their thread until told to go on: a stand-in for heavy hooks."""
+
+    def __init__(self) -> None:
+        super().__init__(FAKE_SPEC)
+        self.go = threading.Event()
+        self.threads: set[str] = set()
+
+    def preprocess(self, instance: np.ndarray) -> np.ndarray:
+        self.threads.add(threading.current_thread().name)
+        assert self.go.wait(timeout=10)
+        return instance
+
+    def postprocess(self, row: object) -> object:
+        self.threads.add(threading.current_thread().name)
+        return {"row": row}
+
+
+async def test_offloaded_hooks_run_off_the_event_loop() -> None:
+    """With offload_hooks, a hook that blocks its thread leaves the event loop running: the
+    coroutine that lets it go on gets to run. (On the loop it would wait forever, so only the
+    offloaded case is run here.)"""
+    model = Blocking()
+    service = make(fake_loader(model), settings=ModelSettings(freeze_gc=False, offload_hooks=True))
+    await service.start()
+    await until_settled(service)
+
+    async def release_later() -> None:
+        await anyio.sleep(0.05)
+        model.go.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            group.start_soon(release_later)
+            (result,) = await service.predict([np.ones(4, np.float32)], timeout_s=10)
+    assert result == {"row": 4.0}  # preprocessed, summed by the model, postprocessed
+    assert threading.main_thread().name not in model.threads and model.threads
+    await service.stop()
