@@ -111,8 +111,7 @@ def spec_from_program(program: Any, name: str, path: Path, max_batch_size: int) 
             f"{path.with_suffix('.json')} (see the README's spec)"
         )
     (input_name, given), (_, made) = inputs[0], outputs[0]
-    if max_batch_size > 1:
-        _require_dynamic_batch(given, path, max_batch_size)
+    _require_dynamic_batch(program, path, max_batch_size)
     return ModelSpec(
         name=name,
         input=_tensor_spec(input_name, given, program, path),
@@ -132,10 +131,14 @@ def _user_tensors(program: Any) -> tuple[list[tuple[str, Any]], list[tuple[str, 
     return inputs, [(str(i), value) for i, value in enumerate(values)]
 
 
-def _require_dynamic_batch(value: Any, path: Path, batch: int) -> None:
-    """ModelLoadError unless the first dimension of `value` was exported as dynamic, with
-    the way to export it so."""
-    shape = getattr(value, "shape", None)
+def _require_dynamic_batch(program: Any, path: Path, batch: int) -> None:
+    """ModelLoadError unless the program's first input has a dynamic first dimension, when
+    batches of up to `batch` instances are to be run (otherwise the warm-up's first batch
+    would fail with torch's guard message), with the way to export it so."""
+    inputs, _ = _user_tensors(program)
+    if batch <= 1 or not inputs:
+        return
+    shape = getattr(inputs[0][1], "shape", None)
     if shape is None or len(shape) == 0 or not isinstance(shape[0], int):
         return
     rest = ", ".join(str(dim) for dim in shape[1:])
@@ -177,11 +180,7 @@ def _from_file(path: Path, device: torch.device, max_batch_size: int = 1) -> tor
     suffix = path.suffix.lower()
     if suffix in _EXPORT_SUFFIXES:
         program = load_program(path)
-        if max_batch_size > 1:
-            # Otherwise the warm-up's first batch would fail with torch's guard message.
-            inputs, _ = _user_tensors(program)
-            for _, value in inputs[:1]:
-                _require_dynamic_batch(value, path, max_batch_size)
+        _require_dynamic_batch(program, path, max_batch_size)
         return _on_device(program, device)
     try:
         if suffix in _TORCHSCRIPT_SUFFIXES:
