@@ -108,14 +108,11 @@ class _Loader:
     def __call__(self, settings: ModelSettings, device: DeviceInfo) -> Handler:
         from gpuserve.loading import build_model
 
-        handler_class = self._handler_class
-        if self._module is None and settings.handler == _IN_MEMORY and handler_class is None:
-            handler_class = Handler
         return build_model(
             settings,
             device,
             module=self._on(device.device) if self._module is not None else None,
-            handler_class=handler_class,
+            handler_class=self._handler_class,
         )
 
     def _on(self, device: str) -> Any:

@@ -137,7 +137,7 @@ def decode_request(
         instances = block_to_arrays(array, spec.input, spec.input.name)
     except InvalidInput as exc:
         raise BadRequest(exc.message) from None
-    binary_output, class_count = _output_choices(request, spec)
+    binary_output, class_count = _output_choices(request, parameters, spec)
     return InferRequest(
         id=request_id,
         instances=instances,
@@ -151,16 +151,19 @@ def _timeout_s(value: Any) -> float | None:
     """The `timeout` parameter (microseconds, as Triton's clients send it), in seconds."""
     if value is None:
         return None
+    return _positive_int(value, "parameter 'timeout'", " of microseconds") / 1e6
+
+
+def _positive_int(value: Any, what: str, unit: str = "") -> int:
+    """`value` if it is a positive JSON integer (not a boolean), else a 400 naming `what`."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise BadRequest(
-            f"parameter 'timeout' must be a positive integer of microseconds, not {value!r}"
-        )
-    return value / 1e6
+        raise BadRequest(f"{what} must be a positive integer{unit}, not {value!r}")
+    return value
 
 
 def _supported(owner: dict[str, Any], allowed: frozenset[str], where: str) -> dict[str, Any]:
     """An object's parameters, refused with a 400 naming any that gpuserve does not act on
-    (sequence_id, priority, class_count, shared memory, ...): silence would mislead."""
+    (sequence_id, priority, shared memory, ...): silence would mislead."""
     parameters = _parameters(owner, where)
     unknown = sorted(set(parameters) - allowed)
     if unknown:
@@ -320,12 +323,14 @@ def _to_bytes(array: np.ndarray[Any, Any], spec: TensorSpec) -> bytes:
     return np.ascontiguousarray(array, dtype=_DATATYPES[datatype(spec)]).tobytes()
 
 
-def _output_choices(request: dict[str, Any], spec: ModelSpec) -> tuple[bool, int | None]:
+def _output_choices(
+    request: dict[str, Any], parameters: dict[str, Any], spec: ModelSpec
+) -> tuple[bool, int | None]:
     """Binary output, and the classification's class count, from the requested outputs.
 
     An output's own `binary_data` decides, as the binary tensor extension says; otherwise the
-    request's `binary_data_output`."""
-    default = _parameters(request, "the request").get("binary_data_output") is True
+    request's `binary_data_output` (among its `parameters`, already checked)."""
+    default = parameters.get("binary_data_output") is True
     outputs = request.get("outputs")
     if outputs is None:
         return default, None
@@ -341,14 +346,9 @@ def _output_choices(request: dict[str, Any], spec: ModelSpec) -> tuple[bool, int
         if "binary_data" in own:
             binary = own["binary_data"] is True
         for name in ("classification", "class_count"):
-            if name not in own:
-                continue
-            class_count = own[name]
-            if isinstance(class_count, bool) or not isinstance(class_count, int) or class_count < 1:
-                raise BadRequest(
-                    f"output {spec.output.name!r}: {name} (class_count) must be a positive "
-                    f"integer, not {class_count!r}"
-                )
+            if name in own:
+                where = f"output {spec.output.name!r}: {name} (class_count)"
+                class_count = _positive_int(own[name], where)
     return binary, class_count
 
 

@@ -130,11 +130,6 @@ class _Counted(io.RawIOBase):
         self._progress.advance(count or 0)
         return int(count or 0)
 
-    def read(self, size: int = -1) -> bytes:
-        data = self._inner.read(size)
-        self._progress.advance(len(data))
-        return data
-
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         return self._inner.seek(offset, whence)
 

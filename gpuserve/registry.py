@@ -73,7 +73,7 @@ class ModelRegistry:
 
     def state_of(self, name: str) -> tuple[str, str | None]:
         """A known model's state and reason, unloaded ones included."""
-        service = self._services.get(name)
+        service = self.find(name)
         if service is None:
             return "unloaded", "unloaded through the repository API"
         return service.state, service.reason
@@ -175,7 +175,7 @@ class ModelRegistry:
     def readiness(self) -> dict[str, Any]:
         """The server's status, and each model's state (with the reason when not ready)."""
         body: dict[str, Any] = {"status": self.status}
-        default = self._services.get(self.default_name)
+        default = self.find(self.default_name)
         if len(self) == 1 and default is not None and default.state != "ready":
             reason = default.readiness().get("reason")
             if reason is not None:

@@ -18,10 +18,6 @@ class _Duration:
     count: int = 0
     ns: int = 0
 
-    def add(self, seconds: float, count: int = 1) -> None:
-        self.count += count
-        self.ns += int(seconds * 1e9)
-
     def to_dict(self) -> dict[str, int]:
         return {"count": self.count, "ns": self.ns}
 
@@ -39,8 +35,8 @@ class ModelStats:
     last_inference_ms: int = 0
     by_batch_size: dict[int, _Duration] = field(default_factory=dict)
 
-    # Both run for every request or batch: the additions are written out, not calls of
-    # _Duration.add (tests/test_lane.py counts the calls a request costs).
+    # Both run for every request or batch: the additions are written out rather than
+    # calls of a helper (tests/test_lane.py counts the calls a request costs).
 
     def request(self, ok: bool, seconds: float) -> None:
         """A request to this model was answered: 2xx counts as success, anything else fails."""

@@ -30,10 +30,9 @@ _STATES = {"ready": "READY", "loading": "LOADING"}
 
 
 def _context(request: Request) -> tuple[ModelRegistry, Settings]:
+    # No check of repository_api here: without it, create_app does not mount these routes.
     models: ModelRegistry = request.app.state.models
     settings: Settings = request.app.state.settings
-    if not settings.repository_api:
-        raise ModelNotFound("the repository API is off on this server (repository_api)")
     return models, settings
 
 

@@ -147,8 +147,12 @@ async def read_body(request: Request, limit: int, *, binary: bool = False) -> by
 
 # zlib's window bits for each Content-Encoding: gzip's header, or zlib's (deflate as HTTP
 # means it); identity is read as it is.
-_DECODERS = {"identity": 0, "gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS}
-_DECODERS["deflate"] = zlib.MAX_WBITS
+_DECODERS = {
+    "identity": 0,
+    "gzip": 16 + zlib.MAX_WBITS,
+    "x-gzip": 16 + zlib.MAX_WBITS,
+    "deflate": zlib.MAX_WBITS,
+}
 
 
 def _decoded(body: bytes, encoding: str, limit: int) -> bytes:
@@ -230,8 +234,12 @@ async def unless_disconnected(request: Request, work: Awaitable[list[Any]]) -> l
     try:
         return await work
     except asyncio.CancelledError:
-        hung_up = hangup.gone if hangup is not None else watcher is not None and watcher.done()
-        if not hung_up or (watcher is not None and watcher.cancelled()):
+        if hangup is not None:
+            hung_up = hangup.gone
+        else:
+            assert watcher is not None
+            hung_up = watcher.done() and not watcher.cancelled()
+        if not hung_up:
             raise  # cancelled from outside (shutdown), not by the hang-up
         me.uncancel()
         raise ClientDisconnected("the client disconnected before its result was ready") from None

@@ -14,6 +14,7 @@ from starlette.responses import Response
 
 from gpuserve import __version__, oip
 from gpuserve.app.responses import (
+    JSON,
     deadline_s,
     json_response,
     read_body,
@@ -172,7 +173,7 @@ async def infer(request: Request, name: str) -> Response:
         spec, rows, response_id, decoded.binary_output, decoded.class_count
     )
     if json_length is None:
-        return Response(content, media_type="application/json")
+        return JSON(content)
     return Response(
         content,
         media_type="application/octet-stream",
