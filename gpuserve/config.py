@@ -437,8 +437,9 @@ def _check_device(value: str) -> str:
     return value
 
 
-# The model settings that name files: in a config file, relative to the file's folder.
+# The settings that name files: in a config file, relative to the file's folder.
 _PATH_KEYS = ("path", "weights", "code_dir", "spec")
+_SERVER_PATH_KEYS = ("repository_dir",)
 
 
 class _TomlFileSource(PydanticBaseSettingsSource):
@@ -454,10 +455,11 @@ class _TomlFileSource(PydanticBaseSettingsSource):
         data = read_config_file(Path(path))
         data.pop("config_file", None)
         folder = Path(path).parent
+        _relative_to(folder, data, _SERVER_PATH_KEYS)
         models = [data.get("model"), *(data.get("models") or [])]
         for model in models:
             if isinstance(model, dict):
-                _relative_to(folder, model)
+                _relative_to(folder, model, _PATH_KEYS)
         return data
 
 
@@ -472,13 +474,13 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ValueError(f"config file {path} is not valid TOML: {exc}") from None
 
 
-def _relative_to(folder: Path, model: dict[str, Any]) -> None:
-    """A config file's relative model paths, made relative to its folder: the file and its
-    models move together, wherever the server is started from."""
-    for key in _PATH_KEYS:
-        value = model.get(key)
+def _relative_to(folder: Path, table: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """A config file's relative paths under `keys`, made relative to its folder: the file
+    and its models move together, wherever the server is started from."""
+    for key in keys:
+        value = table.get(key)
         if isinstance(value, str) and not Path(value).is_absolute():
-            model[key] = os.path.normpath(folder / value)
+            table[key] = os.path.normpath(folder / value)
 
 
 def describe_error(

@@ -262,3 +262,16 @@ def test_an_error_in_a_list_of_models_names_the_entry(config_file: Path) -> None
     assert line.startswith(
         f"  models[0].max_wait_ms (config file {config_file}, key models[0].max_wait_ms): "
     )
+
+
+def test_the_repository_folder_in_a_config_file_is_taken_from_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    config = folder / "gpuserve.toml"
+    config.write_text('repository_api = true\nrepository_dir = "../models"\n')
+    monkeypatch.chdir(tmp_path.parent)
+    assert Settings(config_file=config).repository_dir == tmp_path / "models"
+    monkeypatch.setenv("GPUSERVE_REPOSITORY_DIR", "here")  # the environment: as typed
+    assert Settings(config_file=config).repository_dir == Path("here")
