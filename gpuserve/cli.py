@@ -26,6 +26,8 @@ from gpuserve.errors import DeviceError
 from gpuserve.logs import configure as configure_logging
 
 if TYPE_CHECKING:
+    from gpuserve.app.v2_grpc import GrpcServer
+    from gpuserve.metrics import Metrics
     from gpuserve.registry import ModelRegistry
     from gpuserve.service import Loader
 
@@ -119,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help=_setting("host", "address to listen on"))
     serve.add_argument("--port", type=int, help=_setting("port", "port to listen on"))
+    serve.add_argument(
+        "--grpc-port", dest="grpc_port", type=int, help=_setting("grpc_port", "gRPC port")
+    )
     probe = commands.add_parser(
         "probe",
         parents=[common],
@@ -295,9 +300,9 @@ def run(settings: Settings, loader: Loader | None = None) -> None:
     # `docker stop` expect, rather than 143, or 130 with a KeyboardInterrupt traceback.
     signal.signal(signal.SIGTERM, _drained)
     signal.signal(signal.SIGINT, _drained)
-    server = _DrainingServer(config, app.state.models, settings.shutdown_timeout_s)
+    server = _DrainingServer(config, app.state.models, settings, app.state.metrics)
     server.run()
-    if no_model:
+    if no_model or server.failed:
         sys.exit(1)
 
 
@@ -316,16 +321,53 @@ class _DrainingServer(uvicorn.Server):
     every request still waiting with 503, so the process goes at once, still having
     answered everyone."""
 
-    def __init__(self, config: uvicorn.Config, models: ModelRegistry, drain_s: float) -> None:
+    def __init__(
+        self, config: uvicorn.Config, models: ModelRegistry, settings: Settings, metrics: Metrics
+    ) -> None:
         super().__init__(config)
         self._models = models
-        self._drain_s = drain_s
+        self._settings = settings
+        self._metrics = metrics
+        self._drain_s = settings.shutdown_timeout_s
         self._signals = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._grpc: GrpcServer | None = None
+        self.failed = False  # a listener could not start
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's start, then gRPC's listener on the same loop, once HTTP's is bound."""
+        await super().startup(sockets)
+        settings = self._settings
+        if not self.started or not settings.grpc:
+            return
+        from gpuserve.app.v2_grpc import GrpcServer
+
+        grpc_server = GrpcServer(settings, self._models, self._metrics)
+        try:
+            port = await grpc_server.start(settings.host, settings.grpc_port)
+        except OSError as exc:
+            logger.error("%s (set grpc_port, or grpc = false to serve HTTP only)", exc)
+            self.failed = True
+            self.should_exit = True
+            return
+        self._grpc = grpc_server
+        logger.info("gRPC running on %s:%d", settings.host, port)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """gRPC and HTTP drain side by side: neither takes new calls, and the calls each
+        accepted are answered as the models drain (in uvicorn's shutdown, by the lifespan)."""
+        grpc_stop = None
+        if self._grpc is not None:
+            grpc_stop = asyncio.ensure_future(self._grpc.stop(self._drain_s + _WRITE_MARGIN_S))
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if grpc_stop is not None:
+                await grpc_stop
 
     def stop(self) -> None:
         """Stop as on a signal, from the event loop (every model failed to load)."""

@@ -276,6 +276,14 @@ class Settings(BaseSettings):
     config_file: Path | None = Field(default=None, description="TOML file with these settings.")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    grpc: bool = Field(
+        default=True,
+        description="Serve the Open Inference Protocol over gRPC too, on grpc_port (the host "
+        "is HTTP's).",
+    )
+    grpc_port: int = Field(
+        default=8001, ge=0, le=65535, description="The gRPC port (Triton's default); 0 picks one."
+    )
     device: str = Field(
         default="auto",
         description="auto (the GPU with most free memory, else CPU), all (every visible GPU), "

@@ -41,18 +41,19 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._request_children: dict[tuple[str, int, str], tuple[Any, Any]] = {}
+        self._request_children: dict[tuple[str, int | str, str, str], tuple[Any, Any]] = {}
         self._stats: dict[str, ModelStats] = {}
         self.requests = Counter(
             "gpuserve_requests",
-            "HTTP requests answered, by route, status code and model (empty: no model).",
-            ["route", "code", "model"],
+            "Requests answered, by protocol (http or grpc), route (gRPC: the method), status "
+            "(HTTP's code, gRPC's status name) and model (empty: no model).",
+            ["protocol", "route", "code", "model"],
             registry=self.registry,
         )
         self.request_seconds = Histogram(
             "gpuserve_request_seconds",
-            "Time from request to response, by route and model.",
-            ["route", "model"],
+            "Time from request to response, by protocol, route and model.",
+            ["protocol", "route", "model"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -109,7 +110,7 @@ class Metrics:
         )
         self.in_flight = Gauge(
             "gpuserve_requests_in_flight",
-            "HTTP requests received and not yet answered.",
+            "Requests (HTTP and gRPC) received and not yet answered.",
             registry=self.registry,
         )
         self.ready = Gauge(
@@ -161,15 +162,18 @@ class Metrics:
         """Read the depth when scraped, so nothing polls between scrapes."""
         self.queue_depth.labels(model).set_function(read)
 
-    def observe_request(self, route: str, code: int, seconds: float, model: str = "") -> None:
+    def observe_request(
+        self, route: str, code: int | str, seconds: float, model: str = "", protocol: str = "http"
+    ) -> None:
+        """One answered request: an HTTP status code, or a gRPC status name ("OK", ...)."""
         # The labelled children, found once per (route, code, model): prometheus-client's
         # labels() checks and joins its arguments under a lock on every call.
-        key = (route, code, model)
+        key = (route, code, model, protocol)
         children = self._request_children.get(key)
         if children is None:
             children = (
-                self.requests.labels(route, str(code), model),
-                self.request_seconds.labels(route, model),
+                self.requests.labels(protocol, route, str(code), model),
+                self.request_seconds.labels(protocol, route, model),
             )
             self._request_children[key] = children
         counter, histogram = children
@@ -177,7 +181,8 @@ class Metrics:
         histogram.observe(seconds)
         if model:  # a request that reached a model: the protocol's statistics count it too
             stats = self._stats.get(model) or self.stats(model)
-            stats.request(200 <= code < 300, seconds)
+            succeeded = code == "OK" if isinstance(code, str) else 200 <= code < 300
+            stats.request(succeeded, seconds)
 
     def observe_batch(
         self,

@@ -11,7 +11,7 @@ exactly like the instances of a /predict request.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,6 +120,21 @@ def decode_request(
         raise BadRequest(f"the request is not valid JSON: {exc}") from None
     if not isinstance(request, dict):
         raise BadRequest("the request must be a JSON object")
+
+    def read(tensor: dict[str, Any], spec: TensorSpec) -> np.ndarray[Any, Any]:
+        return _tensor_data(tensor, binary, spec, limit)
+
+    return decode_fields(request, spec, read)
+
+
+# How a protocol reads one input tensor's data: from the tensor's fields (its datatype,
+# shape and parameters, already a dict), checked against the input's spec.
+TensorReader = Callable[[dict[str, Any], TensorSpec], np.ndarray[Any, Any]]
+
+
+def decode_fields(request: dict[str, Any], spec: ModelSpec, read: TensorReader) -> InferRequest:
+    """Check an infer request given as the protocol's fields (JSON's, or gRPC's turned into
+    the same dicts), with `read` giving each input tensor's data."""
     parameters = _supported(request, _REQUEST_PARAMETERS, "the request")
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
@@ -132,11 +147,7 @@ def decode_request(
         raise BadRequest(
             f"unknown input {tensor.get('name')!r}: the model takes {spec.input.name!r}"
         )
-    array = _tensor_data(tensor, binary, spec.input, limit)
-    try:
-        instances = block_to_arrays(array, spec.input, spec.input.name)
-    except InvalidInput as exc:
-        raise BadRequest(exc.message) from None
+    instances = _instances(spec.input, read(tensor, spec.input))
     binary_output, class_count = _output_choices(request, parameters, spec)
     return InferRequest(
         id=request_id,
@@ -173,14 +184,35 @@ def _supported(owner: dict[str, Any], allowed: frozenset[str], where: str) -> di
     return parameters
 
 
-def encode_response(
-    spec: ModelSpec,
-    rows: list[Any],
-    request_id: str | None,
-    binary: bool,
-    class_count: int | None = None,
-) -> tuple[bytes, int | None]:
-    """The response body, and the JSON header's length when binary data follows it.
+@dataclass(frozen=True, slots=True)
+class OutputTensor:
+    """A response's output tensor: the model's rows as one array, or the classification
+    extension's strings (`datatype` BYTES)."""
+
+    name: str
+    datatype: str
+    array: np.ndarray[Any, Any]
+    spec: TensorSpec
+
+    @property
+    def shape(self) -> list[int]:
+        return list(self.array.shape)
+
+    def raw(self) -> bytes:
+        """The tensor's bytes as the binary extension and gRPC's raw contents carry them."""
+        if self.datatype == "BYTES":
+            return _bytes_elements(self.array)
+        return _to_bytes(self.array, self.spec)
+
+    def values(self) -> Any:
+        """The flat values for JSON: numbers as a numpy array, strings as a list."""
+        if self.datatype == "BYTES":
+            return self.array.ravel().tolist()
+        return self.array.ravel()
+
+
+def output_tensor(spec: ModelSpec, rows: list[Any], class_count: int | None = None) -> OutputTensor:
+    """The model's rows for one request as the protocol's output tensor.
 
     With `class_count`, the output is the classification extension's instead: for each
     instance its top classes as BYTES strings "score:index:label", highest first.
@@ -191,22 +223,29 @@ def encode_response(
     except ValueError as exc:
         raise InferenceError("the model's outputs for this request do not form one tensor") from exc
     if class_count is not None:
-        strings = _classes(array, class_count, spec.labels)
-        output: dict[str, Any] = {
-            "name": want.name,
-            "datatype": "BYTES",
-            "shape": list(strings.shape),
-        }
-        raw = _bytes_elements(strings) if binary else b""
-        values: Any = strings.ravel().tolist()
-    else:
-        output = {"name": want.name, "datatype": datatype(want), "shape": list(array.shape)}
-        raw = _to_bytes(array, want) if binary else b""
-        values = array.ravel()
+        return OutputTensor(want.name, "BYTES", _classes(array, class_count, spec.labels), want)
+    return OutputTensor(want.name, datatype(want), array, want)
+
+
+def encode_response(
+    spec: ModelSpec,
+    rows: list[Any],
+    request_id: str | None,
+    binary: bool,
+    class_count: int | None = None,
+) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header's length when binary data follows it."""
+    tensor = output_tensor(spec, rows, class_count)
+    output: dict[str, Any] = {
+        "name": tensor.name,
+        "datatype": tensor.datatype,
+        "shape": tensor.shape,
+    }
+    raw = tensor.raw() if binary else b""
     if binary:
         output["parameters"] = {"binary_data_size": len(raw)}
     else:
-        output["data"] = values
+        output["data"] = tensor.values()
     body: dict[str, Any] = {"model_name": spec.name, "model_version": VERSION, "outputs": [output]}
     if request_id is not None:
         body["id"] = request_id
@@ -275,10 +314,52 @@ def _tensor_data(
     tensor: dict[str, Any], binary: bytes, spec: TensorSpec, limit: int | None
 ) -> np.ndarray[Any, Any]:
     name = spec.name
-    declared = tensor.get("datatype")
+    declared: Any = tensor.get("datatype")
+    shape: Any = tensor.get("shape")
+    count = _check_header(spec, declared, shape, limit)
+    size = _supported(tensor, _INPUT_PARAMETERS, f"input {name!r}").get("binary_data_size")
+    if size is not None:
+        return _from_bytes(binary, size, declared, shape, count, name)
+    if "data" not in tensor:
+        raise BadRequest(f"input {name!r} has neither 'data' nor binary data")
+    return _from_values(tensor["data"], shape, count, name)
+
+
+def input_array(
+    spec: TensorSpec,
+    declared: Any,
+    shape: Any,
+    limit: int | None,
+    *,
+    raw: bytes | None = None,
+    values: Any = None,
+) -> np.ndarray[Any, Any]:
+    """One input tensor as carried outside JSON (gRPC): its datatype and shape, and either
+    its raw little-endian bytes or its values, checked against them."""
+    count = _check_header(spec, declared, shape, limit)
+    if raw is not None:
+        needed = count * np.dtype(_DATATYPES[declared]).itemsize
+        if len(raw) != needed:
+            raise BadRequest(
+                f"input {spec.name!r}: {len(raw)} bytes of raw contents do not fit shape "
+                f"{shape} of {declared} ({needed} bytes)"
+            )
+        return _from_bytes(raw, len(raw), declared, shape, count, spec.name)
+    return _from_values(values, shape, count, spec.name)
+
+
+def _instances(spec: TensorSpec, array: np.ndarray[Any, Any]) -> list[np.ndarray[Any, Any]]:
+    try:
+        return block_to_arrays(array, spec, spec.name)
+    except InvalidInput as exc:
+        raise BadRequest(exc.message) from None
+
+
+def _check_header(spec: TensorSpec, declared: Any, shape: Any, limit: int | None) -> int:
+    """The tensor's element count, once its datatype, shape and instance count pass."""
+    name = spec.name
     if declared != datatype(spec):
         raise BadRequest(f"input {name!r}: datatype must be {datatype(spec)}, not {declared!r}")
-    shape = tensor.get("shape")
     if not isinstance(shape, list) or not all(
         isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape
     ):
@@ -286,14 +367,12 @@ def _tensor_data(
     if limit is not None and shape and shape[0] > limit:
         raise BadRequest(f"{shape[0]} instances given, at most {limit} allowed")
     # Python's integers, not numpy's: a product of large sizes must not wrap around int64.
-    count = math.prod(shape)
-    size = _supported(tensor, _INPUT_PARAMETERS, f"input {name!r}").get("binary_data_size")
-    if size is not None:
-        return _from_bytes(binary, size, declared, shape, count, name)
-    if "data" not in tensor:
-        raise BadRequest(f"input {name!r} has neither 'data' nor binary data")
+    return math.prod(shape)
+
+
+def _from_values(values: Any, shape: list[int], count: int, name: str) -> np.ndarray[Any, Any]:
     try:
-        array = np.asarray(tensor["data"])
+        array = np.asarray(values)
     except (ValueError, OverflowError):
         raise BadRequest(f"input {name!r}: 'data' is ragged or not numeric") from None
     if array.size != count:

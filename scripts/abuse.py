@@ -96,6 +96,7 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "gpuserve", "serve", "--port", str(port), "--device", "cpu"]
+    command += ["--grpc-port", "0"]  # gRPC is not measured here: any free port
     env = {"GPUSERVE_LOG_LEVEL": "warning", "GPUSERVE_ACCESS_LOG": "false"}
     server = start(command, f"{url}/health/ready", env, ROOT)
     body = json.dumps({"inputs": load_digits().data[0].tolist()})

@@ -136,7 +136,7 @@ def raw_limit(path: Path, name: str, seconds: float, rounds: int = 4) -> dict[in
 
 
 def server_command(
-    kind: str, path: Path, port: int, integer: bool
+    kind: str, path: Path, port: int, integer: bool, grpc_port: int = 0
 ) -> tuple[list[str], str, dict[str, str]]:
     flag = ["--integer-inputs"] if integer else []
     base = f"http://127.0.0.1:{port}"
@@ -168,6 +168,7 @@ def server_command(
         "GPUSERVE_MODEL__MAX_QUEUE_SIZE": "100000",
     }
     command = [sys.executable, "-m", "gpuserve", "serve", "--port", str(port), "--device", "cpu"]
+    command += ["--grpc-port", str(grpc_port)]
     return command, f"{base}/health/ready", env
 
 

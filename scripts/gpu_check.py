@@ -619,7 +619,7 @@ def over_http(check: Check) -> Result:
         "GPUSERVE_GPU_METRICS_INTERVAL_S": "0",
     }
     server = subprocess.Popen(
-        [sys.executable, "-m", "gpuserve", "serve", "--port", str(port)],
+        [sys.executable, "-m", "gpuserve", "serve", "--port", str(port), "--grpc-port", "0"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,

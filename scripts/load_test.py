@@ -41,6 +41,7 @@ def main() -> None:
         "GPUSERVE_LOG_LEVEL": "warning",
     }
     command = [sys.executable, "-m", "gpuserve", "serve", "--port", str(port), "--device", "cpu"]
+    command += ["--grpc-port", "0"]  # gRPC is not measured here: any free port
     server = start(command, f"{url}/health/ready", env, ROOT)
     rows = []
     try:

@@ -51,6 +51,7 @@ def rss_mib(pid: int) -> float:
 def start_server(port: int, model: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "GPUSERVE_MODEL__PATH": str(model), "GPUSERVE_LOG_LEVEL": "warning"}
     command = [sys.executable, "-m", "gpuserve", "serve", "--port", str(port), "--device", "cpu"]
+    command += ["--grpc-port", "0"]  # gRPC is not measured here: any free port
     process = subprocess.Popen(command, cwd=ROOT, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -106,6 +106,8 @@ class ServerProcess:
         self.url = ""
         self.log: list[str] = []
         self._bound = threading.Event()
+        self._grpc_url = ""
+        self._grpc_bound = threading.Event()
 
     def __enter__(self) -> ServerProcess:
         command = self.command or [sys.executable, "-m", "gpuserve", "serve", "--port", "0"]
@@ -115,7 +117,13 @@ class ServerProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})},
+            # gRPC on a port the OS picks too, so servers never contend for 8001.
+            env={
+                **os.environ,
+                "PYTHONUNBUFFERED": "1",
+                "GPUSERVE_GRPC_PORT": "0",
+                **(self.env or {}),
+            },
         )
         # A thread drains the output (so the server never blocks on a full pipe) and spots the
         # address uvicorn bound; the wait for it is bounded.
@@ -130,10 +138,21 @@ class ServerProcess:
         assert self.process is not None and self.process.stdout is not None
         for line in self.process.stdout:
             self.log.append(line)
+            grpc = re.search(r"gRPC running on (\S+)", line)
+            if grpc:
+                self._grpc_url = grpc.group(1)
+                self._grpc_bound.set()
             found = re.search(r"Uvicorn running on (http://\S+)", line)
             if found:
                 self.url = found.group(1)
                 self._bound.set()
+
+    @property
+    def grpc_url(self) -> str:
+        """host:port of the gRPC endpoint, which starts listening just after HTTP's."""
+        if not self._grpc_bound.wait(timeout=30):
+            raise RuntimeError("gRPC did not start:\n" + "".join(self.log))
+        return self._grpc_url
 
     def stop(self, timeout: float = 30) -> int:
         assert self.process is not None

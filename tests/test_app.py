@@ -237,9 +237,16 @@ async def test_metrics_count_requests_batches_and_queue(client: httpx.AsyncClien
     await client.post("/predict", json={"inputs": [1, 2, 3, 4]})
     await client.post("/predict", json={"inputs": [1]})
     text = (await client.get("/metrics")).text
-    assert 'gpuserve_requests_total{code="200",model="digits",route="/predict"} 1.0' in text
-    assert 'gpuserve_requests_total{code="422",model="digits",route="/predict"} 1.0' in text
-    assert 'gpuserve_request_seconds_bucket{le="+Inf",model="digits",route="/predict"} 2.0' in text
+    assert (
+        'gpuserve_requests_total{code="200",model="digits",protocol="http",route="/predict"} 1.0'
+        in text
+    )
+    assert (
+        'gpuserve_requests_total{code="422",model="digits",protocol="http",route="/predict"} 1.0'
+        in text
+    )
+    bucket = 'le="+Inf",model="digits",protocol="http",route="/predict"'
+    assert f"gpuserve_request_seconds_bucket{{{bucket}}} 2.0" in text
     # The 422 never reached the batcher.
     assert 'gpuserve_batch_size_count{model="digits"} 1.0' in text
     assert 'gpuserve_queue_depth{model="digits"} 0.0' in text

@@ -62,7 +62,7 @@ def test_final_stage_runs_as_a_non_root_user() -> None:
 
 def test_final_stage_exposes_the_port_and_checks_liveness_in_python() -> None:
     stage = dict(final_stage())
-    assert stage["EXPOSE"] == "8000"
+    assert stage["EXPOSE"] == "8000 8001"  # HTTP and gRPC
     healthcheck = stage["HEALTHCHECK"]
     assert '"python"' in healthcheck and "/health/live" in healthcheck
     # The probe follows the port the server was given, not a fixed 8000.

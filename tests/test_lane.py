@@ -180,9 +180,9 @@ async def test_lane_requests_are_counted_under_their_route(
     await client.post("/models/nope/predict", json={"inputs": [1, 2, 3, 4]})
     await client.post("/v2/models/first/infer", content=V2_JSON)
     text = (await client.get("/metrics")).text
-    v2_route = r'route="/v2/models/\{name\}/infer"'
+    v2_route = r'protocol="http",route="/v2/models/\{name\}/infer"'
     assert re.search(r'gpuserve_requests_total\{code="200",model="first",' + v2_route, text)
-    route = r'route="/models/\{name\}/predict"'
+    route = r'protocol="http",route="/models/\{name\}/predict"'
     assert re.search(r'gpuserve_requests_total\{code="200",model="second",' + route + r"\} 1", text)
     assert re.search(r'gpuserve_requests_total\{code="404",[^}]*' + route, text)
 

@@ -14,7 +14,10 @@ from gpuserve.metrics import Metrics, sample_gpus
 def test_each_instance_has_its_own_registry() -> None:
     first, second = Metrics(), Metrics()
     first.observe_request("/predict", 200, 0.01)
-    assert b'gpuserve_requests_total{code="200",model="",route="/predict"} 1.0' in first.render()
+    assert (
+        b'gpuserve_requests_total{code="200",model="",protocol="http",route="/predict"} 1.0'
+        in first.render()
+    )
     assert b"gpuserve_requests_total{" not in second.render()
 
 

@@ -64,7 +64,7 @@ async def test_one_model_failing_to_load_leaves_the_others_serving() -> None:
         assert 'gpuserve_ready{model="broken"} 0.0' not in metrics  # never became ready
         assert 'gpuserve_batch_size_count{model="triple"} 1.0' in metrics
         assert 'gpuserve_batch_size_count{model="double"} 1.0' in metrics
-        route = 'route="/models/{name}/predict"'
+        route = 'protocol="http",route="/models/{name}/predict"'
         assert f'gpuserve_requests_total{{code="200",model="triple",{route}}} 1.0' in metrics
         assert f'gpuserve_requests_total{{code="503",model="broken",{route}}} 1.0' in metrics
         assert (double.batches, triple.batches) == ([1], [1])

@@ -179,7 +179,10 @@ def test_a_client_that_hangs_up_while_queued_costs_no_forward_pass(slow_model: P
         assert httpx.post(f"{server.url}/predict", content=ONE, timeout=30).status_code == 200
         deadline = time.monotonic() + 10
         while (
-            metric(server.url, 'gpuserve_requests_total{code="499",model="slow",route="/predict"}')
+            metric(
+                server.url,
+                'gpuserve_requests_total{code="499",model="slow",protocol="http",route="/predict"}',
+            )
             < 5
         ):
             assert time.monotonic() < deadline, "the hang-ups were never noticed"

@@ -94,19 +94,24 @@ class RequestContext:
             seconds = time.perf_counter() - started
             self.metrics.observe_request(path, status, seconds, state.get("model", ""))
             if self.access_log and access.isEnabledFor(logging.INFO):
-                _log_request(scope, state, status, seconds)
+                log_request(scope["method"], scope["path"], state, status, seconds)
 
     def _authorised(self, scope: Scope) -> bool:
         if scope["path"] in _OPEN_PATHS:
             return True
-        presented = b""
         for name, value in scope["headers"]:
-            if name == b"authorization" and value[:7].lower() == b"bearer ":
-                presented = value[7:].strip()
-                break
-        # Compare against every key, in constant time, so timing reveals neither key nor match.
-        matches = [hmac.compare_digest(presented, key) for key in self.api_keys]
-        return any(matches)
+            if name == b"authorization":
+                return authorised(value, self.api_keys)
+        return False
+
+
+def authorised(authorization: bytes, keys: list[bytes]) -> bool:
+    """Whether an Authorization value ("Bearer <key>") carries one of `keys`: HTTP's header,
+    and gRPC's `authorization` metadata."""
+    presented = authorization[7:].strip() if authorization[:7].lower() == b"bearer " else b""
+    # Compare against every key, in constant time, so timing reveals neither key nor match.
+    matches = [hmac.compare_digest(presented, key) for key in keys]
+    return any(matches)
 
 
 def _route_label(scope: Scope) -> str:
@@ -126,11 +131,14 @@ def _route_label(scope: Scope) -> str:
     return "unmatched"
 
 
-def _log_request(scope: Scope, state: dict[str, Any], status: int, seconds: float) -> None:
+def log_request(
+    method: str, path: str, state: dict[str, Any], status: int | str, seconds: float
+) -> None:
+    """The access log line of one request, HTTP (status a code) or gRPC (a status name)."""
     fields: dict[str, Any] = {
         "request_id": state["request_id"],
-        "method": scope["method"],
-        "path": scope["path"],
+        "method": method,
+        "path": path,
         "status": status,
         "duration_ms": round(seconds * 1000, 3),
     }
@@ -149,9 +157,9 @@ def _log_request(scope: Scope, state: dict[str, Any], status: int, seconds: floa
             f" forward={fields['forward_ms']:.1f}ms"
         )
     access.info(
-        "%s %s %d %.1fms id=%s%s",
-        scope["method"],
-        scope["path"],
+        "%s %s %s %.1fms id=%s%s",
+        method,
+        path,
         status,
         seconds * 1000,
         state["request_id"],
@@ -163,10 +171,15 @@ def _log_request(scope: Scope, state: dict[str, Any], status: int, seconds: floa
 def _request_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
         if name == b"x-request-id":
-            candidate = value.decode("latin-1")
-            if _REQUEST_ID.match(candidate):
-                return candidate
-            break
+            return request_id_from(value.decode("latin-1"))
+    return new_request_id()
+
+
+def request_id_from(candidate: str | None) -> str:
+    """The id a client sent (X-Request-Id, or gRPC's x-request-id metadata) when it is a
+    plain one that logs can carry; a fresh one otherwise."""
+    if candidate is not None and _REQUEST_ID.match(candidate):
+        return candidate
     return new_request_id()
 
 

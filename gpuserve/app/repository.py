@@ -41,26 +41,14 @@ async def index(request: Request) -> Response:
     """Every model this server knows: configured, or loaded from the repository folder,
     loaded or not, with its state and, when not ready, the reason."""
     models, _ = _context(request)
-    entries = []
-    for name in models.configured:
-        state, reason = models.state_of(name)
-        entry = {"name": name, "version": oip.VERSION, "state": _STATES.get(state, "UNAVAILABLE")}
-        if state != "ready" and reason:
-            entry["reason"] = reason
-        entries.append(entry)
-    return json_response(entries)
+    return json_response(index_entries(models))
 
 
 @router.post("/models/{name}/load", responses=_ERRORS)
 async def load(request: Request, name: str) -> Response:
     """Load the model, or reload it (new weights from its configured source) with no
     request failing: the new copy replaces the old once ready."""
-    models, settings = _context(request)
-    model = models.configured.get(name) or _from_repository(settings.repository_dir, name)
-    try:
-        await models.load(model, settings.shutdown_timeout_s)
-    except ModelLoadError as exc:
-        raise BadRequest(f"failed to load {name!r}: {exc.message}") from None
+    await load_model(*_context(request), name)
     return json_response({})
 
 
@@ -70,6 +58,30 @@ async def unload(request: Request, name: str) -> Response:
     models, settings = _context(request)
     await models.unload(name, settings.shutdown_timeout_s)
     return json_response({})
+
+
+# The operations themselves, which gRPC's repository calls share.
+
+
+def index_entries(models: ModelRegistry) -> list[dict[str, Any]]:
+    """The repository index: each known model's name, version, state and reason."""
+    entries = []
+    for name in models.configured:
+        state, reason = models.state_of(name)
+        entry = {"name": name, "version": oip.VERSION, "state": _STATES.get(state, "UNAVAILABLE")}
+        if state != "ready" and reason:
+            entry["reason"] = reason
+        entries.append(entry)
+    return entries
+
+
+async def load_model(models: ModelRegistry, settings: Settings, name: str) -> None:
+    """Load or reload a model by name: a configured one, or one in the repository folder."""
+    model = models.configured.get(name) or _from_repository(settings.repository_dir, name)
+    try:
+        await models.load(model, settings.shutdown_timeout_s)
+    except ModelLoadError as exc:
+        raise BadRequest(f"failed to load {name!r}: {exc.message}") from None
 
 
 def _from_repository(folder: Path | None, name: str) -> ModelSettings:

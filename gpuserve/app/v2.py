@@ -56,7 +56,7 @@ _INFER_BODY = {
     }
 }
 # Platform names are free text in the protocol; clients only display them.
-_PLATFORM = "pytorch"
+PLATFORM = "pytorch"
 
 
 def _service(request: Request, name: str) -> ModelService:
@@ -117,25 +117,28 @@ def _statistics(request: Request, name: str) -> dict[str, Any]:
 @router.get("/models/{name}", responses=_METADATA_ERRORS)
 async def model_metadata(request: Request, name: str) -> Response:
     """Name, versions, platform, and the input and output tensors (batch dimension -1)."""
-    return json_response(oip.metadata(_service(request, name).spec, _PLATFORM))
+    return json_response(oip.metadata(_service(request, name).spec, PLATFORM))
 
 
 @router.get("/models/{name}/config", responses=_METADATA_ERRORS)
 async def model_config(request: Request, name: str) -> Response:
     """The model's configuration in Triton's form: tensors, batching, copies on devices."""
-    service = _service(request, name)
+    return json_response(model_config_of(_service(request, name)))
+
+
+def model_config_of(service: ModelService) -> dict[str, Any]:
+    """A served model's configuration in Triton's form (HTTP's and gRPC's)."""
     settings = service.settings
     copies = [
         (device.kind, device.index, settings.instances_per_device) for device in service.devices
     ]
-    body = oip.model_config(
+    return oip.model_config(
         service.spec,
         max_batch_size=settings.max_batch_size,
         preferred_batch_size=service.max_batch_size,
         max_wait_ms=settings.max_wait_ms,
         copies=copies,
     )
-    return json_response(body)
 
 
 @router.get("/models/{name}/ready", responses={**_READY_ERRORS, **_NOT_READY})
