@@ -84,7 +84,7 @@ EXTENSIONS = (
 REPOSITORY_EXTENSION = "model_repository"
 # The parameters it acts on, at each level; any other is refused, never silently ignored.
 _REQUEST_PARAMETERS = frozenset({"binary_data_output", "timeout"})
-_INPUT_PARAMETERS = frozenset({"binary_data_size"})
+INPUT_PARAMETERS = frozenset({"binary_data_size"})
 # "classification" is the classification extension's own name for the count, the one
 # tritonclient sends for its `class_count`; "class_count" is accepted too.
 _OUTPUT_PARAMETERS = frozenset({"binary_data", "classification", "class_count"})
@@ -135,7 +135,7 @@ TensorReader = Callable[[dict[str, Any], TensorSpec], np.ndarray[Any, Any]]
 def decode_fields(request: dict[str, Any], spec: ModelSpec, read: TensorReader) -> InferRequest:
     """Check an infer request given as the protocol's fields (JSON's, or gRPC's turned into
     the same dicts), with `read` giving each input tensor's data."""
-    parameters = _supported(request, _REQUEST_PARAMETERS, "the request")
+    parameters = supported(request, _REQUEST_PARAMETERS, "the request")
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest(f"'id' must be a string, not {_json_type(request_id)}")
@@ -172,7 +172,7 @@ def _positive_int(value: Any, what: str, unit: str = "") -> int:
     return value
 
 
-def _supported(owner: dict[str, Any], allowed: frozenset[str], where: str) -> dict[str, Any]:
+def supported(owner: dict[str, Any], allowed: frozenset[str], where: str) -> dict[str, Any]:
     """An object's parameters, refused with a 400 naming any that gpuserve does not act on
     (sequence_id, priority, shared memory, ...): silence would mislead."""
     parameters = _parameters(owner, where)
@@ -317,7 +317,7 @@ def _tensor_data(
     declared: Any = tensor.get("datatype")
     shape: Any = tensor.get("shape")
     count = _check_header(spec, declared, shape, limit)
-    size = _supported(tensor, _INPUT_PARAMETERS, f"input {name!r}").get("binary_data_size")
+    size = supported(tensor, INPUT_PARAMETERS, f"input {name!r}").get("binary_data_size")
     if size is not None:
         return _from_bytes(binary, size, declared, shape, count, name)
     if "data" not in tensor:
@@ -421,7 +421,7 @@ def _output_choices(
             raise BadRequest(
                 f"unknown output {wanted.get('name')!r}: the model gives {spec.output.name!r}"
             )
-        own = _supported(wanted, _OUTPUT_PARAMETERS, f"output {spec.output.name!r}")
+        own = supported(wanted, _OUTPUT_PARAMETERS, f"output {spec.output.name!r}")
         if "binary_data" in own:
             binary = own["binary_data"] is True
         for name in ("classification", "class_count"):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import subprocess
@@ -152,6 +153,7 @@ async def test_typed_contents_are_read_like_raw_ones(digits: Both) -> None:
         (lambda t, r: r.raw_input_contents.append(b"\0"), "raw_input_contents has 2 entries"),
         (lambda t, r: r.parameters["priority"].int64_param.__int__(), "'priority'"),
         (lambda t, r: t.parameters["shared_memory_region"].string_param.upper(), "'shared"),
+        (lambda t, r: t.parameters["binary_data_size"].int64_param.__int__(), "not the 512"),
         (lambda t, r: r.parameters["timeout"].CopyFrom(pb.InferParameter(int64_param=-1)), "tim"),
         (lambda t, r: r.outputs.add(name="probabilities"), "unknown output 'probabilities'"),
     ],
@@ -392,3 +394,69 @@ def test_grpc_off_serves_http_only(demo_model: Path) -> None:
         assert httpx.get(f"{server.url}/v2/health/live").status_code == 200
         assert server.stop() == 0
     assert not any("gRPC running" in line for line in server.log)
+
+
+# KServe's own gRPC client. Its copy of the protocol's messages registers the same names as
+# tritonclient's, and protobuf refuses both in one process: it runs in a process of its own.
+
+KSERVE_CLIENT = """
+import asyncio, json, sys
+import grpc, numpy as np
+from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+async def main(url, key, batch):
+    client = InferenceGRPCClient(url, timeout=30)
+    good = (("authorization", "Bearer " + key),)
+    out = {"live": await client.is_server_live(), "ready": await client.is_server_ready()}
+    typed = InferInput("pixels", list(batch.shape), "FP32", data=batch.ravel().tolist())
+    raw = InferInput("pixels", list(batch.shape), "FP32")
+    raw.set_data_from_numpy(batch, binary_data=True)
+    for name, tensor in (("typed", typed), ("raw", raw)):
+        request = InferRequest("digits", [tensor], request_id=name)
+        response = await client.infer(request, headers=good)
+        (output,) = response.outputs
+        out[name] = [response.id, output.name, list(output.shape), output.as_numpy().tolist()]
+    wrong = InferInput("pixels", [1, 63], "FP32", data=[0.0] * 63)
+    for name, request, metadata in (
+        ("no_key", InferRequest("digits", [typed]), ()),
+        ("bad_shape", InferRequest("digits", [wrong]), good),
+        ("unknown", InferRequest("nope", [typed]), good),
+    ):
+        try:
+            await client.infer(request, headers=metadata)
+            out[name] = ["OK", ""]
+        except grpc.aio.AioRpcError as exc:
+            out[name] = [exc.code().name, exc.details()]
+    await client.close()
+    print(json.dumps(out))
+
+batch = np.array(json.loads(sys.argv[3]), dtype=np.float32)
+asyncio.run(main(sys.argv[1], sys.argv[2], batch))
+"""
+
+
+def test_kserve_grpc_client_against_the_server(demo_model: Path) -> None:
+    env = {"GPUSERVE_API_KEYS": KEY}
+    with ServerProcess(str(demo_model), "--device", "cpu", env=env) as server:
+        wait_ready(server.url)
+        batch = images(3)
+        body = {"inputs": [{"name": "pixels", "shape": [3, 64], "datatype": "FP32"}]}
+        body["inputs"][0]["data"] = batch.ravel().tolist()
+        headers = {"authorization": f"Bearer {KEY}"}
+        v2 = httpx.post(f"{server.url}/v2/models/digits/infer", json=body, headers=headers)
+        expected = np.array(v2.json()["outputs"][0]["data"]).reshape(3, 10)
+        command = [sys.executable, "-c", KSERVE_CLIENT, server.grpc_url, KEY]
+        result = subprocess.run(
+            [*command, json.dumps(batch.tolist())], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr
+        out = json.loads(result.stdout)
+        assert out["live"] and out["ready"]
+        for name in ("typed", "raw"):
+            response_id, output, shape, values = out[name]
+            assert (response_id, output, shape) == (name, "logits", [3, 10])
+            np.testing.assert_allclose(values, expected, atol=1e-6)
+        assert out["no_key"][0] == "UNAUTHENTICATED"
+        assert out["bad_shape"][0] == "INVALID_ARGUMENT" and "shape [63]" in out["bad_shape"][1]
+        assert out["unknown"][0] == "NOT_FOUND" and "'nope'" in out["unknown"][1]
+        assert server.stop() == 0

@@ -374,13 +374,21 @@ def _reader(request: Any, limit: int | None) -> oip.TensorReader:
     position = {tensor.name: i for i, tensor in reversed(list(enumerate(request.inputs)))}
 
     def read(fields: dict[str, Any], spec: TensorSpec) -> np.ndarray[Any, Any]:
-        if fields["parameters"]:
-            names = ", ".join(repr(name) for name in sorted(fields["parameters"]))
-            raise BadRequest(f"input {spec.name!r}: parameter {names} is not supported")
+        # KServe's client names the raw entry's size, as over HTTP; anything else is refused.
+        size = oip.supported(fields, oip.INPUT_PARAMETERS, f"input {spec.name!r}").get(
+            "binary_data_size"
+        )
         index = position[fields["name"]]
         declared, shape = fields["datatype"], fields["shape"]
         if raw:
+            if size is not None and size != len(raw[index]):
+                raise BadRequest(
+                    f"input {spec.name!r}: binary_data_size {size!r} is not the "
+                    f"{len(raw[index])} bytes of its raw contents"
+                )
             return oip.input_array(spec, declared, shape, limit, raw=raw[index])
+        if size is not None:
+            raise BadRequest(f"input {spec.name!r}: binary_data_size without raw contents")
         field = _CONTENTS.get(declared)
         contents = request.inputs[index].contents
         if field is None and declared == oip.datatype(spec):
