@@ -105,7 +105,8 @@ class Handler:
         self.device = torch.device(device.device)
         self.module = module
         self.precision = self.settings.precision
-        self._input_dtype = _TORCH_DTYPES[spec.input.dtype]
+        # None for strings: what their preprocess makes (token ids, say) keeps its own dtype.
+        self._input_dtype = _TORCH_DTYPES.get(spec.input.dtype)
         # Pinned host memory lets the copy to the GPU run without blocking the worker thread.
         self._pin = self.device.type == "cuda"
         # Copies to the GPU go on their own stream, to overlap the running forward pass; the
@@ -283,7 +284,7 @@ class Handler:
         first = items[0]
         host = self._host_buffer((len(items), *first.shape), first.dtype)
         np.stack(items, out=host.numpy())  # straight into (pinned) host memory: one copy
-        return self._to_device(host, self._input_dtype)
+        return self._to_device(host, self._input_dtype or host.dtype)
 
     def forward(self, batch: Any) -> Any:
         """Run the model, in the configured precision. A Padded batch passes (values, mask)."""
@@ -386,6 +387,12 @@ class Handler:
         Catches a spec that does not match the model before the server reports ready, and
         runs each batch size the server will use once, so none pays first-call costs later.
         """
+        if self.spec.input.dtype == "string" and type(self).preprocess is Handler.preprocess:
+            raise ModelLoadError(
+                f"the input {self.spec.input.name!r} is text (dtype string): serve it with a "
+                "handler whose preprocess turns each text into a tensor, a tokenizer say "
+                "(examples/text_classifier)"
+            )
         example = self.preprocess(self.spec.input.example())
         try:
             with torch.inference_mode():
@@ -492,7 +499,7 @@ class Handler:
             mask[i][_prefix(own)] = True
             lengths.append(own)
         return Padded(
-            self._to_device(values_host, self._input_dtype),
+            self._to_device(values_host, self._input_dtype or values_host.dtype),
             self._to_device(mask_host, torch.bool),
             lengths,
         )

@@ -49,6 +49,7 @@ _OF_SPEC: dict[str, str] = {
     "int32": "INT32",
     "uint8": "UINT8",
     "bool": "BOOL",
+    "string": "BYTES",
 }
 
 
@@ -322,7 +323,7 @@ def _tensor_data(
         return _from_bytes(binary, size, declared, shape, count, name)
     if "data" not in tensor:
         raise BadRequest(f"input {name!r} has neither 'data' nor binary data")
-    return _from_values(tensor["data"], shape, count, name)
+    return _from_values(tensor["data"], shape, count, name, declared)
 
 
 def input_array(
@@ -337,6 +338,8 @@ def input_array(
     """One input tensor as carried outside JSON (gRPC): its datatype and shape, and either
     its raw little-endian bytes or its values, checked against them."""
     count = _check_header(spec, declared, shape, limit)
+    if raw is not None and declared == "BYTES":
+        return _strings(raw, shape, count, spec.name, f"{len(raw)} bytes of raw contents")
     if raw is not None:
         needed = count * np.dtype(_DATATYPES[declared]).itemsize
         if len(raw) != needed:
@@ -345,7 +348,7 @@ def input_array(
                 f"{shape} of {declared} ({needed} bytes)"
             )
         return _from_bytes(raw, len(raw), declared, shape, count, spec.name)
-    return _from_values(values, shape, count, spec.name)
+    return _from_values(values, shape, count, spec.name, declared)
 
 
 def _instances(spec: TensorSpec, array: np.ndarray[Any, Any]) -> list[np.ndarray[Any, Any]]:
@@ -370,9 +373,12 @@ def _check_header(spec: TensorSpec, declared: Any, shape: Any, limit: int | None
     return math.prod(shape)
 
 
-def _from_values(values: Any, shape: list[int], count: int, name: str) -> np.ndarray[Any, Any]:
+def _from_values(
+    values: Any, shape: list[int], count: int, name: str, declared: str
+) -> np.ndarray[Any, Any]:
     try:
-        array = np.asarray(values)
+        # Strings as Python objects: numpy's own string arrays drop trailing NUL characters.
+        array = np.array(values, dtype=object) if declared == "BYTES" else np.asarray(values)
     except (ValueError, OverflowError):
         raise BadRequest(f"input {name!r}: 'data' is ragged or not numeric") from None
     if array.size != count:
@@ -383,6 +389,13 @@ def _from_values(values: Any, shape: list[int], count: int, name: str) -> np.nda
 def _from_bytes(
     binary: bytes, size: Any, declared: str, shape: list[int], count: int, name: str
 ) -> np.ndarray[Any, Any]:
+    if declared == "BYTES":
+        if not isinstance(size, int) or not 0 <= size <= len(binary):
+            raise BadRequest(
+                f"input {name!r}: binary_data_size {size!r} does not fit in the "
+                f"{len(binary)} bytes sent"
+            )
+        return _strings(binary[:size], shape, count, name, f"{size} bytes of binary data")
     dtype = np.dtype(_DATATYPES[declared])
     if not isinstance(size, int) or size != count * dtype.itemsize or size > len(binary):
         raise BadRequest(
@@ -393,6 +406,32 @@ def _from_bytes(
     if declared == "BF16":  # bfloat16 is the top half of a float32
         array = (array.astype(np.uint32) << 16).view(np.float32)
     return array
+
+
+def _strings(
+    data: bytes, shape: list[int], count: int, name: str, what: str
+) -> np.ndarray[Any, Any]:
+    """BYTES elements in Triton's layout (each a 4-byte little-endian length, then its
+    bytes), exactly `count` of them filling `data`: an object array of bytes."""
+    elements = np.empty(count, dtype=object)
+    view = memoryview(data)
+    offset = 0
+    for index in range(count):
+        if offset + 4 > len(data):
+            break
+        length = int.from_bytes(view[offset : offset + 4], "little")
+        offset += 4
+        if offset + length > len(data):
+            break
+        elements[index] = bytes(view[offset : offset + length])
+        offset += length
+    else:
+        if offset == len(data):
+            return elements.reshape(shape)
+    raise BadRequest(
+        f"input {name!r}: its {what} are not the {count} BYTES elements of shape {shape} "
+        "(each a 4-byte little-endian length, then its bytes)"
+    )
 
 
 def _to_bytes(array: np.ndarray[Any, Any], spec: TensorSpec) -> bytes:
@@ -443,7 +482,9 @@ def model_config(
     read first. `copies` is (kind: cpu or cuda, GPU index, copies on it) per device."""
 
     def tensor(t: TensorSpec) -> dict[str, Any]:
-        return {"name": t.name, "data_type": f"TYPE_{datatype(t)}", "dims": list(t.shape)}
+        # Triton's configuration calls BYTES tensors TYPE_STRING.
+        kind = "STRING" if t.dtype == "string" else datatype(t)
+        return {"name": t.name, "data_type": f"TYPE_{kind}", "dims": list(t.shape)}
 
     return {
         "name": spec.name,

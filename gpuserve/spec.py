@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from gpuserve.errors import InvalidInput, ModelLoadError, describe_validation
 
-DType = Literal["float32", "float64", "float16", "bfloat16", "int64", "int32", "uint8", "bool"]
+DType = Literal[
+    "float32", "float64", "float16", "bfloat16", "int64", "int32", "uint8", "bool", "string"
+]
 # What a classifier's output holds, which decides what /predict does with it (see ModelSpec).
 OutputKind = Literal["logits", "probabilities", "scores"]
 
@@ -42,7 +44,8 @@ _DTYPE_RANGE: dict[str, tuple[float, float]] = {
     "uint8": (0, 255),
 }
 # numpy has no bfloat16: such inputs travel as float32 and the handler casts on the device.
-_NUMPY_DTYPE: dict[str, str] = {"bfloat16": "float32"}
+# Strings are numpy object arrays of Python str (UTF-8 text; the protocols' BYTES).
+_NUMPY_DTYPE: dict[str, str] = {"bfloat16": "float32", "string": "object"}
 
 
 class TensorSpec(BaseModel):
@@ -109,6 +112,8 @@ class TensorSpec(BaseModel):
         )
 
     def describe(self) -> str:
+        if not self.shape:  # one value per instance
+            return self.dtype
         dims = ", ".join("N" if d == -1 else str(d) for d in self.shape)
         return f"{self.dtype}[{dims}]"
 
@@ -117,6 +122,8 @@ class TensorSpec(BaseModel):
         node: dict[str, Any]
         if self.dtype == "bool":
             node = {"type": "boolean"}
+        elif self.dtype == "string":
+            node = {"type": "string"}
         else:
             low, high = _DTYPE_RANGE[self.dtype]
             if self.min is not None:
@@ -142,6 +149,9 @@ class TensorSpec(BaseModel):
         )
         if self.dtype == "bool":
             return rng.random(shape) < 0.5
+        if self.dtype == "string":
+            words = np.array(["alpha", "beta", "gamma", "delta"], dtype=object)
+            return rng.choice(words, shape)
         low, high = _DTYPE_RANGE[self.dtype]
         low = max(low, self.min if self.min is not None else -1.0)
         high = min(high, self.max if self.max is not None else 1.0)
@@ -156,6 +166,8 @@ class TensorSpec(BaseModel):
             d if d != -1 else length if b == -1 else min(length, b)
             for d, b in zip(self.shape, bounds, strict=True)
         )
+        if self.dtype == "string":
+            return np.full(shape, " ".join(["example"] * length), dtype=object)
         fill = 0.0 if self.min is None else self.min
         return np.full(shape, fill, dtype=self.numpy_dtype)
 
@@ -234,7 +246,8 @@ def to_array(value: Any, spec: TensorSpec, field: str) -> np.ndarray[Any, Any]:
     `field` names the place in the request (`inputs`, `instances[3]`) for the error message.
     """
     expected = f"expected {spec.describe()}"
-    if isinstance(value, (str, bytes, dict)) or value is None:
+    text = spec.dtype == "string" and isinstance(value, str)
+    if (isinstance(value, (str, bytes, dict)) and not text) or value is None:
         raise InvalidInput(f"{field}: {expected}, got {_json_type(value)}")
     try:
         # No dtype here: numpy would turn "1" into 1.0 and True into 1.0 if it were given one.
@@ -277,6 +290,8 @@ def _checked(
 ) -> np.ndarray[Any, Any]:
     """Check kind, shape, finiteness and range, then cast to the spec's dtype."""
     expected = f"expected {spec.describe()}"
+    if spec.dtype == "string":
+        return _checked_strings(array, spec, field, batched)
     if array.dtype.kind == "f" and spec.numpy_dtype.kind in "iu" and _integral(array):
         array = array.astype(np.int64)  # JSON does not tell 1.0 from 1
     if array.dtype.kind not in _ACCEPTED_KINDS[spec.dtype]:
@@ -310,6 +325,34 @@ def _checked(
         if array.min() < info.min or array.max() > info.max:
             raise InvalidInput(f"{field}: values do not fit in {spec.dtype}")
     return array.astype(target, copy=False)
+
+
+def _checked_strings(
+    array: np.ndarray[Any, Any], spec: TensorSpec, field: str, batched: bool
+) -> np.ndarray[Any, Any]:
+    """Strings: text, or bytes that are UTF-8 (BYTES tensors), as an object array of str."""
+    expected = f"expected {spec.describe()}"
+    if array.dtype.kind not in "OUS":
+        raise InvalidInput(f"{field}: {expected}, got {_kind_name(array)}")
+    shape = array.shape[1:] if batched else array.shape
+    if not spec.fits(shape):
+        bound = f" (at most {list(spec.max_shape)})" if spec.max_shape else ""
+        raise InvalidInput(f"{field}: {expected}{bound}, got shape {list(shape)}")
+    if array.size == 0:
+        raise InvalidInput(f"{field}: {expected}, got an empty array")
+    if array.dtype.kind == "U":
+        return array.astype(object)
+    texts = np.empty(array.shape, dtype=object)
+    for index, value in np.ndenumerate(array):
+        if isinstance(value, bytes):
+            try:
+                value = value.decode()
+            except UnicodeDecodeError:
+                raise InvalidInput(f"{field}: strings must be UTF-8 text") from None
+        elif not isinstance(value, str):
+            raise InvalidInput(f"{field}: {expected}, got {type(value).__name__} values")
+        texts[index] = value
+    return texts
 
 
 def _integral(array: np.ndarray[Any, Any]) -> bool:

@@ -20,11 +20,13 @@ from typing import Any
 
 import httpx
 
-# The body sits in a level-2 long bracket: JSON of nested arrays contains "]]".
+# The body sits in a level-2 long bracket: JSON of nested arrays contains "]]". A binary body
+# is read from a file instead (%s is the Lua code that sets wrk.body).
 WRK_SCRIPT = """
 wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = [==[%s]==]
+wrk.headers["Content-Type"] = "%s"
+%s
+%s
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -155,18 +157,35 @@ def batch_totals(url: str) -> tuple[float, float]:
     return (float(total.group(1)), float(count.group(1))) if total and count else (0.0, 0.0)
 
 
-def run_wrk(url: str, body: str, concurrency: int, duration: float) -> dict[str, Any]:
-    """wrk with one thread on core 1; returns requests, duration, errors and p50/p99 in ms."""
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(WRK_SCRIPT % body)
-    try:
+def run_wrk(
+    url: str,
+    body: str | bytes,
+    concurrency: int,
+    duration: float,
+    headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """wrk with one thread on core 1; returns requests, duration, errors and p50/p99 in ms.
+
+    A `str` body is sent as JSON; a `bytes` one as application/octet-stream, with `headers`
+    (the binary tensor extension's Inference-Header-Content-Length, say)."""
+    with contextlib.ExitStack() as cleanup:
+        if isinstance(body, bytes):
+            with tempfile.NamedTemporaryFile("wb", suffix=".bin", delete=False) as data:
+                data.write(body)
+            cleanup.callback(os.unlink, data.name)
+            media_type = "application/octet-stream"
+            set_body = f'local f = io.open("{data.name}", "rb")\nwrk.body = f:read("*a")\nf:close()'
+        else:
+            media_type, set_body = "application/json", f"wrk.body = [==[{body}]==]"
+        extra = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in (headers or {}).items())
+        with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+            script.write(WRK_SCRIPT % (media_type, set_body, extra))
+        cleanup.callback(os.unlink, script.name)
         command = ["wrk", "-t1", f"-c{concurrency}", f"-d{int(duration)}s", "--timeout", "10s"]
         command += ["-s", script.name, url]
         out = subprocess.run(
             pinned(command, 1), capture_output=True, text=True, timeout=duration + 60
         ).stdout
-    finally:
-        os.unlink(script.name)
     line = next(line for line in out.splitlines() if line.startswith("RESULT "))
     result: dict[str, Any] = json.loads(line.removeprefix("RESULT "))
     result["req_per_s"] = result["requests"] / result["duration_s"]

@@ -7,6 +7,7 @@ noisy, so compare within a run only, and use --repeats for the spread.
 
     python scripts/bench.py                      # the whole comparison, writes bench-results/
     python scripts/bench.py --quick              # 3 s rows, two concurrencies: a smoke run
+    python scripts/bench.py --protocols          # the demo model over /predict, v2 and gRPC
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -380,7 +382,16 @@ def main() -> None:
         "--servers", nargs="+", default=["naive", "litserve-5ms", "litserve-1ms", "gpuserve"]
     )
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--protocols",
+        action="store_true",
+        help="instead: the demo model at c=32 (or the first --concurrency given) over /predict "
+        "JSON, v2 HTTP JSON, v2 HTTP binary and gRPC raw contents",
+    )
     args = parser.parse_args()
+    if args.protocols:
+        protocols(args)
+        return
     if args.quick:
         args.seconds, args.concurrency = 3.0, [1, 32]
     started = time.monotonic()
@@ -410,6 +421,22 @@ def main() -> None:
         f"\nwrote {args.out}/report.md, results.json, bench.png "
         f"in {time.monotonic() - started:.0f} s"
     )
+
+
+def protocols(args: argparse.Namespace) -> None:
+    from _protocols import measure_protocols, protocols_report
+
+    model = ROOT / "models" / "digits.pt2"
+    if not model.exists():
+        make = [sys.executable, str(SCRIPTS / "make_demo_model.py"), "--out", str(model.parent)]
+        subprocess.run(make, check=True)
+    concurrency = args.concurrency[0] if args.concurrency != [1, 8, 32, 128] else 32
+    rows = measure_protocols(model, concurrency, args.seconds, args.repeats)
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = protocols_report(rows, concurrency)
+    (args.out / "protocols.json").write_text(json.dumps(rows, indent=1))
+    (args.out / "protocols.md").write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Every example in examples/ is built, served from its own config, and checked against the
-model called directly. `all.toml` serves the four from one server."""
+model called directly. `all.toml` serves the five from one server."""
 
 from __future__ import annotations
 
+import json
 import runpy
 import shutil
 import sys
@@ -18,13 +19,21 @@ import torch
 
 from gpuserve.app import create_app
 from gpuserve.config import Settings
+from gpuserve.handler import softmax
 
-from .conftest import ROOT
+from .conftest import ROOT, ServerProcess
 from .test_app import serving
+from .test_socket import wait_ready
 
 pytestmark = pytest.mark.anyio
 
-EXAMPLES = ("torchscript_image", "export_regressor", "factory_safetensors", "tokens")
+EXAMPLES = (
+    "torchscript_image",
+    "export_regressor",
+    "factory_safetensors",
+    "tokens",
+    "text_classifier",
+)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +70,7 @@ def test_each_example_config_names_its_model(
     monkeypatch.chdir(workdir)
     settings = Settings(config_file=Path(f"examples/{name}/config.toml"))
     (model,) = settings.served_models
-    assert model.key in {"cnn", "regressor", "scorer", "sentiment"}
+    assert model.key in {"cnn", "regressor", "scorer", "sentiment", "text"}
 
 
 async def predict(client: httpx.AsyncClient, model: str, instances: list[Any]) -> list[Any]:
@@ -138,5 +147,138 @@ async def test_token_input_beyond_its_bound_is_a_422(client: httpx.AsyncClient) 
     assert response.status_code == 422
     assert "at most [127]" in response.json()["error"]
     ready = (await client.get("/health/ready")).json()
-    assert set(ready["models"]) == {"cnn", "regressor", "scorer", "sentiment"}
+    assert set(ready["models"]) == {"cnn", "regressor", "scorer", "sentiment", "text"}
     assert ready["status"] == "ready"
+
+
+TEXTS = ["the food was wonderful", "I found the film BORING", "our trip is really lovely", ""]
+
+
+def text_probabilities(workdir: Path, texts: list[str]) -> np.ndarray[Any, Any]:
+    """The text example's tokenizer and model called directly, one text at a time."""
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+
+    folder = workdir / "examples/text_classifier"
+    module = runpy.run_path(str(folder / "text_model.py"))["build"]().eval()
+    module.load_state_dict(load_file(str(folder / "artifacts/text.safetensors")))
+    tokenizer = Tokenizer.from_file(str(folder / "artifacts/tokenizer.json"))
+    rows = []
+    for text in texts:
+        ids = torch.tensor([tokenizer.encode(text).ids or [tokenizer.token_to_id("[UNK]")]])
+        with torch.inference_mode():
+            rows.append(torch.softmax(module(ids, torch.ones_like(ids, dtype=torch.bool)), -1)[0])
+    return torch.stack(rows).numpy()
+
+
+async def test_the_text_classifier_serves_raw_text(
+    client: httpx.AsyncClient, workdir: Path
+) -> None:
+    served = await predict(client, "text", TEXTS)
+    expected = text_probabilities(workdir, TEXTS)
+    np.testing.assert_allclose([out["probabilities"] for out in served], expected, atol=1e-6)
+    assert [out["label"] for out in served[:3]] == ["positive", "negative", "positive"]
+    one = await client.post("/models/text/predict", json={"inputs": "the book was awful"})
+    assert one.json()["outputs"]["label"] == "negative"
+    # The same texts as a BYTES tensor over v2: the model's logits, whose softmax matches.
+    tensor = {"name": "text", "shape": [len(TEXTS)], "datatype": "BYTES", "data": TEXTS}
+    v2 = await client.post("/v2/models/text/infer", json={"inputs": [tensor]})
+    assert v2.status_code == 200, v2.text
+    logits = np.array(v2.json()["outputs"][0]["data"], dtype=np.float32).reshape(-1, 2)
+    np.testing.assert_allclose(softmax(logits), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"inputs": 3}, "expected string, got integers"),
+        ({"inputs": ["a", "b"]}, "got shape [2]"),
+        ({"instances": [["a"]]}, "got shape [1]"),
+    ],
+)
+async def test_text_that_is_not_one_string_is_a_422(
+    client: httpx.AsyncClient, body: dict[str, Any], expected: str
+) -> None:
+    response = await client.post("/models/text/predict", json=body)
+    assert response.status_code == 422 and expected in response.json()["error"]
+
+
+def test_the_text_classifier_over_triton_clients(workdir: Path) -> None:
+    """Raw text through tritonclient over HTTP (JSON and binary BYTES) and gRPC (raw and
+    typed contents): the same numbers as /predict, and clear errors for broken BYTES."""
+    import grpc
+    import tritonclient.grpc as triton_grpc
+    import tritonclient.http as triton_http
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+    texts = np.array([text.encode() for text in TEXTS], dtype=object)
+    expected = text_probabilities(workdir, TEXTS)
+    config = "examples/text_classifier/config.toml"
+    with ServerProcess("--config", config, "--device", "cpu", cwd=workdir) as server:
+        wait_ready(server.url)
+        http = triton_http.InferenceServerClient(server.url.removeprefix("http://"))
+        for binary in (False, True):
+            tensor = triton_http.InferInput("text", [len(TEXTS)], "BYTES")
+            tensor.set_data_from_numpy(texts, binary_data=binary)
+            logits = http.infer("text", [tensor]).as_numpy("logits")
+            np.testing.assert_allclose(softmax(logits), expected, atol=1e-6)
+        client = triton_grpc.InferenceServerClient(server.grpc_url)
+        tensor = triton_grpc.InferInput("text", [len(TEXTS)], "BYTES")
+        tensor.set_data_from_numpy(texts)
+        logits = client.infer("text", [tensor]).as_numpy("logits")
+        np.testing.assert_allclose(softmax(logits), expected, atol=1e-6)
+        classes = client.infer(
+            "text", [tensor], outputs=[triton_grpc.InferRequestedOutput("logits", class_count=1)]
+        ).as_numpy("logits")
+        assert classes[0, 0].decode().endswith(":positive")
+
+        with grpc.insecure_channel(server.grpc_url) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            typed = pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[1])
+            typed.contents.bytes_contents.append(TEXTS[0].encode())
+            answer = stub.ModelInfer(pb.ModelInferRequest(model_name="text", inputs=[typed]))
+            row = np.frombuffer(answer.raw_output_contents[0], dtype="<f4")
+            np.testing.assert_allclose(softmax(row), expected[0], atol=1e-6)
+            for broken, problem in (
+                (b"\x05\x00\x00\x00abc", "not the 1 BYTES elements"),  # a length past the end
+                (b"\x03\x00\x00\x00abcd", "not the 1 BYTES elements"),  # bytes left over
+                (b"\x02\x00\x00\x00\xff\xfe", "UTF-8"),
+            ):
+                raw = pb.ModelInferRequest.InferInputTensor(
+                    name="text", datatype="BYTES", shape=[1]
+                )
+                request = pb.ModelInferRequest(
+                    model_name="text", inputs=[raw], raw_input_contents=[broken]
+                )
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.ModelInfer(request)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert problem in caught.value.details()
+        predicted = httpx.post(f"{server.url}/predict", json={"instances": TEXTS}).json()
+        served = [out["probabilities"] for out in predicted["outputs"]]
+        np.testing.assert_allclose(served, expected, atol=1e-6)
+        assert server.stop() == 0
+
+
+async def test_broken_binary_bytes_are_a_400_naming_the_layout(client: httpx.AsyncClient) -> None:
+    payload = b"\x09\x00\x00\x00short"  # says 9 bytes, holds 5
+    tensor = {"name": "text", "shape": [1], "datatype": "BYTES"}
+    tensor["parameters"] = {"binary_data_size": len(payload)}
+    header = json.dumps({"inputs": [tensor]}).encode()
+    response = await client.post(
+        "/v2/models/text/infer",
+        content=header + payload,
+        headers={"inference-header-content-length": str(len(header))},
+    )
+    assert response.status_code == 400
+    assert "4-byte little-endian length" in response.json()["error"]
+    good = len(b"fine").to_bytes(4, "little") + b"fine"
+    tensor["parameters"] = {"binary_data_size": len(good)}
+    header = json.dumps({"inputs": [tensor]}).encode()
+    response = await client.post(
+        "/v2/models/text/infer",
+        content=header + good,
+        headers={"inference-header-content-length": str(len(header))},
+    )
+    assert response.status_code == 200 and response.json()["outputs"][0]["shape"] == [1, 2]

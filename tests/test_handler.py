@@ -579,3 +579,23 @@ def test_where_torch_compile_has_no_limit_of_its_own_the_process_limit_is_raised
     ]
     assert torch._dynamo.config.recompile_limit >= 2 * 10
     assert all(h.graph_gate is not None and h.graph_gate.graphs == 9 for h in copies)
+
+
+def test_a_text_input_without_a_tokenising_preprocess_fails_to_load_saying_why() -> None:
+    spec = ModelSpec(
+        name="text",
+        input=TensorSpec(name="text", shape=(), dtype="string"),
+        output=TensorSpec(shape=(2,)),
+    )
+    handler = Handler(spec, CPU, module=torch.nn.Linear(4, 2))
+    with pytest.raises(ModelLoadError, match="preprocess turns each text into a tensor"):
+        handler.warm_up()
+
+    class Lengths(Handler):
+        def preprocess(self, instance: Any) -> np.ndarray[Any, Any]:
+            return np.full(4, len(str(instance)), dtype=np.float32)
+
+    tokenising = Lengths(spec, CPU, module=torch.nn.Linear(4, 2))
+    tokenising.warm_up()  # the default collate stacks what preprocess made, in its own dtype
+    rows = tokenising([tokenising.preprocess("ab"), tokenising.preprocess("abcd")])
+    assert len(rows) == 2 and rows[0].shape == (2,)

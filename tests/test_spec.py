@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from gpuserve.errors import InvalidInput, ModelLoadError
-from gpuserve.spec import ModelSpec, TensorSpec, to_array, to_arrays
+from gpuserve.spec import ModelSpec, TensorSpec, block_to_arrays, to_array, to_arrays
 
 PIXELS = TensorSpec(name="pixels", shape=(4,), dtype="float32", min=0, max=16)
 
@@ -200,3 +201,37 @@ def test_an_invalid_spec_file_says_what_is_wrong_in_one_line(tmp_path: Path) -> 
     path.write_text("{not json")
     with pytest.raises(ModelLoadError, match="is not valid JSON"):
         ModelSpec.from_file(path)
+
+
+TEXT = TensorSpec(name="text", shape=(), dtype="string")
+
+
+def test_string_instances_become_str_objects_from_text_or_utf8_bytes() -> None:
+    one = to_array("héllo", TEXT, "inputs")
+    assert one.dtype == object and one.item() == "héllo"
+    from_bytes = block_to_arrays(np.array([b"caf\xc3\xa9", b"a\x00"], dtype=object), TEXT, "t")
+    assert [item for item in from_bytes] == ["café", "a\x00"]  # NUL kept: no numpy strings
+    assert [a.item() for a in to_arrays(["a", "b"], TEXT, "instances")] == ["a", "b"]
+    assert TEXT.json_schema() == {"type": "string"}
+    assert TEXT.describe() == "string"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (3, "inputs: expected string, got integers"),
+        (["a"], "inputs: expected string, got shape [1]"),
+        (None, "got null"),
+        ({"text": "a"}, "got an object"),
+    ],
+)
+def test_string_specs_refuse_what_is_not_one_string(value: Any, message: str) -> None:
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        to_array(value, TEXT, "inputs")
+
+
+def test_bytes_that_are_not_utf8_are_refused() -> None:
+    with pytest.raises(InvalidInput, match="UTF-8"):
+        block_to_arrays(np.array([b"\xff"], dtype=object), TEXT, "text")
+    with pytest.raises(InvalidInput, match="got int values"):
+        block_to_arrays(np.array([b"a", 3], dtype=object), TEXT, "text")

@@ -1,0 +1,136 @@
+"""`bench.py --protocols`: one gpuserve server, the demo model, four ways in.
+
+/predict JSON, v2 HTTP JSON and v2 HTTP binary are driven by wrk; gRPC with raw contents by
+`_grpc_load.py` (a Python client sending pre-serialized requests). Each load generator runs
+on core 1 and the server on core 0, and the protocols take turns within each repeat, so the
+figures compare. Server CPU per request (the process's own CPU seconds over requests
+answered) is the figure that does not depend on how fast the client is.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _loadgen import free_port, pinned, run_wrk, start, stop, tree_cpu_seconds
+from sklearn.datasets import load_digits
+from tritonclient.grpc import service_pb2 as pb
+
+SCRIPTS = Path(__file__).resolve().parent
+ROOT = SCRIPTS.parent
+GRPC_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def bodies() -> dict[str, Any]:
+    """One digit image, as each protocol carries it."""
+    image = load_digits().data[:1].astype(np.float32)
+    tensor = {"name": "pixels", "shape": [1, 64], "datatype": "FP32"}
+    header = json.dumps(
+        {
+            "inputs": [{**tensor, "parameters": {"binary_data_size": image.nbytes}}],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    grpc_request = pb.ModelInferRequest(
+        model_name="digits",
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(name="pixels", datatype="FP32", shape=[1, 64])
+        ],
+        raw_input_contents=[image.tobytes()],
+    )
+    return {
+        "predict JSON": json.dumps({"inputs": image[0].tolist()}),
+        "v2 HTTP JSON": json.dumps({"inputs": [{**tensor, "data": image.ravel().tolist()}]}),
+        "v2 HTTP binary": (header + image.tobytes(), len(header)),
+        "gRPC raw": grpc_request.SerializeToString(),
+    }
+
+
+def run_grpc(target: str, payload: bytes, concurrency: int, seconds: float) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile("wb", suffix=".pb") as request:
+        request.write(payload)
+        request.flush()
+        command = [sys.executable, str(SCRIPTS / "_grpc_load.py"), target, GRPC_METHOD]
+        command += [request.name, str(concurrency), str(seconds)]
+        out = subprocess.run(
+            pinned(command, 1), capture_output=True, text=True, timeout=seconds + 60
+        ).stdout
+    line = next(line for line in out.splitlines() if line.startswith("RESULT "))
+    result: dict[str, Any] = json.loads(line.removeprefix("RESULT "))
+    result["req_per_s"] = result["requests"] / result["duration_s"]
+    return result
+
+
+def measure_protocols(
+    model: Path, concurrency: int, seconds: float, repeats: int
+) -> list[dict[str, Any]]:
+    """Every protocol, `repeats` times in turn; the median row of each."""
+    port, grpc_port = free_port(), free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "gpuserve", "serve", str(model), "--device", "cpu"]
+    command += ["--port", str(port), "--grpc-port", str(grpc_port)]
+    env = {"GPUSERVE_LOG_LEVEL": "warning", "GPUSERVE_MODEL__MAX_QUEUE_SIZE": "100000"}
+    server = start(command, f"{url}/health/ready", env, ROOT)
+    payloads = bodies()
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in payloads}
+    try:
+
+        def load(name: str, clients: int, duration: float) -> dict[str, Any]:
+            payload = payloads[name]
+            if name == "gRPC raw":
+                return run_grpc(f"127.0.0.1:{grpc_port}", payload, clients, duration)
+            if name == "predict JSON":
+                return run_wrk(f"{url}/predict", payload, clients, duration)
+            target = f"{url}/v2/models/digits/infer"
+            if name == "v2 HTTP JSON":
+                return run_wrk(target, payload, clients, duration)
+            body, length = payload
+            headers = {"Inference-Header-Content-Length": str(length)}
+            return run_wrk(target, body, clients, duration, headers)
+
+        for name in payloads:
+            load(name, 8, 2)  # warm-up, not recorded
+        for _ in range(repeats):
+            for name in payloads:
+                cpu_before = tree_cpu_seconds(server.pid)
+                result = load(name, concurrency, seconds)
+                cpu = tree_cpu_seconds(server.pid) - cpu_before
+                answered = max(1, result["requests"] - result["non_2xx"])
+                result.update(protocol=name, cpu_us_per_request=cpu / answered * 1e6)
+                runs[name].append(result)
+                print(json.dumps(result), flush=True)
+    finally:
+        stop(server)
+    rows = []
+    for results in runs.values():
+        middle = sorted(results, key=lambda r: r["req_per_s"])[len(results) // 2]
+        middle["req_per_s_runs"] = [round(r["req_per_s"]) for r in results]
+        middle["cpu_us_runs"] = [round(r["cpu_us_per_request"]) for r in results]
+        rows.append(middle)
+    return rows
+
+
+def protocols_report(rows: list[dict[str, Any]], concurrency: int) -> str:
+    lines = [
+        f"Demo model, c={concurrency}, server on core 0, client on core 1 (median of repeats)",
+        "",
+        "| protocol | req/s | p50 ms | p99 ms | server CPU µs/request | req/s per repeat "
+        "| errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['protocol']} | {row['req_per_s']:.0f} | {row['p50_ms']:.2f} | "
+            f"{row['p99_ms']:.2f} | {row['cpu_us_per_request']:.0f} | "
+            f"{row['req_per_s_runs']} | {row['errors'] + row['non_2xx']} |"
+        )
+    cpu = {row["protocol"]: row["cpu_us_per_request"] for row in rows}
+    spread = statistics.median(cpu.values())
+    lines.append(f"\nmedian server CPU per request across protocols: {spread:.0f} µs")
+    return "\n".join(lines)
