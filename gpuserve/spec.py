@@ -294,14 +294,7 @@ def _checked(
         return _checked_strings(array, spec, field, batched)
     if array.dtype.kind == "f" and spec.numpy_dtype.kind in "iu" and _integral(array):
         array = array.astype(np.int64)  # JSON does not tell 1.0 from 1
-    if array.dtype.kind not in _ACCEPTED_KINDS[spec.dtype]:
-        raise InvalidInput(f"{field}: {expected}, got {_kind_name(array)}")
-    shape = array.shape[1:] if batched else array.shape
-    if not spec.fits(shape):
-        bound = f" (at most {list(spec.max_shape)})" if spec.max_shape else ""
-        raise InvalidInput(f"{field}: {expected}{bound}, got shape {list(shape)}")
-    if array.size == 0:
-        raise InvalidInput(f"{field}: {expected}, got an empty array")
+    _check_kind_and_shape(array, spec, field, batched, _ACCEPTED_KINDS[spec.dtype])
     # One reduction finds NaN (a NaN largest magnitude), infinity and values too large for
     # the spec's float type, where separate checks cost a numpy call each.
     largest = np.abs(array).max() if array.dtype.kind == "f" else None
@@ -327,12 +320,13 @@ def _checked(
     return array.astype(target, copy=False)
 
 
-def _checked_strings(
-    array: np.ndarray[Any, Any], spec: TensorSpec, field: str, batched: bool
-) -> np.ndarray[Any, Any]:
-    """Strings: text, or bytes that are UTF-8 (BYTES tensors), as an object array of str."""
+def _check_kind_and_shape(
+    array: np.ndarray[Any, Any], spec: TensorSpec, field: str, batched: bool, kinds: str
+) -> None:
+    """InvalidInput unless the array's numpy kind is one of `kinds` and its instances have
+    the spec's shape (within bounds), and are not empty."""
     expected = f"expected {spec.describe()}"
-    if array.dtype.kind not in "OUS":
+    if array.dtype.kind not in kinds:
         raise InvalidInput(f"{field}: {expected}, got {_kind_name(array)}")
     shape = array.shape[1:] if batched else array.shape
     if not spec.fits(shape):
@@ -340,6 +334,14 @@ def _checked_strings(
         raise InvalidInput(f"{field}: {expected}{bound}, got shape {list(shape)}")
     if array.size == 0:
         raise InvalidInput(f"{field}: {expected}, got an empty array")
+
+
+def _checked_strings(
+    array: np.ndarray[Any, Any], spec: TensorSpec, field: str, batched: bool
+) -> np.ndarray[Any, Any]:
+    """Strings: text, or bytes that are UTF-8 (BYTES tensors), as an object array of str."""
+    expected = f"expected {spec.describe()}"
+    _check_kind_and_shape(array, spec, field, batched, "OUS")
     if array.dtype.kind == "U":
         return array.astype(object)
     texts = np.empty(array.shape, dtype=object)

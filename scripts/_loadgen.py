@@ -186,6 +186,11 @@ def run_wrk(
         out = subprocess.run(
             pinned(command, 1), capture_output=True, text=True, timeout=duration + 60
         ).stdout
+    return load_result(out)
+
+
+def load_result(out: str) -> dict[str, Any]:
+    """A load generator's RESULT line (wrk's script, `_grpc_load.py`), with req/s added."""
     line = next(line for line in out.splitlines() if line.startswith("RESULT "))
     result: dict[str, Any] = json.loads(line.removeprefix("RESULT "))
     result["req_per_s"] = result["requests"] / result["duration_s"]

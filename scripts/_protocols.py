@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _loadgen import free_port, pinned, run_wrk, start, stop, tree_cpu_seconds
+from _loadgen import free_port, load_result, pinned, run_wrk, start, stop, tree_cpu_seconds
 from sklearn.datasets import load_digits
 from tritonclient.grpc import service_pb2 as pb
 
@@ -61,10 +61,7 @@ def run_grpc(target: str, payload: bytes, concurrency: int, seconds: float) -> d
         out = subprocess.run(
             pinned(command, 1), capture_output=True, text=True, timeout=seconds + 60
         ).stdout
-    line = next(line for line in out.splitlines() if line.startswith("RESULT "))
-    result: dict[str, Any] = json.loads(line.removeprefix("RESULT "))
-    result["req_per_s"] = result["requests"] / result["duration_s"]
-    return result
+    return load_result(out)
 
 
 def measure_protocols(

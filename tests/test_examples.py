@@ -262,23 +262,15 @@ def test_the_text_classifier_over_triton_clients(workdir: Path) -> None:
 
 
 async def test_broken_binary_bytes_are_a_400_naming_the_layout(client: httpx.AsyncClient) -> None:
-    payload = b"\x09\x00\x00\x00short"  # says 9 bytes, holds 5
-    tensor = {"name": "text", "shape": [1], "datatype": "BYTES"}
-    tensor["parameters"] = {"binary_data_size": len(payload)}
-    header = json.dumps({"inputs": [tensor]}).encode()
-    response = await client.post(
-        "/v2/models/text/infer",
-        content=header + payload,
-        headers={"inference-header-content-length": str(len(header))},
-    )
-    assert response.status_code == 400
-    assert "4-byte little-endian length" in response.json()["error"]
-    good = len(b"fine").to_bytes(4, "little") + b"fine"
-    tensor["parameters"] = {"binary_data_size": len(good)}
-    header = json.dumps({"inputs": [tensor]}).encode()
-    response = await client.post(
-        "/v2/models/text/infer",
-        content=header + good,
-        headers={"inference-header-content-length": str(len(header))},
-    )
-    assert response.status_code == 200 and response.json()["outputs"][0]["shape"] == [1, 2]
+    async def send(payload: bytes) -> httpx.Response:
+        tensor = {"name": "text", "shape": [1], "datatype": "BYTES"}
+        tensor["parameters"] = {"binary_data_size": len(payload)}
+        header = json.dumps({"inputs": [tensor]}).encode()
+        length = {"inference-header-content-length": str(len(header))}
+        return await client.post("/v2/models/text/infer", content=header + payload, headers=length)
+
+    broken = await send(b"\x09\x00\x00\x00short")  # says 9 bytes, holds 5
+    assert broken.status_code == 400
+    assert "4-byte little-endian length" in broken.json()["error"]
+    good = await send(len(b"fine").to_bytes(4, "little") + b"fine")
+    assert good.status_code == 200 and good.json()["outputs"][0]["shape"] == [1, 2]

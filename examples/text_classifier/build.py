@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from text_model import VOCAB  # noqa: E402
+from text_model import VOCAB, pad  # noqa: E402
 from text_model import build as build_module  # noqa: E402
 
 SUBJECTS = ["the film", "this phone", "the service", "our trip", "the food", "the book"]
@@ -53,13 +53,7 @@ def build(out: Path) -> Path:
     sentences = corpus()
     tokenizer = train_tokenizer([text for text, _ in sentences])
     tokenizer.save(str(out / "tokenizer.json"))
-    encoded = [tokenizer.encode(text).ids for text, _ in sentences]
-    longest = max(len(ids) for ids in encoded)
-    ids = torch.zeros((len(encoded), longest), dtype=torch.int64)
-    mask = torch.zeros((len(encoded), longest), dtype=torch.bool)
-    for row, tokens in enumerate(encoded):
-        ids[row, : len(tokens)] = torch.tensor(tokens)
-        mask[row, : len(tokens)] = True
+    ids, mask = pad([tokenizer.encode(text).ids for text, _ in sentences])
     labels = torch.tensor([label for _, label in sentences])
     model = build_module()
     optimiser = torch.optim.Adam(model.parameters(), lr=0.05)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from text_model import MAX_TOKENS
+from text_model import MAX_TOKENS, pad
 from tokenizers import Tokenizer
 
 from gpuserve.handler import Handler, Padded
@@ -33,11 +33,6 @@ class TextHandler(Handler):
         return np.asarray(ids, dtype=np.int64)
 
     def collate(self, items: list[np.ndarray[Any, Any]]) -> Padded:
-        longest = max(len(ids) for ids in items)
-        ids = torch.zeros((len(items), longest), dtype=torch.int64)
-        mask = torch.zeros((len(items), longest), dtype=torch.bool)
-        for row, item in enumerate(items):
-            ids[row, : len(item)] = torch.from_numpy(item)
-            mask[row, : len(item)] = True
+        ids, mask = pad([item.tolist() for item in items])
         lengths = [(len(item),) for item in items]
         return Padded(ids.to(self.device), mask.to(self.device), lengths)

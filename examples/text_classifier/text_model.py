@@ -26,3 +26,15 @@ class TextClassifier(torch.nn.Module):
 
 def build() -> torch.nn.Module:
     return TextClassifier()
+
+
+def pad(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one batch: ids padded with 0 to the longest, and the mask of real
+    tokens (used by training here, and by the handler's collate)."""
+    longest = max(len(ids) for ids in sequences)
+    ids = torch.zeros((len(sequences), longest), dtype=torch.int64)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.bool)
+    for row, tokens in enumerate(sequences):
+        ids[row, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.int64)
+        mask[row, : len(tokens)] = True
+    return ids, mask
