@@ -21,12 +21,11 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import numpy as np
 from pydantic import ValidationError
 
 from gpuserve.errors import InferenceError, InvalidInput, NotReady, describe_validation
 from gpuserve.schemas import PredictRequest, V1PredictRequest
-from gpuserve.spec import TensorSpec, to_array, to_arrays
+from gpuserve.spec import Instance, ModelSpec, to_instance, to_instances
 
 logger = logging.getLogger("gpuserve.decoding")
 
@@ -37,11 +36,11 @@ T = TypeVar("T")
 class PredictBody:
     """A decoded `/predict` body: its instances, and whether it held one (`inputs`)."""
 
-    instances: list[np.ndarray[Any, Any]]
+    instances: list[Instance]
     single: bool
 
 
-def decode_predict(body: bytes, spec: TensorSpec, limit: int) -> PredictBody:
+def decode_predict(body: bytes, spec: ModelSpec, limit: int) -> PredictBody:
     """Parse a `/predict` body and check it against the spec; InvalidInput (422) if it fails."""
     try:
         parsed = PredictRequest.model_validate_json(body)
@@ -50,11 +49,11 @@ def decode_predict(body: bytes, spec: TensorSpec, limit: int) -> PredictBody:
     if parsed.instances is not None:
         if len(parsed.instances) > limit:
             raise InvalidInput(f"instances: {len(parsed.instances)} given, at most {limit} allowed")
-        return PredictBody(to_arrays(parsed.instances, spec, "instances"), single=False)
-    return PredictBody([to_array(parsed.inputs, spec, "inputs")], single=True)
+        return PredictBody(to_instances(parsed.instances, spec, "instances"), single=False)
+    return PredictBody([to_instance(parsed.inputs, spec, "inputs")], single=True)
 
 
-def decode_v1(body: bytes, spec: TensorSpec, limit: int) -> PredictBody:
+def decode_v1(body: bytes, spec: ModelSpec, limit: int) -> PredictBody:
     """Parse a KServe v1 `:predict` body; InvalidInput (422) if it fails."""
     try:
         parsed = V1PredictRequest.model_validate_json(body)
@@ -64,7 +63,7 @@ def decode_v1(body: bytes, spec: TensorSpec, limit: int) -> PredictBody:
     field = "instances" if parsed.instances is not None else "inputs"
     if len(rows) > limit:
         raise InvalidInput(f"{field}: {len(rows)} given, at most {limit} allowed")
-    return PredictBody(to_arrays(rows, spec, field), single=False)
+    return PredictBody(to_instances(rows, spec, field), single=False)
 
 
 # A body with thousands of bad values would otherwise get a message listing each of them.

@@ -32,7 +32,7 @@ from gpuserve.config import ModelSettings
 from gpuserve.device import DeviceInfo
 from gpuserve.errors import InferenceError, ModelLoadError
 from gpuserve.sources import load_module
-from gpuserve.spec import ModelSpec
+from gpuserve.spec import ModelSpec, TensorSpec
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -106,7 +106,8 @@ class Handler:
         self.module = module
         self.precision = self.settings.precision
         # None for strings: what their preprocess makes (token ids, say) keeps its own dtype.
-        self._input_dtype = _TORCH_DTYPES.get(spec.input.dtype)
+        first = spec.input_specs[0]
+        self._input_dtype = _TORCH_DTYPES.get(first.dtype) if spec.input else None
         # Pinned host memory lets the copy to the GPU run without blocking the worker thread.
         self._pin = self.device.type == "cuda"
         # Copies to the GPU go on their own stream, to overlap the running forward pass; the
@@ -117,7 +118,14 @@ class Handler:
         # Autocast rather than a converted copy: the module keeps its fp32 weights, so the
         # fp32 reference at load time and the served path are the same module.
         self._autocast = _AUTOCAST.get(self.precision)
-        self._variable_axes = [i for i, dim in enumerate(spec.input.shape) if dim == -1]
+        # Several inputs: each is stacked, or padded on its own; the first variable one
+        # decides the length bucket.
+        self._bucket_input = next((t for t in spec.input_specs if t.variable), None)
+        self._variable_axes = (
+            [i for i, dim in enumerate(self._bucket_input.shape) if dim == -1]
+            if self._bucket_input is not None
+            else []
+        )
         self._buckets = self.settings.length_buckets if self._variable_axes else None
         # Set by the loader when it has measured a batch size past which throughput falls.
         self.preferred_batch_size: int | None = None
@@ -158,9 +166,17 @@ class Handler:
         with torch.inference_mode(), self._on_compute_stream():
             batch = self._arrived(prepared)
             output = self.forward(batch)
-            per_position = isinstance(batch, Padded) and self.spec.output.shape[:1] == (-1,)
+            output_spec = self.spec.output
+            per_position = (
+                isinstance(batch, Padded)
+                and output_spec is not None
+                and output_spec.shape[:1] == (-1,)
+            )
             mask = batch.mask if per_position else None
             read_broken = _non_finite_rows(output, mask, prepared.size)
+            if self.spec.output is None:
+                readers = [_non_finite_rows(t, None, prepared.size) for t in tensors_of(output)]
+                read_broken = lambda: sorted({i for read in readers for i in read()})  # noqa: E731
             rows = self.split(output)[: prepared.size]
             broken = read_broken()
         if per_position:
@@ -258,7 +274,8 @@ class Handler:
         return [(size, bound) for size in self._batch_buckets for bound in bounds]
 
     def _bounded_lengths(self) -> bool:
-        limit = self.spec.input.max_shape
+        assert self._bucket_input is not None
+        limit = self._bucket_input.max_shape
         if not self._buckets or limit is None:
             return False
         return all(limit[axis] <= self._buckets[-1] for axis in self._variable_axes)
@@ -269,8 +286,9 @@ class Handler:
         """Build the model on `device`. Default: the configured file, or factory and weights."""
         return load_module(self.settings, device)
 
-    def preprocess(self, instance: np.ndarray[Any, Any]) -> Any:
-        """One instance, already checked against the spec, to what `collate` takes.
+    def preprocess(self, instance: Any) -> Any:
+        """One instance, already checked against the spec, to what `collate` takes: an array
+        (a str for a string input), or, for a model of several inputs, a dict of them by name.
 
         Runs on the event loop for each instance before it is queued, so keep it cheap; raise
         `gpuserve.errors.InvalidInput` to answer 4xx without touching the model.
@@ -278,7 +296,16 @@ class Handler:
         return instance
 
     def collate(self, items: list[Any]) -> Any:
-        """Stack items into one batch on the model's device; pad variable-length ones."""
+        """Stack items into one batch on the model's device; pad variable-length ones.
+
+        For a model of several inputs, a tuple of one tensor per input, in the spec's order:
+        each stacked, or padded with its `pad_value` to its longest (no mask: a model that
+        needs one takes it as an input)."""
+        if self.spec.input is None:
+            return tuple(
+                self._collate_input(t, [item[t.name] for item in items])
+                for t in self.spec.input_specs
+            )
         if self._variable_axes:
             return self._pad(items)
         first = items[0]
@@ -286,8 +313,30 @@ class Handler:
         np.stack(items, out=host.numpy())  # straight into (pinned) host memory: one copy
         return self._to_device(host, self._input_dtype or host.dtype)
 
+    def _collate_input(self, spec: TensorSpec, items: list[np.ndarray[Any, Any]]) -> torch.Tensor:
+        """One input of a model of several: stacked, or padded to the longest (and up to its
+        length bucket, for the input that decides buckets)."""
+        dtype = _TORCH_DTYPES.get(spec.dtype)
+        if not spec.variable:
+            host = self._host_buffer((len(items), *items[0].shape), items[0].dtype)
+            np.stack(items, out=host.numpy())
+            return self._to_device(host, dtype or host.dtype)
+        shape = list(np.max([item.shape for item in items], axis=0))
+        if self._buckets and spec is self._bucket_input:
+            axis = self._variable_axes[0]
+            index = bisect.bisect_left(self._buckets, shape[axis])
+            if index < len(self._buckets):
+                shape[axis] = self._buckets[index]
+        host = self._host_buffer((len(items), *shape), items[0].dtype)
+        values = host.numpy()
+        values.fill(spec.pad_value)
+        for i, item in enumerate(items):
+            values[i][_prefix(item.shape)] = item
+        return self._to_device(host, dtype or host.dtype)
+
     def forward(self, batch: Any) -> Any:
-        """Run the model, in the configured precision. A Padded batch passes (values, mask)."""
+        """Run the model, in the configured precision. A Padded batch passes (values, mask),
+        and a tuple (several inputs) its tensors, in order."""
         if self._autocast is None:
             return self._call_module(batch)
         with torch.autocast(device_type=self.device.type, dtype=self._autocast):
@@ -299,6 +348,16 @@ class Handler:
         The rows are the model's own values (float32 numpy arrays): /v2 returns them as they
         are, and `postprocess` turns them into what /predict answers.
         """
+        if self.spec.output is None:  # several outputs: each instance's row of each, by name
+            columns = {
+                t.name: list(value.float().cpu().numpy().copy())
+                for t, value in zip(
+                    self.spec.output_specs, _by_spec(output, self.spec), strict=True
+                )
+            }
+            return [
+                dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)
+            ]
         # A copy: the rows outlive this batch, and a CPU output may be a view of the model's.
         host: np.ndarray[Any, Any] = output.float().cpu().numpy().copy()
         return list(host)
@@ -320,6 +379,9 @@ class Handler:
         """The length bucket of an item: batches only mix items of one bucket."""
         if not self._buckets:
             return None
+        if self.spec.input is None:
+            assert self._bucket_input is not None
+            item = item[self._bucket_input.name]
         return bisect.bisect_left(self._buckets, int(np.shape(item)[self._variable_axes[0]]))
 
     def is_oom(self, exc: BaseException) -> bool:
@@ -348,17 +410,21 @@ class Handler:
             return 0.0
         rng = np.random.default_rng(0)
         count = min(8, self.settings.max_batch_size)
-        samples = [self.preprocess(self.spec.input.sample(rng)) for _ in range(count)]
+        samples = [self.preprocess(self.spec.sample(rng)) for _ in range(count)]
         with torch.inference_mode():
             # Through prepare, so a compiled model gets a warmed-up (padded) batch size.
             batch = self._arrived(self.prepare(samples))
             # The fp32 reference comes from the module as loaded, never compiled: a compiled
             # one under CUDA graphs hands back its own output buffer, which the next replay
             # overwrites. The copy keeps it whatever module ran.
-            reference = self._call(self._eager_module, batch).float().clone()[:count]
-            reduced = self.forward(batch).float()[:count]
-        scale = float(reference.abs().max()) or 1.0
-        error = float((reduced - reference).abs().max()) / scale
+            references = [
+                t.float().clone()[:count] for t in tensors_of(self._call(self._eager_module, batch))
+            ]
+            reduced = [t.float()[:count] for t in tensors_of(self.forward(batch))]
+        error = 0.0
+        for got, reference in zip(reduced, references, strict=True):
+            scale = float(reference.abs().max()) or 1.0
+            error = max(error, float((got - reference).abs().max()) / scale)
         if not error <= tolerance:  # also catches NaN
             raise ModelLoadError(
                 f"{self.precision} output differs from fp32 by {error:.4f} of its scale, "
@@ -374,7 +440,7 @@ class Handler:
         Each round runs every size in turn, so a slow moment of the machine slows one round
         of every size rather than all the rounds of one size, which would then lose the pick.
         """
-        example = self.preprocess(self.spec.input.example())
+        example = self.preprocess(self.spec.example())
         best = dict.fromkeys(batch_sizes, float("inf"))
         for _ in range(rounds):
             for size in batch_sizes:
@@ -387,13 +453,14 @@ class Handler:
         Catches a spec that does not match the model before the server reports ready, and
         runs each batch size the server will use once, so none pays first-call costs later.
         """
-        if self.spec.input.dtype == "string" and type(self).preprocess is Handler.preprocess:
+        text = [t.name for t in self.spec.input_specs if t.dtype == "string"]
+        if text and type(self).preprocess is Handler.preprocess:
             raise ModelLoadError(
-                f"the input {self.spec.input.name!r} is text (dtype string): serve it with a "
-                "handler whose preprocess turns each text into a tensor, a tokenizer say "
+                f"the input {text[0]!r} is text (dtype string): serve it with a handler whose "
+                "preprocess turns each text into a tensor, a tokenizer say "
                 "(examples/text_classifier)"
             )
-        example = self.preprocess(self.spec.input.example())
+        example = self.preprocess(self.spec.example())
         try:
             with torch.inference_mode():
                 # Two rows, to see the batch dimension; one when batches never hold more.
@@ -401,15 +468,10 @@ class Handler:
                 output = self.forward(self.collate(pair))
         except Exception as exc:
             raise ModelLoadError(
-                f"warm-up batch failed: does the input spec {self.spec.input.describe()} match "
+                f"warm-up batch failed: does the input spec {self.spec.describe_inputs()} match "
                 f"the model? {type(exc).__name__}: {exc}"
             ) from exc
-        got = tuple(getattr(output, "shape", ())[1:])
-        if isinstance(output, torch.Tensor) and not self.spec.output.fits(got):
-            raise ModelLoadError(
-                f"warm-up output shape {list(got)} does not match the spec's output "
-                f"{self.spec.output.describe()}"
-            )
+        self._check_outputs(output)
         if (
             self.spec.labels is not None
             and self.spec.output_kind == "logits"
@@ -425,13 +487,38 @@ class Handler:
         if self._batch_buckets:
             # Compiled: every shape it will ever see, each its own graph, compiled now.
             for size, bound in self.graph_shapes():
-                self([self.preprocess(self.spec.input.example(bound or 1))] * size)
+                self([self.preprocess(self.spec.example(bound or 1))] * size)
             return
         # The full path at each size as the batcher will send it, and at each length bucket.
         for size in batch_sizes:
             self([example] * size)
         for bound in self._buckets or ():
-            self([self.preprocess(self.spec.input.example(bound))] * max(batch_sizes))
+            self([self.preprocess(self.spec.example(bound))] * max(batch_sizes))
+
+    def _check_outputs(self, output: Any) -> None:
+        """ModelLoadError unless the warm-up output has the spec's outputs and shapes."""
+        specs = self.spec.output_specs
+        if len(specs) == 1:
+            named = {specs[0].name: output}
+        elif isinstance(output, dict) and set(output) == {t.name for t in specs}:
+            named = output
+        elif isinstance(output, (tuple, list)) and len(output) == len(specs):
+            named = {t.name: value for t, value in zip(specs, output, strict=True)}
+        else:
+            raise ModelLoadError(
+                f"the spec lists {len(specs)} outputs {[t.name for t in specs]}; the model "
+                f"returned {type(output).__name__}: return a tuple in that order, or a dict "
+                "of them by name"
+            )
+        for t in specs:
+            value = named[t.name]
+            got = tuple(getattr(value, "shape", ())[1:])
+            if isinstance(value, torch.Tensor) and not t.fits(got):
+                which = "output" if len(specs) == 1 else f"output {t.name!r}"
+                raise ModelLoadError(
+                    f"warm-up {which} shape {list(got)} does not match the spec's output "
+                    f"{t.describe()}"
+                )
 
     def _call_module(self, batch: Any) -> Any:
         return self._call(self.module, batch)
@@ -441,6 +528,8 @@ class Handler:
         assert module is not None, "setup() has not run"
         if isinstance(batch, Padded):
             return module(batch.values, batch.mask)
+        if isinstance(batch, tuple):
+            return module(*batch)
         return module(batch)
 
     def _arrived(self, prepared: Prepared) -> Any:
@@ -484,7 +573,8 @@ class Handler:
             index = bisect.bisect_left(self._buckets, shape[axis])
             if index < len(self._buckets):  # past the last bound: the longest item decides
                 shape[axis] = self._buckets[index]
-        spec = self.spec.input
+        spec = self._bucket_input
+        assert spec is not None
         values_host = self._host_buffer((len(items), *shape), spec.numpy_dtype)
         values = values_host.numpy()
         values.fill(spec.pad_value)
@@ -503,6 +593,22 @@ class Handler:
             self._to_device(mask_host, torch.bool),
             lengths,
         )
+
+
+def tensors_of(output: Any) -> list[Any]:
+    """A model's output as a list: its one tensor, or each of a tuple, list or dict."""
+    if isinstance(output, dict):
+        return list(output.values())
+    if isinstance(output, (tuple, list)):
+        return list(output)
+    return [output]
+
+
+def _by_spec(output: Any, spec: ModelSpec) -> list[Any]:
+    """Several outputs in the spec's order: a dict read by name, a tuple as it comes."""
+    if isinstance(output, dict):
+        return [output[t.name] for t in spec.output_specs]
+    return list(output)
 
 
 def softmax(row: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:

@@ -70,8 +70,8 @@ def build_model(
             "%s: no spec at %s; inferred from the program: input %s, output %s",
             spec.name,
             source,
-            spec.input.describe(),
-            spec.output.describe(),
+            spec.describe_inputs(),
+            spec.describe_outputs(),
         )
         module = program_module(program, device.device)
     else:

@@ -19,7 +19,7 @@ import numpy as np
 import orjson
 
 from gpuserve.errors import BadRequest, InferenceError, InvalidInput
-from gpuserve.spec import ModelSpec, TensorSpec, block_to_arrays
+from gpuserve.spec import Instance, ModelSpec, TensorSpec, block_to_arrays
 
 HEADER_LENGTH = "inference-header-content-length"
 VERSION = "1"  # gpuserve serves one version of each model
@@ -68,8 +68,8 @@ def metadata(spec: ModelSpec, platform: str) -> dict[str, Any]:
         "name": spec.name,
         "versions": [VERSION],
         "platform": platform,
-        "inputs": [tensor(spec.input)],
-        "outputs": [tensor(spec.output)],
+        "inputs": [tensor(t) for t in spec.input_specs],
+        "outputs": [tensor(t) for t in spec.output_specs],
     }
 
 
@@ -92,18 +92,27 @@ _OUTPUT_PARAMETERS = frozenset({"binary_data", "classification", "class_count"})
 
 
 @dataclass(frozen=True, slots=True)
+class OutputChoice:
+    """One output to send back, and how: as binary data or JSON, and with `class_count`
+    the classification extension's top classes (strings) instead of the tensor."""
+
+    spec: TensorSpec
+    binary: bool
+    class_count: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class InferRequest:
-    """A decoded infer request: the model's instances, and how to send the output back.
+    """A decoded infer request: the model's instances, and which outputs to send back, how.
 
     `timeout_s` is the client's own deadline (the `timeout` parameter, in microseconds as in
     Triton), if it gave one.
     """
 
     id: str | None
-    instances: list[np.ndarray[Any, Any]]
-    binary_output: bool
+    instances: list[Instance]
+    outputs: list[OutputChoice]
     timeout_s: float | None = None
-    class_count: int | None = None  # the classification extension: top classes as strings
 
 
 def decode_request(
@@ -122,10 +131,27 @@ def decode_request(
     if not isinstance(request, dict):
         raise BadRequest("the request must be a JSON object")
 
+    starts = _binary_starts(request.get("inputs"))
+    data = memoryview(binary)
+
     def read(tensor: dict[str, Any], spec: TensorSpec) -> np.ndarray[Any, Any]:
-        return _tensor_data(tensor, binary, spec, limit)
+        return _tensor_data(tensor, data[starts.get(id(tensor), 0) :], spec, limit)
 
     return decode_fields(request, spec, read)
+
+
+def _binary_starts(inputs: Any) -> dict[int, int]:
+    """Where each input's binary data starts after the JSON header: the inputs' data follow
+    one another in the order the request lists them (keyed by the tensor object's id)."""
+    starts: dict[int, int] = {}
+    position = 0
+    for tensor in inputs if isinstance(inputs, list) else ():
+        parameters = tensor.get("parameters") if isinstance(tensor, dict) else None
+        size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+        if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+            starts[id(tensor)] = position
+            position += size
+    return starts
 
 
 # How a protocol reads one input tensor's data: from the tensor's fields (its datatype,
@@ -140,23 +166,43 @@ def decode_fields(request: dict[str, Any], spec: ModelSpec, read: TensorReader) 
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest(f"'id' must be a string, not {_json_type(request_id)}")
-    inputs = request.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise BadRequest(f"'inputs' must list exactly one tensor, {spec.input.name!r}")
-    tensor = inputs[0]
-    if tensor.get("name") != spec.input.name:
-        raise BadRequest(
-            f"unknown input {tensor.get('name')!r}: the model takes {spec.input.name!r}"
-        )
-    instances = _instances(spec.input, read(tensor, spec.input))
-    binary_output, class_count = _output_choices(request, parameters, spec)
     return InferRequest(
         id=request_id,
-        instances=instances,
-        binary_output=binary_output,
+        instances=_request_instances(request.get("inputs"), spec, read),
+        outputs=_output_choices(request, parameters, spec),
         timeout_s=_timeout_s(parameters.get("timeout")),
-        class_count=class_count,
     )
+
+
+def _request_instances(inputs: Any, spec: ModelSpec, read: TensorReader) -> list[Instance]:
+    """Every input tensor the model takes, each given once, cut into instances: arrays for a
+    model of one input, or an object of arrays per instance for several."""
+    wanted = spec.input_specs
+    names = [t.name for t in wanted]
+    takes = f"the model takes {', '.join(map(repr, names))}"
+    if not isinstance(inputs, list) or not all(isinstance(t, dict) for t in inputs):
+        raise BadRequest(f"'inputs' must be a list of tensors: {takes}")
+    given: dict[str, dict[str, Any]] = {}
+    for tensor in inputs:
+        name = tensor.get("name")
+        if name not in names:
+            raise BadRequest(f"unknown input {name!r}: {takes}")
+        if name in given:
+            raise BadRequest(f"input {name!r} is given twice")
+        given[name] = tensor
+    missing = [name for name in names if name not in given]
+    if missing:
+        raise BadRequest(f"missing input {', '.join(map(repr, missing))}: {takes}")
+    columns = {t.name: _instances(t, read(given[t.name], t)) for t in wanted}
+    if spec.input is not None:
+        return list(columns[spec.input.name])
+    counts = {name: len(column) for name, column in columns.items()}
+    if len(set(counts.values())) != 1:
+        raise BadRequest(f"the inputs must hold the same number of instances, not {counts}")
+    return [
+        {name: column[i] for name, column in columns.items()}
+        for i in range(next(iter(counts.values())))
+    ]
 
 
 def _timeout_s(value: Any) -> float | None:
@@ -212,48 +258,64 @@ class OutputTensor:
         return self.array.ravel()
 
 
-def output_tensor(spec: ModelSpec, rows: list[Any], class_count: int | None = None) -> OutputTensor:
-    """The model's rows for one request as the protocol's output tensor.
+def output_tensors(
+    spec: ModelSpec, rows: list[Any], outputs: list[OutputChoice]
+) -> list[OutputTensor]:
+    """The model's rows for one request as the protocol's output tensors, those asked for.
+
+    Rows are arrays for a model of one output, or objects of arrays by output name."""
+    several = spec.output is None
+    return [
+        output_tensor(
+            choice.spec,
+            [row[choice.spec.name] for row in rows] if several else rows,
+            choice.class_count,
+            spec.labels,
+        )
+        for choice in outputs
+    ]
+
+
+def output_tensor(
+    want: TensorSpec, rows: list[Any], class_count: int | None, labels: list[str] | None
+) -> OutputTensor:
+    """One output's rows for one request as the protocol's output tensor.
 
     With `class_count`, the output is the classification extension's instead: for each
     instance its top classes as BYTES strings "score:index:label", highest first.
     """
-    want = spec.output
     try:
         array = np.asarray(rows, dtype=want.numpy_dtype)  # bfloat16 rows travel as float32
     except ValueError as exc:
         raise InferenceError("the model's outputs for this request do not form one tensor") from exc
     if class_count is not None:
-        return OutputTensor(want.name, "BYTES", _classes(array, class_count, spec.labels), want)
+        return OutputTensor(want.name, "BYTES", _classes(array, class_count, labels), want)
     return OutputTensor(want.name, datatype(want), array, want)
 
 
 def encode_response(
-    spec: ModelSpec,
-    rows: list[Any],
-    request_id: str | None,
-    binary: bool,
-    class_count: int | None = None,
+    spec: ModelSpec, rows: list[Any], request_id: str | None, outputs: list[OutputChoice]
 ) -> tuple[bytes, int | None]:
     """The response body, and the JSON header's length when binary data follows it."""
-    tensor = output_tensor(spec, rows, class_count)
-    output: dict[str, Any] = {
-        "name": tensor.name,
-        "datatype": tensor.datatype,
-        "shape": tensor.shape,
-    }
-    raw = tensor.raw() if binary else b""
-    if binary:
-        output["parameters"] = {"binary_data_size": len(raw)}
-    else:
-        output["data"] = tensor.values()
-    body: dict[str, Any] = {"model_name": spec.name, "model_version": VERSION, "outputs": [output]}
+    described: list[dict[str, Any]] = []
+    raw: list[bytes] = []
+    tensors = output_tensors(spec, rows, outputs)
+    for choice, tensor in zip(outputs, tensors, strict=True):
+        output: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype}
+        output["shape"] = tensor.shape
+        if choice.binary:
+            raw.append(tensor.raw())
+            output["parameters"] = {"binary_data_size": len(raw[-1])}
+        else:
+            output["data"] = tensor.values()
+        described.append(output)
+    body: dict[str, Any] = {"model_name": spec.name, "model_version": VERSION, "outputs": described}
     if request_id is not None:
         body["id"] = request_id
     header = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
-    if not binary:
+    if not raw:
         return header, None
-    return header + raw, len(header)
+    return header + b"".join(raw), len(header)
 
 
 def _classes(array: np.ndarray[Any, Any], count: int, labels: list[str] | None) -> Any:
@@ -312,7 +374,7 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
 
 
 def _tensor_data(
-    tensor: dict[str, Any], binary: bytes, spec: TensorSpec, limit: int | None
+    tensor: dict[str, Any], binary: bytes | memoryview, spec: TensorSpec, limit: int | None
 ) -> np.ndarray[Any, Any]:
     name = spec.name
     declared: Any = tensor.get("datatype")
@@ -387,7 +449,7 @@ def _from_values(
 
 
 def _from_bytes(
-    binary: bytes, size: Any, declared: str, shape: list[int], count: int, name: str
+    binary: bytes | memoryview, size: Any, declared: str, shape: list[int], count: int, name: str
 ) -> np.ndarray[Any, Any]:
     if declared == "BYTES":
         if not isinstance(size, int) or not 0 <= size <= len(binary):
@@ -409,7 +471,7 @@ def _from_bytes(
 
 
 def _strings(
-    data: bytes, shape: list[int], count: int, name: str, what: str
+    data: bytes | memoryview, shape: list[int], count: int, name: str, what: str
 ) -> np.ndarray[Any, Any]:
     """BYTES elements in Triton's layout (each a 4-byte little-endian length, then its
     bytes), exactly `count` of them filling `data`: an object array of bytes."""
@@ -443,31 +505,35 @@ def _to_bytes(array: np.ndarray[Any, Any], spec: TensorSpec) -> bytes:
 
 def _output_choices(
     request: dict[str, Any], parameters: dict[str, Any], spec: ModelSpec
-) -> tuple[bool, int | None]:
-    """Binary output, and the classification's class count, from the requested outputs.
+) -> list[OutputChoice]:
+    """The outputs asked for (`outputs`; all, in the spec's order, when absent), each binary
+    or JSON, and with its classification's class count.
 
     An output's own `binary_data` decides, as the binary tensor extension says; otherwise the
     request's `binary_data_output` (among its `parameters`, already checked)."""
     default = parameters.get("binary_data_output") is True
     outputs = request.get("outputs")
     if outputs is None:
-        return default, None
+        return [OutputChoice(t, default) for t in spec.output_specs]
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise BadRequest("'outputs' must be a list of objects")
-    binary, class_count = default, None
+    by_name = {t.name: t for t in spec.output_specs}
+    choices: dict[str, OutputChoice] = {}
     for wanted in outputs:
-        if wanted.get("name") != spec.output.name:
-            raise BadRequest(
-                f"unknown output {wanted.get('name')!r}: the model gives {spec.output.name!r}"
-            )
-        own = supported(wanted, _OUTPUT_PARAMETERS, f"output {spec.output.name!r}")
-        if "binary_data" in own:
-            binary = own["binary_data"] is True
-        for name in ("classification", "class_count"):
-            if name in own:
-                where = f"output {spec.output.name!r}: {name} (class_count)"
-                class_count = _positive_int(own[name], where)
-    return binary, class_count
+        name = wanted.get("name")
+        if name not in by_name:
+            gives = ", ".join(map(repr, by_name))
+            raise BadRequest(f"unknown output {name!r}: the model gives {gives}")
+        if name in choices:
+            raise BadRequest(f"output {name!r} is asked for twice")
+        own = supported(wanted, _OUTPUT_PARAMETERS, f"output {name!r}")
+        binary = own["binary_data"] is True if "binary_data" in own else default
+        class_count = None
+        for key in ("classification", "class_count"):
+            if key in own:
+                class_count = _positive_int(own[key], f"output {name!r}: {key} (class_count)")
+        choices[name] = OutputChoice(by_name[name], binary, class_count)
+    return list(choices.values())
 
 
 def model_config(
@@ -492,8 +558,8 @@ def model_config(
         "backend": "pytorch",
         "version_policy": {"latest": {"num_versions": 1}},
         "max_batch_size": max_batch_size,
-        "input": [tensor(spec.input)],
-        "output": [tensor(spec.output)],
+        "input": [tensor(t) for t in spec.input_specs],
+        "output": [tensor(t) for t in spec.output_specs],
         "dynamic_batching": {
             "preferred_batch_size": [preferred_batch_size],
             "max_queue_delay_microseconds": round(max_wait_ms * 1000),

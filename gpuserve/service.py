@@ -14,8 +14,6 @@ import threading
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
-import numpy as np
-
 from gpuserve.batcher import BatchStats, MicroBatcher, Trace, is_memory_error, never_fatal
 from gpuserve.config import ModelSettings
 from gpuserve.device import DeviceInfo, probe
@@ -28,12 +26,11 @@ from gpuserve.errors import (
 )
 from gpuserve.metrics import Metrics
 from gpuserve.progress import LoadProgress, tracking
-from gpuserve.spec import ModelSpec
+from gpuserve.spec import Instance, ModelSpec
 
 logger = logging.getLogger("gpuserve.service")
 
 State = Literal["loading", "ready", "failed", "stopping"]
-Instance = np.ndarray[Any, Any]
 
 
 class BatchModel(Protocol):

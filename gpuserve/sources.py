@@ -100,23 +100,24 @@ def program_module(program: Any, device: str) -> torch.nn.Module:
 
 
 def spec_from_program(program: Any, name: str, path: Path, max_batch_size: int) -> ModelSpec:
-    """The spec a torch.export program implies: its one input and one output, without the
-    batch dimension; dimensions exported as dynamic become -1, bounded by `max_shape` when
-    the export gave them a finite bound."""
+    """The spec a torch.export program implies: its inputs (by their argument names) and
+    outputs (`output`, or `output_0`, `output_1`, ... for several), without the batch
+    dimension; dimensions exported as dynamic become -1, bounded by `max_shape` when the
+    export gave them a finite bound."""
     inputs, outputs = _user_tensors(program)
-    if len(inputs) != 1 or len(outputs) != 1:
+    if not inputs or not outputs:
         raise ModelLoadError(
-            f"{path} takes {len(inputs)} input(s) and returns {len(outputs)} output(s): only a "
-            f"model of one input and one output has its spec inferred; write "
-            f"{path.with_suffix('.json')} (see the README's spec)"
+            f"{path} takes {len(inputs)} input(s) and returns {len(outputs)} output(s): a "
+            f"spec cannot be inferred; write {path.with_suffix('.json')} (see the README's spec)"
         )
-    (input_name, given), (_, made) = inputs[0], outputs[0]
     _require_dynamic_batch(program, path, max_batch_size)
-    return ModelSpec(
-        name=name,
-        input=_tensor_spec(input_name, given, program, path),
-        output=_tensor_spec("output", made, program, path),
-    )
+    given = [_tensor_spec(input_name, value, program, path) for input_name, value in inputs]
+    names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
+    made = [
+        _tensor_spec(output_name, value, program, path)
+        for output_name, (_, value) in zip(names, outputs, strict=True)
+    ]
+    return ModelSpec(name=name, inputs=given, outputs=made)
 
 
 def _user_tensors(program: Any) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:

@@ -19,6 +19,8 @@ from gpuserve.errors import InvalidInput, ModelLoadError, describe_validation
 DType = Literal[
     "float32", "float64", "float16", "bfloat16", "int64", "int32", "uint8", "bool", "string"
 ]
+# One instance: the input's array, or, for a model of several inputs, an array per input name.
+Instance = np.ndarray[Any, Any] | dict[str, np.ndarray[Any, Any]]
 # What a classifier's output holds, which decides what /predict does with it (see ModelSpec).
 OutputKind = Literal["logits", "probabilities", "scores"]
 
@@ -178,29 +180,108 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    input: TensorSpec
-    output: TensorSpec
+    input: TensorSpec | None = Field(default=None, description="The model's one input.")
+    output: TensorSpec | None = Field(default=None, description="The model's one output.")
+    inputs: list[TensorSpec] | None = Field(
+        default=None,
+        description="Several named inputs instead, in the order the model takes them; each "
+        "instance is then an object of them.",
+    )
+    outputs: list[TensorSpec] | None = Field(
+        default=None,
+        description="Several named outputs instead, in the order the model returns them (a "
+        "tuple), or by name (a dict).",
+    )
     labels: list[str] | None = Field(
         default=None,
         description="Class names; when set, /predict answers a label with the probabilities "
-        "(or scores, see output.kind).",
+        "(or scores, see output.kind). Only with one output.",
     )
     description: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_of_each(cls, data: Any) -> Any:
+        """`inputs` of one tensor is `input`, and likewise for outputs: one way to say each."""
+        if isinstance(data, dict):
+            data = dict(data)
+            for one, several in (("input", "inputs"), ("output", "outputs")):
+                listed = data.get(several)
+                if data.get(one) is None and isinstance(listed, list) and len(listed) == 1:
+                    data[one] = listed[0]
+                    del data[several]
+        return data
+
+    @property
+    def input_specs(self) -> list[TensorSpec]:
+        """Every input, in the order the model takes them."""
+        return [self.input] if self.input is not None else list(self.inputs or ())
+
+    @property
+    def output_specs(self) -> list[TensorSpec]:
+        """Every output, in the order the model returns them."""
+        return [self.output] if self.output is not None else list(self.outputs or ())
 
     @property
     def output_kind(self) -> OutputKind:
         """What the output holds: `output.kind`, logits when not given."""
-        return self.output.kind or "logits"
+        return (self.output.kind if self.output is not None else None) or "logits"
 
     @model_validator(mode="after")
     def _check_labels(self) -> ModelSpec:
-        if self.input.kind is not None:
-            raise ValueError("kind describes an output; the input has none")
-        if self.labels is not None and self.output.shape[-1:] != (len(self.labels),):
-            raise ValueError(
-                f"{len(self.labels)} labels do not match output shape {list(self.output.shape)}"
-            )
+        for one, several in (("input", "inputs"), ("output", "outputs")):
+            given = [key for key in (one, several) if getattr(self, key) is not None]
+            if len(given) != 1:
+                raise ValueError(f"give exactly one of '{one}' (a tensor) or '{several}' (a list)")
+            tensors = getattr(self, several)
+            if tensors is not None:
+                names = [tensor.name for tensor in tensors]
+                if not names or len(set(names)) != len(names):
+                    raise ValueError(f"'{several}' must list tensors of distinct names")
+        if any(tensor.kind is not None for tensor in self.input_specs):
+            raise ValueError("kind describes an output; an input has none")
+        if self.labels is not None:
+            if self.output is None:
+                raise ValueError("labels need a model of one output")
+            if self.output.shape[-1:] != (len(self.labels),):
+                shape = list(self.output.shape)
+                raise ValueError(f"{len(self.labels)} labels do not match output shape {shape}")
         return self
+
+    def describe_inputs(self) -> str:
+        """The input, or each named input, as `dtype[dims]`."""
+        if self.input is not None:
+            return self.input.describe()
+        return "{" + ", ".join(f"{t.name}: {t.describe()}" for t in self.input_specs) + "}"
+
+    def describe_outputs(self) -> str:
+        if self.output is not None:
+            return self.output.describe()
+        return "{" + ", ".join(f"{t.name}: {t.describe()}" for t in self.output_specs) + "}"
+
+    def example(self, length: int = 1) -> Instance:
+        """A valid instance, for warm-up batches (see TensorSpec.example)."""
+        if self.input is not None:
+            return self.input.example(length)
+        return {t.name: t.example(length) for t in self.input_specs}
+
+    def sample(self, rng: np.random.Generator) -> Instance:
+        """A random valid instance, for precision checks (see TensorSpec.sample)."""
+        if self.input is not None:
+            return self.input.sample(rng)
+        return {t.name: t.sample(rng) for t in self.input_specs}
+
+    def instance_schema(self) -> dict[str, Any]:
+        """JSON Schema of one /predict instance: the input's, or an object of the inputs."""
+        if self.input is not None:
+            return self.input.json_schema()
+        names = [t.name for t in self.input_specs]
+        return {
+            "type": "object",
+            "properties": {t.name: t.json_schema() for t in self.input_specs},
+            "required": names,
+            "additionalProperties": False,
+        }
 
     @classmethod
     def from_file(cls, path: Path) -> ModelSpec:
@@ -245,18 +326,40 @@ def to_array(value: Any, spec: TensorSpec, field: str) -> np.ndarray[Any, Any]:
 
     `field` names the place in the request (`inputs`, `instances[3]`) for the error message.
     """
-    expected = f"expected {spec.describe()}"
     text = spec.dtype == "string" and isinstance(value, str)
     if (isinstance(value, (str, bytes, dict)) and not text) or value is None:
-        raise InvalidInput(f"{field}: {expected}, got {_json_type(value)}")
+        raise InvalidInput(f"{field}: expected {spec.describe()}, got {_json_type(value)}")
     try:
         # No dtype here: numpy would turn "1" into 1.0 and True into 1.0 if it were given one.
         array = np.asarray(value)
     except (ValueError, OverflowError) as exc:
         raise InvalidInput(
-            f"{field}: {expected}, got a ragged or non-numeric array ({exc})"
+            f"{field}: expected {spec.describe()}, got a ragged or non-numeric array ({exc})"
         ) from None
     return _checked(array, spec, field, batched=False)
+
+
+def to_instance(value: Any, spec: ModelSpec, field: str) -> Instance:
+    """One JSON instance for the model: an array for its one input, or an object holding
+    each of its inputs by name (every one, and no other)."""
+    if spec.input is not None:
+        return to_array(value, spec.input, field)
+    names = [t.name for t in spec.input_specs]
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{field}: expected an object of the inputs {names}")
+    missing = [name for name in names if name not in value]
+    unknown = sorted(set(value) - set(names))
+    if missing or unknown:
+        what = f"missing {missing}" if missing else f"unknown {unknown}"
+        raise InvalidInput(f"{field}: {what}; the model takes the inputs {names}")
+    return {t.name: to_array(value[t.name], t, f"{field}.{t.name}") for t in spec.input_specs}
+
+
+def to_instances(values: list[Any], spec: ModelSpec, field: str) -> list[Instance]:
+    """A list of JSON instances for the model (see `to_instance`)."""
+    if spec.input is not None:
+        return list(to_arrays(values, spec.input, field))
+    return [to_instance(value, spec, f"{field}[{i}]") for i, value in enumerate(values)]
 
 
 def to_arrays(values: list[Any], spec: TensorSpec, field: str) -> list[np.ndarray[Any, Any]]:
@@ -289,7 +392,6 @@ def _checked(
     array: np.ndarray[Any, Any], spec: TensorSpec, field: str, batched: bool
 ) -> np.ndarray[Any, Any]:
     """Check kind, shape, finiteness and range, then cast to the spec's dtype."""
-    expected = f"expected {spec.describe()}"
     if spec.dtype == "string":
         return _checked_strings(array, spec, field, batched)
     if array.dtype.kind == "f" and spec.numpy_dtype.kind in "iu" and _integral(array):
@@ -299,7 +401,7 @@ def _checked(
     # the spec's float type, where separate checks cost a numpy call each.
     largest = np.abs(array).max() if array.dtype.kind == "f" else None
     if largest is not None and not np.isfinite(largest):
-        raise InvalidInput(f"{field}: {expected}, got NaN or infinity")
+        raise InvalidInput(f"{field}: expected {spec.describe()}, got NaN or infinity")
     if spec.min is not None and array.min() < spec.min:
         raise InvalidInput(f"{field}: values must be >= {spec.min}, got {array.min()}")
     if spec.max is not None and array.max() > spec.max:
@@ -325,22 +427,20 @@ def _check_kind_and_shape(
 ) -> None:
     """InvalidInput unless the array's numpy kind is one of `kinds` and its instances have
     the spec's shape (within bounds), and are not empty."""
-    expected = f"expected {spec.describe()}"
     if array.dtype.kind not in kinds:
-        raise InvalidInput(f"{field}: {expected}, got {_kind_name(array)}")
+        raise InvalidInput(f"{field}: expected {spec.describe()}, got {_kind_name(array)}")
     shape = array.shape[1:] if batched else array.shape
     if not spec.fits(shape):
         bound = f" (at most {list(spec.max_shape)})" if spec.max_shape else ""
-        raise InvalidInput(f"{field}: {expected}{bound}, got shape {list(shape)}")
+        raise InvalidInput(f"{field}: expected {spec.describe()}{bound}, got shape {list(shape)}")
     if array.size == 0:
-        raise InvalidInput(f"{field}: {expected}, got an empty array")
+        raise InvalidInput(f"{field}: expected {spec.describe()}, got an empty array")
 
 
 def _checked_strings(
     array: np.ndarray[Any, Any], spec: TensorSpec, field: str, batched: bool
 ) -> np.ndarray[Any, Any]:
     """Strings: text, or bytes that are UTF-8 (BYTES tensors), as an object array of str."""
-    expected = f"expected {spec.describe()}"
     _check_kind_and_shape(array, spec, field, batched, "OUS")
     if array.dtype.kind == "U":
         return array.astype(object)
@@ -352,7 +452,9 @@ def _checked_strings(
             except UnicodeDecodeError:
                 raise InvalidInput(f"{field}: strings must be UTF-8 text") from None
         elif not isinstance(value, str):
-            raise InvalidInput(f"{field}: {expected}, got {type(value).__name__} values")
+            raise InvalidInput(
+                f"{field}: expected {spec.describe()}, got {type(value).__name__} values"
+            )
         texts[index] = value
     return texts
 

@@ -19,7 +19,7 @@ from .conftest import FAKE_SPEC
 
 pytestmark = pytest.mark.anyio
 
-SPEC = FAKE_SPEC.input
+SPEC = FAKE_SPEC
 
 
 def pid_of_decoder(body: bytes, delay_s: float = 0.0) -> int:

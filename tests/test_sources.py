@@ -238,9 +238,12 @@ def test_dynamic_dimensions_of_an_inferred_spec_are_minus_one_with_their_bound(
     assert spec.input.dtype == "int64" and spec.output.shape == (-1,)
 
 
-def test_a_program_of_two_inputs_asks_for_a_spec_file(tmp_path: Path) -> None:
+def test_a_program_of_two_inputs_has_both_in_its_inferred_spec(tmp_path: Path) -> None:
     batch = torch.export.Dim("batch")
-    a = torch.ones(2, 3)
-    path = exported(tmp_path / "pair.pt2", Pair(), a, a, dynamic=({0: batch}, {0: batch}))
-    with pytest.raises(ModelLoadError, match=r"takes 2 input\(s\).*write .*pair\.json"):
-        load_model(ModelSettings(path=path), CPU_INFO)
+    a, b = torch.ones(2, 3), torch.ones(2, 3)  # two tensors: one passed twice is one input
+    path = exported(tmp_path / "pair.pt2", Pair(), a, b, dynamic=({0: batch}, {0: batch}))
+    model = load_model(ModelSettings(path=path), CPU_INFO)
+    assert [(t.name, t.shape) for t in model.spec.input_specs] == [("a", (3,)), ("b", (3,))]
+    instance = {"a": np.full(3, 1.0, dtype=np.float32), "b": np.full(3, 2.0, dtype=np.float32)}
+    (row,) = model([instance])
+    np.testing.assert_allclose(row, [3.0, 3.0, 3.0])

@@ -161,7 +161,7 @@ async def test_bad_tensors_are_clear_400s(
     [
         (b"{not json", {}, "not valid JSON"),
         (b"[]", {}, "must be a JSON object"),
-        (b'{"inputs": []}', {}, "exactly one tensor"),
+        (b'{"inputs": []}', {}, "missing input 'pixels'"),
         (b"{}", {"inference-header-content-length": "99"}, "between 1 and the body's 2 bytes"),
         (b"{}", {"x-request-timeout-ms": "soon"}, "X-Request-Timeout-Ms"),
         (b"{}", {"inference-header-content-length": "+2"}, "not '+2'"),

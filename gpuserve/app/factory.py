@@ -228,7 +228,7 @@ def _name_models(document: dict[str, Any], names: list[str]) -> None:
 def _predict_schema(service: ModelService) -> dict[str, Any]:
     """A /predict body for this model: its instances, shaped, typed and bounded by its spec."""
     assert service.model is not None
-    instance = service.model.spec.input.json_schema()
+    instance = service.model.spec.instance_schema()
     return {
         "oneOf": [
             _one_field("inputs", instance),
@@ -247,7 +247,7 @@ def _instances(service: ModelService) -> dict[str, Any]:
     assert service.model is not None
     return {
         "type": "array",
-        "items": service.model.spec.input.json_schema(),
+        "items": service.model.spec.instance_schema(),
         "minItems": 1,
         "maxItems": service.settings.max_instances_per_request,
     }

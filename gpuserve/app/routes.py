@@ -99,7 +99,7 @@ async def run_predict(
     body = await read_body(request, settings.max_body_bytes)
     decoder: BodyDecoder = request.app.state.decoder
     limit = service.settings.max_instances_per_request
-    decoded = await decoder.run(body, decode, spec.input, limit)
+    decoded = await decoder.run(body, decode, spec, limit)
     trace = request.state.trace = Trace()
     outputs = await unless_disconnected(
         request, service.predict(decoded.instances, timeout_s, trace=trace)

@@ -172,9 +172,7 @@ async def infer(request: Request, name: str) -> Response:
     )
     # The client's id, or the request's own (X-Request-Id, in the logs too) when it sent none.
     response_id = decoded.id if decoded.id is not None else request_id_of(request)
-    content, json_length = oip.encode_response(
-        spec, rows, response_id, decoded.binary_output, decoded.class_count
-    )
+    content, json_length = oip.encode_response(spec, rows, response_id, decoded.outputs)
     if json_length is None:
         return JSON(content)
     return Response(

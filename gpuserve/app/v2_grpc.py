@@ -246,16 +246,19 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             timeout_s = min(timeout_s, decoded.timeout_s)
         trace = state["trace"] = Trace()
         rows = await service.predict(decoded.instances, timeout_s, postprocess=False, trace=trace)
-        tensor = oip.output_tensor(spec, rows, decoded.class_count)
-        output = pb.ModelInferResponse.InferOutputTensor(
-            name=tensor.name, datatype=tensor.datatype, shape=tensor.shape
-        )
+        # Raw contents for every output, as Triton answers (gRPC has no JSON to choose).
+        tensors = oip.output_tensors(spec, rows, decoded.outputs)
         return pb.ModelInferResponse(
             model_name=spec.name,
             model_version=oip.VERSION,
             id=decoded.id if decoded.id is not None else state["request_id"],
-            outputs=[output],
-            raw_output_contents=[tensor.raw()],
+            outputs=[
+                pb.ModelInferResponse.InferOutputTensor(
+                    name=tensor.name, datatype=tensor.datatype, shape=tensor.shape
+                )
+                for tensor in tensors
+            ],
+            raw_output_contents=[tensor.raw() for tensor in tensors],
         )
 
     def _service(self, name: str, version: str, state: dict[str, Any]) -> Any:
