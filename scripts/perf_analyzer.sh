@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Triton's perf_analyzer against a running gpuserve, wherever perf_analyzer can run.
 #
-#   scripts/perf_analyzer.sh [MODEL] [HOST:PORT]      (default: digits on 127.0.0.1:8000)
+#   scripts/perf_analyzer.sh [MODEL] [HOST:PORT] [GRPC_HOST:PORT]
+#                                  (default: digits on 127.0.0.1:8000, gRPC on 127.0.0.1:8001)
 #
 # Start the server first (`make serve`). perf_analyzer reads the model's configuration
-# (/v2/models/MODEL/config), then sends random inputs at concurrency 1, 8 and 32, JSON and
-# binary tensors over HTTP (gRPC once gpuserve serves it: issue 12), and prints its tables.
+# (/v2/models/MODEL/config), then sends random inputs at concurrency 1, 8 and 32: JSON and
+# binary tensors over HTTP, and raw contents over gRPC; it prints its tables.
 # Without perf_analyzer on the PATH it is installed into .venv-perf. Where no build can run
 # (its PyPI wheels need glibc 2.38), the script says so and exits 3.
 set -uo pipefail
 model="${1:-digits}"
 url="${2:-127.0.0.1:8000}"
+grpc_url="${3:-127.0.0.1:8001}"
 if ! command -v perf_analyzer >/dev/null 2>&1; then
     if [ ! -x .venv-perf/bin/python ]; then
         python3 -m venv .venv-perf >/dev/null 2>&1 || true
@@ -35,5 +37,8 @@ for concurrency in 1 8 32; do
         perf_analyzer -m "$model" -u "$url" -i http --concurrency-range "$concurrency" \
             --measurement-interval 5000 "${flags[@]}" || status=$?
     done
+    echo "== $model over grpc, concurrency $concurrency, raw contents"
+    perf_analyzer -m "$model" -u "$grpc_url" -i grpc --concurrency-range "$concurrency" \
+        --measurement-interval 5000 --input-data random || status=$?
 done
 exit "$status"

@@ -25,7 +25,9 @@ from gpuserve.logs import access
 from gpuserve.metrics import Metrics
 
 # Probes must work without a key: Kubernetes and load balancers carry none.
-_OPEN_PATHS = frozenset({"/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready"})
+_OPEN_PATHS = frozenset(
+    {"/", "/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready"}
+)
 # A random prefix per process and a counter: unique like uuid4, without a syscall per request.
 _ID_PREFIX = uuid.uuid4().hex[:16]
 _ID_COUNTER = itertools.count(1)

@@ -51,6 +51,12 @@ async def live() -> Response:
     return json_response({"status": "alive"})
 
 
+@router.get("/")
+async def root_live() -> Response:
+    """Liveness where KServe's v1 clients look for it (`is_server_live`): as /health/live."""
+    return json_response({"status": "alive"})
+
+
 @router.get(
     "/health/ready",
     responses={503: {"description": "loading, failed or stopping, with each model's state"}},
