@@ -6,6 +6,7 @@ If the README changes, this follows it: the code comes from the README, not from
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shlex
@@ -185,3 +186,68 @@ def test_labels_on_a_model_that_ends_in_softmax_are_warned_about(tmp_path: Path)
         wait_ready(server.url)
         assert any("softmax twice" in line for line in server.log)
         assert any('set output.kind = "probabilities"' in line for line in server.log)
+
+
+# What `make serve` installs is the project's core dependencies, without the test tools; a
+# module the server imports from anything else works in the test venv and breaks a user's
+# first `gpuserve serve` (tritonclient.grpc's import of `packaging` did). This imports the
+# serving modules in a process where only the core dependencies' closure can be imported.
+SERVING_CLOSURE = r"""
+import importlib.abc, importlib.metadata as md, json, re, sys
+
+allowed = set(json.loads(sys.argv[1]))
+owners = md.packages_distributions()
+
+class OnlyTheServingInstall(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        top = name.partition(".")[0]
+        if top in sys.stdlib_module_names or top not in owners or top == "gpuserve":
+            return None
+        dists = {re.sub(r"[-_.]+", "-", d).lower() for d in owners[top]}
+        if dists & allowed:
+            return None
+        raise ModuleNotFoundError(f"{name} (from {sorted(dists)}) is not in the serving install")
+
+sys.meta_path.insert(0, OnlyTheServingInstall())
+import gpuserve.cli, gpuserve.app, gpuserve.app.v2_grpc, gpuserve.handler, gpuserve.loading
+import gpuserve.api, gpuserve.starter, gpuserve.decoding
+print("ok")
+"""
+
+
+def core_closure() -> set[str]:
+    """The distributions `pip install gpuserve` brings, read from pyproject.toml (not from
+    the installed metadata, which is as old as the last install), without any extra."""
+    import importlib.metadata as md
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    def key(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    seen: set[str] = {"gpuserve"}
+    todo = [Requirement(text) for text in project["dependencies"]]
+    while todo:
+        requirement = todo.pop()
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue
+        name = key(requirement.name)
+        if name in seen:
+            continue
+        seen.add(name)
+        with contextlib.suppress(md.PackageNotFoundError):  # not installed: nothing to follow
+            todo += [Requirement(text) for text in md.requires(name) or []]
+    return seen
+
+
+def test_the_server_imports_nothing_the_serving_install_lacks() -> None:
+    allowed = json.dumps(sorted(core_closure()))
+    result = subprocess.run(
+        [sys.executable, "-c", SERVING_CLOSURE, allowed],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
