@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import socket
 import subprocess
@@ -460,3 +461,26 @@ def test_kserve_grpc_client_against_the_server(demo_model: Path) -> None:
         assert out["bad_shape"][0] == "INVALID_ARGUMENT" and "shape [63]" in out["bad_shape"][1]
         assert out["unknown"][0] == "NOT_FOUND" and "'nope'" in out["unknown"][1]
         assert server.stop() == 0
+
+
+async def test_each_call_has_a_request_id_and_an_access_log_line(
+    digits: Both, caplog: pytest.LogCaptureFixture
+) -> None:
+    tensor = pb.ModelInferRequest().InferInputTensor(name="pixels", datatype="FP32", shape=[1, 64])
+    request = pb.ModelInferRequest(model_name="digits", inputs=[tensor])
+    request.raw_input_contents.append(images(1).tobytes())
+    with caplog.at_level(logging.INFO, logger="gpuserve.access"):
+        call = digits.stub.ModelInfer(request, metadata=(("x-request-id", "mine-1"),))
+        answer = await call
+        trailing = dict(await call.trailing_metadata() or ())
+        fresh = digits.stub.ModelInfer(request)
+        await fresh
+        generated = dict(await fresh.trailing_metadata() or ())["x-request-id"]
+    assert answer.id == "mine-1" and trailing["x-request-id"] == "mine-1"
+    assert generated and generated != "mine-1"
+    lines = [r for r in caplog.records if r.name == "gpuserve.access"]
+    assert len(lines) == 2
+    first = lines[0]
+    assert first.getMessage().startswith("GRPC /inference.GRPCInferenceService/ModelInfer OK ")
+    assert first.request_id == "mine-1" and first.model == "digits"  # type: ignore[attr-defined]
+    assert first.batch_size >= 1  # type: ignore[attr-defined]
