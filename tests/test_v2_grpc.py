@@ -484,3 +484,19 @@ async def test_each_call_has_a_request_id_and_an_access_log_line(
     assert first.getMessage().startswith("GRPC /inference.GRPCInferenceService/ModelInfer OK ")
     assert first.request_id == "mine-1" and first.model == "digits"  # type: ignore[attr-defined]
     assert first.batch_size >= 1  # type: ignore[attr-defined]
+
+
+async def test_a_failing_model_is_internal_with_a_request_id_and_the_server_goes_on(
+    fake_model: FakeModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with both(Settings(device="cpu", model=FAKE), loader=fake_loader(fake_model)) as servers:
+        x = triton.InferInput("x", [1, 4], "FP32")
+        x.set_data_from_numpy(np.ones((1, 4), dtype=np.float32))
+        fake_model.error = RuntimeError("the model broke")
+        failed = await failure(servers.grpc.infer("fake", [x], request_id="f1"))
+        assert failed.status() == "StatusCode.INTERNAL"
+        assert "(request id " in str(failed.message())
+        assert "the model broke" not in str(failed.message())  # the log has it, not the client
+        assert "the model broke" in caplog.text
+        fake_model.error = None
+        assert (await servers.grpc.infer("fake", [x])).as_numpy("y").tolist() == [4.0]

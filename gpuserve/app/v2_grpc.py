@@ -36,7 +36,6 @@ from gpuserve.config import Settings
 from gpuserve.errors import (
     BadRequest,
     GpuserveError,
-    InferenceError,
     ModelNotFound,
     Overloaded,
     Unauthorized,
@@ -44,6 +43,7 @@ from gpuserve.errors import (
 from gpuserve.logs import access
 from gpuserve.metrics import Metrics
 from gpuserve.registry import ModelRegistry
+from gpuserve.service import ModelService
 from gpuserve.spec import TensorSpec
 
 logger = logging.getLogger("gpuserve.grpc")
@@ -261,7 +261,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raw_output_contents=[tensor.raw() for tensor in tensors],
         )
 
-    def _service(self, name: str, version: str, state: dict[str, Any]) -> Any:
+    def _service(self, name: str, version: str, state: dict[str, Any]) -> ModelService:
         if version not in ("", oip.VERSION):
             raise ModelNotFound(
                 f"model {name!r} has no version {version!r}; it has {oip.VERSION!r}"
@@ -319,9 +319,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             # A bug (ours, or in a user's hook): the client gets a request id, the log the rest.
             status = grpc.StatusCode.INTERNAL
             logger.error("call %s failed unexpectedly", request_id, exc_info=exc)
-            await context.abort(
-                status, f"{InferenceError('internal error').message} (request id {request_id})"
-            )
+            await context.abort(status, f"internal error (request id {request_id})")
             raise
         finally:
             self._metrics.in_flight.dec()
