@@ -14,6 +14,7 @@ import pytest
 import torch
 import tritonclient.grpc.aio as triton_aio
 from pydantic import ValidationError
+from tritonclient.grpc import service_pb2 as pb
 
 from gpuserve.app import create_app
 from gpuserve.config import ModelSettings, Settings
@@ -239,6 +240,20 @@ async def test_grpc_takes_several_inputs_and_answers_several_outputs(two_tower: 
         only = triton_aio.InferRequestedOutput("score")
         picked = await servers.grpc.infer("towers", [features, ids], outputs=[only])
         assert [o.name for o in picked.get_response().outputs] == ["score"]
+        # Typed contents, each input in its own field (fp32_contents, int64_contents).
+        typed_features = pb.ModelInferRequest.InferInputTensor(
+            name="features", datatype="FP32", shape=[1, 4]
+        )
+        typed_features.contents.fp32_contents.extend(INSTANCES[0]["features"])
+        typed_ids = pb.ModelInferRequest.InferInputTensor(
+            name="ids", datatype="INT64", shape=[1, 3]
+        )
+        typed_ids.contents.int64_contents.extend(INSTANCES[0]["ids"])
+        request = pb.ModelInferRequest(model_name="towers", inputs=[typed_features, typed_ids])
+        answer = await servers.stub.ModelInfer(request)
+        assert [o.name for o in answer.outputs] == ["score", "embedding"]
+        got = np.frombuffer(answer.raw_output_contents[1], dtype="<f4")
+        np.testing.assert_allclose(got, embedding, atol=1e-6)
 
 
 def test_tritonclient_http_and_grpc_against_a_two_input_two_output_model(
