@@ -157,6 +157,7 @@ async def test_typed_contents_are_read_like_raw_ones(digits: Both) -> None:
         (lambda t, r: t.parameters["binary_data_size"].int64_param.__int__(), "not the 512"),
         (lambda t, r: r.parameters["timeout"].CopyFrom(pb.InferParameter(int64_param=-1)), "tim"),
         (lambda t, r: r.outputs.add(name="probabilities"), "unknown output 'probabilities'"),
+        (lambda t, r: t.contents.fp32_contents.append(1.0), "raw_input_contents or typed"),
     ],
 )
 async def test_bad_requests_are_invalid_argument_naming_the_problem(

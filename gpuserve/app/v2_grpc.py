@@ -374,6 +374,8 @@ def _reader(request: Any, limit: int | None) -> oip.TensorReader:
             f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs: "
             "give one per input, in order, or use typed contents"
         )
+    if raw and any(tensor.HasField("contents") for tensor in request.inputs):
+        raise BadRequest("give each input's data once: raw_input_contents or typed contents")
     position = {tensor.name: i for i, tensor in reversed(list(enumerate(request.inputs)))}
 
     def read(fields: dict[str, Any], spec: TensorSpec) -> np.ndarray[Any, Any]:
