@@ -88,7 +88,8 @@ _FATAL_SIGNS = (
 
 
 class Handler:
-    """Runs batches of validated instances (numpy arrays shaped as `spec.input`) on a module.
+    """Runs batches of validated instances on a module: numpy arrays shaped as the spec's
+    input, or for a model of several inputs, dicts of them by name.
 
     `module` may be given directly (tests, embedding); otherwise `setup()` calls `load`.
     """

@@ -5,7 +5,9 @@ raw tensor bytes under the binary tensor data extension) becomes the model's ins
 the model's rows become a response body. Every input error is a BadRequest (400).
 
 A request tensor of shape [N, ...] carries N instances; each joins the batcher on its own,
-exactly like the instances of a /predict request.
+exactly like the instances of a /predict request. For a model of several inputs, every input
+carries the same N, and instance i holds row i of each. gRPC's messages are turned into the
+same dicts (`decode_fields`), so both transports share every check here.
 """
 
 from __future__ import annotations
