@@ -107,8 +107,7 @@ class Handler:
         self.module = module
         self.precision = self.settings.precision
         # None for strings: what their preprocess makes (token ids, say) keeps its own dtype.
-        first = spec.input_specs[0]
-        self._input_dtype = _TORCH_DTYPES.get(first.dtype) if spec.input else None
+        self._input_dtype = _TORCH_DTYPES.get(spec.input.dtype) if spec.input else None
         # Pinned host memory lets the copy to the GPU run without blocking the worker thread.
         self._pin = self.device.type == "cuda"
         # Copies to the GPU go on their own stream, to overlap the running forward pass; the
@@ -174,10 +173,10 @@ class Handler:
                 and output_spec.shape[:1] == (-1,)
             )
             mask = batch.mask if per_position else None
-            read_broken = _non_finite_rows(output, mask, prepared.size)
-            if self.spec.output is None:
-                readers = [_non_finite_rows(t, None, prepared.size) for t in tensors_of(output)]
-                read_broken = lambda: sorted({i for read in readers for i in read()})  # noqa: E731
+            if output_spec is not None:
+                read_broken = _non_finite_rows(output, mask, prepared.size)
+            else:
+                read_broken = _non_finite_in_any(tensors_of(output), prepared.size)
             rows = self.split(output)[: prepared.size]
             broken = read_broken()
         if per_position:
@@ -309,25 +308,15 @@ class Handler:
             )
         if self._variable_axes:
             return self._pad(items)
-        first = items[0]
-        host = self._host_buffer((len(items), *first.shape), first.dtype)
-        np.stack(items, out=host.numpy())  # straight into (pinned) host memory: one copy
-        return self._to_device(host, self._input_dtype or host.dtype)
+        return self._stacked(items, self._input_dtype)
 
     def _collate_input(self, spec: TensorSpec, items: list[np.ndarray[Any, Any]]) -> torch.Tensor:
         """One input of a model of several: stacked, or padded to the longest (and up to its
         length bucket, for the input that decides buckets)."""
         dtype = _TORCH_DTYPES.get(spec.dtype)
         if not spec.variable:
-            host = self._host_buffer((len(items), *items[0].shape), items[0].dtype)
-            np.stack(items, out=host.numpy())
-            return self._to_device(host, dtype or host.dtype)
-        shape = list(np.max([item.shape for item in items], axis=0))
-        if self._buckets and spec is self._bucket_input:
-            axis = self._variable_axes[0]
-            index = bisect.bisect_left(self._buckets, shape[axis])
-            if index < len(self._buckets):
-                shape[axis] = self._buckets[index]
+            return self._stacked(items, dtype)
+        shape = self._padded_shape(items, bucketed=spec is self._bucket_input)
         host = self._host_buffer((len(items), *shape), items[0].dtype)
         values = host.numpy()
         values.fill(spec.pad_value)
@@ -566,14 +555,29 @@ class Handler:
     def _to_device(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return tensor.to(self.device, dtype=dtype, non_blocking=self._pin)
 
-    def _pad(self, items: list[np.ndarray[Any, Any]]) -> Padded:
-        """Pad each variable dimension to the longest item, or up to its length bucket."""
+    def _stacked(
+        self, items: list[np.ndarray[Any, Any]], dtype: torch.dtype | None
+    ) -> torch.Tensor:
+        """Items of one shape as one batch on the device, in `dtype` (or their own)."""
+        first = items[0]
+        host = self._host_buffer((len(items), *first.shape), first.dtype)
+        np.stack(items, out=host.numpy())  # straight into (pinned) host memory: one copy
+        return self._to_device(host, dtype or host.dtype)
+
+    def _padded_shape(self, items: list[np.ndarray[Any, Any]], bucketed: bool) -> list[int]:
+        """The longest item's shape; when `bucketed`, its bucketed dimension up to its
+        length bucket."""
         shape = list(np.max([item.shape for item in items], axis=0))
-        if self._buckets:
+        if bucketed and self._buckets:
             axis = self._variable_axes[0]
             index = bisect.bisect_left(self._buckets, shape[axis])
             if index < len(self._buckets):  # past the last bound: the longest item decides
                 shape[axis] = self._buckets[index]
+        return shape
+
+    def _pad(self, items: list[np.ndarray[Any, Any]]) -> Padded:
+        """Pad each variable dimension to the longest item, or up to its length bucket."""
+        shape = self._padded_shape(items, bucketed=True)
         spec = self._bucket_input
         assert spec is not None
         values_host = self._host_buffer((len(items), *shape), spec.numpy_dtype)
@@ -707,6 +711,12 @@ def _non_finite_rows(output: Any, mask: torch.Tensor | None, size: int) -> Calla
 
 
 _NUMPY_FLOATS = (torch.float32, torch.float64, torch.float16)
+
+
+def _non_finite_in_any(outputs: list[Any], size: int) -> Callable[[], list[int]]:
+    """The rows, among the first `size`, with NaN or infinity in any of several outputs."""
+    readers = [_non_finite_rows(output, None, size) for output in outputs]
+    return lambda: sorted({row for read in readers for row in read()})
 
 
 def _non_finite_host(

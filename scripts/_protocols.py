@@ -10,7 +10,6 @@ answered) is the figure that does not depend on how fast the client is.
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -127,7 +126,4 @@ def protocols_report(rows: list[dict[str, Any]], concurrency: int) -> str:
             f"{row['p99_ms']:.2f} | {row['cpu_us_per_request']:.0f} | "
             f"{row['req_per_s_runs']} | {row['errors'] + row['non_2xx']} |"
         )
-    cpu = {row["protocol"]: row["cpu_us_per_request"] for row in rows}
-    spread = statistics.median(cpu.values())
-    lines.append(f"\nmedian server CPU per request across protocols: {spread:.0f} µs")
     return "\n".join(lines)

@@ -19,7 +19,7 @@ from tritonclient.grpc import service_pb2 as pb
 from gpuserve.app import create_app
 from gpuserve.config import ModelSettings, Settings
 from gpuserve.device import DeviceInfo
-from gpuserve.errors import ModelLoadError
+from gpuserve.errors import InferenceError, ModelLoadError
 from gpuserve.handler import Handler
 from gpuserve.sources import load_program, spec_from_program
 from gpuserve.spec import ModelSpec, TensorSpec
@@ -348,3 +348,18 @@ async def test_openapi_describes_an_instance_as_an_object_of_the_inputs(
     one = body["schema"]["oneOf"][0]["properties"]["inputs"]
     assert one["required"] == ["features", "ids"] and one["additionalProperties"] is False
     assert one["properties"]["ids"]["maxItems"] == 16
+
+
+def test_a_row_with_nan_in_any_output_fails_alone() -> None:
+    spec = ModelSpec(name="m", **SPEC)  # type: ignore[arg-type]
+
+    class NanForNegative(torch.nn.Module):
+        def forward(self, features: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            score, embedding = TwoTower()(features, ids)
+            broken = (features[:, :1] < 0).to(embedding.dtype)
+            return score, embedding / (1 - broken)  # inf where the first feature is negative
+
+    handler = Handler(spec, CPU, module=NanForNegative())
+    rows = handler([{k: np.asarray(v) for k, v in instance.items()} for instance in INSTANCES[1:]])
+    assert isinstance(rows[1], InferenceError) and "NaN or infinite" in str(rows[1])
+    np.testing.assert_allclose(rows[0]["score"], direct(**INSTANCES[1])[0], atol=1e-6)
