@@ -238,10 +238,13 @@ class OutputTensor:
     """A response's output tensor: the model's rows as one array, or the classification
     extension's strings (`datatype` BYTES)."""
 
-    name: str
     datatype: str
     array: np.ndarray[Any, Any]
     spec: TensorSpec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     @property
     def shape(self) -> list[int]:
@@ -268,7 +271,7 @@ def output_tensors(
     Rows are arrays for a model of one output, or objects of arrays by output name."""
     several = spec.output is None
     return [
-        output_tensor(
+        _output_tensor(
             choice.spec,
             [row[choice.spec.name] for row in rows] if several else rows,
             choice.class_count,
@@ -278,7 +281,7 @@ def output_tensors(
     ]
 
 
-def output_tensor(
+def _output_tensor(
     want: TensorSpec, rows: list[Any], class_count: int | None, labels: list[str] | None
 ) -> OutputTensor:
     """One output's rows for one request as the protocol's output tensor.
@@ -291,8 +294,8 @@ def output_tensor(
     except ValueError as exc:
         raise InferenceError("the model's outputs for this request do not form one tensor") from exc
     if class_count is not None:
-        return OutputTensor(want.name, "BYTES", _classes(array, class_count, labels), want)
-    return OutputTensor(want.name, datatype(want), array, want)
+        return OutputTensor("BYTES", _classes(array, class_count, labels), want)
+    return OutputTensor(datatype(want), array, want)
 
 
 def encode_response(
