@@ -52,6 +52,13 @@ class ModelSettings(BaseModel):
         pattern=_NAME_PATTERN,
         description="The name clients use (/models/{name}/predict). Default: the file's stem.",
     )
+    version: int = Field(
+        default=1,
+        ge=1,
+        description="The model's version (/v2/models/{name}/versions/{version}/...). Several "
+        "versions of one name are served side by side; routes without a version serve the "
+        "highest one ready, or the server's `default_versions` entry.",
+    )
     path: Path | None = Field(
         default=Path("models/digits.pt2"),
         description="The model file: .pt2 (torch.export) or TorchScript. Relative paths in a "
@@ -184,6 +191,11 @@ class ModelSettings(BaseModel):
             1 << i for i in range(self.max_batch_size.bit_length()) if 1 << i <= self.max_batch_size
         }
         return tuple(sorted(sizes | {self.max_batch_size}))
+
+    @property
+    def title(self) -> str:
+        """The name and, past version 1, the version: how logs name this model."""
+        return self.key if self.version == 1 else f"{self.key} v{self.version}"
 
     @property
     def key(self) -> str:
@@ -379,6 +391,11 @@ class Settings(BaseSettings):
     default_model: str | None = Field(
         default=None, description="The model /predict serves. Default: the first one."
     )
+    default_versions: dict[str, int] = Field(
+        default_factory=dict,
+        description="Model name -> the version its routes without a version serve, while that "
+        "version is loaded. Default: the highest version ready.",
+    )
     ray: RaySettings = Field(
         default_factory=RaySettings, description="Used only when deployed on Ray Serve."
     )
@@ -390,11 +407,16 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_models(self) -> Settings:
-        keys = [model.key for model in self.served_models]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"model names must be unique, got {keys}")
+        served = [(model.key, model.version) for model in self.served_models]
+        if len(set(served)) != len(served):
+            twice = sorted({f"{k} version {v}" for k, v in served if served.count((k, v)) > 1})
+            raise ValueError(f"each model name and version must be unique: {', '.join(twice)}")
+        keys = list(dict.fromkeys(key for key, _ in served))
         if self.default_model is not None and self.default_model not in keys:
             raise ValueError(f"default_model {self.default_model!r} is not one of {keys}")
+        for name, version in self.default_versions.items():
+            if (name, version) not in served:
+                raise ValueError(f"default_versions: no model {name!r} version {version}")
         return self
 
     @property

@@ -31,6 +31,7 @@ _LATENCY_BUCKETS = (
     5.0,
     10.0,
 )
+_MODEL = ["model", "version"]
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -41,71 +42,71 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._request_children: dict[tuple[str, int | str, str, str], tuple[Any, Any]] = {}
-        self._stats: dict[str, ModelStats] = {}
+        self._request_children: dict[tuple[str, int | str, str, str, str], tuple[Any, Any]] = {}
+        self._stats: dict[tuple[str, str], ModelStats] = {}
         self.requests = Counter(
             "gpuserve_requests",
             "Requests answered, by protocol (http or grpc), route (gRPC: the method), status "
-            "(HTTP's code, gRPC's status name) and model (empty: no model).",
-            ["protocol", "route", "code", "model"],
+            "(HTTP's code, gRPC's status name), model and version (empty: no model).",
+            ["protocol", "route", "code", "model", "version"],
             registry=self.registry,
         )
         self.request_seconds = Histogram(
             "gpuserve_request_seconds",
-            "Time from request to response, by protocol, route and model.",
-            ["protocol", "route", "model"],
+            "Time from request to response, by protocol, route, model and version.",
+            ["protocol", "route", "model", "version"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.batch_size = Histogram(
             "gpuserve_batch_size",
             "Instances per forward pass.",
-            ["model"],
+            _MODEL,
             buckets=_BATCH_BUCKETS,
             registry=self.registry,
         )
         self.queue_wait_seconds = Histogram(
             "gpuserve_queue_wait_seconds",
             "Time the oldest instance of a batch waited before its forward pass began.",
-            ["model"],
+            _MODEL,
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.forward_seconds = Histogram(
             "gpuserve_forward_seconds",
             "Time of one batch through collate, forward and split.",
-            ["model"],
+            _MODEL,
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.failed_items = Counter(
             "gpuserve_failed_items",
             "Instances whose forward pass raised, after retrying their batch in halves.",
-            ["model"],
+            _MODEL,
             registry=self.registry,
         )
         self.oom_splits = Counter(
             "gpuserve_oom_splits",
             "Batches split and retried after running out of memory.",
-            ["model"],
+            _MODEL,
             registry=self.registry,
         )
         self.refused = Counter(
             "gpuserve_refused",
             "Requests refused because the queue was full.",
-            ["model"],
+            _MODEL,
             registry=self.registry,
         )
         self.timed_out = Counter(
             "gpuserve_timed_out",
             "Requests answered 504 because their deadline passed.",
-            ["model"],
+            _MODEL,
             registry=self.registry,
         )
         self.queue_depth = Gauge(
             "gpuserve_queue_depth",
             "Instances waiting for a batch.",
-            ["model"],
+            _MODEL,
             registry=self.registry,
         )
         self.in_flight = Gauge(
@@ -116,7 +117,7 @@ class Metrics:
         self.ready = Gauge(
             "gpuserve_ready",
             "1 when the model is loaded, warmed up and accepting requests.",
-            ["model"],
+            _MODEL,
             registry=self.registry,
         )
 
@@ -158,35 +159,42 @@ class Metrics:
                 if value is not None:
                     gauge.labels(*labels).set(value)
 
-    def track_queue_depth(self, model: str, read: Callable[[], float]) -> None:
+    def track_queue_depth(self, model: str, version: str, read: Callable[[], float]) -> None:
         """Read the depth when scraped, so nothing polls between scrapes."""
-        self.queue_depth.labels(model).set_function(read)
+        self.queue_depth.labels(model, version).set_function(read)
 
     def observe_request(
-        self, route: str, code: int | str, seconds: float, model: str = "", protocol: str = "http"
+        self,
+        route: str,
+        code: int | str,
+        seconds: float,
+        model: str = "",
+        protocol: str = "http",
+        version: str = "",
     ) -> None:
         """One answered request: an HTTP status code, or a gRPC status name ("OK", ...)."""
-        # The labelled children, found once per (route, code, model): prometheus-client's
-        # labels() checks and joins its arguments under a lock on every call.
-        key = (route, code, model, protocol)
+        # The labelled children, found once per (route, code, model, version): prometheus-
+        # client's labels() checks and joins its arguments under a lock on every call.
+        key = (route, code, model, protocol, version)
         children = self._request_children.get(key)
         if children is None:
             children = (
-                self.requests.labels(protocol, route, str(code), model),
-                self.request_seconds.labels(protocol, route, model),
+                self.requests.labels(protocol, route, str(code), model, version),
+                self.request_seconds.labels(protocol, route, model, version),
             )
             self._request_children[key] = children
         counter, histogram = children
         counter.inc()
         histogram.observe(seconds)
         if model:  # a request that reached a model: the protocol's statistics count it too
-            stats = self._stats.get(model) or self.stats(model)
+            stats = self._stats.get((model, version)) or self.stats(model, version)
             succeeded = code == "OK" if isinstance(code, str) else 200 <= code < 300
             stats.request(succeeded, seconds)
 
     def observe_batch(
         self,
         model: str,
+        version: str,
         size: int,
         queue_wait_s: float,
         forward_s: float,
@@ -194,21 +202,23 @@ class Metrics:
         oom_splits: int,
         queue_wait_total_s: float = 0.0,
     ) -> None:
-        stats = self._stats.get(model) or self.stats(model)
+        stats = self._stats.get((model, version)) or self.stats(model, version)
         stats.batch(size, queue_wait_total_s, forward_s)
-        self.batch_size.labels(model).observe(size)
-        self.queue_wait_seconds.labels(model).observe(queue_wait_s)
-        self.forward_seconds.labels(model).observe(forward_s)
+        self.batch_size.labels(model, version).observe(size)
+        self.queue_wait_seconds.labels(model, version).observe(queue_wait_s)
+        self.forward_seconds.labels(model, version).observe(forward_s)
         if failed_items:
-            self.failed_items.labels(model).inc(failed_items)
+            self.failed_items.labels(model, version).inc(failed_items)
         if oom_splits:
-            self.oom_splits.labels(model).inc(oom_splits)
+            self.oom_splits.labels(model, version).inc(oom_splits)
 
-    def stats(self, model: str) -> ModelStats:
-        """The model's counters in the protocol's form, kept beside its Prometheus series."""
-        found = self._stats.get(model)
+    def stats(self, model: str, version: str) -> ModelStats:
+        """A model version's counters in the protocol's form, kept beside its Prometheus
+        series."""
+        key = (model, version)
+        found = self._stats.get(key)
         if found is None:
-            found = self._stats[model] = ModelStats()
+            found = self._stats[key] = ModelStats()
         return found
 
     def render(self) -> bytes:

@@ -24,7 +24,6 @@ from gpuserve.errors import BadRequest, InferenceError, InvalidInput
 from gpuserve.spec import Instance, ModelSpec, TensorSpec, block_to_arrays
 
 HEADER_LENGTH = "inference-header-content-length"
-VERSION = "1"  # gpuserve serves one version of each model
 
 # Protocol datatypes and their little-endian numpy layouts. BF16 travels as 16-bit words.
 _DATATYPES: dict[str, str] = {
@@ -60,15 +59,16 @@ def datatype(spec: TensorSpec) -> str:
     return _OF_SPEC[spec.dtype]
 
 
-def metadata(spec: ModelSpec, platform: str) -> dict[str, Any]:
-    """The model metadata response: tensors with the batch dimension as -1."""
+def metadata(spec: ModelSpec, platform: str, versions: list[str]) -> dict[str, Any]:
+    """The model metadata response: the versions loaded, tensors with the batch dimension
+    as -1."""
 
     def tensor(t: TensorSpec) -> dict[str, Any]:
         return {"name": t.name, "datatype": datatype(t), "shape": [-1, *t.shape]}
 
     return {
         "name": spec.name,
-        "versions": [VERSION],
+        "versions": versions,
         "platform": platform,
         "inputs": [tensor(t) for t in spec.input_specs],
         "outputs": [tensor(t) for t in spec.output_specs],
@@ -299,7 +299,11 @@ def _output_tensor(
 
 
 def encode_response(
-    spec: ModelSpec, rows: list[Any], request_id: str | None, outputs: list[OutputChoice]
+    spec: ModelSpec,
+    rows: list[Any],
+    request_id: str | None,
+    outputs: list[OutputChoice],
+    version: str,
 ) -> tuple[bytes, int | None]:
     """The response body, and the JSON header's length when binary data follows it."""
     described: list[dict[str, Any]] = []
@@ -314,7 +318,7 @@ def encode_response(
         else:
             output["data"] = tensor.values()
         described.append(output)
-    body: dict[str, Any] = {"model_name": spec.name, "model_version": VERSION, "outputs": described}
+    body: dict[str, Any] = {"model_name": spec.name, "model_version": version, "outputs": described}
     if request_id is not None:
         body["id"] = request_id
     header = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -548,9 +552,11 @@ def model_config(
     preferred_batch_size: int,
     max_wait_ms: float,
     copies: Sequence[tuple[str, int | None, int]],
+    versions: list[str],
 ) -> dict[str, Any]:
     """The model configuration in Triton's JSON form, what perf_analyzer and model-analyzer
-    read first. `copies` is (kind: cpu or cuda, GPU index, copies on it) per device."""
+    read first. `copies` is (kind: cpu or cuda, GPU index, copies on it) per device;
+    `versions` those loaded."""
 
     def tensor(t: TensorSpec) -> dict[str, Any]:
         # Triton's configuration calls BYTES tensors TYPE_STRING.
@@ -561,7 +567,7 @@ def model_config(
         "name": spec.name,
         "platform": "pytorch_libtorch",
         "backend": "pytorch",
-        "version_policy": {"latest": {"num_versions": 1}},
+        "version_policy": {"specific": {"versions": [int(v) for v in versions]}},
         "max_batch_size": max_batch_size,
         "input": [tensor(t) for t in spec.input_specs],
         "output": [tensor(t) for t in spec.output_specs],

@@ -1,4 +1,4 @@
-"""ModelRegistry: the models a server serves, each its own ModelService, by name.
+"""ModelRegistry: the models a server serves, each its own ModelService, by name and version.
 
 Each model loads, batches and fails on its own: one that fails to load leaves the others
 serving. The server is ready when no model is still loading and at least one is ready;
@@ -6,7 +6,8 @@ readiness lists every model, so an operator sees which one failed and why.
 
 Models can also be unloaded, loaded again, or reloaded while serving (the repository API):
 a reload loads a new copy beside the one serving and swaps them only once it is ready, so no
-request fails; the old copy then drains and its memory is released.
+request fails; the old copy then drains and its memory is released. Loading version N+1
+and then unloading version N is a rollout the same way.
 """
 
 from __future__ import annotations
@@ -20,10 +21,18 @@ from gpuserve.device import DeviceInfo, probe, release_memory
 from gpuserve.errors import Conflict, ModelLoadError, ModelNotFound, NotReady
 from gpuserve.metrics import Metrics
 from gpuserve.service import Loader, ModelService
+from gpuserve.spec import Instance, ModelSpec
+
+Key = tuple[str, str]  # a model's name and version, as the protocol spells them
 
 
 class ModelRegistry:
-    """The served models; the first one is the default, served at `/predict`."""
+    """The served models; the first one is the default, served at `/predict`.
+
+    A name may have several versions, each its own ModelService. Routes without a version
+    reach the name's `default_versions` entry while that one is loaded, else the highest
+    version ready (or, with none ready, the highest loaded, whose state answers for it).
+    """
 
     def __init__(
         self,
@@ -33,17 +42,24 @@ class ModelRegistry:
         prober: Callable[[str], DeviceInfo] = probe,
     ) -> None:
         self._device = settings.device
-        self._loader, self._metrics, self._prober = loader, metrics, prober
-        # What can be loaded, by name: the configured models (the repository's own are added
-        # when first loaded), and what is loaded now.
-        self.configured = {model.key: model for model in settings.served_models}
+        self._loader, self.metrics, self._prober = loader, metrics, prober
+        # What can be loaded: the configured models (the repository's own are added when
+        # first loaded), and what is loaded now.
+        self.configured: dict[Key, ModelSettings] = {
+            _key(model): model for model in settings.served_models
+        }
         self._services = {key: self._service(model) for key, model in self.configured.items()}
-        self.default_name = next(iter(self.configured))
-        self._changing: set[str] = set()
+        self._by_name: dict[str, list[ModelService]] = {}  # each name's versions, lowest first
+        self._index()
+        self._default_versions = {
+            name: str(version) for name, version in settings.default_versions.items()
+        }
+        self.default_name = next(iter(self.configured))[0]
+        self._changing: set[Key] = set()
         self._drain: asyncio.Future[Any] | None = None
 
     def _service(self, model: ModelSettings) -> ModelService:
-        return ModelService(model, self._device, self._loader, self._metrics, self._prober)
+        return ModelService(model, self._device, self._loader, self.metrics, self._prober)
 
     @property
     def default(self) -> ModelService:
@@ -56,24 +72,97 @@ class ModelRegistry:
     def __len__(self) -> int:
         return len(self._services)
 
-    def get(self, name: str) -> ModelService:
-        """The named model's service: ModelNotFound (404) for a name the server does not
-        know, NotReady (503) for a known model that is unloaded."""
-        service = self._services.get(name)
+    @property
+    def names(self) -> list[str]:
+        """Every known model name (configured or loaded), once each, the default first."""
+        return list(dict.fromkeys(name for name, _ in self.configured))
+
+    def get(self, name: str, version: str | None = None) -> ModelService:
+        """The model's service: the given version, or the one routes without a version
+        serve. ModelNotFound (404) for a name or version the server does not know, NotReady
+        (503) for a known one that is unloaded."""
+        service = self.find(name, version)
         if service is not None:
             return service
-        if name in self.configured:
+        known = self.names
+        if name not in known:
+            raise ModelNotFound(f"no model named {name!r}; this server has: {', '.join(known)}")
+        if version is None:
             raise NotReady(f"model {name!r} is unloaded", retry_after_s=30)
-        known = ", ".join(self._services)
-        raise ModelNotFound(f"no model named {name!r}; this server has: {known}")
+        if (name, version) in self.configured:
+            raise NotReady(f"model {name!r} version {version} is unloaded", retry_after_s=30)
+        loaded = ", ".join(service.version for service in self._by_name.get(name, ()))
+        raise ModelNotFound(
+            f"model {name!r} has no version {version!r}; loaded: {loaded or 'none'}"
+        )
 
-    def find(self, name: str) -> ModelService | None:
-        """The named model's service if it is loaded (or loading), else None."""
-        return self._services.get(name)
+    def _serving(self, name: str) -> ModelService | None:
+        candidates = self._by_name.get(name)
+        if not candidates:
+            return None
+        if len(candidates) == 1:  # the common case, on every request: one version
+            return candidates[0]
+        chosen = self._default_versions.get(name)
+        if chosen is not None:
+            service = self._services.get((name, chosen))
+            if service is not None:
+                return service
+        ready = [service for service in candidates if service.state == "ready"]
+        return (ready or candidates)[-1]
 
-    def state_of(self, name: str) -> tuple[str, str | None]:
-        """A known model's state and reason, unloaded ones included."""
-        service = self.find(name)
+    def _index(self) -> None:
+        """Group the services by name, versions ascending: after every change of the table."""
+        by_name: dict[str, list[ModelService]] = {}
+        for service in sorted(self._services.values(), key=lambda s: s.settings.version):
+            by_name.setdefault(service.name, []).append(service)
+        self._by_name = by_name
+
+    async def predict(
+        self,
+        service: ModelService,
+        version: str | None,
+        spec: ModelSpec,
+        instances: list[Instance],
+        timeout_s: float,
+        **options: Any,
+    ) -> tuple[ModelService, list[Any]]:
+        """`service.predict`; the service that answered, and the results.
+
+        A request finds its model, then reads and checks its body against that model's spec,
+        then queues. Should the model be retired in between (reloaded, or its version
+        unloaded), the request goes to the one its route (`version`, None for the routes
+        without one) reaches now, if that one takes the same tensors: so a reload or a
+        version rollout fails no request.
+        """
+        try:
+            return service, await service.predict(instances, timeout_s, **options)
+        except NotReady:
+            if self._drain is not None or self._services.get(_key(service.settings)) is service:
+                raise
+            now = self.find(service.name, version)
+            if now is None or now.state != "ready" or now.spec != spec:
+                raise
+            return now, await now.predict(instances, timeout_s, **options)
+
+    def versions(self, name: str) -> list[str]:
+        """The loaded (or loading) versions of `name`, lowest first."""
+        return [service.version for service in self.all_versions(name)]
+
+    def all_versions(self, name: str) -> list[ModelService]:
+        """The loaded (or loading) versions of `name`, lowest first: 404 for an unknown name,
+        503 when none is loaded."""
+        found = self._by_name.get(name)
+        if not found:
+            self.get(name)
+        return list(found or ())
+
+    def find(self, name: str, version: str | None = None) -> ModelService | None:
+        """`get`'s service, or None where `get` raises."""
+        return self._serving(name) if version is None else self._services.get((name, version))
+
+    def state_of(self, key: Key) -> tuple[str, str | None]:
+        """A known model version's state and reason, unloaded ones included."""
+        service = self._services.get(key)
         if service is None:
             return "unloaded", "unloaded through the repository API"
         return service.state, service.reason
@@ -82,9 +171,10 @@ class ModelRegistry:
         """Load `model`, or reload it when it is loaded: the new copy loads beside the one
         serving and replaces it only once ready, then the old copy drains for up to `drain_s`
         and is released. ModelLoadError with the reason if the new copy fails; the old one
-        keeps serving."""
-        name = model.key
-        self._claim(name)
+        keeps serving. Other versions of the name are left as they are, so loading version
+        N+1 and then unloading version N is a rollout with no failed request."""
+        key = _key(model)
+        self._claim(key)
         try:
             fresh = self._service(model)
             await fresh.start()
@@ -92,33 +182,45 @@ class ModelRegistry:
             if fresh.state != "ready":
                 await fresh.stop(0)
                 fresh.release()
-                raise ModelLoadError(fresh.reason or f"{name} failed to load")
-            self.configured[name] = model
-            old = self._services.get(name)
-            self._services[name] = fresh
+                raise ModelLoadError(fresh.reason or f"{model.title} failed to load")
+            self.configured[key] = model
+            old = self._services.get(key)
+            self._services[key] = fresh
+            self._index()
             if old is not None:
                 await self._retire(old, drain_s)
             fresh.publish_ready()
             return fresh
         finally:
-            self._changing.discard(name)
+            self._changing.discard(key)
 
-    async def unload(self, name: str, drain_s: float) -> None:
-        """Stop serving `name`: its accepted requests are answered (for up to `drain_s`),
-        then its memory is released. It stays known, and can be loaded again."""
-        self.get(name)  # 404 for an unknown name
-        self._claim(name)
+    async def unload(self, name: str, drain_s: float, version: str | None = None) -> None:
+        """Stop serving `name` (every version, or the one given): its accepted requests are
+        answered (for up to `drain_s`), then its memory is released. It stays known, and can
+        be loaded again."""
+        if version is not None:
+            self.get(name, version)  # 404 for an unknown version, 503 for an unloaded one
+            keys = [(name, version)]
+        else:
+            keys = [key for key in self._services if key[0] == name]
+            if not keys:
+                self.get(name)  # 404 for an unknown name, 503 for an unloaded one
+        for key in keys:
+            self._claim(key)
         try:
-            await self._retire(self._services.pop(name), drain_s)
+            # Leaving the table first: new requests go to the versions left, or get 503.
+            retired = [self._services.pop(key) for key in keys]
+            self._index()
+            await asyncio.gather(*(self._retire(service, drain_s) for service in retired))
         finally:
-            self._changing.discard(name)
+            self._changing.difference_update(keys)
 
-    def _claim(self, name: str) -> None:
-        if name in self._changing:
-            raise Conflict(f"model {name!r} is being loaded or unloaded already")
+    def _claim(self, key: Key) -> None:
+        if key in self._changing:
+            raise Conflict(f"model {key[0]!r} version {key[1]} is being loaded or unloaded already")
         if self._drain is not None:
             raise NotReady("the server is shutting down", retry_after_s=5)
-        self._changing.add(name)
+        self._changing.add(key)
 
     async def _retire(self, service: ModelService, drain_s: float) -> None:
         await service.stop(drain_s)
@@ -173,14 +275,31 @@ class ModelRegistry:
         return "ready" if "ready" in states else "failed"
 
     def readiness(self) -> dict[str, Any]:
-        """The server's status, and each model's state (with the reason when not ready)."""
+        """The server's status, and each model's state (with the reason when not ready).
+
+        A name with several versions known reports the one its routes without a version
+        serve, and every version under `versions`."""
         body: dict[str, Any] = {"status": self.status}
-        default = self.find(self.default_name)
+        default = self._serving(self.default_name)
         if len(self) == 1 and default is not None and default.state != "ready":
             reason = default.readiness().get("reason")
             if reason is not None:
                 body["reason"] = reason
-        body["models"] = {service.name: service.readiness() for service in self}
-        for name in self.configured.keys() - self._services.keys():
-            body["models"][name] = {"status": "unloaded"}
+        models: dict[str, Any] = {}
+        for name in self.names:
+            serving = self._serving(name)
+            models[name] = serving.readiness() if serving else {"status": "unloaded"}
+            keys = [key for key in self.configured if key[0] == name]
+            if len(keys) > 1:
+                models[name]["versions"] = {
+                    version: self._services[(name, version)].readiness()
+                    if (name, version) in self._services
+                    else {"status": "unloaded"}
+                    for _, version in sorted(keys, key=lambda key: int(key[1]))
+                }
+        body["models"] = models
         return body
+
+
+def _key(model: ModelSettings) -> Key:
+    return model.key, str(model.version)

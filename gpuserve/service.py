@@ -61,6 +61,8 @@ class ModelService:
     ) -> None:
         self.settings = settings
         self.name = settings.key
+        self.version = str(settings.version)
+        self.title = settings.title  # for logs: the name, and the version past 1
         self._device_request = settings.device or device
         self._loader = loader
         self._prober = prober
@@ -74,9 +76,9 @@ class ModelService:
         self.batcher: MicroBatcher[Any, Any] | None = None
         self._preprocess: Callable[[Instance], Any] | None = None
         self._postprocess: Callable[[Any], Any] | None = None
-        self.progress = LoadProgress(self.name)
+        self.progress = LoadProgress(self.title)
         metrics.track_queue_depth(
-            self.name, lambda: self.batcher.queue_depth if self.batcher else 0
+            self.name, self.version, lambda: self.batcher.queue_depth if self.batcher else 0
         )
 
     @property
@@ -141,7 +143,7 @@ class ModelService:
         try:
             futures = batcher.submit_many(instances, trace)
         except Overloaded:
-            self._metrics.refused.labels(self.name).inc()
+            self._metrics.refused.labels(self.name, self.version).inc()
             raise
         try:
             async with asyncio.timeout(timeout_s) as deadline:
@@ -153,7 +155,7 @@ class ModelService:
         except TimeoutError as exc:
             if not deadline.expired():
                 raise InferenceError("inference failed") from exc  # the model raised it
-            self._metrics.timed_out.labels(self.name).inc()
+            self._metrics.timed_out.labels(self.name, self.version).inc()
             raise DeadlineExceeded(
                 f"no result within the request's {timeout_s:g}s deadline"
             ) from None
@@ -178,7 +180,7 @@ class ModelService:
 
     def publish_ready(self) -> None:
         """Set this model's readiness gauge from its state (after a replaced copy's stop)."""
-        self._metrics.ready.labels(self.name).set(1 if self.state == "ready" else 0)
+        self._metrics.ready.labels(self.name, self.version).set(1 if self.state == "ready" else 0)
 
     def release(self) -> None:
         """Drop the model and its batcher, once stopped, so their memory can be freed."""
@@ -190,7 +192,7 @@ class ModelService:
         """Refuse new requests and report not ready, while accepted requests finish."""
         self._state = "stopping"
         self._reason = "the server is shutting down"
-        self._metrics.ready.labels(self.name).set(0)
+        self._metrics.ready.labels(self.name, self.version).set(0)
 
     def abort(self) -> None:
         """Answer every accepted request now (503), for a forced stop."""
@@ -240,7 +242,7 @@ class ModelService:
             oom_cooldown_s=self.settings.oom_cooldown_s,
             is_oom=getattr(model, "is_oom", is_memory_error),
             is_fatal=getattr(model, "is_fatal", never_fatal),
-            name=self.name,
+            name=self.title,
             on_batch=self._observe_batch,
             bucket_of=_hook(model, "bucket") if self.settings.length_buckets else None,
         )
@@ -259,10 +261,10 @@ class ModelService:
         if self.settings.freeze_gc:
             _freeze_gc()
         self._state = "ready"
-        self._metrics.ready.labels(self.name).set(1)
+        self._metrics.ready.labels(self.name, self.version).set(1)
         logger.info(
             "%s is ready: %d cop%s on %s (%s)",
-            self.name,
+            self.title,
             len(copies),
             "y" if len(copies) == 1 else "ies",
             ", ".join(d.device for d in devices),
@@ -275,10 +277,10 @@ class ModelService:
         if isinstance(exc, GpuserveError):
             # The user's own mistake (a missing file, a spec that does not fit): one clear
             # line; the traceback only at debug level.
-            logger.error("%s: %s", self.name, self._reason)
-            logger.debug("%s: where the load failed", self.name, exc_info=exc)
+            logger.error("%s: %s", self.title, self._reason)
+            logger.debug("%s: where the load failed", self.title, exc_info=exc)
         else:  # a bug, ours or in a user's code: the traceback belongs in the log
-            logger.error("%s: %s", self.name, self._reason, exc_info=exc)
+            logger.error("%s: %s", self.title, self._reason, exc_info=exc)
 
     def _load_blocking(self) -> tuple[list[BatchModel], list[DeviceInfo]]:
         """One copy per device and instance; the first is the one readiness and /info report."""
@@ -293,7 +295,7 @@ class ModelService:
             count = self.settings.instances_per_device
             logger.info(
                 "loading %s: %d cop%s on %s (%s), chosen because %s",
-                self.name,
+                self.title,
                 count,
                 "y" if count == 1 else "ies",
                 device.device,
@@ -317,6 +319,7 @@ class ModelService:
     def _observe_batch(self, stats: BatchStats) -> None:
         self._metrics.observe_batch(
             self.name,
+            self.version,
             stats.size,
             stats.queue_wait_s,
             stats.forward_s,

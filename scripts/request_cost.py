@@ -57,7 +57,7 @@ def gpuserve_v2(
         request = oip.decode_request(body, header_length, spec)
         torch.from_numpy(np.stack(request.instances))
         rows = output.tolist()
-        return oip.encode_response(spec, rows, None, request.binary_output)[0]
+        return oip.encode_response(spec, rows, None, request.outputs, "1")[0]
 
     return run
 

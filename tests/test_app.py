@@ -238,20 +238,20 @@ async def test_metrics_count_requests_batches_and_queue(client: httpx.AsyncClien
     await client.post("/predict", json={"inputs": [1]})
     text = (await client.get("/metrics")).text
     assert (
-        'gpuserve_requests_total{code="200",model="digits",protocol="http",route="/predict"} 1.0'
-        in text
+        'gpuserve_requests_total{code="200",model="digits",'
+        'protocol="http",route="/predict",version="1"} 1.0' in text
     )
     assert (
-        'gpuserve_requests_total{code="422",model="digits",protocol="http",route="/predict"} 1.0'
-        in text
+        'gpuserve_requests_total{code="422",model="digits",'
+        'protocol="http",route="/predict",version="1"} 1.0' in text
     )
-    bucket = 'le="+Inf",model="digits",protocol="http",route="/predict"'
+    bucket = 'le="+Inf",model="digits",protocol="http",route="/predict",version="1"'
     assert f"gpuserve_request_seconds_bucket{{{bucket}}} 2.0" in text
     # The 422 never reached the batcher.
-    assert 'gpuserve_batch_size_count{model="digits"} 1.0' in text
-    assert 'gpuserve_queue_depth{model="digits"} 0.0' in text
-    assert 'gpuserve_forward_seconds_count{model="digits"}' in text
-    assert 'gpuserve_ready{model="digits"} 1.0' in text
+    assert 'gpuserve_batch_size_count{model="digits",version="1"} 1.0' in text
+    assert 'gpuserve_queue_depth{model="digits",version="1"} 0.0' in text
+    assert 'gpuserve_forward_seconds_count{model="digits",version="1"}' in text
+    assert 'gpuserve_ready{model="digits",version="1"} 1.0' in text
 
 
 async def test_openapi_documents_predict(client: httpx.AsyncClient) -> None:
@@ -314,7 +314,7 @@ async def test_the_deadline_header_turns_a_slow_answer_into_a_504(
     )
     assert fine.status_code == 200
     text = (await client.get("/metrics")).text
-    assert 'gpuserve_timed_out_total{model="digits"} 1.0' in text
+    assert 'gpuserve_timed_out_total{model="digits",version="1"} 1.0' in text
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "soon", "1_000", "+100", "1e3", "100.5", "0x10"])
@@ -547,7 +547,9 @@ async def test_expired_requests_leave_the_queue_to_live_ones(fake_model: FakeMod
         expired = await asyncio.gather(*staged, *expiring(range(2, 6)))
         assert [r.status_code for r in expired] == [504] * 6
         depth = (await client.get("/metrics")).text
-        assert re.search(r'gpuserve_queue_depth\{model="digits"\} 0\.0$', depth, re.M), depth
+        assert re.search(
+            r'gpuserve_queue_depth\{model="digits",version="1"\} 0\.0$', depth, re.M
+        ), depth
         fresh = await client.post("/predict", json={"inputs": [5, 0, 0, 0]})
         assert fresh.status_code == 200 and fresh.json()["outputs"] == 5.0
         assert (await busy).status_code == 200

@@ -175,6 +175,19 @@ def test_model_names_must_be_unique_and_the_default_must_exist() -> None:
         Settings(models=twins[:1], default_model="c")
 
 
+def test_versions_of_one_name_are_unique_and_a_default_version_must_exist() -> None:
+    one, two = ModelSettings(name="m", version=1), ModelSettings(name="m", version=2)
+    both = Settings(models=[one, two], default_versions={"m": 2})
+    assert [(m.key, m.version) for m in both.served_models] == [("m", 1), ("m", 2)]
+    assert two.title == "m v2" and one.title == "m"
+    with pytest.raises(ValidationError, match="unique: m version 2"):
+        Settings(models=[one, two, two])
+    with pytest.raises(ValidationError, match="default_versions: no model 'm' version 3"):
+        Settings(models=[one, two], default_versions={"m": 3})
+    with pytest.raises(ValidationError, match="version"):
+        ModelSettings(name="m", version=0)
+
+
 def test_every_setting_is_in_the_readme_and_the_default_config() -> None:
     """The settings reference cannot drift from the settings class: a new field fails here until
     README's table and configs/default.toml (a key, or a commented example) both list it."""

@@ -101,19 +101,23 @@ async def test_the_docs_routes_are_counted_under_their_own_paths_and_unknown_one
         text = (await client.get("/metrics")).text
     # The docs' files, real or made up, under the one label of where they are mounted.
     assert (
-        'gpuserve_requests_total{code="200",model="",protocol="http",route="/docs/assets"} 1.0'
-        in text
+        'gpuserve_requests_total{code="200",model="",'
+        'protocol="http",route="/docs/assets",version=""} 1.0' in text
     )
     assert (
-        'gpuserve_requests_total{code="404",model="",protocol="http",route="/docs/assets"} 2.0'
-        in text
+        'gpuserve_requests_total{code="404",model="",'
+        'protocol="http",route="/docs/assets",version=""} 2.0' in text
     )
     assert "a.js" not in text
-    assert 'gpuserve_requests_total{code="200",model="",protocol="http",route="/docs"} 1.0' in text
     assert (
-        'gpuserve_requests_total{code="200",model="",protocol="http",route="/openapi.json"} 1.0'
+        'gpuserve_requests_total{code="200",model="",protocol="http",route="/docs",version=""} 1.0'
         in text
     )
     assert (
-        'gpuserve_requests_total{code="404",model="",protocol="http",route="unmatched"} 2.0' in text
+        'gpuserve_requests_total{code="200",model="",'
+        'protocol="http",route="/openapi.json",version=""} 1.0' in text
+    )
+    assert (
+        'gpuserve_requests_total{code="404",model="",'
+        'protocol="http",route="unmatched",version=""} 2.0' in text
     )

@@ -139,7 +139,7 @@ async def test_variable_length_tokens_batched_equal_each_alone(
     metrics = (await client.get("/metrics")).text
     # With CLS, lengths 4, 21, 6, 101, 13, 41, 2 fall in 4 buckets (16, 32, 64, 128): the
     # 7-sequence request ran as 4 batches, then 7 batches of one.
-    assert 'gpuserve_batch_size_count{model="sentiment"} 11.0' in metrics
+    assert 'gpuserve_batch_size_count{model="sentiment",version="1"} 11.0' in metrics
 
 
 async def test_token_input_beyond_its_bound_is_a_422(client: httpx.AsyncClient) -> None:

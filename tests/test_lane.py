@@ -183,7 +183,9 @@ async def test_lane_requests_are_counted_under_their_route(
     v2_route = r'protocol="http",route="/v2/models/\{name\}/infer"'
     assert re.search(r'gpuserve_requests_total\{code="200",model="first",' + v2_route, text)
     route = r'protocol="http",route="/models/\{name\}/predict"'
-    assert re.search(r'gpuserve_requests_total\{code="200",model="second",' + route + r"\} 1", text)
+    assert re.search(
+        r'gpuserve_requests_total\{code="200",model="second",' + route + r',version="1"\} 1', text
+    )
     assert re.search(r'gpuserve_requests_total\{code="404",[^}]*' + route, text)
 
 

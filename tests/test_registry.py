@@ -6,14 +6,16 @@ import asyncio
 from pathlib import Path
 
 import anyio
+import numpy as np
 import pytest
 
 from gpuserve.app import create_app
 from gpuserve.config import ModelSettings, Settings
 from gpuserve.device import DeviceInfo
-from gpuserve.errors import ModelLoadError, ModelNotFound
+from gpuserve.errors import ModelLoadError, ModelNotFound, NotReady
 from gpuserve.metrics import Metrics
 from gpuserve.registry import ModelRegistry
+from gpuserve.spec import ModelSpec, TensorSpec
 
 from .conftest import FAKE_SPEC, FakeModel
 from .test_app import serving, wait_for_status
@@ -61,10 +63,10 @@ async def test_one_model_failing_to_load_leaves_the_others_serving() -> None:
         assert [m["name"] for m in listed["models"]] == ["double", "broken", "triple"]
         assert (await client.get("/models/triple")).json()["state"] == {"status": "ready"}
         metrics = (await client.get("/metrics")).text
-        assert 'gpuserve_ready{model="broken"} 0.0' not in metrics  # never became ready
-        assert 'gpuserve_batch_size_count{model="triple"} 1.0' in metrics
-        assert 'gpuserve_batch_size_count{model="double"} 1.0' in metrics
-        route = 'protocol="http",route="/models/{name}/predict"'
+        assert 'gpuserve_ready{model="broken",version="1"} 0.0' not in metrics  # never became ready
+        assert 'gpuserve_batch_size_count{model="triple",version="1"} 1.0' in metrics
+        assert 'gpuserve_batch_size_count{model="double",version="1"} 1.0' in metrics
+        route = 'protocol="http",route="/models/{name}/predict",version="1"'
         assert f'gpuserve_requests_total{{code="200",model="triple",{route}}} 1.0' in metrics
         assert f'gpuserve_requests_total{{code="503",model="broken",{route}}} 1.0' in metrics
         assert (double.batches, triple.batches) == ([1], [1])
@@ -116,3 +118,109 @@ async def settled(registry: ModelRegistry) -> None:
     with anyio.fail_after(10):
         while registry.status == "loading":
             await asyncio.sleep(0.01)
+
+
+# Several versions of one model.
+
+
+def versioned(*versions: int, **extra: object) -> Settings:
+    models = [
+        ModelSettings(name="m", version=v, path=Path(f"m{v}.pt2"), freeze_gc=False)
+        for v in versions
+    ]
+    return Settings(device="cpu", models=models, **extra)  # type: ignore[arg-type]
+
+
+def version_loader(  # type: ignore[no-untyped-def]
+    scales: dict[int, float], specs: dict[int, ModelSpec] | None = None
+):
+    def load(model: ModelSettings, device: DeviceInfo) -> FakeModel:
+        if model.version not in scales:
+            raise ModelLoadError(f"no weights for version {model.version}")
+        spec = (specs or {}).get(model.version, FAKE_SPEC)
+        return FakeModel(spec, scale=scales[model.version])
+
+    return load
+
+
+ONES = [np.ones(4, dtype=np.float32)]
+
+
+async def test_routes_without_a_version_reach_the_highest_ready_or_the_configured_default() -> None:
+    registry = ModelRegistry(versioned(1, 2, 3), version_loader({1: 1.0, 2: 2.0}), Metrics())
+    await registry.start()
+    await settled(registry)
+    try:
+        assert registry.versions("m") == ["1", "2", "3"]
+        assert registry.get("m").version == "2"  # 3 failed to load: the highest ready serves
+        assert registry.get("m", "1").version == "1"
+        with pytest.raises(ModelNotFound, match="no version '7'; loaded: 1, 2, 3"):
+            registry.get("m", "7")
+        with pytest.raises(ModelNotFound, match="no version 'x'"):
+            registry.get("m", "x")
+        ready = registry.readiness()
+        assert ready["models"]["m"]["status"] == "ready"
+        versions = ready["models"]["m"]["versions"]
+        assert [versions[v]["status"] for v in ("1", "2", "3")] == ["ready", "ready", "failed"]
+    finally:
+        await registry.stop()
+
+    pinned = ModelRegistry(
+        versioned(1, 2, default_versions={"m": 1}), version_loader({1: 1.0, 2: 2.0}), Metrics()
+    )
+    await pinned.start()
+    await settled(pinned)
+    try:
+        assert pinned.get("m").version == "1"
+        assert pinned.default.version == "1"
+        await pinned.unload("m", 1.0, "1")  # the default version gone: the highest serves
+        assert pinned.get("m").version == "2"
+        with pytest.raises(NotReady, match="version 1 is unloaded"):
+            pinned.get("m", "1")
+    finally:
+        await pinned.stop()
+
+
+async def test_a_request_whose_model_was_retired_before_it_queued_goes_to_the_route_now() -> None:
+    registry = ModelRegistry(versioned(1, 2), version_loader({1: 1.0, 2: 2.0}), Metrics())
+    await registry.start()
+    await settled(registry)
+    try:
+        first = registry.get("m", "1")
+        spec = first.spec
+        await registry.unload("m", 1.0, "1")
+        # Found before the unload, unversioned: the version serving the route answers.
+        answered, results = await registry.predict(first, None, spec, ONES, 1.0)
+        assert (answered.version, results) == ("2", [8.0])
+        # Asked for version 1 itself: that version is gone, and the request is told so.
+        with pytest.raises(NotReady):
+            await registry.predict(first, "1", spec, ONES, 1.0)
+        # A reload: the new copy of the same version answers.
+        second = registry.get("m", "2")
+        await registry.load(second.settings, 1.0)
+        answered, _ = await registry.predict(second, "2", spec, ONES, 1.0)
+        assert answered is registry.get("m", "2") and answered is not second
+    finally:
+        await registry.stop()
+
+
+async def test_a_retired_model_is_not_replaced_by_one_taking_other_tensors() -> None:
+    wider = ModelSpec(
+        name="fake",
+        input=TensorSpec(name="x", shape=(5,), dtype="float32"),
+        output=TensorSpec(name="y", shape=(1,), dtype="float32"),
+    )
+    loader = version_loader({1: 1.0, 2: 2.0}, {2: wider})  # version 2 takes 5 values
+    registry = ModelRegistry(versioned(1), loader, Metrics())
+    await registry.start()
+    await settled(registry)
+    try:
+        first = registry.get("m")
+        spec = first.spec
+        await registry.load(versioned(2).served_models[0], 1.0)
+        await registry.unload("m", 1.0, "1")
+        with pytest.raises(NotReady):
+            await registry.predict(first, None, spec, ONES, 1.0)
+        assert registry.get("m").version == "2"
+    finally:
+        await registry.stop()

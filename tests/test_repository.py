@@ -117,7 +117,7 @@ async def test_a_reload_under_load_fails_no_request_and_serves_the_new_weights(
     after = (await client.post("/models/a/predict", json=ROW)).json()["outputs"]
     assert not np.allclose(before, after)
     metrics = (await client.get("/metrics")).text
-    assert 'gpuserve_ready{model="a"} 1.0' in metrics
+    assert 'gpuserve_ready{model="a",version="1"} 1.0' in metrics
 
 
 async def test_a_failed_reload_keeps_the_old_copy_serving(
@@ -250,3 +250,64 @@ async def test_unload_and_load_cycles_under_traffic_fail_nothing_and_leak_nothin
     gc.unfreeze()  # freeze_gc froze this test process's heap, as it does a server's
     # Five leaked copies would be 160 MiB and more.
     assert grown < 48 * 2**20, f"RSS grew {grown / 2**20:.0f} MiB over 5 unload/load cycles"
+
+
+async def test_a_version_rollout_under_load_fails_no_request(
+    folder: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    repository = tmp_path_factory.mktemp("repository")
+    (repository / "a" / "2").mkdir(parents=True)
+    export(repository / "a" / "2" / "model.pt2", 5)
+    (repository / "a" / "x").mkdir()  # not a version: ignored
+    export(repository / "a" / "x" / "model.pt2", 6)
+    app = create_app(settings(folder, repository_dir=repository))
+    async with serving(app) as client:
+        meta = (await client.get("/v2/models/a")).json()
+        assert meta["versions"] == ["1"]
+        tensor = {"name": meta["inputs"][0]["name"], "shape": [1, 10], "datatype": "FP32"}
+        infer = {"inputs": [{**tensor, "data": [1.0] * 10}]}
+        v1_answer = (await client.post("/v2/models/a/infer", json=infer)).json()
+        answers: list[tuple[int, str]] = []
+        rolling = True
+
+        async def traffic(url: str) -> None:  # the route without a version, asked all along
+            while rolling:
+                if url.startswith("/v2"):
+                    response = await client.post(url, json=infer)
+                    version = response.json().get("model_version", "")
+                else:
+                    response, version = await client.post(url, json=ROW), "-"
+                answers.append((response.status_code, version))
+
+        urls = ["/v2/models/a/infer"] * 4 + ["/models/a/predict"] * 4
+        clients = [asyncio.ensure_future(traffic(url)) for url in urls]
+        try:
+            await asyncio.sleep(0.05)
+            loaded = await client.post("/v2/repository/models/a/versions/2/load")
+            assert loaded.status_code == 200, loaded.text
+            served = (await client.get("/v2/models/a")).json()["versions"]
+            await asyncio.sleep(0.05)
+            unloaded = await client.post("/v2/repository/models/a/versions/1/unload")
+            assert unloaded.status_code == 200, unloaded.text
+            await asyncio.sleep(0.05)
+        finally:
+            rolling = False
+            await asyncio.gather(*clients)
+        assert {status for status, _ in answers} == {200}, answers
+        versions = [version for _, version in answers if version != "-"]
+        assert versions[0] == "1" and versions[-1] == "2" and len(answers) > 16
+        assert served == ["1", "2"]
+        v2_answer = (await client.post("/v2/models/a/infer", json=infer)).json()
+        assert v2_answer["model_version"] == "2"
+        assert not np.allclose(v1_answer["outputs"][0]["data"], v2_answer["outputs"][0]["data"])
+        assert (await client.get("/v2/models/a")).json()["versions"] == ["2"]
+        gone = await client.post("/v2/models/a/versions/1/infer", json=infer)
+        assert gone.status_code == 503 and "version 1 is unloaded" in gone.json()["error"]
+        entries = (await client.post("/v2/repository/index")).json()
+        states = {(e["name"], e["version"]): e["state"] for e in entries}
+        assert states == {("a", "1"): "UNAVAILABLE", ("a", "2"): "READY", ("b", "1"): "READY"}
+        refused = await client.post("/v2/repository/models/a/versions/x/load")
+        assert refused.status_code == 404
+        metrics = (await client.get("/metrics")).text
+        assert 'gpuserve_ready{model="a",version="2"} 1.0' in metrics
+        assert 'gpuserve_ready{model="a",version="1"} 0.0' in metrics

@@ -95,9 +95,9 @@ async def test_readiness_metric_follows_the_state(fake_model: FakeModel) -> None
     service = ModelService(settings, "cpu", fake_loader(fake_model), metrics, cpu_prober)
     await service.start()
     await until_settled(service)
-    assert b'gpuserve_ready{model="digits"} 1.0' in metrics.render()
+    assert b'gpuserve_ready{model="digits",version="1"} 1.0' in metrics.render()
     await service.stop()
-    assert b'gpuserve_ready{model="digits"} 0.0' in metrics.render()
+    assert b'gpuserve_ready{model="digits",version="1"} 0.0' in metrics.render()
 
 
 @pytest.mark.parametrize("freeze", [True, False])

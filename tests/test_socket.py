@@ -142,7 +142,9 @@ def test_a_flood_of_10x_the_queue_gets_200_or_503_and_the_server_stays_healthy(
         for status, body in answers:
             if status == 503:
                 assert "queue is full" in body["error"]
-        assert metric(server.url, 'gpuserve_refused_total{model="slow"}') == codes.count(503)
+        assert metric(
+            server.url, 'gpuserve_refused_total{model="slow",version="1"}'
+        ) == codes.count(503)
         assert httpx.get(f"{server.url}/health/ready").status_code == 200
         good = httpx.post(f"{server.url}/predict", content=ONE, timeout=30)
         assert good.status_code == 200
@@ -181,14 +183,14 @@ def test_a_client_that_hangs_up_while_queued_costs_no_forward_pass(slow_model: P
         while (
             metric(
                 server.url,
-                'gpuserve_requests_total{code="499",model="slow",protocol="http",route="/predict"}',
+                'gpuserve_requests_total{code="499",model="slow",protocol="http",route="/predict",version="1"}',
             )
             < 5
         ):
             assert time.monotonic() < deadline, "the hang-ups were never noticed"
             time.sleep(0.01)
         # Only the two requests whose clients stayed reached the model.
-        assert metric(server.url, 'gpuserve_batch_size_sum{model="slow"}') == 2
+        assert metric(server.url, 'gpuserve_batch_size_sum{model="slow",version="1"}') == 2
 
 
 FAULTY_CONFIG = """

@@ -124,7 +124,7 @@ async def test_each_row_of_a_request_joins_the_batcher_as_an_instance(
     response = await client.post("/v2/models/digits/infer", json=infer_body(images(5)))
     assert response.status_code == 200
     metrics = (await client.get("/metrics")).text
-    assert 'gpuserve_batch_size_sum{model="digits"} 5.0' in metrics
+    assert 'gpuserve_batch_size_sum{model="digits",version="1"} 5.0' in metrics
 
 
 @pytest.mark.parametrize(
@@ -252,8 +252,8 @@ async def test_v2_health_is_open_and_the_rest_needs_a_key(demo_model: Path) -> N
 def batch_totals(url: str) -> tuple[float, float]:
     """(instances, batches) run so far, from the batch-size histogram."""
     metrics = httpx.get(f"{url}/metrics").text
-    total = re.search(r'gpuserve_batch_size_sum\{model="digits"\} (\S+)', metrics)
-    count = re.search(r'gpuserve_batch_size_count\{model="digits"\} (\S+)', metrics)
+    total = re.search(r'gpuserve_batch_size_sum\{model="digits",version="1"\} (\S+)', metrics)
+    count = re.search(r'gpuserve_batch_size_count\{model="digits",version="1"\} (\S+)', metrics)
     assert total is not None and count is not None
     return float(total.group(1)), float(count.group(1))
 
@@ -441,9 +441,13 @@ async def test_statistics_count_what_metrics_count(client: httpx.AsyncClient) ->
         sum(b["compute_infer"]["count"] for b in stats["batch_stats"]) == stats["execution_count"]
     )
     metrics = (await client.get("/metrics")).text
-    assert f'gpuserve_batch_size_sum{{model="digits"}} {float(stats["inference_count"])}' in metrics
     assert (
-        f'gpuserve_batch_size_count{{model="digits"}} {float(stats["execution_count"])}' in metrics
+        f'gpuserve_batch_size_sum{{model="digits",version="1"}} {float(stats["inference_count"])}'
+        in metrics
+    )
+    assert (
+        f'gpuserve_batch_size_count{{model="digits",version="1"}} {float(stats["execution_count"])}'
+        in metrics
     )
     every = (await client.get("/v2/models/stats")).json()["model_stats"]
     assert [s["name"] for s in every] == ["digits"]
@@ -492,3 +496,42 @@ async def test_class_count_gives_the_top_classes_as_triton_s_strings(
             "/v2/models/digits/infer", json=infer_body(batch) | {"outputs": wanted}
         )
         assert refused.status_code == 400 and "class_count" in refused.json()["error"]
+
+
+def test_the_triton_client_reaches_each_version(demo_model: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(
+        torch.nn.Linear(64, 10).eval(), (torch.randn(2, 64),), dynamic_shapes=({0: batch},)
+    )
+    torch.export.save(program, str(tmp_path / "digits_v2.pt2"))
+    spec = (
+        '{ input = { name = "pixels", shape = [64] }, output = { name = "logits", shape = [10] } }'
+    )
+    config = tmp_path / "versions.toml"
+    config.write_text(
+        f'[[models]]\nname = "digits"\npath = "{demo_model}"\n'
+        f'[[models]]\nname = "digits"\nversion = 2\npath = "digits_v2.pt2"\nspec = {spec}\n'
+    )
+    with ServerProcess("--config", str(config), "--device", "cpu") as server:
+        wait_ready(server.url)
+        client = triton.InferenceServerClient(url=urlsplit(server.url).netloc)
+        try:
+            assert client.get_model_metadata("digits")["versions"] == ["1", "2"]
+            assert client.is_model_ready("digits", "1") and client.is_model_ready("digits", "2")
+            tensor = triton.InferInput("pixels", [2, 64], "FP32")
+            tensor.set_data_from_numpy(images(2), binary_data=True)
+            answers = {}
+            for asked in ("1", "2", ""):
+                result = client.infer("digits", [tensor], model_version=asked)
+                answers[asked] = result.as_numpy("logits")
+                assert result.get_response()["model_version"] == (asked or "2")
+            np.testing.assert_allclose(answers["2"], answers[""])
+            assert not np.allclose(answers["1"], answers["2"])
+            stats = client.get_inference_statistics("digits")["model_stats"]
+            assert [(s["version"], s["inference_count"]) for s in stats] == [("1", 2), ("2", 4)]
+            with pytest.raises(triton.InferenceServerException, match="no version '3'"):
+                client.infer("digits", [tensor], model_version="3")
+        finally:
+            client.close()
+        assert server.stop() == 0

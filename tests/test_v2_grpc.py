@@ -207,10 +207,11 @@ async def test_calls_are_counted_and_in_statistics(digits: Both) -> None:
     text = (await digits.http.get("/metrics")).text
     route = 'route="/inference.GRPCInferenceService/ModelInfer"'
     assert (
-        f'gpuserve_requests_total{{code="OK",model="digits",protocol="grpc",{route}}} 1.0' in text
+        f'gpuserve_requests_total{{code="OK",model="digits",'
+        f'protocol="grpc",{route},version="1"}} 1.0' in text
     )
     invalid = 'code="INVALID_ARGUMENT",model="digits",protocol="grpc"'
-    assert f"gpuserve_requests_total{{{invalid},{route}}} 1.0" in text
+    assert f'gpuserve_requests_total{{{invalid},{route},version="1"}} 1.0' in text
     stats = await digits.grpc.get_inference_statistics("digits", as_json=True)
     (entry,) = stats["model_stats"]
     assert entry["inference_stats"]["success"]["count"] == "1"
@@ -262,6 +263,31 @@ async def test_the_deadline_of_a_call_is_the_deadline_of_its_request(
         assert (await servers.grpc.infer("fake", [x])).as_numpy("y").tolist() == [4.0]
 
 
+async def test_each_version_is_reached_by_its_number_and_the_highest_without_one() -> None:
+    def load(model: ModelSettings, device: Any) -> FakeModel:
+        return FakeModel(FAKE_SPEC, scale=float(model.version))
+
+    versions = [FAKE.model_copy(update={"version": v}) for v in (1, 2)]
+    async with both(Settings(device="cpu", models=versions), loader=load) as servers:
+        x = triton.InferInput("x", [1, 4], "FP32")
+        x.set_data_from_numpy(np.ones((1, 4), dtype=np.float32))
+        for asked, version, value in (("1", "1", 4.0), ("2", "2", 8.0), ("", "2", 8.0)):
+            result = await servers.grpc.infer("fake", [x], model_version=asked)
+            assert result.as_numpy("y").tolist() == [value]
+            assert result.get_response().model_version == version
+        meta = await servers.grpc.get_model_metadata("fake", as_json=True)
+        assert meta["versions"] == ["1", "2"]
+        stats = await servers.grpc.get_inference_statistics("fake", as_json=True)
+        counts = {s["version"]: s.get("inference_count", "0") for s in stats["model_stats"]}
+        assert counts == {"1": "1", "2": "2"}
+        one = await servers.grpc.get_inference_statistics("fake", "1", as_json=True)
+        assert [s["version"] for s in one["model_stats"]] == ["1"]
+        config = await servers.grpc.get_model_config("fake", "1", as_json=True)
+        assert config["config"]["version_policy"] == {"specific": {"versions": ["1", "2"]}}
+        missing = await failure(servers.grpc.infer("fake", [x], model_version="3"))
+        assert missing.status() == "StatusCode.NOT_FOUND" and "loaded: 1, 2" in missing.message()
+
+
 class Gated(FakeModel):
     """The first batch holds the worker until the test lets it go, so later arrivals queue."""
 
@@ -296,7 +322,7 @@ async def test_grpc_and_http_requests_share_batches() -> None:
         calls = [asyncio.ensure_future(over_grpc(i) if i % 2 else over_http(i)) for i in range(8)]
         with anyio.fail_after(10):  # until all eight wait behind the held batch
             while (
-                'gpuserve_queue_depth{model="fake"} 8.0'
+                'gpuserve_queue_depth{model="fake",version="1"} 8.0'
                 not in (await servers.http.get("/metrics")).text
             ):
                 await asyncio.sleep(0.01)

@@ -94,7 +94,9 @@ class RequestContext:
             self.metrics.in_flight.dec()
             path = _route_label(scope)
             seconds = time.perf_counter() - started
-            self.metrics.observe_request(path, status, seconds, state.get("model", ""))
+            self.metrics.observe_request(
+                path, status, seconds, state.get("model", ""), "http", state.get("version", "")
+            )
             if self.access_log and access.isEnabledFor(logging.INFO):
                 log_request(scope["method"], scope["path"], state, status, seconds)
 
@@ -150,6 +152,10 @@ def log_request(
     if model is not None:
         fields["model"] = model
         detail = f" model={model}"
+        version = state.get("version")
+        if version is not None:
+            fields["version"] = version
+            detail += f" version={version}"
     if trace is not None and trace.batches:
         fields["batch_size"] = trace.batch_size
         fields["queue_ms"] = round(trace.queue_wait_s * 1000, 3)

@@ -124,7 +124,7 @@ async def _stop_if_no_model(models: ModelRegistry, stop: Callable[[], None]) -> 
     useless."""
     await models.loaded()
     if models.status == "failed":
-        reasons = "; ".join(f"{s.name}: {s.reason}" for s in models)
+        reasons = "; ".join(f"{s.title}: {s.reason}" for s in models)
         logger.error("no model can serve (%s); stopping", reasons)
         stop()
 
@@ -192,8 +192,8 @@ def _openapi(app: FastAPI, default: Callable[[], dict[str, Any]]) -> dict[str, A
     if service is None or service.model is None:
         app.openapi_schema = None
         return document
-    _name_models(document, [s.name for s in app.state.models])
-    single = len(app.state.models) == 1
+    _name_models(document, models.names)
+    single = len(models.names) == 1
     schema = _predict_schema(service)
     for path in ("/predict", "/models/{name}/predict") if single else ("/predict",):
         body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import zlib
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import Request
@@ -26,6 +26,7 @@ from gpuserve.errors import (
     UnsupportedMediaType,
 )
 
+_T = TypeVar("_T")
 logger = logging.getLogger("gpuserve.app")
 
 
@@ -201,7 +202,7 @@ class HangUp:
             callback()
 
 
-async def unless_disconnected(request: Request, work: Awaitable[list[Any]]) -> list[Any]:
+async def unless_disconnected(request: Request, work: Awaitable[_T]) -> _T:
     """Await `work`, but cancel it if the client hangs up first.
 
     Cancelling drops the request's instances from the queue, so no forward pass is spent on an

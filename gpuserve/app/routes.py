@@ -98,7 +98,7 @@ async def run_predict(
 ) -> tuple[ModelSpec, PredictBody, list[Any]]:
     """The request path every JSON-instances protocol shares (`/predict`, KServe v1): read
     the body, `decode` and check it against the spec, queue the instances, await them."""
-    request.state.model = service.name
+    request.state.model, request.state.version = service.name, service.version
     spec = service.spec  # NotReady (503) while loading, before the body is read
     timeout_s = deadline_s(request, service.settings.request_timeout_s)
     settings: Settings = request.app.state.settings
@@ -107,15 +107,17 @@ async def run_predict(
     limit = service.settings.max_instances_per_request
     decoded = await decoder.run(body, decode, spec, limit)
     trace = request.state.trace = Trace()
-    outputs = await unless_disconnected(
-        request, service.predict(decoded.instances, timeout_s, trace=trace)
+    models = _models(request)
+    answered, outputs = await unless_disconnected(
+        request, models.predict(service, None, spec, decoded.instances, timeout_s, trace=trace)
     )
+    request.state.version = answered.version
     return spec, decoded, outputs
 
 
 @router.get("/models")
 async def list_models(request: Request) -> Response:
-    """Every served model with its state; the first is the default."""
+    """Every served model version with its state; the first is the default."""
     models = _models(request)
     return json_response(
         {"default": models.default_name, "models": [_describe_model(s) for s in models]}
@@ -135,7 +137,7 @@ async def info(request: Request) -> Response:
     default = models.default
     body = {
         **_describe_model(default),
-        "models": [service.name for service in models],
+        "models": list(dict.fromkeys(service.name for service in models)),
         "versions": {
             "gpuserve": __version__,
             "python": platform.python_version(),
@@ -162,6 +164,7 @@ def _describe_model(service: ModelService) -> dict[str, Any]:
     model = service.model
     return {
         "name": service.name,
+        "version": service.version,
         "model": model.spec.model_dump(mode="json") if model else None,
         "state": service.readiness(),
         "device": service.device.to_dict() if service.device else None,

@@ -50,7 +50,8 @@ def _models(request: Request) -> ModelRegistry:
 @router.get("/models", responses={401: {"model": ErrorResponse}})
 async def list_models(request: Request) -> Response:
     """The names of the served models."""
-    return json_response({"models": [service.name for service in _models(request)]})
+    names = dict.fromkeys(service.name for service in _models(request))
+    return json_response({"models": list(names)})
 
 
 # Before /models/{name}, whose pattern also matches "digits:predict": a GET or OPTIONS there

@@ -24,8 +24,7 @@ from gpuserve.app.responses import (
 from gpuserve.batcher import Trace
 from gpuserve.config import Settings
 from gpuserve.decoding import BodyDecoder
-from gpuserve.errors import BadRequest, InvalidInput, ModelNotFound
-from gpuserve.metrics import Metrics
+from gpuserve.errors import BadRequest, InvalidInput
 from gpuserve.registry import ModelRegistry
 from gpuserve.schemas import ErrorResponse
 from gpuserve.service import ModelService
@@ -59,14 +58,13 @@ _INFER_BODY = {
 PLATFORM = "pytorch"
 
 
-def _service(request: Request, name: str) -> ModelService:
+def _models(request: Request) -> ModelRegistry:
     models: ModelRegistry = request.app.state.models
-    return models.get(name)
+    return models
 
 
-def _check_version(name: str, version: str) -> None:
-    if version != oip.VERSION:
-        raise ModelNotFound(f"model {name!r} has no version {version!r}; it has {oip.VERSION!r}")
+def _service(request: Request, name: str, version: str | None) -> ModelService:
+    return _models(request).get(name, version)
 
 
 @router.get("")
@@ -97,37 +95,64 @@ async def server_ready(request: Request) -> Response:
 @router.get("/models/stats", responses={401: {"model": ErrorResponse}})
 async def all_statistics(request: Request) -> Response:
     """Every model's statistics in Triton's form (the statistics extension)."""
-    models: ModelRegistry = request.app.state.models
-    return json_response({"model_stats": [_statistics(request, s.name) for s in models]})
+    return json_response({"model_stats": statistics_of(_models(request), None, None)})
 
 
 @router.get("/models/{name}/stats", responses=_READY_ERRORS)
 async def model_statistics(request: Request, name: str) -> Response:
-    """One model's statistics: requests that succeeded and failed, queue and compute time,
-    batches by size. The same observations as /metrics."""
-    service = _service(request, name)
-    return json_response({"model_stats": [_statistics(request, service.name)]})
+    """One model's statistics, each loaded version's: requests that succeeded and failed,
+    queue and compute time, batches by size. The same observations as /metrics."""
+    return json_response({"model_stats": statistics_of(_models(request), name, None)})
 
 
-def _statistics(request: Request, name: str) -> dict[str, Any]:
-    metrics: Metrics = request.app.state.metrics
-    return metrics.stats(name).to_triton(name, oip.VERSION)
+@router.get("/models/{name}/versions/{version}/stats", include_in_schema=False)
+async def version_statistics(request: Request, name: str, version: str) -> Response:
+    return json_response({"model_stats": statistics_of(_models(request), name, version)})
+
+
+def statistics_of(
+    models: ModelRegistry, name: str | None, version: str | None
+) -> list[dict[str, Any]]:
+    """Statistics in Triton's form (HTTP's and gRPC's): of one version; with `version` None,
+    of each loaded version of `name`; with `name` None too, of every loaded model."""
+    if name is None:
+        services = list(models)
+    else:
+        services = [models.get(name, version)] if version else models.all_versions(name)
+    return [models.metrics.stats(s.name, s.version).to_triton(s.name, s.version) for s in services]
 
 
 @router.get("/models/{name}", responses=_METADATA_ERRORS)
 async def model_metadata(request: Request, name: str) -> Response:
-    """Name, versions, platform, and the input and output tensors (batch dimension -1)."""
-    return json_response(oip.metadata(_service(request, name).spec, PLATFORM))
+    """Name, versions loaded, platform, and the input and output tensors (batch dimension
+    -1), of the version the model's routes without a version serve."""
+    return json_response(metadata_of(_models(request), name, None))
+
+
+@router.get("/models/{name}/versions/{version}", include_in_schema=False)
+async def version_metadata(request: Request, name: str, version: str) -> Response:
+    return json_response(metadata_of(_models(request), name, version))
+
+
+def metadata_of(models: ModelRegistry, name: str, version: str | None) -> dict[str, Any]:
+    """A model version's metadata (HTTP's and gRPC's)."""
+    return oip.metadata(models.get(name, version).spec, PLATFORM, models.versions(name))
 
 
 @router.get("/models/{name}/config", responses=_METADATA_ERRORS)
 async def model_config(request: Request, name: str) -> Response:
     """The model's configuration in Triton's form: tensors, batching, copies on devices."""
-    return json_response(model_config_of(_service(request, name)))
+    return json_response(model_config_of(_models(request), name, None))
 
 
-def model_config_of(service: ModelService) -> dict[str, Any]:
+@router.get("/models/{name}/versions/{version}/config", include_in_schema=False)
+async def version_config(request: Request, name: str, version: str) -> Response:
+    return json_response(model_config_of(_models(request), name, version))
+
+
+def model_config_of(models: ModelRegistry, name: str, version: str | None) -> dict[str, Any]:
     """A served model's configuration in Triton's form (HTTP's and gRPC's)."""
+    service = models.get(name, version)
     settings = service.settings
     copies = [
         (device.kind, device.index, settings.instances_per_device) for device in service.devices
@@ -138,21 +163,43 @@ def model_config_of(service: ModelService) -> dict[str, Any]:
         preferred_batch_size=service.max_batch_size,
         max_wait_ms=settings.max_wait_ms,
         copies=copies,
+        versions=models.versions(name),
     )
 
 
 @router.get("/models/{name}/ready", responses={**_READY_ERRORS, **_NOT_READY})
 async def model_ready(request: Request, name: str) -> Response:
     """200 when the model is ready; 400 while it loads, after it failed, or while stopping."""
-    ready = _service(request, name).state == "ready"
+    return _readiness(_service(request, name, None), name)
+
+
+@router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
+async def version_ready(request: Request, name: str, version: str) -> Response:
+    return _readiness(_service(request, name, version), name)
+
+
+def _readiness(service: ModelService, name: str) -> Response:
+    ready = service.state == "ready"
     return json_response({"name": name, "ready": ready}, 200 if ready else 400)
 
 
 @router.post("/models/{name}/infer", responses=_ERRORS, openapi_extra=_INFER_BODY)
 async def infer(request: Request, name: str) -> Response:
     """Inference with JSON tensors, or with the binary tensor data extension."""
-    service = _service(request, name)
-    request.state.model = service.name
+    return await infer_version(request, name, None)
+
+
+@router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
+async def version_infer(request: Request, name: str, version: str) -> Response:
+    return await infer_version(request, name, version)
+
+
+async def infer_version(request: Request, name: str, version: str | None) -> Response:
+    """Inference on one version of a model, or (`version` None) on the one its routes
+    without a version serve."""
+    models = _models(request)
+    service = models.get(name, version)
+    request.state.model, request.state.version = service.name, service.version
     spec = service.spec  # NotReady (503) while loading, before the body is read
     settings: Settings = request.app.state.settings
     try:
@@ -167,12 +214,16 @@ async def infer(request: Request, name: str) -> Response:
     if decoded.timeout_s is not None:
         timeout_s = min(timeout_s, decoded.timeout_s)
     trace = request.state.trace = Trace()
-    rows = await unless_disconnected(
-        request, service.predict(decoded.instances, timeout_s, postprocess=False, trace=trace)
+    predicted = models.predict(
+        service, version, spec, decoded.instances, timeout_s, postprocess=False, trace=trace
     )
+    answered, rows = await unless_disconnected(request, predicted)
+    request.state.version = answered.version
     # The client's id, or the request's own (X-Request-Id, in the logs too) when it sent none.
     response_id = decoded.id if decoded.id is not None else request_id_of(request)
-    content, json_length = oip.encode_response(spec, rows, response_id, decoded.outputs)
+    content, json_length = oip.encode_response(
+        spec, rows, response_id, decoded.outputs, answered.version
+    )
     if json_length is None:
         return JSON(content)
     return Response(
@@ -180,36 +231,3 @@ async def infer(request: Request, name: str) -> Response:
         media_type="application/octet-stream",
         headers={"Inference-Header-Content-Length": str(json_length)},
     )
-
-
-# The same routes under /versions/{version}, which clients use when given a version.
-
-
-@router.get("/models/{name}/versions/{version}", include_in_schema=False)
-async def version_metadata(request: Request, name: str, version: str) -> Response:
-    _check_version(name, version)
-    return await model_metadata(request, name)
-
-
-@router.get("/models/{name}/versions/{version}/stats", include_in_schema=False)
-async def version_statistics(request: Request, name: str, version: str) -> Response:
-    _check_version(name, version)
-    return await model_statistics(request, name)
-
-
-@router.get("/models/{name}/versions/{version}/config", include_in_schema=False)
-async def version_config(request: Request, name: str, version: str) -> Response:
-    _check_version(name, version)
-    return await model_config(request, name)
-
-
-@router.get("/models/{name}/versions/{version}/ready", include_in_schema=False)
-async def version_ready(request: Request, name: str, version: str) -> Response:
-    _check_version(name, version)
-    return await model_ready(request, name)
-
-
-@router.post("/models/{name}/versions/{version}/infer", include_in_schema=False)
-async def version_infer(request: Request, name: str, version: str) -> Response:
-    _check_version(name, version)
-    return await infer(request, name)

@@ -30,7 +30,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from gpuserve import __version__, oip
 from gpuserve.app import repository
 from gpuserve.app.context import authorised, log_request, request_id_from
-from gpuserve.app.v2 import PLATFORM, model_config_of
+from gpuserve.app.v2 import metadata_of, model_config_of, statistics_of
 from gpuserve.batcher import Trace
 from gpuserve.config import Settings
 from gpuserve.errors import (
@@ -151,7 +151,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         def ready(state: dict[str, Any]) -> Any:
-            service = self._service(request.name, request.version, state)
+            service = self._service(request.name, request.version or None, state)
             return pb.ModelReadyResponse(ready=service.state == "ready")
 
         return await self._call("ModelReady", context, ready)
@@ -169,28 +169,24 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         def metadata(state: dict[str, Any]) -> Any:
-            service = self._service(request.name, request.version, state)
-            body = oip.metadata(service.spec, PLATFORM)
+            name, version = self._model(request.name, request.version, state)
+            body = metadata_of(self._models, name, version)
             return json_format.ParseDict(body, pb.ModelMetadataResponse())
 
         return await self._call("ModelMetadata", context, metadata)
 
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         def config(state: dict[str, Any]) -> Any:
-            service = self._service(request.name, request.version, state)
-            return json_format.ParseDict(
-                {"config": model_config_of(service)}, pb.ModelConfigResponse()
-            )
+            name, version = self._model(request.name, request.version, state)
+            config = model_config_of(self._models, name, version)
+            return json_format.ParseDict({"config": config}, pb.ModelConfigResponse())
 
         return await self._call("ModelConfig", context, config)
 
     async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         def statistics(state: dict[str, Any]) -> Any:
-            if request.name:
-                names = [self._service(request.name, request.version, state).name]
-            else:
-                names = [service.name for service in self._models]
-            stats = [self._metrics.stats(name).to_triton(name, oip.VERSION) for name in names]
+            name, version = self._model(request.name, request.version, state)
+            stats = statistics_of(self._models, name or None, version)
             return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
 
         return await self._call("ModelStatistics", context, statistics)
@@ -235,7 +231,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(
         self, request: Any, context: grpc.aio.ServicerContext, state: dict[str, Any]
     ) -> Any:
-        service = self._service(request.model_name, request.model_version, state)
+        version = request.model_version or None
+        service = self._service(request.model_name, version, state)
         spec = service.spec  # UNAVAILABLE while loading
         timeout_s = service.settings.request_timeout_s
         left_s = context.time_remaining()  # the client's deadline, if it set one
@@ -246,12 +243,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         if decoded.timeout_s is not None:
             timeout_s = min(timeout_s, decoded.timeout_s)
         trace = state["trace"] = Trace()
-        rows = await service.predict(decoded.instances, timeout_s, postprocess=False, trace=trace)
+        service, rows = await self._models.predict(
+            service, version, spec, decoded.instances, timeout_s, postprocess=False, trace=trace
+        )
+        state["version"] = service.version
         # Raw contents for every output, as Triton answers (gRPC has no JSON to choose).
         tensors = oip.output_tensors(spec, rows, decoded.outputs)
         return pb.ModelInferResponse(
             model_name=spec.name,
-            model_version=oip.VERSION,
+            model_version=service.version,
             id=decoded.id if decoded.id is not None else state["request_id"],
             outputs=[
                 pb.ModelInferResponse.InferOutputTensor(
@@ -262,14 +262,16 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raw_output_contents=[tensor.raw() for tensor in tensors],
         )
 
-    def _service(self, name: str, version: str, state: dict[str, Any]) -> ModelService:
-        if version not in ("", oip.VERSION):
-            raise ModelNotFound(
-                f"model {name!r} has no version {version!r}; it has {oip.VERSION!r}"
-            )
-        service = self._models.get(name)
-        state["model"] = service.name
+    def _service(self, name: str, version: str | None, state: dict[str, Any]) -> ModelService:
+        service = self._models.get(name, version)
+        state["model"], state["version"] = service.name, service.version
         return service
+
+    def _model(self, name: str, version: str, state: dict[str, Any]) -> tuple[str, str | None]:
+        """A request's model name and version (None: not given), for the access log."""
+        if name:
+            state["model"] = name
+        return name, version or None
 
     def _repository_on(self) -> None:
         if not self._settings.repository_api:
@@ -326,9 +328,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             self._metrics.in_flight.dec()
             seconds = time.perf_counter() - started
             route = f"/{SERVICE}/{method}"
-            self._metrics.observe_request(
-                route, status.name, seconds, state.get("model", ""), "grpc"
-            )
+            # As over HTTP, only inference counts toward a model's series and statistics.
+            infer = method == "ModelInfer"
+            model = state.get("model", "") if infer else ""
+            version = state.get("version", "") if infer else ""
+            self._metrics.observe_request(route, status.name, seconds, model, "grpc", version)
             if self._settings.access_log and access.isEnabledFor(logging.INFO):
                 log_request("GRPC", route, state, status.name, seconds)
 
