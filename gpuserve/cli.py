@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from gpuserve.metrics import Metrics
     from gpuserve.registry import ModelRegistry
     from gpuserve.service import Loader
+    from gpuserve.workers import Peers
 
 logger = logging.getLogger("gpuserve")
 
@@ -123,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help=_setting("port", "port to listen on"))
     serve.add_argument(
         "--grpc-port", dest="grpc_port", type=int, help=_setting("grpc_port", "gRPC port")
+    )
+    serve.add_argument(
+        "--workers", help=_setting("workers", "server processes behind the port (N or auto)")
     )
     probe = commands.add_parser(
         "probe",
@@ -261,7 +265,35 @@ def run(settings: Settings, loader: Loader | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then drain; exits 1 when every model failed to load.
 
     `loader` replaces how models are loaded (the Python API serves modules in memory so).
+    With `workers` above 1, a parent process supervises that many worker processes.
     """
+    count = settings.worker_count
+    if count > 1:
+        if loader is not None:
+            sys.exit(
+                "gpuserve: workers > 1 serves models from the settings only (each worker "
+                "process loads its own copy); serve this one with workers = 1"
+            )
+        _warn_if_exposed(settings)
+        from gpuserve.workers import supervise
+
+        status = supervise(settings, count)
+        if status:
+            sys.exit(status)
+        return
+    _warn_if_exposed(settings)
+    serve_one(settings, loader)
+
+
+def serve_one(
+    settings: Settings,
+    loader: Loader | None = None,
+    sockets: list[socket.socket] | None = None,
+    peers: Peers | None = None,
+    wait_for_models: bool = False,
+) -> None:
+    """One server process: on its own port, or (a worker) on `sockets` with `peers`; with
+    `wait_for_models` it accepts connections only once its models have loaded."""
     from gpuserve.app import create_app
     from gpuserve.device import probe
 
@@ -270,7 +302,6 @@ def run(settings: Settings, loader: Loader | None = None) -> None:
         probe(settings.device)
     except DeviceError as exc:
         sys.exit(f"gpuserve: {exc.message}")
-    _warn_if_exposed(settings)
     from gpuserve.app.connections import connection_cap, guarded_protocol, raise_fd_limit
 
     max_connections = connection_cap(settings.max_connections, raise_fd_limit())
@@ -280,7 +311,13 @@ def run(settings: Settings, loader: Loader | None = None) -> None:
         no_model.append(True)
         server.stop()
 
-    app = create_app(settings, loader=loader, on_no_model=stop_without_models)
+    app = create_app(
+        settings,
+        loader=loader,
+        on_no_model=stop_without_models,
+        peers=peers,
+        wait_for_models=wait_for_models,
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -300,8 +337,10 @@ def run(settings: Settings, loader: Loader | None = None) -> None:
     # `docker stop` expect, rather than 143, or 130 with a KeyboardInterrupt traceback.
     signal.signal(signal.SIGTERM, _drained)
     signal.signal(signal.SIGINT, _drained)
-    server = _DrainingServer(config, app.state.models, settings, app.state.metrics)
-    server.run()
+    server = _DrainingServer(
+        config, app.state.models, settings, app.state.metrics, share_grpc_port=peers is not None
+    )
+    server.run(sockets)
     if no_model or server.failed:
         sys.exit(1)
 
@@ -322,9 +361,15 @@ class _DrainingServer(uvicorn.Server):
     answered everyone."""
 
     def __init__(
-        self, config: uvicorn.Config, models: ModelRegistry, settings: Settings, metrics: Metrics
+        self,
+        config: uvicorn.Config,
+        models: ModelRegistry,
+        settings: Settings,
+        metrics: Metrics,
+        share_grpc_port: bool = False,
     ) -> None:
         super().__init__(config)
+        self._share_grpc_port = share_grpc_port
         self._models = models
         self._settings = settings
         self._metrics = metrics
@@ -346,7 +391,9 @@ class _DrainingServer(uvicorn.Server):
             return
         from gpuserve.app.v2_grpc import GrpcServer
 
-        grpc_server = GrpcServer(settings, self._models, self._metrics)
+        grpc_server = GrpcServer(
+            settings, self._models, self._metrics, share_port=self._share_grpc_port
+        )
         try:
             port = await grpc_server.start(settings.host, settings.grpc_port)
         except OSError as exc:

@@ -391,6 +391,13 @@ class Settings(BaseSettings):
     default_model: str | None = Field(
         default=None, description="The model /predict serves. Default: the first one."
     )
+    workers: int | Literal["auto"] = Field(
+        default=1,
+        description="Server processes behind the one port, each with its own copy of every "
+        "model and its own batches: more cores for HTTP, parsing and encoding. `auto`: one "
+        "per core available. Each model's max_queue_size and max_connections are split "
+        "between them.",
+    )
     default_versions: dict[str, int] = Field(
         default_factory=dict,
         description="Model name -> the version its routes without a version serve, while that "
@@ -405,6 +412,20 @@ class Settings(BaseSettings):
     def _check_device(cls, value: str) -> str:
         return _check_device(value)
 
+    @field_validator("workers")
+    @classmethod
+    def _check_workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 256:
+            raise ValueError("workers must be between 1 and 256, or auto")
+        return value
+
+    @property
+    def worker_count(self) -> int:
+        """How many server processes: `workers`, with auto read as the cores available."""
+        if self.workers == "auto":
+            return len(os.sched_getaffinity(0))
+        return self.workers
+
     @model_validator(mode="after")
     def _check_models(self) -> Settings:
         served = [(model.key, model.version) for model in self.served_models]
@@ -414,6 +435,11 @@ class Settings(BaseSettings):
         keys = list(dict.fromkeys(key for key, _ in served))
         if self.default_model is not None and self.default_model not in keys:
             raise ValueError(f"default_model {self.default_model!r} is not one of {keys}")
+        if self.repository_api and self.worker_count > 1:
+            raise ValueError(
+                "repository_api needs workers = 1: a load or unload would reach one worker "
+                "process only, and the workers would serve different models"
+            )
         for name, version in self.default_versions.items():
             if (name, version) not in served:
                 raise ValueError(f"default_versions: no model {name!r} version {version}")

@@ -7,7 +7,14 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from gpuserve.device import GpuMonitor, GpuSample
@@ -36,12 +43,20 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 class Metrics:
-    """The server's metrics. Names follow Prometheus conventions (`_seconds`, `_total`)."""
+    """The server's metrics. Names follow Prometheus conventions (`_seconds`, `_total`).
+
+    With `multiprocess_dir` (a worker among several), every value lives in files there, as
+    prometheus-client's multiprocess mode has it, and `render` sums every worker's: counters
+    and histograms add up, gauges add up or take the lowest (readiness) over live workers.
+    """
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
         self.registry = CollectorRegistry()
+        self._multiprocess_dir = multiprocess_dir
+        # Read when scraped; in multiprocess mode copied into the shared files by `refresh`.
+        self._readers: dict[tuple[str, str], tuple[Any, Callable[[], float]]] = {}
         self._request_children: dict[tuple[str, int | str, str, str, str], tuple[Any, Any]] = {}
         self._stats: dict[tuple[str, str], ModelStats] = {}
         self.requests = Counter(
@@ -108,17 +123,20 @@ class Metrics:
             "Instances waiting for a batch.",
             _MODEL,
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.in_flight = Gauge(
             "gpuserve_requests_in_flight",
             "Requests (HTTP and gRPC) received and not yet answered.",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.ready = Gauge(
             "gpuserve_ready",
-            "1 when the model is loaded, warmed up and accepting requests.",
+            "1 when the model is loaded, warmed up and accepting requests (in every worker).",
             _MODEL,
             registry=self.registry,
+            multiprocess_mode="livemin",
         )
 
         # `gpu` is the CUDA index the server uses (cuda:N), `uuid` the GPU's own.
@@ -128,21 +146,35 @@ class Metrics:
             "Share of the last NVML sample period a kernel ran on the GPU (0-1).",
             gpu,
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
         self.gpu_memory_used = Gauge(
             "gpuserve_gpu_memory_used_bytes",
             "GPU memory in use, by every process.",
             gpu,
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
         self.gpu_memory_total = Gauge(
-            "gpuserve_gpu_memory_total_bytes", "GPU memory in all.", gpu, registry=self.registry
+            "gpuserve_gpu_memory_total_bytes",
+            "GPU memory in all.",
+            gpu,
+            registry=self.registry,
+            multiprocess_mode="livemax",
         )
         self.gpu_temperature = Gauge(
-            "gpuserve_gpu_temperature_celsius", "GPU temperature.", gpu, registry=self.registry
+            "gpuserve_gpu_temperature_celsius",
+            "GPU temperature.",
+            gpu,
+            registry=self.registry,
+            multiprocess_mode="livemax",
         )
         self.gpu_power = Gauge(
-            "gpuserve_gpu_power_watts", "GPU power draw.", gpu, registry=self.registry
+            "gpuserve_gpu_power_watts",
+            "GPU power draw.",
+            gpu,
+            registry=self.registry,
+            multiprocess_mode="livemax",
         )
 
     def observe_gpus(self, samples: list[GpuSample]) -> None:
@@ -160,8 +192,19 @@ class Metrics:
                     gauge.labels(*labels).set(value)
 
     def track_queue_depth(self, model: str, version: str, read: Callable[[], float]) -> None:
-        """Read the depth when scraped, so nothing polls between scrapes."""
-        self.queue_depth.labels(model, version).set_function(read)
+        """Read the depth when scraped, so nothing polls between scrapes (a worker among
+        several copies it at each `refresh` and scrape)."""
+        child = self.queue_depth.labels(model, version)
+        if self._multiprocess_dir is None:
+            child.set_function(read)
+        else:
+            self._readers[(model, version)] = (child, read)  # a reloaded copy replaces its own
+
+    def refresh(self) -> None:
+        """Copy the values read at scrape time into the shared files (multiprocess mode),
+        where the other workers' scrapes see them."""
+        for child, read in self._readers.values():
+            child.set(read())
 
     def observe_request(
         self,
@@ -222,7 +265,13 @@ class Metrics:
         return found
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The Prometheus text: this process's metrics, or every worker's summed."""
+        if self._multiprocess_dir is None:
+            return generate_latest(self.registry)
+        self.refresh()
+        summed = CollectorRegistry()
+        multiprocess.MultiProcessCollector(summed, self._multiprocess_dir)
+        return generate_latest(summed)
 
 
 async def sample_gpus(metrics: Metrics, monitor: GpuMonitor, interval_s: float) -> None:

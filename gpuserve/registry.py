@@ -56,6 +56,8 @@ class ModelRegistry:
         }
         self.default_name = next(iter(self.configured))[0]
         self._changing: set[Key] = set()
+        # Set in a worker among several: whether every other worker is ready.
+        self.peers_ready: Callable[[], bool] | None = None
         self._drain: asyncio.Future[Any] | None = None
 
     def _service(self, model: ModelSettings) -> ModelService:
@@ -266,7 +268,16 @@ class ModelRegistry:
 
     @property
     def status(self) -> str:
-        """ready, loading, failed or stopping, for the server as a whole."""
+        """ready, loading, failed or stopping, for the server as a whole: with several
+        worker processes, ready only while the others are too."""
+        own = self.own_status
+        if own == "ready" and self.peers_ready is not None and not self.peers_ready():
+            return "loading"
+        return own
+
+    @property
+    def own_status(self) -> str:
+        """`status` for this process alone."""
         states = [service.state for service in self]
         if "stopping" in states:
             return "stopping"
@@ -280,6 +291,8 @@ class ModelRegistry:
         A name with several versions known reports the one its routes without a version
         serve, and every version under `versions`."""
         body: dict[str, Any] = {"status": self.status}
+        if body["status"] != self.own_status:
+            body["reason"] = "another worker process is not ready yet"
         default = self._serving(self.default_name)
         if len(self) == 1 and default is not None and default.state != "ready":
             reason = default.readiness().get("reason")

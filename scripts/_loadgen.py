@@ -53,13 +53,14 @@ def pinned(command: list[str], core: int | None) -> list[str]:
 
 
 def start(
-    command: list[str], ready_url: str, env: dict[str, str], cwd: Path
+    command: list[str], ready_url: str, env: dict[str, str], cwd: Path, core: int | None = 0
 ) -> subprocess.Popen[bytes]:
-    """Start a server on core 0 and wait (bounded) until `ready_url` answers 200."""
+    """Start a server on `core` (None: on any) and wait (bounded) until `ready_url` answers
+    200."""
     # One thread for torch: the server has one core, and more threads would fight the loop.
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **env}
     process = subprocess.Popen(
-        pinned(command, 0),
+        pinned(command, core),
         cwd=cwd,
         env=full_env,
         stdout=subprocess.DEVNULL,
@@ -195,3 +196,15 @@ def load_result(out: str) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(line.removeprefix("RESULT "))
     result["req_per_s"] = result["requests"] / result["duration_s"]
     return result
+
+
+def median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per configuration, its repeats' median run by req/s, with every repeat's req/s and
+    CPU per request beside it."""
+    rows = []
+    for results in runs:
+        middle = sorted(results, key=lambda r: r["req_per_s"])[len(results) // 2]
+        middle["req_per_s_runs"] = [round(r["req_per_s"]) for r in results]
+        middle["cpu_us_runs"] = [round(r["cpu_us_per_request"]) for r in results]
+        rows.append(middle)
+    return rows

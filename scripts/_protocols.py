@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _loadgen import free_port, load_result, pinned, run_wrk, start, stop, tree_cpu_seconds
+from _loadgen import (
+    free_port,
+    load_result,
+    median_rows,
+    pinned,
+    run_wrk,
+    start,
+    stop,
+    tree_cpu_seconds,
+)
 from sklearn.datasets import load_digits
 from tritonclient.grpc import service_pb2 as pb
 
@@ -103,13 +112,7 @@ def measure_protocols(
                 print(json.dumps(result), flush=True)
     finally:
         stop(server)
-    rows = []
-    for results in runs.values():
-        middle = sorted(results, key=lambda r: r["req_per_s"])[len(results) // 2]
-        middle["req_per_s_runs"] = [round(r["req_per_s"]) for r in results]
-        middle["cpu_us_runs"] = [round(r["cpu_us_per_request"]) for r in results]
-        rows.append(middle)
-    return rows
+    return median_rows(list(runs.values()))
 
 
 def protocols_report(rows: list[dict[str, Any]], concurrency: int) -> str:

@@ -388,9 +388,27 @@ def main() -> None:
         help="instead: the demo model at c=32 (or the first --concurrency given) over /predict "
         "JSON, v2 HTTP JSON, v2 HTTP binary and gRPC raw contents",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        help="instead: gpuserve with each of these worker counts, the demo model over "
+        "/predict JSON at c=32 (or the first --concurrency given)",
+    )
+    parser.add_argument(
+        "--spread",
+        action="store_true",
+        help="with --workers: let the server use every core instead of core 0 alone",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="with --workers: the servers' device (cuda on a GPU)"
+    )
     args = parser.parse_args()
     if args.protocols:
         protocols(args)
+        return
+    if args.workers:
+        workers(args)
         return
     if args.quick:
         args.seconds, args.concurrency = 3.0, [1, 32]
@@ -436,6 +454,22 @@ def protocols(args: argparse.Namespace) -> None:
     text = protocols_report(rows, concurrency)
     (args.out / "protocols.json").write_text(json.dumps(rows, indent=1))
     (args.out / "protocols.md").write_text(text + "\n")
+    print(text)
+
+
+def workers(args: argparse.Namespace) -> None:
+    from _workers import demo_model, measure_workers, workers_report
+
+    concurrency = args.concurrency[0] if args.concurrency != [1, 8, 32, 128] else 32
+    model = demo_model()
+    rows = measure_workers(
+        model, args.workers, concurrency, args.seconds, args.repeats, args.spread, args.device
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = workers_report(rows, concurrency, args.spread)
+    suffix = "-spread" if args.spread else ""
+    (args.out / f"workers{suffix}.json").write_text(json.dumps(rows, indent=1))
+    (args.out / f"workers{suffix}.md").write_text(text + "\n")
     print(text)
 
 

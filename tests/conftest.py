@@ -142,7 +142,7 @@ class ServerProcess:
             if grpc:
                 self._grpc_url = grpc.group(1)
                 self._grpc_bound.set()
-            found = re.search(r"Uvicorn running on (http://\S+)", line)
+            found = re.search(r"(?:Uvicorn running on|workers serving) (http://[^\s,]+)", line)
             if found:
                 self.url = found.group(1)
                 self._bound.set()

@@ -151,20 +151,26 @@ def test_a_flood_of_10x_the_queue_gets_200_or_503_and_the_server_stays_healthy(
         assert server.stop() == 0
 
 
+def sigterm_with_requests_in_flight(server: ServerProcess, count: int) -> None:
+    """Send `count` requests, wait until the server holds them all, SIGTERM it, and check
+    every one is answered 200."""
+    wait_ready(server.url)
+    connections = send_all(server.url, [ONE] * count)
+    deadline = time.monotonic() + 30
+    # The metrics request itself is in flight too, hence one more.
+    while metric(server.url, "gpuserve_requests_in_flight") < count + 1:
+        assert time.monotonic() < deadline, "the requests never all arrived"
+        time.sleep(0.01)
+    assert server.process is not None
+    server.process.send_signal(signal.SIGTERM)
+    answers = read_all(connections)
+    assert [status for status, _ in answers] == [200] * count
+
+
 def test_sigterm_answers_every_request_in_flight_then_exits_0(slow_model: Path) -> None:
     with slow_server(slow_model, model__max_batch_size="16") as server:
-        wait_ready(server.url)
-        connections = send_all(server.url, [ONE] * 100)
-        deadline = time.monotonic() + 30
-        # The metrics request itself is in flight too, hence 101.
-        while metric(server.url, "gpuserve_requests_in_flight") < 101:
-            assert time.monotonic() < deadline, "the requests never all arrived"
-            time.sleep(0.01)
-        assert server.process is not None
-        server.process.send_signal(signal.SIGTERM)
-        answers = read_all(connections)
-        assert [status for status, _ in answers] == [200] * 100
-        assert server.process.wait(timeout=30) == 0
+        sigterm_with_requests_in_flight(server, 100)
+        assert server.process is not None and server.process.wait(timeout=30) == 0
         assert any("stopped on signal" in line or "Shutting down" in line for line in server.log)
 
 

@@ -8,7 +8,7 @@ import importlib.resources
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,6 +36,9 @@ from gpuserve.metrics import Metrics, sample_gpus
 from gpuserve.registry import ModelRegistry
 from gpuserve.service import Loader, ModelService
 
+if TYPE_CHECKING:
+    from gpuserve.workers import Peers
+
 logger = logging.getLogger("gpuserve.app")
 
 
@@ -45,6 +48,7 @@ def create_app(
     loader: Loader | None = None,
     wait_for_models: bool = False,
     on_no_model: Callable[[], None] | None = None,
+    peers: Peers | None = None,
 ) -> FastAPI:
     """Build the ASGI app. The models start loading when the app's lifespan starts.
 
@@ -52,10 +56,12 @@ def create_app(
     `wait_for_models`, start-up ends only when every model has loaded or failed: for hosts
     such as Ray Serve that route to a replica as soon as its start-up ends. `on_no_model` is
     called once every model has failed to load (the server then stops, unless
-    `keep_running_without_models`).
+    `keep_running_without_models`). `peers` makes it one worker process among several.
     """
-    metrics = Metrics()
+    metrics = Metrics(peers.metrics_dir if peers is not None else None)
     models = ModelRegistry(settings, loader if loader is not None else build_model, metrics)
+    if peers is not None:
+        models.peers_ready = peers.others_ready
     decoder = BodyDecoder(settings.parse_offload_bytes, settings.parse_processes)
 
     @asynccontextmanager
@@ -64,15 +70,19 @@ def create_app(
         if wait_for_models:
             await models.loaded()
         monitor, sampler = _start_gpu_sampling(settings, metrics)
-        watcher = None
+        tasks = []
         if on_no_model is not None and not settings.keep_running_without_models:
-            watcher = asyncio.create_task(_stop_if_no_model(models, on_no_model))
+            tasks.append(asyncio.create_task(_stop_if_no_model(models, on_no_model)))
+        if peers is not None:
+            tasks.append(asyncio.create_task(_publish(models, metrics, peers)))
         try:
             yield
         finally:
-            if watcher is not None:
-                watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if peers is not None:
+                peers.publish(False)
             await models.stop(settings.shutdown_timeout_s)
             decoder.close()
             if sampler is not None:
@@ -127,6 +137,19 @@ async def _stop_if_no_model(models: ModelRegistry, stop: Callable[[], None]) -> 
         reasons = "; ".join(f"{s.title}: {s.reason}" for s in models)
         logger.error("no model can serve (%s); stopping", reasons)
         stop()
+
+
+# How often a worker among several tells the others its readiness and queue depths.
+_PUBLISH_INTERVAL_S = 0.1
+
+
+async def _publish(models: ModelRegistry, metrics: Metrics, peers: Peers) -> None:
+    """A worker's own readiness to the others, and its queue depths to the shared metrics,
+    until cancelled."""
+    while True:
+        peers.publish(models.own_status == "ready")
+        metrics.refresh()
+        await asyncio.sleep(_PUBLISH_INTERVAL_S)
 
 
 def _start_gpu_sampling(

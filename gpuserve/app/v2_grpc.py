@@ -96,17 +96,27 @@ def status_of(exc: GpuserveError) -> grpc.StatusCode:
 class GrpcServer:
     """The gRPC endpoint: started beside uvicorn on the same loop, stopped with it.
 
-    Messages are bounded like HTTP bodies, by `max_body_bytes`.
+    Messages are bounded like HTTP bodies, by `max_body_bytes`. With `share_port` (worker
+    processes side by side) it listens with SO_REUSEPORT, and the kernel spreads the
+    connections over the workers.
     """
 
-    def __init__(self, settings: Settings, models: ModelRegistry, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        models: ModelRegistry,
+        metrics: Metrics,
+        *,
+        share_port: bool = False,
+    ) -> None:
         self.settings = settings
         options = [
             ("grpc.max_receive_message_length", settings.max_body_bytes),
             ("grpc.max_send_message_length", -1),
             # gRPC shares a port by default (SO_REUSEPORT), so a second server on a port
-            # already in use would start and get half the calls: fail instead.
-            ("grpc.so_reuseport", 0),
+            # already in use would start and get half the calls: fail instead, unless the
+            # sharing is meant.
+            ("grpc.so_reuseport", 1 if share_port else 0),
         ]
         self._server = grpc.aio.server(options=options)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(

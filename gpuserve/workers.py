@@ -1,0 +1,291 @@
+"""Several worker processes behind one port (`workers = N`): the per-request CPU work (HTTP,
+parsing, checks, encoding) spreads over N cores.
+
+The parent binds the HTTP port once and hands the listening socket to N spawned workers,
+each a complete server with its own copy of each model and its own batcher: the kernel gives
+each new connection to whichever worker accepts first. gRPC listens in every worker on one
+port shared with SO_REUSEPORT. The parent loads nothing and serves nothing; it supervises:
+
+- a worker that dies is restarted (its open connections are lost; the others are unaffected);
+  one that exits on its own before ever being ready (every model failed to load) stops the
+  server with status 1, as one process does;
+- SIGTERM or SIGINT is passed to every worker, which drains as one process does; the parent
+  exits 0 once all have, and a second signal is passed on too (answer what is left with 503);
+- readiness is the whole server's: each worker publishes its own in shared memory, and a
+  worker reports ready only while every worker is ready;
+- `/metrics` sums every worker's series (prometheus-client's multiprocess mode);
+- each model's queue bound and the connection cap are split between the workers, so the
+  server as a whole holds no more than the settings say.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from multiprocessing.sharedctypes import SynchronizedArray
+from types import FrameType
+from typing import Any
+
+from gpuserve.config import Settings
+
+logger = logging.getLogger("gpuserve.workers")
+
+_METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+_RESTART_PAUSE_S = 1.0  # between a worker's death and its replacement: no tight crash loop
+_EXIT_MARGIN_S = 5.0  # past the drain, for a worker to write its answers and exit
+
+
+class Peers:
+    """What a worker shares with the others: readiness, one slot each in shared memory, and
+    the folder of the metrics' files."""
+
+    def __init__(self, slots: SynchronizedArray[Any], index: int, metrics_dir: str) -> None:
+        self._slots, self.index, self.metrics_dir = slots, index, metrics_dir
+
+    def publish(self, ready: bool) -> None:
+        self._slots[self.index] = 1 if ready else 0
+
+    def others_ready(self) -> bool:
+        """Whether every other worker is ready."""
+        return all(ready for i, ready in enumerate(self._slots[:]) if i != self.index)
+
+
+def worker_settings(settings: Settings, count: int, grpc_port: int) -> Settings:
+    """One worker's share: of each model's queue bound and of the connection cap, so that N
+    workers hold no more than one process would. Its gRPC port is the one the parent holds."""
+    models = [
+        model.model_copy(update={"max_queue_size": max(1, model.max_queue_size // count)})
+        for model in settings.served_models
+    ]
+    update: dict[str, Any] = {
+        "workers": 1,
+        "grpc_port": grpc_port,
+        "max_connections": max(1, math.ceil(settings.max_connections / count)),
+        "models": models,
+        "default_model": settings.served_models[0].key,
+    }
+    return settings.model_copy(update=update)
+
+
+def supervise(settings: Settings, count: int) -> int:
+    """Run `count` workers until a stop signal, restarting any that dies; the exit status."""
+    http = _listen(settings.host, settings.port)
+    grpc_holder = _hold_grpc_port(settings) if settings.grpc else None
+    grpc_port = grpc_holder.getsockname()[1] if grpc_holder is not None else settings.grpc_port
+    metrics_dir = tempfile.mkdtemp(prefix="gpuserve-metrics-")
+    # Read by prometheus-client when a worker imports it (spawned workers inherit it): its
+    # values then live in files there, which any worker's /metrics sums.
+    previous_dir = os.environ.get(_METRICS_DIR)
+    os.environ[_METRICS_DIR] = metrics_dir
+    context = multiprocessing.get_context("spawn")
+    slots = context.Array("b", count, lock=False)
+    share = worker_settings(settings, count, grpc_port)
+    supervisor = _Supervisor(context, share, http, slots, metrics_dir)
+    host, port = http.getsockname()[:2]
+    logger.info(
+        "%d workers serving http://%s:%d%s",
+        count,
+        f"[{host}]" if ":" in host else host,
+        port,
+        f", gRPC on port {grpc_port}" if grpc_holder is not None else "",
+    )
+    try:
+        return supervisor.run(count, settings.shutdown_timeout_s)
+    finally:
+        http.close()
+        if grpc_holder is not None:
+            grpc_holder.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        if previous_dir is None:
+            os.environ.pop(_METRICS_DIR, None)
+        else:
+            os.environ[_METRICS_DIR] = previous_dir
+
+
+class _Supervisor:
+    def __init__(
+        self,
+        context: Any,
+        settings: Settings,
+        http: socket.socket,
+        slots: SynchronizedArray[Any],
+        metrics_dir: str,
+    ) -> None:
+        self._context, self._settings, self._http = context, settings, http
+        self._slots, self._metrics_dir = slots, metrics_dir
+        self._workers: dict[int, Any] = {}  # slot -> multiprocessing.Process
+        self._signals: list[int] = []
+
+    def run(self, count: int, drain_s: float) -> int:
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOP_SIGNALS}
+        try:
+            for index in range(count):
+                self._start(index)
+            failed = self._watch()
+            stopped = self._stop(drain_s)
+            return stopped if failed is None else failed
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals.append(signum)
+
+    def _start(self, index: int, replacing: bool = False) -> None:
+        self._slots[index] = 0
+        # A replacement accepts connections only once its models are ready: until then the
+        # others serve, rather than it answering 503 "loading" to its share of the traffic.
+        args = (self._settings, self._http, self._slots, index, self._metrics_dir, replacing)
+        process = self._context.Process(
+            target=_worker_main,
+            args=(*args, os.getpid()),
+            name=f"gpuserve-worker-{index}",
+            daemon=False,
+        )
+        process.start()
+        self._workers[index] = process
+        logger.info("worker %d started (pid %d)", index, process.pid)
+
+    def _watch(self) -> int | None:
+        """Until a stop signal (None), or a worker failing at start (its status)."""
+        while not self._signals:
+            sentinels = {p.sentinel: i for i, p in self._workers.items()}
+            for sentinel in multiprocessing.connection.wait(list(sentinels), timeout=0.2):
+                index = sentinels[sentinel]
+                status = self._reap(index)
+                if self._signals:
+                    break
+                if status is not None:
+                    return status
+                time.sleep(_RESTART_PAUSE_S)
+                if not self._signals:
+                    self._start(index, replacing=True)
+        return None
+
+    def _reap(self, index: int) -> int | None:
+        """A worker has exited: None to restart it, or the server's exit status."""
+        process = self._workers.pop(index)
+        process.join()
+        self._slots[index] = 0
+        _mark_dead(process.pid, self._metrics_dir)
+        code = process.exitcode
+        if code == 1 and not self._settings.keep_running_without_models:
+            # It stopped itself: no model could be loaded. Another try would fail the same.
+            logger.error("worker %d exited with status 1 (no model can serve); stopping", index)
+            return 1
+        logger.error("worker %d (pid %d) died (exit %s); restarting it", index, process.pid, code)
+        return None
+
+    def _stop(self, drain_s: float) -> int:
+        """Pass the stop signal on (each one received), and wait for every worker to drain
+        and exit; past the drain and a margin, kill what is left."""
+        with contextlib.suppress(OSError):
+            # No new connection waits in the backlog for workers that are leaving.
+            self._http.shutdown(socket.SHUT_RDWR)
+        passed = 0
+        deadline = time.monotonic() + drain_s + _EXIT_MARGIN_S
+        failed = False
+        while self._workers:
+            while passed < max(1, len(self._signals)):
+                for process in self._workers.values():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(process.pid, signal.SIGTERM)
+                passed += 1
+            if time.monotonic() > deadline and not failed:
+                for index, process in self._workers.items():
+                    logger.error("worker %d did not stop in time; killing it", index)
+                    process.kill()
+                failed = True
+            sentinels = {p.sentinel: i for i, p in self._workers.items()}
+            for sentinel in multiprocessing.connection.wait(list(sentinels), timeout=0.2):
+                process = self._workers.pop(sentinels[sentinel])
+                process.join()
+                _mark_dead(process.pid, self._metrics_dir)
+                failed = failed or process.exitcode != 0
+        logger.info("every worker has stopped")
+        return 1 if failed else 0
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The HTTP listening socket every worker accepts on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(f"gpuserve: cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _hold_grpc_port(settings: Settings) -> socket.socket:
+    """Bind (without listening) the gRPC port with SO_REUSEPORT: it picks the port when 0,
+    and keeps it for the workers, which listen on it side by side, restarts included."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((settings.host, settings.grpc_port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(
+            f"gpuserve: gRPC cannot listen on {settings.host}:{settings.grpc_port}: "
+            f"{exc.strerror} (set grpc_port, or grpc = false to serve HTTP only)"
+        ) from None
+    return sock
+
+
+def _mark_dead(pid: int | None, metrics_dir: str) -> None:
+    """Drop a dead worker's live gauges from the sums (its counters stay counted)."""
+    from prometheus_client import multiprocess
+
+    if pid is not None:
+        multiprocess.mark_process_dead(pid, metrics_dir)
+
+
+def _worker_main(
+    settings: Settings,
+    http: socket.socket,
+    slots: SynchronizedArray[Any],
+    index: int,
+    metrics_dir: str,
+    replacing: bool,
+    parent: int,
+) -> None:
+    """A worker: the one-process server on the parent's socket."""
+    # Its own process group: a terminal's Ctrl-C reaches the parent only, which passes it on
+    # once, rather than every worker seeing it and then the parent's copy as a second one.
+    os.setpgrp()
+    _exit_with_parent()
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        raise SystemExit(1)
+    from gpuserve import cli
+    from gpuserve.logs import configure as configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
+    peers = Peers(slots, index, metrics_dir)
+    cli.serve_one(settings, sockets=[http], peers=peers, wait_for_models=replacing)
+
+
+def _exit_with_parent() -> None:
+    """Ask Linux to send this process SIGTERM when its parent dies: no orphaned workers."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)

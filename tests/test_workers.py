@@ -1,0 +1,221 @@
+"""Several worker processes behind one port: the same answers, one readiness, one /metrics,
+restarts, and a drain across processes. Real processes, real sockets."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+from prometheus_client import multiprocess
+from sklearn.datasets import load_digits
+
+from gpuserve.app import create_app
+from gpuserve.cli import run
+from gpuserve.config import ModelSettings, Settings
+from gpuserve.metrics import Metrics
+from gpuserve.workers import worker_settings
+
+from .conftest import ServerProcess
+from .test_app import serving
+from .test_socket import (
+    ONE,
+    metric,
+    read_all,
+    send_all,
+    sigterm_with_requests_in_flight,
+    slow_server,
+    wait_ready,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def test_a_worker_holds_its_share_of_each_queue_and_of_the_connections() -> None:
+    models = [
+        ModelSettings(name="a", max_queue_size=100),
+        ModelSettings(name="b", max_queue_size=3),
+    ]
+    settings = Settings(models=models, default_model="b", max_connections=2049, workers=2)
+    share = worker_settings(settings, 2, 9001)
+    assert [(m.key, m.max_queue_size) for m in share.served_models] == [("b", 1), ("a", 50)]
+    assert (share.workers, share.grpc_port, share.max_connections) == (1, 9001, 1025)
+    assert share.served_models[0].key == "b"  # still the default
+
+
+def test_workers_is_a_count_or_auto() -> None:
+    assert Settings(workers="auto").worker_count == len(os.sched_getaffinity(0))
+    assert Settings(workers=3).worker_count == 3
+    with pytest.raises(ValueError, match="workers must be between 1 and 256"):
+        Settings(workers=0)
+    with pytest.raises(ValueError, match="repository_api needs workers = 1"):
+        Settings(workers=2, repository_api=True)
+    with pytest.raises(SystemExit, match="workers > 1 serves models from the settings only"):
+        run(Settings(workers=2), loader=lambda model, device: None)  # type: ignore[arg-type,return-value]
+
+
+_RECORD = """
+import sys
+from gpuserve.metrics import Metrics
+metrics = Metrics(sys.argv[1])
+requests, depth, ready = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+for _ in range(requests):
+    metrics.observe_request("/predict", 200, 0.001, "m", "http", "1")
+metrics.observe_batch("m", "1", requests, 0.0, 0.001, 0, 0)
+metrics.track_queue_depth("m", "1", lambda: depth)
+metrics.ready.labels("m", "1").set(ready)
+metrics.refresh()
+"""
+
+
+def test_the_metrics_of_every_worker_are_summed(tmp_path: Path) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for args in (("3", "5", "1"), ("4", "2", "0")):
+        done = subprocess.run(
+            [sys.executable, "-c", _RECORD, str(tmp_path), *args], env=env, check=True
+        )
+        assert done.returncode == 0
+    pids = sorted({int(m) for m in re.findall(r"_(\d+)\.db", " ".join(os.listdir(tmp_path)))})
+    text = Metrics(str(tmp_path)).render().decode()
+    route = 'protocol="http",route="/predict",version="1"'
+    assert f'gpuserve_requests_total{{code="200",model="m",{route}}} 7.0' in text
+    assert 'gpuserve_batch_size_sum{model="m",version="1"} 7.0' in text
+    assert 'gpuserve_queue_depth{model="m",version="1"} 7.0' in text
+    assert 'gpuserve_ready{model="m",version="1"} 0.0' in text  # ready only where all are
+    multiprocess.mark_process_dead(
+        pids[0], str(tmp_path)
+    )  # what the parent does when a worker dies
+    text = Metrics(str(tmp_path)).render().decode()
+    assert f'gpuserve_requests_total{{code="200",model="m",{route}}} 7.0' in text  # counted
+    assert 'gpuserve_queue_depth{model="m",version="1"} 2.0' in text  # the live one only
+
+
+def _workers(model: Path, *extra: str) -> ServerProcess:
+    env = {"GPUSERVE_MODEL__PATH": str(model), "GPUSERVE_MODEL__FREEZE_GC": "false"}
+    return ServerProcess("--device", "cpu", "--workers", "2", *extra, env=env)
+
+
+def _pids(server: ServerProcess) -> dict[int, list[int]]:
+    """Each worker slot's processes, in the order they were started."""
+    found: dict[int, list[int]] = {}
+    for line in server.log:
+        started = re.search(r"worker (\d+) started \(pid (\d+)\)", line)
+        if started:
+            found.setdefault(int(started.group(1)), []).append(int(started.group(2)))
+    return found
+
+
+def _prefixes(server: ServerProcess) -> set[str]:
+    """The request-id prefixes of the /predict answers: each process has its own."""
+    return set(re.findall(r"POST /predict 200 \S+ id=([0-9a-f]{16})", "".join(server.log)))
+
+
+async def test_two_workers_answer_as_one_process_and_count_as_one_server(
+    demo_model: Path,
+) -> None:
+    images = load_digits().data[:48].astype(np.float32)
+    one = create_app(Settings(device="cpu", model=ModelSettings(path=demo_model, freeze_gc=False)))
+    async with serving(one) as client:
+        response = await client.post("/predict", json={"instances": images.tolist()})
+        expected = np.array([out["probabilities"] for out in response.json()["outputs"]])
+    with _workers(demo_model) as server:
+        wait_ready(server.url)
+        assert set(_pids(server)) == {0, 1}
+        bodies = [json.dumps({"inputs": image}).encode() for image in images.tolist()]
+        sent = 0
+        for _ in range(5):  # bounded: until both processes have answered some
+            answers = read_all(send_all(server.url, bodies))
+            sent += len(bodies)
+            assert [status for status, _ in answers] == [200] * len(bodies)
+            got = np.array([body["outputs"]["probabilities"] for _, body in answers])
+            np.testing.assert_allclose(got, expected, atol=1e-6)
+            if len(_prefixes(server)) == 2:
+                break
+        assert len(_prefixes(server)) == 2, "one worker answered everything"
+        route = 'protocol="http",route="/predict",version="1"'
+        assert (
+            metric(server.url, f'gpuserve_requests_total{{code="200",model="digits",{route}}}')
+            == sent
+        )
+        assert metric(server.url, 'gpuserve_batch_size_sum{model="digits",version="1"}') == sent
+        assert metric(server.url, 'gpuserve_ready{model="digits",version="1"}') == 1.0
+        grpc = triton_grpc.InferenceServerClient(server.grpc_url)
+        try:
+            pixels = triton_grpc.InferInput("pixels", [4, 64], "FP32")
+            pixels.set_data_from_numpy(images[:4])
+            logits = grpc.infer("digits", [pixels]).as_numpy("logits")
+            probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+            np.testing.assert_allclose(probabilities, expected[:4], atol=1e-5)
+        finally:
+            grpc.close()
+        assert server.stop() == 0
+
+
+def test_a_killed_worker_is_replaced_while_the_other_keeps_serving(demo_model: Path) -> None:
+    with _workers(demo_model) as server:
+        wait_ready(server.url)
+        victim = _pids(server)[0][0]
+        outcomes: list[int | str] = []
+        stop_at = time.monotonic() + 20
+
+        def traffic() -> None:  # a new connection per request, bounded in count and time
+            for _ in range(400):
+                if time.monotonic() > stop_at or len(outcomes) > 600:
+                    return
+                try:
+                    response = httpx.post(f"{server.url}/predict", content=ONE, timeout=10)
+                    outcomes.append(response.status_code)
+                except httpx.TransportError as exc:  # a connection the killed worker held
+                    outcomes.append(type(exc).__name__)
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            clients = [pool.submit(traffic) for _ in range(4)]
+            while len(outcomes) < 40:
+                assert time.monotonic() < stop_at
+                time.sleep(0.01)
+            os.kill(victim, signal.SIGKILL)
+            killed_at = len(outcomes)
+            # The whole server is not ready while a worker is missing, and alive throughout.
+            saw_not_ready = False
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                assert httpx.get(f"{server.url}/health/live").status_code == 200
+                ready = httpx.get(f"{server.url}/health/ready")
+                if ready.status_code != 200:
+                    saw_not_ready = True
+                elif saw_not_ready:
+                    break
+                time.sleep(0.05)
+            for client in clients:
+                client.result()
+        assert saw_not_ready and len(_pids(server)[0]) == 2, server.log[-20:]
+        replacement = _pids(server)[0][1]
+        assert replacement != victim
+        failures = [o for o in outcomes if o != 200]
+        # At most the requests the killed worker held (one per client), none an HTTP error.
+        assert len(failures) <= 4 and all(isinstance(o, str) for o in failures), failures
+        assert len(outcomes) > killed_at + 20
+        wait_ready(server.url)
+        answers = read_all(send_all(server.url, [ONE] * 24))
+        assert [status for status, _ in answers] == [200] * 24
+        assert server.stop() == 0
+
+
+def test_sigterm_drains_every_worker_then_the_parent_exits_0(slow_model: Path) -> None:
+    with slow_server(slow_model, model__max_batch_size="8", workers="2") as server:
+        # In flight across both workers, summed in /metrics.
+        sigterm_with_requests_in_flight(server, 40)
+        assert server.process is not None
+        assert server.process.wait(timeout=60) == 0
+        assert any("every worker has stopped" in line for line in server.log)
+        assert sum("stopped on signal 15 after draining" in line for line in server.log) == 2
