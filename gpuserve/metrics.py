@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import orjson
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -39,6 +42,7 @@ _LATENCY_BUCKETS = (
     10.0,
 )
 _MODEL = ["model", "version"]
+_STATS_PREFIX = "protocol_stats_"  # a worker's statistics, beside prometheus-client's files
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -201,10 +205,32 @@ class Metrics:
             self._readers[(model, version)] = (child, read)  # a reloaded copy replaces its own
 
     def refresh(self) -> None:
-        """Copy the values read at scrape time into the shared files (multiprocess mode),
-        where the other workers' scrapes see them."""
+        """Copy the values read at scrape time, and the protocol's statistics, into the
+        shared files (multiprocess mode), where the other workers see them."""
         for child, read in self._readers.values():
             child.set(read())
+        if self._multiprocess_dir is not None:
+            # A copy first: a batch of another model may add its entry from a worker thread.
+            records = [[*key, stats.to_record()] for key, stats in list(self._stats.items())]
+            folder = Path(self._multiprocess_dir)
+            mine = folder / f"{_STATS_PREFIX}{os.getpid()}.json"
+            partial = mine.with_suffix(".part")
+            partial.write_bytes(orjson.dumps(records))
+            partial.replace(mine)  # readers never see half a file
+
+    def summed_stats(self, model: str, version: str) -> ModelStats:
+        """A model version's statistics for the whole server: this process's, plus (in
+        multiprocess mode) every other worker's, dead ones included (their requests were
+        served), as they shared them at most 0.1 s ago."""
+        if self._multiprocess_dir is None:
+            return self.stats(model, version)
+        self.refresh()
+        total = ModelStats()
+        for path in Path(self._multiprocess_dir).glob(f"{_STATS_PREFIX}*.json"):
+            for name, ver, record in orjson.loads(path.read_bytes()):
+                if (name, ver) == (model, version):
+                    total.add(record)
+        return total
 
     def observe_request(
         self,

@@ -1,7 +1,8 @@
 """Per-model inference statistics in Triton's form, for the protocol's statistics extension.
 
 `Metrics` records into these at the same moments, from the same observations, as into its
-Prometheus series, so `/v2/models/stats` and `/metrics` never disagree. Triton's semantics:
+Prometheus series, so `/v2/models/stats` and `/metrics` never disagree. Worker processes
+share theirs as records, which add up. Triton's semantics:
 each request accrues the queue time and the compute time of the batch it ran in; each batch
 size keeps its own count and compute time.
 """
@@ -59,6 +60,33 @@ class ModelStats:
         sized.count += 1
         sized.ns += int(compute_s * 1e9)
         self.last_inference_ms = int(time.time() * 1000)
+
+    def to_record(self) -> dict[str, Any]:
+        """Every counter, as JSON can carry them: what a worker process shares."""
+        return {
+            "durations": {
+                name: [getattr(self, name).count, getattr(self, name).ns]
+                for name in ("success", "fail", "queue", "compute_infer")
+            },
+            "inference_count": self.inference_count,
+            "execution_count": self.execution_count,
+            "last_inference_ms": self.last_inference_ms,
+            "by_batch_size": {str(k): [d.count, d.ns] for k, d in self.by_batch_size.items()},
+        }
+
+    def add(self, record: dict[str, Any]) -> None:
+        """Add another process's counters (a `to_record`) to these."""
+        for name, (count, ns) in record["durations"].items():
+            duration = getattr(self, name)
+            duration.count += count
+            duration.ns += ns
+        self.inference_count += record["inference_count"]
+        self.execution_count += record["execution_count"]
+        self.last_inference_ms = max(self.last_inference_ms, record["last_inference_ms"])
+        for size, (count, ns) in record["by_batch_size"].items():
+            sized = self.by_batch_size.setdefault(int(size), _Duration())
+            sized.count += count
+            sized.ns += ns
 
     def to_triton(self, name: str, version: str) -> dict[str, Any]:
         """Triton's `model_stats` entry. gpuserve times a batch's run as one (collate,

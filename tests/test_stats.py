@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from gpuserve.stats import ModelStats
 
 
@@ -26,3 +28,20 @@ def test_requests_and_batches_add_up_in_triton_s_form() -> None:
     sizes = {entry["batch_size"]: entry["compute_infer"] for entry in body["batch_stats"]}
     assert sizes == {1: {"count": 1, "ns": 4_000_000}, 3: {"count": 2, "ns": 16_000_000}}
     assert [entry["batch_size"] for entry in body["batch_stats"]] == [1, 3]
+
+
+def test_two_processes_records_add_up_to_one_server_s() -> None:
+    first, second, both = ModelStats(), ModelStats(), ModelStats()
+    for stats, sizes in ((first, (3, 1)), (second, (3, 5))):
+        for size in sizes:
+            stats.batch(size, queue_s_total=0.001 * size, compute_s=0.002)
+            both.batch(size, queue_s_total=0.001 * size, compute_s=0.002)
+            stats.request(size != 5, 0.01)
+            both.request(size != 5, 0.01)
+    summed = ModelStats()
+    summed.add(json.loads(json.dumps(first.to_record())))  # as the file carries it
+    summed.add(json.loads(json.dumps(second.to_record())))
+    assert summed.to_triton("m", "1") == both.to_triton("m", "1") | {
+        "last_inference": max(first.last_inference_ms, second.last_inference_ms)
+    }
+    assert summed.inference_count == 12 and summed.by_batch_size[3].count == 2

@@ -92,6 +92,9 @@ def test_the_metrics_of_every_worker_are_summed(tmp_path: Path) -> None:
     assert 'gpuserve_batch_size_sum{model="m",version="1"} 7.0' in text
     assert 'gpuserve_queue_depth{model="m",version="1"} 7.0' in text
     assert 'gpuserve_ready{model="m",version="1"} 0.0' in text  # ready only where all are
+    # The protocol's statistics add up the same way.
+    assert Metrics(str(tmp_path)).summed_stats("m", "1").inference_count == 7
+    assert Metrics(str(tmp_path)).summed_stats("m", "1").success.count == 7
     multiprocess.mark_process_dead(
         pids[0], str(tmp_path)
     )  # what the parent does when a worker dies
@@ -158,6 +161,15 @@ async def test_two_workers_answer_as_one_process_and_count_as_one_server(
             np.testing.assert_allclose(probabilities, expected[:4], atol=1e-5)
         finally:
             grpc.close()
+        # Triton's statistics are the server's too: each worker shares its own within 0.1 s.
+        deadline = time.monotonic() + 10
+        while True:
+            stats = httpx.get(f"{server.url}/v2/models/digits/stats").json()["model_stats"][0]
+            counted = (stats["inference_count"], stats["inference_stats"]["success"]["count"])
+            if counted == (sent + 4, sent + 1) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert counted == (sent + 4, sent + 1)
         assert server.stop() == 0
 
 

@@ -119,7 +119,10 @@ def statistics_of(
         services = list(models)
     else:
         services = [models.get(name, version)] if version else models.all_versions(name)
-    return [models.metrics.stats(s.name, s.version).to_triton(s.name, s.version) for s in services]
+    return [
+        models.metrics.summed_stats(s.name, s.version).to_triton(s.name, s.version)
+        for s in services
+    ]
 
 
 @router.get("/models/{name}", responses=_METADATA_ERRORS)
