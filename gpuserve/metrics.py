@@ -63,6 +63,7 @@ class Metrics:
         self._readers: dict[tuple[str, str], tuple[Any, Callable[[], float]]] = {}
         self._request_children: dict[tuple[str, int | str, str, str, str], tuple[Any, Any]] = {}
         self._stats: dict[tuple[str, str], ModelStats] = {}
+        self._batch_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
         self.requests = Counter(
             "gpuserve_requests",
             "Requests answered, by protocol (http or grpc), route (gRPC: the method), status "
@@ -273,9 +274,18 @@ class Metrics:
     ) -> None:
         stats = self._stats.get((model, version)) or self.stats(model, version)
         stats.batch(size, queue_wait_total_s, forward_s)
-        self.batch_size.labels(model, version).observe(size)
-        self.queue_wait_seconds.labels(model, version).observe(queue_wait_s)
-        self.forward_seconds.labels(model, version).observe(forward_s)
+        # The labelled children found once per model version, as for requests.
+        children = self._batch_children.get((model, version))
+        if children is None:
+            children = self._batch_children[(model, version)] = (
+                self.batch_size.labels(model, version),
+                self.queue_wait_seconds.labels(model, version),
+                self.forward_seconds.labels(model, version),
+            )
+        batch_size, queue_wait, forward = children
+        batch_size.observe(size)
+        queue_wait.observe(queue_wait_s)
+        forward.observe(forward_s)
         if failed_items:
             self.failed_items.labels(model, version).inc(failed_items)
         if oom_splits:

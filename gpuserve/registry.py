@@ -21,7 +21,7 @@ from gpuserve.device import DeviceInfo, probe, release_memory
 from gpuserve.errors import Conflict, ModelLoadError, ModelNotFound, NotReady
 from gpuserve.metrics import Metrics
 from gpuserve.service import Loader, ModelService
-from gpuserve.spec import Instance, ModelSpec
+from gpuserve.spec import ModelSpec
 
 Key = tuple[str, str]  # a model's name and version, as the protocol spells them
 
@@ -83,6 +83,10 @@ class ModelRegistry:
         """The model's service: the given version, or the one routes without a version
         serve. ModelNotFound (404) for a name or version the server does not know, NotReady
         (503) for a known one that is unloaded."""
+        if version is None:
+            candidates = self._by_name.get(name)
+            if candidates is not None and len(candidates) == 1:  # every request: keep it short
+                return candidates[0]
         service = self.find(name, version)
         if service is not None:
             return service
@@ -119,32 +123,19 @@ class ModelRegistry:
             by_name.setdefault(service.name, []).append(service)
         self._by_name = by_name
 
-    async def predict(
-        self,
-        service: ModelService,
-        version: str | None,
-        spec: ModelSpec,
-        instances: list[Instance],
-        timeout_s: float,
-        **options: Any,
-    ) -> tuple[ModelService, list[Any]]:
-        """`service.predict`; the service that answered, and the results.
-
-        A request finds its model, then reads and checks its body against that model's spec,
-        then queues. Should the model be retired in between (reloaded, or its version
-        unloaded), the request goes to the one its route (`version`, None for the routes
-        without one) reaches now, if that one takes the same tensors: so a reload or a
-        version rollout fails no request.
-        """
-        try:
-            return service, await service.predict(instances, timeout_s, **options)
-        except NotReady:
-            if self._drain is not None or self._services.get(_key(service.settings)) is service:
-                raise
-            now = self.find(service.name, version)
-            if now is None or now.state != "ready" or now.spec != spec:
-                raise
-            return now, await now.predict(instances, timeout_s, **options)
+    def current(self, service: ModelService, version: str | None, spec: ModelSpec) -> ModelService:
+        """The service to queue on, for a `service` retired since the request found it
+        (reloaded, or its version unloaded) while the request read and checked its body
+        against `spec`: the one the request's route (`version`, None for the routes without
+        one) reaches now, if that one takes the same tensors, so a reload or a version
+        rollout fails no request; else `service` itself, whose `predict` says why it cannot
+        serve. Called right before `predict`, with no await between."""
+        if not service.retired or self._drain is not None:
+            return service
+        now = self.find(service.name, version)
+        if now is None or now.state != "ready" or now.spec != spec:
+            return service
+        return now
 
     def versions(self, name: str) -> list[str]:
         """The loaded (or loading) versions of `name`, lowest first."""
@@ -190,6 +181,7 @@ class ModelRegistry:
             self._services[key] = fresh
             self._index()
             if old is not None:
+                old.retired = True
                 await self._retire(old, drain_s)
             fresh.publish_ready()
             return fresh
@@ -213,6 +205,8 @@ class ModelRegistry:
             # Leaving the table first: new requests go to the versions left, or get 503.
             retired = [self._services.pop(key) for key in keys]
             self._index()
+            for service in retired:
+                service.retired = True
             await asyncio.gather(*(self._retire(service, drain_s) for service in retired))
         finally:
             self._changing.difference_update(keys)

@@ -190,16 +190,18 @@ async def test_a_request_whose_model_was_retired_before_it_queued_goes_to_the_ro
         spec = first.spec
         await registry.unload("m", 1.0, "1")
         # Found before the unload, unversioned: the version serving the route answers.
-        answered, results = await registry.predict(first, None, spec, ONES, 1.0)
-        assert (answered.version, results) == ("2", [8.0])
+        now = registry.current(first, None, spec)
+        assert (now.version, await now.predict(ONES, 1.0)) == ("2", [8.0])
         # Asked for version 1 itself: that version is gone, and the request is told so.
+        assert registry.current(first, "1", spec) is first
         with pytest.raises(NotReady):
-            await registry.predict(first, "1", spec, ONES, 1.0)
+            await first.predict(ONES, 1.0)
         # A reload: the new copy of the same version answers.
         second = registry.get("m", "2")
         await registry.load(second.settings, 1.0)
-        answered, _ = await registry.predict(second, "2", spec, ONES, 1.0)
-        assert answered is registry.get("m", "2") and answered is not second
+        assert registry.current(second, "2", spec) is registry.get("m", "2") is not second
+        # One still registered is its own answer.
+        assert registry.current(registry.get("m"), None, spec) is registry.get("m")
     finally:
         await registry.stop()
 
@@ -219,8 +221,9 @@ async def test_a_retired_model_is_not_replaced_by_one_taking_other_tensors() -> 
         spec = first.spec
         await registry.load(versioned(2).served_models[0], 1.0)
         await registry.unload("m", 1.0, "1")
+        assert registry.current(first, None, spec) is first  # whose predict says why
         with pytest.raises(NotReady):
-            await registry.predict(first, None, spec, ONES, 1.0)
+            await first.predict(ONES, 1.0)
         assert registry.get("m").version == "2"
     finally:
         await registry.stop()

@@ -34,6 +34,8 @@ _ID_COUNTER = itertools.count(1)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 logger = logging.getLogger("gpuserve.app")
+# A request's `model` in its state is (name, version); these for one that reached no model.
+NO_MODEL = ("", "")
 
 
 class RequestContext:
@@ -94,9 +96,8 @@ class RequestContext:
             self.metrics.in_flight.dec()
             path = _route_label(scope)
             seconds = time.perf_counter() - started
-            self.metrics.observe_request(
-                path, status, seconds, state.get("model", ""), "http", state.get("version", "")
-            )
+            model, version = state.get("model", NO_MODEL)
+            self.metrics.observe_request(path, status, seconds, model, "http", version)
             if self.access_log and access.isEnabledFor(logging.INFO):
                 log_request(scope["method"], scope["path"], state, status, seconds)
 
@@ -146,14 +147,14 @@ def log_request(
         "status": status,
         "duration_ms": round(seconds * 1000, 3),
     }
-    model = state.get("model")
+    model_version: tuple[str, str] | None = state.get("model")
     trace: Trace | None = state.get("trace")
     detail = ""
-    if model is not None:
+    if model_version is not None:
+        model, version = model_version
         fields["model"] = model
         detail = f" model={model}"
-        version = state.get("version")
-        if version is not None:
+        if version:
             fields["version"] = version
             detail += f" version={version}"
     if trace is not None and trace.batches:

@@ -98,7 +98,7 @@ async def run_predict(
 ) -> tuple[ModelSpec, PredictBody, list[Any]]:
     """The request path every JSON-instances protocol shares (`/predict`, KServe v1): read
     the body, `decode` and check it against the spec, queue the instances, await them."""
-    request.state.model, request.state.version = service.name, service.version
+    request.state.model = service.labels
     spec = service.spec  # NotReady (503) while loading, before the body is read
     timeout_s = deadline_s(request, service.settings.request_timeout_s)
     settings: Settings = request.app.state.settings
@@ -107,11 +107,12 @@ async def run_predict(
     limit = service.settings.max_instances_per_request
     decoded = await decoder.run(body, decode, spec, limit)
     trace = request.state.trace = Trace()
-    models = _models(request)
-    answered, outputs = await unless_disconnected(
-        request, models.predict(service, None, spec, decoded.instances, timeout_s, trace=trace)
+    if service.retired:  # since the request found it: reloaded, or its version unloaded
+        service = _models(request).current(service, None, spec)
+        request.state.model = service.labels
+    outputs = await unless_disconnected(
+        request, service.predict(decoded.instances, timeout_s, trace=trace)
     )
-    request.state.version = answered.version
     return spec, decoded, outputs
 
 

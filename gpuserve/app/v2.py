@@ -202,7 +202,7 @@ async def infer_version(request: Request, name: str, version: str | None) -> Res
     without a version serve."""
     models = _models(request)
     service = models.get(name, version)
-    request.state.model, request.state.version = service.name, service.version
+    request.state.model = service.labels
     spec = service.spec  # NotReady (503) while loading, before the body is read
     settings: Settings = request.app.state.settings
     try:
@@ -217,15 +217,16 @@ async def infer_version(request: Request, name: str, version: str | None) -> Res
     if decoded.timeout_s is not None:
         timeout_s = min(timeout_s, decoded.timeout_s)
     trace = request.state.trace = Trace()
-    predicted = models.predict(
-        service, version, spec, decoded.instances, timeout_s, postprocess=False, trace=trace
+    if service.retired:  # since the request found it: reloaded, or its version unloaded
+        service = models.current(service, version, spec)
+        request.state.model = service.labels
+    rows = await unless_disconnected(
+        request, service.predict(decoded.instances, timeout_s, postprocess=False, trace=trace)
     )
-    answered, rows = await unless_disconnected(request, predicted)
-    request.state.version = answered.version
     # The client's id, or the request's own (X-Request-Id, in the logs too) when it sent none.
     response_id = decoded.id if decoded.id is not None else request_id_of(request)
     content, json_length = oip.encode_response(
-        spec, rows, response_id, decoded.outputs, answered.version
+        spec, rows, response_id, decoded.outputs, service.version
     )
     if json_length is None:
         return JSON(content)

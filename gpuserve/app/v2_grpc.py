@@ -29,7 +29,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from gpuserve import __version__, oip
 from gpuserve.app import repository
-from gpuserve.app.context import authorised, log_request, request_id_from
+from gpuserve.app.context import NO_MODEL, authorised, log_request, request_id_from
 from gpuserve.app.v2 import metadata_of, model_config_of, statistics_of
 from gpuserve.batcher import Trace
 from gpuserve.config import Settings
@@ -214,7 +214,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def load(state: dict[str, Any]) -> Any:
             self._repository_on()
-            state["model"] = request.model_name
+            state["model"] = (request.model_name, "")
             if request.parameters:
                 names = ", ".join(sorted(request.parameters))
                 raise BadRequest(f"load parameters are not supported: {names}")
@@ -226,7 +226,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def unload(state: dict[str, Any]) -> Any:
             self._repository_on()
-            state["model"] = request.model_name
+            state["model"] = (request.model_name, "")
             await self._models.unload(request.model_name, self._settings.shutdown_timeout_s)
             return pb.RepositoryModelUnloadResponse()
 
@@ -253,10 +253,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         if decoded.timeout_s is not None:
             timeout_s = min(timeout_s, decoded.timeout_s)
         trace = state["trace"] = Trace()
-        service, rows = await self._models.predict(
-            service, version, spec, decoded.instances, timeout_s, postprocess=False, trace=trace
-        )
-        state["version"] = service.version
+        if service.retired:  # since the call found it: reloaded, or its version unloaded
+            service = self._models.current(service, version, spec)
+            state["model"] = service.labels
+        rows = await service.predict(decoded.instances, timeout_s, postprocess=False, trace=trace)
         # Raw contents for every output, as Triton answers (gRPC has no JSON to choose).
         tensors = oip.output_tensors(spec, rows, decoded.outputs)
         return pb.ModelInferResponse(
@@ -274,13 +274,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     def _service(self, name: str, version: str | None, state: dict[str, Any]) -> ModelService:
         service = self._models.get(name, version)
-        state["model"], state["version"] = service.name, service.version
+        state["model"] = service.labels
         return service
 
     def _model(self, name: str, version: str, state: dict[str, Any]) -> tuple[str, str | None]:
         """A request's model name and version (None: not given), for the access log."""
         if name:
-            state["model"] = name
+            state["model"] = (name, version)
         return name, version or None
 
     def _repository_on(self) -> None:
@@ -340,8 +340,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             route = f"/{SERVICE}/{method}"
             # As over HTTP, only inference counts toward a model's series and statistics.
             infer = method == "ModelInfer"
-            model = state.get("model", "") if infer else ""
-            version = state.get("version", "") if infer else ""
+            model, version = state.get("model", NO_MODEL) if infer else NO_MODEL
             self._metrics.observe_request(route, status.name, seconds, model, "grpc", version)
             if self._settings.access_log and access.isEnabledFor(logging.INFO):
                 log_request("GRPC", route, state, status.name, seconds)
