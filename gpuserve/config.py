@@ -6,6 +6,7 @@ file named by `config_file` (given as a flag, or as `GPUSERVE_CONFIG_FILE`) at t
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -395,7 +396,7 @@ class Settings(BaseSettings):
         default=1,
         description="Server processes behind the one port, each with its own copy of every "
         "model and its own batches: more cores for HTTP, parsing and encoding. `auto`: one "
-        "per core available. Each model's max_queue_size and max_connections are split "
+        "per core available (capped by a cgroup CPU quota). Each model's max_queue_size and max_connections are split "
         "between them.",
     )
     default_versions: dict[str, int] = Field(
@@ -423,7 +424,7 @@ class Settings(BaseSettings):
     def worker_count(self) -> int:
         """How many server processes: `workers`, with auto read as the cores available."""
         if self.workers == "auto":
-            return len(os.sched_getaffinity(0))
+            return available_cores()
         return self.workers
 
     @model_validator(mode="after")
@@ -484,6 +485,28 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Highest priority first: flags (init kwargs), then the environment, then the file.
         return (init_settings, env_settings, _TomlFileSource(settings_cls))
+
+
+def available_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may use: those it may run on, capped by a cgroup CPU quota (a
+    container's CPU limit, which the affinity mask does not show)."""
+    cores = len(os.sched_getaffinity(0))
+    quota = None
+    try:  # cgroup v2: "max 100000" or "<quota> <period>"
+        limit, period = (cgroup / "cpu.max").read_text().split()
+        if limit != "max":
+            quota = int(limit) / int(period)
+    except (OSError, ValueError):
+        try:  # cgroup v1: -1 for none
+            limit_us = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+            period_us = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+            if limit_us > 0 and period_us > 0:
+                quota = limit_us / period_us
+        except (OSError, ValueError):
+            pass
+    if quota is not None:
+        cores = min(cores, max(1, math.ceil(quota)))
+    return cores
 
 
 def _check_device(value: str) -> str:

@@ -22,7 +22,7 @@ from sklearn.datasets import load_digits
 
 from gpuserve.app import create_app
 from gpuserve.cli import run
-from gpuserve.config import ModelSettings, Settings
+from gpuserve.config import ModelSettings, Settings, available_cores
 from gpuserve.metrics import Metrics
 from gpuserve.workers import worker_settings
 
@@ -53,8 +53,19 @@ def test_a_worker_holds_its_share_of_each_queue_and_of_the_connections() -> None
     assert share.served_models[0].key == "b"  # still the default
 
 
-def test_workers_is_a_count_or_auto() -> None:
-    assert Settings(workers="auto").worker_count == len(os.sched_getaffinity(0))
+def test_workers_is_a_count_or_auto_the_cores_a_cgroup_quota_leaves(tmp_path: Path) -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert Settings(workers="auto").worker_count == available_cores()
+    assert available_cores(tmp_path) == cores  # no cgroup files: the affinity mask
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert available_cores(tmp_path) == cores
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a core: one worker
+    assert available_cores(tmp_path) == 1
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")  # cgroup v1: one core
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert available_cores(tmp_path) == 1
     assert Settings(workers=3).worker_count == 3
     with pytest.raises(ValueError, match="workers must be between 1 and 256"):
         Settings(workers=0)
