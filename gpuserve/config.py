@@ -396,8 +396,8 @@ class Settings(BaseSettings):
         default=1,
         description="Server processes behind the one port, each with its own copy of every "
         "model and its own batches: more cores for HTTP, parsing and encoding. `auto`: one "
-        "per core available (capped by a cgroup CPU quota). Each model's max_queue_size and max_connections are split "
-        "between them.",
+        "per core available (capped by a cgroup CPU quota). Each model's max_queue_size "
+        "and max_connections are split between them.",
     )
     default_versions: dict[str, int] = Field(
         default_factory=dict,

@@ -51,14 +51,15 @@ class TextFormatter(logging.Formatter):
     (a copy of the record, then strftime) cost as much as the rest of a request's logging.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, worker: int | None = None) -> None:
         super().__init__(_TEXT_FORMAT)
         self._second = -1
         self._second_text = ""
+        self._tag = "" if worker is None else f" [worker {worker}]"
 
     def format(self, record: logging.LogRecord) -> str:
         line = (
-            f"{self._asctime(record)} {record.levelname} {record.name}: "
+            f"{self._asctime(record)} {record.levelname} {record.name}{self._tag}: "
             f"{escape(record.getMessage())}"
         )
         if record.exc_info:
@@ -86,6 +87,10 @@ class JsonFormatter(logging.Formatter):
     JSON strings escape every control character, so a record is always one line.
     """
 
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self._worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
         body: dict[str, Any] = {
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
@@ -93,6 +98,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self._worker is not None:
+            body["worker"] = self._worker
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 body[key] = value
@@ -101,13 +108,14 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(body, default=str).decode()
 
 
-def configure(level: str, log_format: LogFormat = "text") -> None:
-    """Configure the root logger once, for the whole process (uvicorn's loggers included)."""
+def configure(level: str, log_format: LogFormat = "text", worker: int | None = None) -> None:
+    """Configure the root logger once, for the whole process (uvicorn's loggers included);
+    in a worker process among several, every record says which worker wrote it."""
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(worker))
     else:
-        handler.setFormatter(TextFormatter())
+        handler.setFormatter(TextFormatter(worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

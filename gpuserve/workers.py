@@ -278,7 +278,7 @@ def _worker_main(
     from gpuserve import cli
     from gpuserve.logs import configure as configure_logging
 
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, worker=index)
     peers = Peers(slots, index, metrics_dir)
     cli.serve_one(settings, sockets=[http], peers=peers, wait_for_models=replacing)
 
