@@ -9,7 +9,8 @@ hard time limit every thread's traceback is dumped (faulthandler) and the run en
     python scripts/gpu_check.py --cpu --out /tmp/check.json   # here: CUDA sections SKIP
 
 Sections: A probe and NVML, B ordering under stress, C precision, D compile, E out of memory,
-F throughput, G over HTTP (a `gpuserve serve` process loaded by several client processes).
+F throughput, G over HTTP (a `gpuserve serve` process loaded by several client processes),
+and, only when asked for (`--only H`), H worker processes (`workers` 1 to 8, issue 16).
 On the CPU the correctness checks run small and the speed bars are reported, not judged. The
 wheels gpuserve needs beyond that machine's packages come from `scripts/gpu_wheels.sh`.
 """
@@ -595,28 +596,76 @@ def throughput(check: Check) -> Result:
 
 @section("G. over HTTP")
 def over_http(check: Check) -> Result:
+    result = load_server(
+        check,
+        "encoder",
+        workers=1,
+        concurrency=int(check.scaled(128, 16)),
+        processes=int(check.scaled(8, 2)),
+        seconds=check.scaled(10.0, 2.0),
+    )
+    ok = result["errors"] == 0 and result["server_exit"] == 0 and result["requests"] > 0
+    return {"status": "PASS" if ok else "FAIL", **result}
+
+
+@section("H. worker processes (opt-in: --only H)")
+def worker_processes(check: Check) -> Result:
+    """Issue 16's figures: `workers` 1, 2, 4, 8 (CPU: 1, 2), the light MLP and the encoder
+    in bf16, the same load for each; req/s against one process, and served/raw."""
+    counts = [1, 2, 4, 8] if not check.cpu else [1, 2]
+    runs: dict[str, list[Result]] = {}
+    for name in ("light", "encoder"):
+        runs[name] = []
+        for workers in counts:
+            run = load_server(
+                check,
+                name,
+                workers=workers,
+                concurrency=int(check.scaled(256, 16)),
+                processes=int(check.scaled(8, 2)),
+                seconds=check.scaled(8.0, 2.0),
+            )
+            run["workers"] = workers
+            run["scaling"] = (
+                run["served_samples_per_s"] / runs[name][0]["served_samples_per_s"]
+                if runs[name]
+                else 1.0
+            )
+            runs[name].append(run)
+    ok = all(
+        r["errors"] == 0 and r["server_exit"] == 0 and r["requests"]
+        for v in runs.values()
+        for r in v
+    )
+    return {"status": "PASS" if ok else "FAIL", **runs}
+
+
+def load_server(
+    check: Check, name: str, *, workers: int, concurrency: int, processes: int, seconds: float
+) -> Result:
+    """A `gpuserve serve` process (with `workers`) of one model, loaded over HTTP by several
+    client processes for `seconds`: rates, latency, batches, CPU, GPU utilisation, raw rate."""
     import os
+    import re
     import signal
     import subprocess
 
     import httpx
     from _loadgen import batch_totals, free_port, tree_cpu_seconds
 
-    processes = int(check.scaled(8, 2))
-    concurrency = int(check.scaled(128, 16))
-    seconds = check.scaled(10.0, 2.0)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {
         **os.environ,
         "GPUSERVE_DEVICE": check.info.device,
-        "GPUSERVE_MODEL__PATH": str(check.files["encoder"]),
-        "GPUSERVE_MODEL__PRECISION": "bf16",
+        "GPUSERVE_MODEL__PATH": str(check.files[name]),
+        "GPUSERVE_MODEL__PRECISION": "bf16" if name == "encoder" else "fp32",
         "GPUSERVE_MODEL__MAX_BATCH_SIZE": "128",
         "GPUSERVE_MODEL__TUNE_BATCH_SIZE": "false",
         "GPUSERVE_LOG_LEVEL": "warning",
         "GPUSERVE_ACCESS_LOG": "false",
-        "GPUSERVE_GPU_METRICS_INTERVAL_S": "0",
+        "GPUSERVE_GPU_METRICS_INTERVAL_S": "1" if check.cuda else "0",
+        "GPUSERVE_WORKERS": str(workers),
     }
     server = subprocess.Popen(
         [sys.executable, "-m", "gpuserve", "serve", "--port", str(port), "--grpc-port", "0"],
@@ -629,16 +678,16 @@ def over_http(check: Check) -> Result:
         deadline = time.monotonic() + 120
         while True:
             if server.poll() is not None:
-                return {"status": "FAIL", "error": f"the server exited with {server.returncode}"}
+                raise RuntimeError(f"the server exited with {server.returncode}")
             try:
                 if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                return {"status": "FAIL", "error": "the server was not ready within 120 s"}
+                raise RuntimeError("the server was not ready within 120 s")
             time.sleep(0.2)
-        body = json.dumps({"inputs": MODELS["encoder"]["body"]()})
+        body = json.dumps({"inputs": MODELS[name]["body"]()})
         cpu_before, batches_before = tree_cpu_seconds(server.pid), batch_totals(url)
         clients = [
             subprocess.Popen(
@@ -659,15 +708,21 @@ def over_http(check: Check) -> Result:
         reports = [json.loads(c.communicate(timeout=seconds + 60)[0]) for c in clients]
         cpu = tree_cpu_seconds(server.pid) - cpu_before
         instances, batches = (a - b for a, b in zip(batch_totals(url), batches_before, strict=True))
+        found = re.search(
+            r"^gpuserve_gpu_utilization_ratio\{[^}]*\} (\S+)",
+            httpx.get(f"{url}/metrics").text,
+            re.M,
+        )
     finally:
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=60)
     requests = sum(r["requests"] for r in reports)
-    errors = sum(r["errors"] for r in reports)
     served_rate = requests / max(r["seconds"] for r in reports)
     mean_batch = instances / batches if batches else 0.0
-    raw = raw_rate(check, check.module("encoder"), "encoder", max(1, round(mean_batch)), 2.0)
-    result: Result = {
+    raw = raw_rate(check, check.module(name), name, max(1, round(mean_batch)), 2.0)
+    return {
+        "model": name,
+        "requests": requests,
         "concurrency": concurrency,
         "load_processes": processes,
         "served_samples_per_s": served_rate,
@@ -676,12 +731,15 @@ def over_http(check: Check) -> Result:
         "served_over_raw": served_rate / raw,
         "p50_ms": statistics.median(r["p50_ms"] for r in reports if r["p50_ms"]),
         "p99_ms": max(r["p99_ms"] for r in reports if r["p99_ms"]),
-        "errors": errors,
+        "errors": sum(r["errors"] for r in reports),
         "server_cpu_cores": cpu / max(r["seconds"] for r in reports),
+        "gpu_utilization": float(found.group(1)) if found else None,
         "server_exit": code,
     }
-    ok = errors == 0 and code == 0 and requests > 0
-    return {"status": "PASS" if ok else "FAIL", **result}
+
+
+# Sections run only when --only names them: too long for the default run's time limit.
+_OPT_IN = {"H"}
 
 
 def main() -> None:
@@ -707,6 +765,8 @@ def main() -> None:
         check = Check(args.cpu, Path(workdir))
         for name, run in SECTIONS:
             if args.only and name[0] not in args.only:
+                continue
+            if not args.only and name[0] in _OPT_IN:
                 continue
             began = time.perf_counter()
             try:

@@ -40,3 +40,19 @@ def test_the_gpu_check_runs_on_the_cpu_and_skips_only_what_needs_cuda(tmp_path: 
     assert over_http["errors"] == 0 and over_http["server_exit"] == 0
     # One line per section on the console, as on the GPU machine.
     assert result.stdout.count("PASS ") == 5 and result.stdout.count("SKIP ") == 2
+
+
+def test_the_worker_section_runs_when_asked_for(tmp_path: Path) -> None:
+    out = tmp_path / "workers.json"
+    command = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu", "--only", "H"]
+    result = subprocess.run(
+        [*command, "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    (section,) = json.loads(out.read_text())["sections"].values()
+    assert section["status"] == "PASS"
+    for model in ("light", "encoder"):
+        runs = section[model]
+        assert [run["workers"] for run in runs] == [1, 2]
+        assert all(run["errors"] == 0 and run["server_exit"] == 0 for run in runs)
+        assert runs[0]["scaling"] == 1.0 and runs[1]["requests"] > 0
