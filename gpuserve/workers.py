@@ -42,6 +42,8 @@ logger = logging.getLogger("gpuserve.workers")
 
 _METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 _RESTART_PAUSE_S = 1.0  # between a worker's death and its replacement: no tight crash loop
+_MAX_PAUSE_S = 60.0
+_STABLE_S = 60.0  # a worker that lived this long died of something new: the pause starts over
 _EXIT_MARGIN_S = 5.0  # past the drain, for a worker to write its answers and exit
 
 
@@ -124,6 +126,9 @@ class _Supervisor:
         self._context, self._settings, self._http = context, settings, http
         self._slots, self._metrics_dir = slots, metrics_dir
         self._workers: dict[int, Any] = {}  # slot -> multiprocessing.Process
+        self._started: dict[int, float] = {}  # slot -> when its process started
+        self._failures: dict[int, int] = {}  # slot -> deaths in a row, each soon after start
+        self._due: dict[int, float] = {}  # slot -> when its replacement starts
         self._signals: list[int] = []
 
     def run(self, count: int, drain_s: float) -> int:
@@ -154,22 +159,30 @@ class _Supervisor:
         )
         process.start()
         self._workers[index] = process
+        self._started[index] = time.monotonic()
         logger.info("worker %d started (pid %d)", index, process.pid)
 
     def _watch(self) -> int | None:
         """Until a stop signal (None), or a worker failing at start (its status)."""
         while not self._signals:
+            now = time.monotonic()
+            for index, due in list(self._due.items()):
+                if due <= now:
+                    del self._due[index]
+                    self._start(index, replacing=True)
             sentinels = {p.sentinel: i for i, p in self._workers.items()}
+            if not sentinels:  # every worker is waiting for its restart
+                time.sleep(0.2)
+                continue
             for sentinel in multiprocessing.connection.wait(list(sentinels), timeout=0.2):
                 index = sentinels[sentinel]
                 status = self._reap(index)
-                if self._signals:
-                    break
                 if status is not None:
                     return status
-                time.sleep(_RESTART_PAUSE_S)
-                if not self._signals:
-                    self._start(index, replacing=True)
+                lived_s = time.monotonic() - self._started[index]
+                pause, self._failures[index] = restart_pause(lived_s, self._failures.get(index, 0))
+                logger.error("restarting worker %d in %.0f s", index, pause)
+                self._due[index] = time.monotonic() + pause
         return None
 
     def _reap(self, index: int) -> int | None:
@@ -183,7 +196,7 @@ class _Supervisor:
             # It stopped itself: no model could be loaded. Another try would fail the same.
             logger.error("worker %d exited with status 1 (no model can serve); stopping", index)
             return 1
-        logger.error("worker %d (pid %d) died (exit %s); restarting it", index, process.pid, code)
+        logger.error("worker %d (pid %d) died (exit %s)", index, process.pid, code)
         return None
 
     def _stop(self, drain_s: float) -> int:
@@ -217,6 +230,14 @@ class _Supervisor:
 
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def restart_pause(lived_s: float, failures: int) -> tuple[float, int]:
+    """How long to wait before replacing a worker that lived `lived_s` after `failures`
+    deaths in a row, and the new count: doubling from 1 s up to a minute while it keeps
+    dying soon after starting, so a crash loop costs little CPU and floods no log."""
+    failures = failures + 1 if lived_s < _STABLE_S else 1
+    return min(_MAX_PAUSE_S, _RESTART_PAUSE_S * 2 ** (failures - 1)), failures
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -24,7 +24,7 @@ from gpuserve.app import create_app
 from gpuserve.cli import run
 from gpuserve.config import ModelSettings, Settings, available_cores
 from gpuserve.metrics import Metrics
-from gpuserve.workers import worker_settings
+from gpuserve.workers import restart_pause, worker_settings
 
 from .conftest import ServerProcess
 from .test_app import serving
@@ -51,6 +51,17 @@ def test_a_worker_holds_its_share_of_each_queue_and_of_the_connections() -> None
     assert [(m.key, m.max_queue_size) for m in share.served_models] == [("b", 1), ("a", 50)]
     assert (share.workers, share.grpc_port, share.max_connections) == (1, 9001, 1025)
     assert share.served_models[0].key == "b"  # still the default
+
+
+def test_a_worker_that_keeps_dying_soon_after_start_waits_longer_each_time() -> None:
+    pause, failures = restart_pause(lived_s=2.0, failures=0)
+    assert (pause, failures) == (1.0, 1)
+    pauses = []
+    for _ in range(8):
+        pause, failures = restart_pause(lived_s=2.0, failures=failures)
+        pauses.append(pause)
+    assert pauses == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
+    assert restart_pause(lived_s=3600.0, failures=failures) == (1.0, 1)  # served an hour
 
 
 def test_workers_is_a_count_or_auto_the_cores_a_cgroup_quota_leaves(tmp_path: Path) -> None:
