@@ -199,8 +199,7 @@ class ModelRegistry:
             keys = [key for key in self._services if key[0] == name]
             if not keys:
                 self.get(name)  # 404 for an unknown name, 503 for an unloaded one
-        for key in keys:
-            self._claim(key)
+        self._claim(*keys)
         try:
             # Leaving the table first: new requests go to the versions left, or get 503.
             retired = [self._services.pop(key) for key in keys]
@@ -211,12 +210,14 @@ class ModelRegistry:
         finally:
             self._changing.difference_update(keys)
 
-    def _claim(self, key: Key) -> None:
-        if key in self._changing:
-            raise Conflict(f"model {key[0]!r} version {key[1]} is being loaded or unloaded already")
+    def _claim(self, *keys: Key) -> None:
+        """Mark `keys` as changing, all or none: Conflict (409) if one already is."""
+        for name, version in keys:
+            if (name, version) in self._changing:
+                raise Conflict(f"model {name!r} version {version} is being loaded or unloaded")
         if self._drain is not None:
             raise NotReady("the server is shutting down", retry_after_s=5)
-        self._changing.add(key)
+        self._changing.update(keys)
 
     async def _retire(self, service: ModelService, drain_s: float) -> None:
         await service.stop(drain_s)

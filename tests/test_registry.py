@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import anyio
@@ -12,7 +13,7 @@ import pytest
 from gpuserve.app import create_app
 from gpuserve.config import ModelSettings, Settings
 from gpuserve.device import DeviceInfo
-from gpuserve.errors import ModelLoadError, ModelNotFound, NotReady
+from gpuserve.errors import Conflict, ModelLoadError, ModelNotFound, NotReady
 from gpuserve.metrics import Metrics
 from gpuserve.registry import ModelRegistry
 from gpuserve.spec import ModelSpec, TensorSpec
@@ -226,4 +227,33 @@ async def test_a_retired_model_is_not_replaced_by_one_taking_other_tensors() -> 
             await first.predict(ONES, 1.0)
         assert registry.get("m").version == "2"
     finally:
+        await registry.stop()
+
+
+async def test_an_unload_that_conflicts_claims_no_version() -> None:
+    gate = threading.Event()
+    loads: list[int] = []
+
+    def load(model: ModelSettings, device: DeviceInfo) -> FakeModel:
+        loads.append(model.version)
+        if loads.count(1) > 1:  # the reload of version 1 waits for the test
+            gate.wait(10)
+        return FakeModel(FAKE_SPEC, scale=float(model.version))
+
+    # Version 2 first: an unload of both would claim it before it met version 1's reload.
+    registry = ModelRegistry(versioned(2, 1), load, Metrics())
+    await registry.start()
+    await settled(registry)
+    try:
+        reload = asyncio.ensure_future(registry.load(registry.get("m", "1").settings, 1.0))
+        while loads.count(1) < 2:
+            await asyncio.sleep(0.01)
+        with pytest.raises(Conflict, match="version 1 is being loaded or unloaded"):
+            await registry.unload("m", 1.0)  # every version: version 1 is reloading
+        await registry.unload("m", 1.0, "2")  # version 2 was not left claimed
+        assert registry.versions("m") == ["1"]
+        gate.set()
+        await reload
+    finally:
+        gate.set()
         await registry.stop()
