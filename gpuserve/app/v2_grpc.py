@@ -30,6 +30,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from gpuserve import __version__, oip
 from gpuserve.app import repository
 from gpuserve.app.context import NO_MODEL, authorised, log_request, request_id_from
+from gpuserve.app.grpc_health import health_handler
 from gpuserve.app.v2 import metadata_of, model_config_of, statistics_of
 from gpuserve.batcher import Trace
 from gpuserve.config import Settings
@@ -50,7 +51,7 @@ logger = logging.getLogger("gpuserve.grpc")
 
 SERVICE = "inference.GRPCInferenceService"
 # The calls a probe makes; like HTTP's health routes, they need no API key.
-_OPEN = frozenset({"ServerLive", "ServerReady"})
+_OPEN = frozenset({"ServerLive", "ServerReady", "Check", "Watch"})  # health: no key
 # gRPC's status for each HTTP status an error carries (one map, beside HTTP's own).
 _STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -119,9 +120,9 @@ class GrpcServer:
             ("grpc.so_reuseport", 1 if share_port else 0),
         ]
         self._server = grpc.aio.server(options=options)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceService(settings, models, metrics), self._server
-        )
+        inference = InferenceService(settings, models, metrics)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self._server)
+        self._server.add_generic_rpc_handlers((health_handler(inference, models),))
         self.port = 0
 
     async def start(self, host: str, port: int) -> int:
@@ -151,20 +152,20 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self._keys = [key.encode() for key in settings.api_key_values()]
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await self._call("ServerLive", context, lambda _: pb.ServerLiveResponse(live=True))
+        return await self.call("ServerLive", context, lambda _: pb.ServerLiveResponse(live=True))
 
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         def ready(_: dict[str, Any]) -> Any:
             return pb.ServerReadyResponse(ready=self._models.status == "ready")
 
-        return await self._call("ServerReady", context, ready)
+        return await self.call("ServerReady", context, ready)
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         def ready(state: dict[str, Any]) -> Any:
             service = self._service(request.name, request.version or None, state)
             return pb.ModelReadyResponse(ready=service.state == "ready")
 
-        return await self._call("ModelReady", context, ready)
+        return await self.call("ModelReady", context, ready)
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         def metadata(_: dict[str, Any]) -> Any:
@@ -175,7 +176,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 name="gpuserve", version=__version__, extensions=extensions
             )
 
-        return await self._call("ServerMetadata", context, metadata)
+        return await self.call("ServerMetadata", context, metadata)
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         def metadata(state: dict[str, Any]) -> Any:
@@ -183,7 +184,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             body = metadata_of(self._models, name, version)
             return json_format.ParseDict(body, pb.ModelMetadataResponse())
 
-        return await self._call("ModelMetadata", context, metadata)
+        return await self.call("ModelMetadata", context, metadata)
 
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         def config(state: dict[str, Any]) -> Any:
@@ -191,7 +192,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             config = model_config_of(self._models, name, version)
             return json_format.ParseDict({"config": config}, pb.ModelConfigResponse())
 
-        return await self._call("ModelConfig", context, config)
+        return await self.call("ModelConfig", context, config)
 
     async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         def statistics(state: dict[str, Any]) -> Any:
@@ -199,7 +200,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             stats = statistics_of(self._models, name or None, version)
             return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
 
-        return await self._call("ModelStatistics", context, statistics)
+        return await self.call("ModelStatistics", context, statistics)
 
     async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         def index(_: dict[str, Any]) -> Any:
@@ -209,7 +210,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 entries = [entry for entry in entries if entry["state"] == "READY"]
             return json_format.ParseDict({"models": entries}, pb.RepositoryIndexResponse())
 
-        return await self._call("RepositoryIndex", context, index)
+        return await self.call("RepositoryIndex", context, index)
 
     async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def load(state: dict[str, Any]) -> Any:
@@ -221,7 +222,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             await repository.load_model(self._models, self._settings, request.model_name)
             return pb.RepositoryModelLoadResponse()
 
-        return await self._call("RepositoryModelLoad", context, load)
+        return await self.call("RepositoryModelLoad", context, load)
 
     async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def unload(state: dict[str, Any]) -> Any:
@@ -230,13 +231,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             await self._models.unload(request.model_name, self._settings.shutdown_timeout_s)
             return pb.RepositoryModelUnloadResponse()
 
-        return await self._call("RepositoryModelUnload", context, unload)
+        return await self.call("RepositoryModelUnload", context, unload)
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def infer(state: dict[str, Any]) -> Any:
             return await self._infer(request, context, state)
 
-        return await self._call("ModelInfer", context, infer)
+        return await self.call("ModelInfer", context, infer)
 
     async def _infer(
         self, request: Any, context: grpc.aio.ServicerContext, state: dict[str, Any]
@@ -287,14 +288,16 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         if not self._settings.repository_api:
             raise ModelNotFound("the repository API is off (set repository_api to turn it on)")
 
-    async def _call(
+    async def call(
         self,
         method: str,
         context: grpc.aio.ServicerContext,
         work: Callable[[dict[str, Any]], Awaitable[_Reply] | _Reply],
+        service: str = SERVICE,
     ) -> _Reply:
         """Run one call the way the HTTP middleware runs a request: its id (sent back as
-        `x-request-id` metadata), the key check, the error's status, metrics and a log line."""
+        `x-request-id` metadata), the key check, the error's status, metrics and a log line.
+        `service` names the gRPC service in the metrics' route (the health service's too)."""
         metadata = dict(context.invocation_metadata() or ())
         state: dict[str, Any] = {"request_id": request_id_from(metadata.get("x-request-id"))}
         request_id = state["request_id"]
@@ -337,7 +340,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         finally:
             self._metrics.in_flight.dec()
             seconds = time.perf_counter() - started
-            route = f"/{SERVICE}/{method}"
+            route = f"/{service}/{method}"
             # As over HTTP, only inference counts toward a model's series and statistics.
             infer = method == "ModelInfer"
             model, version = state.get("model", NO_MODEL) if infer else NO_MODEL
