@@ -268,21 +268,20 @@ def run(settings: Settings, loader: Loader | None = None) -> None:
     With `workers` above 1, a parent process supervises that many worker processes.
     """
     count = settings.worker_count
-    if count > 1:
-        if loader is not None:
-            sys.exit(
-                "gpuserve: workers > 1 serves models from the settings only (each worker "
-                "process loads its own copy); serve this one with workers = 1"
-            )
-        _warn_if_exposed(settings)
-        from gpuserve.workers import supervise
-
-        status = supervise(settings, count)
-        if status:
-            sys.exit(status)
-        return
+    if count > 1 and loader is not None:
+        sys.exit(
+            "gpuserve: workers > 1 serves models from the settings only (each worker "
+            "process loads its own copy); serve this one with workers = 1"
+        )
     _warn_if_exposed(settings)
-    serve_one(settings, loader)
+    if count == 1:
+        serve_one(settings, loader)
+        return
+    from gpuserve.workers import supervise
+
+    status = supervise(settings, count)
+    if status:
+        sys.exit(status)
 
 
 def serve_one(

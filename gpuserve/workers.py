@@ -242,14 +242,7 @@ def restart_pause(lived_s: float, failures: int) -> tuple[float, int]:
 
 def _listen(host: str, port: int) -> socket.socket:
     """The HTTP listening socket every worker accepts on."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise SystemExit(f"gpuserve: cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock = _bound(host, port, socket.SO_REUSEADDR, "cannot listen")
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
@@ -258,17 +251,25 @@ def _listen(host: str, port: int) -> socket.socket:
 def _hold_grpc_port(settings: Settings) -> socket.socket:
     """Bind (without listening) the gRPC port with SO_REUSEPORT: it picks the port when 0,
     and keeps it for the workers, which listen on it side by side, restarts included."""
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    return _bound(
+        settings.host,
+        settings.grpc_port,
+        socket.SO_REUSEPORT,
+        "gRPC cannot listen",
+        " (set grpc_port, or grpc = false to serve HTTP only)",
+    )
+
+
+def _bound(host: str, port: int, option: int, failure: str, hint: str = "") -> socket.socket:
+    """A TCP socket with `option` set, bound to host:port; SystemExit saying why not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.setsockopt(socket.SOL_SOCKET, option, 1)
     try:
-        sock.bind((settings.host, settings.grpc_port))
+        sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise SystemExit(
-            f"gpuserve: gRPC cannot listen on {settings.host}:{settings.grpc_port}: "
-            f"{exc.strerror} (set grpc_port, or grpc = false to serve HTTP only)"
-        ) from None
+        raise SystemExit(f"gpuserve: {failure} on {host}:{port}: {exc.strerror}{hint}") from None
     return sock
 
 

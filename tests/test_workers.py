@@ -115,8 +115,9 @@ def test_the_metrics_of_every_worker_are_summed(tmp_path: Path) -> None:
     assert 'gpuserve_queue_depth{model="m",version="1"} 7.0' in text
     assert 'gpuserve_ready{model="m",version="1"} 0.0' in text  # ready only where all are
     # The protocol's statistics add up the same way.
-    assert Metrics(str(tmp_path)).summed_stats("m", "1").inference_count == 7
-    assert Metrics(str(tmp_path)).summed_stats("m", "1").success.count == 7
+    (summed,) = Metrics(str(tmp_path)).summed_stats([("m", "1")])
+    assert summed.inference_count == 7
+    assert summed.success.count == 7
     multiprocess.mark_process_dead(
         pids[0], str(tmp_path)
     )  # what the parent does when a worker dies

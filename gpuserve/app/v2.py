@@ -119,9 +119,10 @@ def statistics_of(
         services = list(models)
     else:
         services = [models.get(name, version)] if version else models.all_versions(name)
+    summed = models.metrics.summed_stats([service.labels for service in services])
     return [
-        models.metrics.summed_stats(s.name, s.version).to_triton(s.name, s.version)
-        for s in services
+        stats.to_triton(service.name, service.version)
+        for service, stats in zip(services, summed, strict=True)
     ]
 
 
