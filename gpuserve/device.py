@@ -109,6 +109,9 @@ class GpuSample:
     temperature_celsius: float | None
     power_watts: float | None
     uuid: str | None = None
+    # NVML's own free figure: total less used is larger by the memory the driver reserves
+    # (about half a GiB on an H100 with driver 580), which no process can allocate.
+    memory_free_bytes: int | None = None
 
 
 class GpuMonitor:
@@ -176,6 +179,7 @@ class GpuMonitor:
                     temperature_celsius=None if temperature is None else float(temperature),
                     power_watts=None if power_mw is None else power_mw / 1000.0,
                     uuid=uuid,
+                    memory_free_bytes=None if memory is None else int(memory.free),
                 )
             )
         return samples

@@ -18,9 +18,11 @@ in the model's config as `handler = "package.module:Class"`.
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -231,6 +233,8 @@ class Handler:
         """
         settings, name = self.settings, self.spec.name
         self.use_device()
+        if settings.compile != "off":
+            graph_trees_for_this_thread()
         if settings.warmup:
             started = time.monotonic()
             self.warm_up(settings.warmup_batch_sizes)
@@ -768,6 +772,23 @@ class GraphGate:
     def __getattr__(self, name: str) -> Any:
         # torch asks the backend for its config and to reset; those are the inner one's.
         return getattr(self.inner, name)
+
+
+def graph_trees_for_this_thread() -> None:
+    """Give the calling thread its own CUDA graph trees, where torch would not.
+
+    Inductor keeps CUDA graph trees in thread-locals that, before torch 2.12, only the thread
+    that imported it and autograd's threads have: a model compiled with `reduce-overhead` and
+    warmed in a worker thread failed its first batch with a bare AssertionError (seen with
+    torch 2.11 on an H100). Newer torch sets them up in any thread; this does the same.
+    """
+    from torch._inductor import cudagraph_trees as trees
+
+    local, key = trees.local, "tree_manager_containers"
+    if hasattr(local, key) or torch._C._is_key_in_tls(key):
+        return
+    local.tree_manager_containers = {}
+    local.tree_manager_locks = collections.defaultdict(threading.Lock)
 
 
 def _compile_backend(settings: ModelSettings) -> Any:

@@ -160,6 +160,13 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livemax",
         )
+        self.gpu_memory_free = Gauge(
+            "gpuserve_gpu_memory_free_bytes",
+            "GPU memory a process could still allocate (NVML's free, net of the driver's reserve).",
+            gpu,
+            registry=self.registry,
+            multiprocess_mode="livemin",
+        )
         self.gpu_memory_total = Gauge(
             "gpuserve_gpu_memory_total_bytes",
             "GPU memory in all.",
@@ -189,6 +196,7 @@ class Metrics:
             for gauge, value in (
                 (self.gpu_utilization, sample.utilization),
                 (self.gpu_memory_used, sample.memory_used_bytes),
+                (self.gpu_memory_free, sample.memory_free_bytes),
                 (self.gpu_memory_total, sample.memory_total_bytes),
                 (self.gpu_temperature, sample.temperature_celsius),
                 (self.gpu_power, sample.power_watts),

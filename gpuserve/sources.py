@@ -57,14 +57,48 @@ _EXPORT_LOAD = threading.Lock()
 
 
 def _on_device(program: Any, device: torch.device) -> torch.nn.Module:
-    """An exported program's module on `device`, the constants in its graph included."""
+    """An exported program's module on `device`, the constants in its graph included, its
+    views free of the memory layout the program was traced with (`layout_free_views`)."""
     try:
         from torch.export.passes import move_to_device_pass
     except ImportError:  # torch before 2.5 has no such pass
-        module: torch.nn.Module = program.module()
-        return module.to(device)
-    moved: torch.nn.Module = move_to_device_pass(program, device).module()
-    return moved
+        module: torch.nn.Module = program.module().to(device)
+    else:
+        module = move_to_device_pass(program, device).module()
+    layout_free_views(module)
+    return module
+
+
+def layout_free_views(module: torch.nn.Module) -> int:
+    """Turn the `view`s of an exported graph into `reshape`s; the number turned.
+
+    Export records a `.contiguous()` only where the traced tensor was not contiguous already,
+    so a `x.contiguous().view(...)` traced on one device can reach a tensor of another layout
+    on another: nn.MultiheadAttention's output, exported on the CPU, is not contiguous on a
+    GPU, and the view fails there. A reshape is that same view wherever the view would work,
+    and a copy where it would not. Skipped for a graph that writes in place, the one case in
+    which a view's aliasing can matter.
+    """
+    view, reshape = torch.ops.aten.view.default, torch.ops.aten.reshape.default
+    turned = 0
+    for graph_module in module.modules():
+        if not isinstance(graph_module, torch.fx.GraphModule):
+            continue
+        calls = [node for node in graph_module.graph.nodes if node.op == "call_function"]
+        if any(_writes_in_place(node.target) for node in calls):
+            continue
+        views = [node for node in calls if node.target is view]
+        for node in views:
+            node.target = reshape
+        if views:
+            graph_module.recompile()
+            turned += len(views)
+    return turned
+
+
+def _writes_in_place(target: Any) -> bool:
+    schema = getattr(target, "_schema", None)
+    return schema is not None and bool(schema.is_mutable)
 
 
 def require_file(path: Path) -> None:

@@ -164,12 +164,14 @@ def served(
     seconds: float = 0.0,
     example: Any = None,
     time_sizes: bool = False,
+    after_warm_up: Callable[[], None] | None = None,
 ) -> Result:
     """Run items (or `example` for `seconds`) through a real MicroBatcher over `workers`,
     warmed up in their own worker threads, from `submitters` concurrent tasks.
 
     With `time_sizes`, each worker first times its first batch of each warm-up size after
-    warm-up, and the steady time of that size, in its own worker thread.
+    warm-up, and the steady time of that size, in its own worker thread. `after_warm_up` is
+    called once every worker is warm, before the first item is submitted.
     """
 
     async def main() -> Result:
@@ -193,6 +195,8 @@ def served(
                 lambda w: first_and_steady(w, sample, w.settings.warmup_batch_sizes)
             )
         stats.clear()
+        if after_warm_up is not None:
+            after_warm_up()
         results: dict[int, Any] = {}
         latencies: list[float] = []
         queue = list(enumerate(items or []))
@@ -258,9 +262,7 @@ def probe_and_nvml(check: Check) -> Result:
         monitor.close()
     sample = samples.get(index)
     free, _ = torch.cuda.mem_get_info(index)
-    nvml_free = None
-    if sample and sample.memory_total_bytes is not None and sample.memory_used_bytes is not None:
-        nvml_free = sample.memory_total_bytes - sample.memory_used_bytes
+    nvml_free = sample.memory_free_bytes if sample else None
     gap_mib = None if nvml_free is None else abs(nvml_free - free) / 2**20
     same_gpu = sample is not None and sample.uuid is not None
     gauges = sample is not None and sample.utilization is not None
@@ -306,16 +308,25 @@ def ordering(check: Check) -> Result:
     original = warnings.showwarning
 
     def counted(message: Any, *args: Any, **kwargs: Any) -> None:
-        if "synchroniz" in str(message):
+        # torch's notice that the debug mode is a prototype names no synchronisation.
+        if "synchronizing" in str(message):
             syncs.append(str(message))
 
-    Delayed.prepared_ahead = 0
-    if check.cuda:
+    def count_syncs() -> None:
+        # Only while serving: warm-up synchronises on purpose, once per batch size.
         warnings.showwarning = counted  # type: ignore[assignment]
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
+
+    Delayed.prepared_ahead = 0
     try:
-        run = served([handler], items, max_batch_size=32, submitters=64)
+        run = served(
+            [handler],
+            items,
+            max_batch_size=32,
+            submitters=64,
+            after_warm_up=count_syncs if check.cuda else None,
+        )
     finally:
         if check.cuda:
             torch.cuda.set_sync_debug_mode(0)
@@ -437,11 +448,22 @@ class Wide(torch.nn.Module):
         return self.down(torch.relu(self.up(x)))
 
 
+def tensors_allocated(device: torch.device) -> int:
+    """GPU memory held by tensors. cuBLAS keeps a workspace per handle and stream in the
+    same allocator (tens of MiB on Hopper), made at a thread's first matmul: dropped first,
+    so that readings from different threads compare."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        torch.cuda.synchronize(device)
+        clear()
+    return torch.cuda.memory_allocated(device)
+
+
 class Metered(Handler):
     entries: ClassVar[list[tuple[int, int]]] = []  # (batch size, allocated) at each forward
 
     def forward(self, batch: Any) -> Any:
-        type(self).entries.append((len(batch), torch.cuda.memory_allocated(self.device)))
+        type(self).entries.append((len(batch), tensors_allocated(self.device)))
         return super().forward(batch)
 
 
@@ -461,7 +483,7 @@ def out_of_memory(check: Check) -> Result:
     items = [rng.standard_normal(1024).astype(np.float32) for _ in range(64)]
     reference = check.eager(module, items, chunk=16)
     torch.cuda.empty_cache()
-    baseline = torch.cuda.memory_allocated(check.device)
+    baseline = tensors_allocated(check.device)
     torch.cuda.reset_peak_memory_stats(check.device)
     handler(items[:32])
     need_32 = torch.cuda.max_memory_allocated(check.device) - baseline

@@ -178,6 +178,11 @@ class GaugeNVML(FakeNVML):
         super().__init__([("GPU-a", 30 * GIB, 80 * GIB), ("GPU-b", 70 * GIB, 80 * GIB)])
         self.shut = False
 
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> Any:
+        # As NVML's v2 reading: the driver's reserve is neither used nor free.
+        _, free, total = self.gpus[handle]
+        return SimpleNamespace(free=free, total=total, used=total - free - GIB // 2)
+
     def nvmlDeviceGetUtilizationRates(self, handle: int) -> Any:
         return SimpleNamespace(gpu=[90, 5][handle], memory=0)
 
@@ -204,7 +209,8 @@ def test_the_gpu_monitor_reads_each_gauge_and_skips_what_a_gpu_lacks(
     monitor = device.GpuMonitor()
     first, second = monitor.sample()
     assert (first.name, first.utilization, first.temperature_celsius) == ("Fake H100", 0.9, 61.0)
-    assert first.memory_used_bytes == 50 * GIB and first.memory_total_bytes == 80 * GIB
+    assert first.memory_used_bytes == 49.5 * GIB and first.memory_total_bytes == 80 * GIB
+    assert first.memory_free_bytes == 30 * GIB  # NVML's figure, not total less used
     assert first.power_watts == 312.5
     assert second.index == 1 and second.power_watts is None and second.utilization == 0.05
     monitor.close()
@@ -295,7 +301,7 @@ def test_gauges_cover_only_the_servers_gpus_by_their_cuda_index(
     monitor = device.GpuMonitor(visible=["GPU-b"])  # this server sees one GPU, as cuda:0
     (sample,) = monitor.sample()
     assert (sample.index, sample.uuid) == (0, "GPU-b")
-    assert sample.memory_used_bytes == 10 * GIB  # GPU-b's, not NVML index 0's
+    assert sample.memory_free_bytes == 70 * GIB  # GPU-b's, not NVML index 0's
     everyone = device.GpuMonitor().sample()
     assert [s.index for s in everyone] == [0, 1]
     monitor.close()

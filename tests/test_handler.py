@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -472,6 +473,37 @@ def served(handler: Handler) -> Handler:
     handler.warm_up(handler.settings.warmup_batch_sizes)
     handler.serve()
     return handler
+
+
+def test_a_compiled_model_warmed_in_a_new_thread_has_graph_trees_there() -> None:
+    with warnings.catch_warnings():  # inductor's import warns of torch.jit's deprecation
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torch._inductor import cudagraph_trees as trees
+
+    def old_torch_get_obj(name: str) -> Any:
+        # torch 2.11's lookup (no set-up in a new thread): what failed on an H100.
+        if hasattr(trees.local, name):
+            return getattr(trees.local, name)
+        assert torch._C._is_key_in_tls(name), f"{name} missing in this thread"
+        return torch._C._get_obj_in_tls(name)
+
+    def in_a_new_thread(warm: bool) -> Any:
+        def run() -> Any:
+            if warm:
+                handler = make(Linear().eval(), compile="default", compile_backend="eager")
+                handler.setup()
+                handler.warm()
+            return old_torch_get_obj("tree_manager_containers"), old_torch_get_obj(
+                "tree_manager_locks"
+            )
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(run).result()
+
+    with pytest.raises(AssertionError, match="missing in this thread"):
+        in_a_new_thread(warm=False)
+    first, second = in_a_new_thread(warm=True), in_a_new_thread(warm=True)
+    assert first[0] == {} and first[0] is not second[0]  # each worker thread its own trees
 
 
 def test_every_batch_size_compiles_at_warm_up_even_past_the_recompile_limit() -> None:

@@ -71,7 +71,9 @@ def test_queue_depth_is_read_at_scrape_time() -> None:
 
 
 def gpu(index: int, power: float | None) -> GpuSample:
-    return GpuSample(index, "Fake H100", 0.5, 10 * 2**30, 80 * 2**30, 60.0, power, f"u{index}")
+    return GpuSample(
+        index, "Fake H100", 0.5, 10 * 2**30, 80 * 2**30, 60.0, power, f"u{index}", 69 * 2**30
+    )
 
 
 def test_gpu_gauges_are_set_per_gpu_and_absent_where_unread() -> None:
@@ -86,6 +88,8 @@ def test_gpu_gauges_are_set_per_gpu_and_absent_where_unread() -> None:
         in text
     )
     assert 'gpuserve_gpu_power_watts{gpu="0",name="Fake H100",uuid="u0"} 300.0' in text
+    free = 'gpuserve_gpu_memory_free_bytes{gpu="0",name="Fake H100",uuid="u0"} 7.4088185856e+10'
+    assert free in text
     assert 'gpuserve_gpu_power_watts{gpu="1"' not in text  # absent, not zero
 
 

@@ -14,7 +14,13 @@ from safetensors.torch import save_file
 from gpuserve.config import ModelSettings
 from gpuserve.errors import ModelLoadError
 from gpuserve.loading import load_model
-from gpuserve.sources import import_object, load_module, load_program, spec_from_program
+from gpuserve.sources import (
+    import_object,
+    layout_free_views,
+    load_module,
+    load_program,
+    spec_from_program,
+)
 
 from .conftest import CPU as CPU_INFO
 
@@ -247,3 +253,65 @@ def test_a_program_of_two_inputs_has_both_in_its_inferred_spec(tmp_path: Path) -
     instance = {"a": np.full(3, 1.0, dtype=np.float32), "b": np.full(3, 2.0, dtype=np.float32)}
     (row,) = model([instance])
     np.testing.assert_allclose(row, [3.0, 3.0, 3.0])
+
+
+class Flatten(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous().view(x.shape[0], -1) * 2
+
+
+def test_an_exported_view_works_on_a_layout_other_than_the_traced_one(tmp_path: Path) -> None:
+    path = exported(
+        tmp_path / "flatten.pt2",
+        Flatten(),
+        torch.zeros(2, 3, 4),
+        dynamic=({0: torch.export.Dim("b")},),
+    )
+    # Traced contiguous, export dropped the .contiguous(); a transposed tensor stands in for
+    # a GPU kernel's output of another layout than the CPU's.
+    other_layout = torch.arange(24.0).reshape(2, 4, 3).transpose(1, 2)
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        torch.export.load(str(path)).module()(other_layout)
+    module = load_module(ModelSettings(path=path, name="f"), CPU)
+    assert torch.equal(module(other_layout), Flatten()(other_layout))
+
+
+class Attention(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attention = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, x, x, need_weights=False)[0]
+
+
+def test_attention_exported_on_the_cpu_keeps_no_layout_bound_view(tmp_path: Path) -> None:
+    # The case met on an H100: the CPU-traced program viewed attention's output as if it were
+    # contiguous, and the GPU's was not.
+    program = torch.export.export(
+        Attention().eval(), (torch.randn(2, 5, 8),), dynamic_shapes=({0: torch.export.Dim("b")},)
+    )
+    assert any(n.target is torch.ops.aten.view.default for n in program.module().graph.nodes)
+    torch.export.save(program, str(tmp_path / "attention.pt2"))
+    module = load_module(ModelSettings(path=tmp_path / "attention.pt2", name="a"), CPU)
+    views = [n for n in module.graph.nodes if n.target is torch.ops.aten.view.default]
+    assert views == []
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        assert torch.allclose(module(x), Attention().eval()(x), atol=1e-6)
+
+
+class InPlace(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x * 1
+        flat = y.view(-1)
+        flat.add_(1)  # writes through the view into y: the aliasing a reshape could break
+        return y
+
+
+def test_a_graph_that_writes_in_place_keeps_its_views() -> None:
+    program = torch.export.export(InPlace(), (torch.zeros(2, 3),))
+    module = program.module()
+    assert layout_free_views(module) == 0
+    assert torch.equal(module(torch.zeros(2, 3)), torch.ones(2, 3))
