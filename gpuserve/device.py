@@ -163,7 +163,7 @@ class GpuMonitor:
             ]
         samples = []
         for index, handle, uuid in handles:
-            memory = _read(nvml.nvmlDeviceGetMemoryInfo, handle)
+            memory = _read(memory_info, nvml, handle)
             rates = _read(nvml.nvmlDeviceGetUtilizationRates, handle)
             temperature = _read(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU)
             power_mw = _read(nvml.nvmlDeviceGetPowerUsage, handle)
@@ -189,6 +189,20 @@ class GpuMonitor:
             with contextlib.suppress(Exception):
                 self._nvml.nvmlShutdown()
             self._nvml = None
+
+
+def memory_info(nvml: ModuleType, handle: Any) -> Any:
+    """NVML's memory reading, in its second version where the driver and library have it.
+
+    The first version counts the memory the driver reserves as free: on an H100 with driver
+    580, 523 MiB more than a process can allocate (cudaMemGetInfo). The second counts it as
+    neither free nor used.
+    """
+    version = getattr(nvml, "nvmlMemory_v2", None)
+    if version is not None:
+        with contextlib.suppress(Exception):  # older drivers lack the call
+            return nvml.nvmlDeviceGetMemoryInfo(handle, version=version)
+    return nvml.nvmlDeviceGetMemoryInfo(handle)
 
 
 def _read(call: Callable[..., Any], *args: Any) -> Any:
@@ -333,7 +347,7 @@ def _nvml_memory(torch: ModuleType, count: int) -> list[_Memory | None]:
             handles = [None if u is None else by_uuid.get(_plain_uuid(u)) for u in uuids]
         memory: list[_Memory | None] = []
         for handle in handles:
-            info = None if handle is None else pynvml.nvmlDeviceGetMemoryInfo(handle)
+            info = None if handle is None else memory_info(pynvml, handle)
             memory.append(None if info is None else _Memory(int(info.free), int(info.total)))
         return memory
     finally:

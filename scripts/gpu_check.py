@@ -335,9 +335,15 @@ def ordering(check: Check) -> Result:
     rows = np.array([run["results"][i] for i in range(count)], dtype=np.float64)
     error = float(np.abs(rows - reference).max())
     prepared_share = Delayed.prepared_ahead / max(1, run["batches"])
-    # One synchronisation per batch is the design: the output's copy to the host.
+    # One synchronisation per batch is the design: the output's copy to the host. A one-off
+    # or two (the first pinned block of a size, the allocator growing) is not per batch: the
+    # H100 run showed 126 for 125 batches.
     syncs_per_batch = len(syncs) / max(1, run["batches"])
-    ok = error <= 1e-4 and prepared_share >= 0.5 and (not check.cuda or syncs_per_batch <= 1.0)
+    ok = (
+        error <= 1e-4
+        and prepared_share >= 0.5
+        and (not check.cuda or len(syncs) <= run["batches"] + 2)
+    )
     return {
         "status": "PASS" if ok else "FAIL",
         "instances": count,
@@ -448,22 +454,11 @@ class Wide(torch.nn.Module):
         return self.down(torch.relu(self.up(x)))
 
 
-def tensors_allocated(device: torch.device) -> int:
-    """GPU memory held by tensors. cuBLAS keeps a workspace per handle and stream in the
-    same allocator (tens of MiB on Hopper), made at a thread's first matmul: dropped first,
-    so that readings from different threads compare."""
-    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-    if clear is not None:
-        torch.cuda.synchronize(device)
-        clear()
-    return torch.cuda.memory_allocated(device)
-
-
 class Metered(Handler):
     entries: ClassVar[list[tuple[int, int]]] = []  # (batch size, allocated) at each forward
 
     def forward(self, batch: Any) -> Any:
-        type(self).entries.append((len(batch), tensors_allocated(self.device)))
+        type(self).entries.append((len(batch), torch.cuda.memory_allocated(self.device)))
         return super().forward(batch)
 
 
@@ -476,23 +471,33 @@ def out_of_memory(check: Check) -> Result:
     spec = ModelSpec(
         name="wide", input=TensorSpec(shape=(1024,)), output=TensorSpec(name="y", shape=(10,))
     )
-    settings = ModelSettings(max_batch_size=64, warmup=False, tune_batch_size=False)
+    # Warmed up (every size to 64, in the worker thread) before the limit is set: the
+    # worker's cuBLAS workspaces (tens of MiB per stream on Hopper, kept in the same
+    # allocator) then sit in the baseline rather than in the retries' readings.
+    settings = ModelSettings(max_batch_size=64, tune_batch_size=False)
     handler = Metered(spec, check.info, settings, module=module)
     handler.setup()
     rng = np.random.default_rng(5)
     items = [rng.standard_normal(1024).astype(np.float32) for _ in range(64)]
     reference = check.eager(module, items, chunk=16)
     torch.cuda.empty_cache()
-    baseline = tensors_allocated(check.device)
+    before = torch.cuda.memory_allocated(check.device)
     torch.cuda.reset_peak_memory_stats(check.device)
     handler(items[:32])
-    need_32 = torch.cuda.max_memory_allocated(check.device) - baseline
+    need_32 = torch.cuda.max_memory_allocated(check.device) - before
     total = torch.cuda.get_device_properties(check.device).total_memory
-    torch.cuda.empty_cache()
-    torch.cuda.set_per_process_memory_fraction((baseline + 1.5 * need_32) / total, check.device)
-    Metered.entries = []
+    baseline = 0
+
+    def limit() -> None:
+        nonlocal baseline
+        torch.cuda.empty_cache()
+        baseline = torch.cuda.memory_allocated(check.device)
+        fraction = (baseline + 1.5 * need_32) / total
+        torch.cuda.set_per_process_memory_fraction(fraction, check.device)
+        Metered.entries = []
+
     try:
-        run = served([handler], items, max_batch_size=64, submitters=64)
+        run = served([handler], items, max_batch_size=64, submitters=64, after_warm_up=limit)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, check.device)
     results = [run["results"][i] for i in range(64)]
@@ -654,6 +659,8 @@ def worker_processes(check: Check) -> Result:
                 else 1.0
             )
             runs[name].append(run)
+            # Each run as it ends: a section cut short by the time limit writes no JSON.
+            print(f"  H {name} x{workers}: {json.dumps(run, default=str)[:500]}", flush=True)
     ok = all(
         r["errors"] == 0 and r["server_exit"] == 0 and r["requests"]
         for v in runs.values()
@@ -689,18 +696,25 @@ def load_server(
         "GPUSERVE_GPU_METRICS_INTERVAL_S": "1" if check.cuda else "0",
         "GPUSERVE_WORKERS": str(workers),
     }
+    # The server's log, for the error when it fails: the first H100 run lost why it exited.
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
     server = subprocess.Popen(
         [sys.executable, "-m", "gpuserve", "serve", "--port", str(port), "--grpc-port", "0"],
         cwd=ROOT,
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
+
+    def log_tail() -> str:
+        log.seek(0)
+        return log.read()[-3000:].decode(errors="replace")
+
     try:
         deadline = time.monotonic() + 120
         while True:
             if server.poll() is not None:
-                raise RuntimeError(f"the server exited with {server.returncode}")
+                raise RuntimeError(f"the server exited with {server.returncode}: {log_tail()}")
             try:
                 if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
                     break
@@ -738,6 +752,8 @@ def load_server(
     finally:
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=60)
+        tail = log_tail()
+        log.close()
     requests = sum(r["requests"] for r in reports)
     served_rate = requests / max(r["seconds"] for r in reports)
     mean_batch = instances / batches if batches else 0.0
@@ -757,6 +773,7 @@ def load_server(
         "server_cpu_cores": cpu / max(r["seconds"] for r in reports),
         "gpu_utilization": float(found.group(1)) if found else None,
         "server_exit": code,
+        "server_log_tail": tail[-1000:] if code else "",
     }
 
 

@@ -506,6 +506,19 @@ def test_a_compiled_model_warmed_in_a_new_thread_has_graph_trees_there() -> None
     assert first[0] == {} and first[0] is not second[0]  # each worker thread its own trees
 
 
+@pytest.mark.parametrize(("mode", "calls"), [("default", 1), ("reduce-overhead", 3)])
+def test_warm_up_runs_each_graph_until_cuda_graphs_would_replay_it(mode: str, calls: int) -> None:
+    handler = make(Linear().eval(), compile=mode, compile_backend="eager", max_batch_size=4)
+    handler.setup()
+    sizes: list[int] = []
+    forward = handler.forward
+    handler.forward = lambda batch: (sizes.append(len(batch)), forward(batch))[1]  # type: ignore[method-assign]
+    handler.warm_up(handler.settings.warmup_batch_sizes)
+    # After the first check's pair: plain, recorded, replayed under CUDA graph trees.
+    counts = {size: sizes[1:].count(size) for size in (1, 2, 4)}
+    assert counts == dict.fromkeys((1, 2, 4), calls)
+
+
 def test_every_batch_size_compiles_at_warm_up_even_past_the_recompile_limit() -> None:
     # Nine sizes (1 to 256) for each of two copies of one module class: past torch's default
     # limit of 8 graphs, which silently ran the largest size eager.
