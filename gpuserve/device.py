@@ -109,8 +109,8 @@ class GpuSample:
     temperature_celsius: float | None
     power_watts: float | None
     uuid: str | None = None
-    # NVML's own free figure: total less used is larger by the memory the driver reserves
-    # (about half a GiB on an H100 with driver 580), which no process can allocate.
+    # NVML's own free figure: total less used is larger by the driver's reserve (about half
+    # a GiB on an H100 with driver 580), which no process can allocate.
     memory_free_bytes: int | None = None
 
 
@@ -194,9 +194,8 @@ class GpuMonitor:
 def memory_info(nvml: ModuleType, handle: Any) -> Any:
     """NVML's memory reading, in its second version where the driver and library have it.
 
-    The first version counts the memory the driver reserves as free: on an H100 with driver
-    580, 523 MiB more than a process can allocate (cudaMemGetInfo). The second counts it as
-    neither free nor used.
+    Free memory is the same in both; the first counts the driver's own reserve as used (483
+    MiB on an idle H100 with driver 580), the second apart, so `used` is the processes' alone.
     """
     version = getattr(nvml, "nvmlMemory_v2", None)
     if version is not None:

@@ -254,6 +254,9 @@ def probe_and_nvml(check: Check) -> Result:
         return {"status": "SKIP", "reason": "no CUDA device"}
     auto = probe("auto")
     index = auto.index or 0
+    # This process's CUDA context first (about 500 MiB on an H100): made between the two
+    # readings, it was the whole of their gap on the first H100 runs.
+    torch.cuda.mem_get_info(index)
     uuids = visible_gpu_uuids()
     monitor = GpuMonitor(visible=uuids)
     try:

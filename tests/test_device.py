@@ -218,7 +218,7 @@ def test_the_gpu_monitor_reads_each_gauge_and_skips_what_a_gpu_lacks(
 
 
 class ReservingNVML(GaugeNVML):
-    """NVML with the second memory reading: the first counts the driver's reserve as free."""
+    """NVML with the second memory reading: the first counts the driver's reserve as used."""
 
     nvmlMemory_v2 = 0x2000028
     RESERVED = GIB // 2
@@ -230,7 +230,7 @@ class ReservingNVML(GaugeNVML):
     def nvmlDeviceGetMemoryInfo(self, handle: int, version: int | None = None) -> Any:
         _, free, total = self.gpus[handle]
         if version is None:
-            return SimpleNamespace(free=free + self.RESERVED, total=total, used=total - free)
+            return SimpleNamespace(free=free, total=total, used=total - free)
         if not self.v2_works:
             raise RuntimeError("NVML_ERROR_FUNCTION_NOT_FOUND")  # an older driver
         assert version == self.nvmlMemory_v2
@@ -238,7 +238,7 @@ class ReservingNVML(GaugeNVML):
         return SimpleNamespace(free=free, total=total, used=used, reserved=self.RESERVED)
 
 
-def test_free_memory_leaves_out_what_the_driver_reserves(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_used_memory_leaves_out_what_the_driver_reserves(monkeypatch: pytest.MonkeyPatch) -> None:
     nvml = ReservingNVML()
     fake_cuda(monkeypatch, 2, nvml)
     assert probe("auto").free_memory_bytes == 70 * GIB
@@ -248,7 +248,7 @@ def test_free_memory_leaves_out_what_the_driver_reserves(monkeypatch: pytest.Mon
 
 def test_where_the_driver_lacks_the_second_reading_the_first_is_used() -> None:
     nvml = ReservingNVML(v2_works=False)
-    assert device.memory_info(nvml, 0).free == 30 * GIB + ReservingNVML.RESERVED
+    assert device.memory_info(nvml, 0).used == 50 * GIB  # the reserve counted in
 
 
 def test_without_nvml_the_monitor_has_nothing_and_says_why(
