@@ -164,8 +164,11 @@ def run_wrk(
     concurrency: int,
     duration: float,
     headers: dict[str, str] | None = None,
+    threads: int = 1,
+    core: int | None = 1,
 ) -> dict[str, Any]:
-    """wrk with one thread on core 1; returns requests, duration, errors and p50/p99 in ms.
+    """wrk with `threads` threads, pinned to `core` (None: not pinned); returns requests,
+    duration, errors and p50/p99 in ms.
 
     A `str` body is sent as JSON; a `bytes` one as application/octet-stream, with `headers`
     (the binary tensor extension's Inference-Header-Content-Length, say)."""
@@ -182,10 +185,10 @@ def run_wrk(
         with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
             script.write(WRK_SCRIPT % (media_type, set_body, extra))
         cleanup.callback(os.unlink, script.name)
-        command = ["wrk", "-t1", f"-c{concurrency}", f"-d{int(duration)}s", "--timeout", "10s"]
-        command += ["-s", script.name, url]
+        command = ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{int(duration)}s"]
+        command += ["--timeout", "10s", "-s", script.name, url]
         out = subprocess.run(
-            pinned(command, 1), capture_output=True, text=True, timeout=duration + 60
+            pinned(command, core), capture_output=True, text=True, timeout=duration + 60
         ).stdout
     return load_result(out)
 

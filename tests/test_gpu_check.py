@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,8 @@ def test_the_gpu_check_runs_on_the_cpu_and_skips_only_what_needs_cuda(tmp_path: 
     assert compiled["default, max_batch_size 256"]["ok"]
     over_http = report["sections"]["G. over HTTP"]
     assert over_http["errors"] == 0 and over_http["server_exit"] == 0
+    # wrk where this machine has it, else httpx processes (the worker section's test below).
+    assert over_http["load_generator"] == ("wrk" if shutil.which("wrk") else "httpx")
     # One line per section on the console, as on the GPU machine.
     assert result.stdout.count("PASS ") == 5 and result.stdout.count("SKIP ") == 2
 
@@ -45,6 +48,7 @@ def test_the_gpu_check_runs_on_the_cpu_and_skips_only_what_needs_cuda(tmp_path: 
 def test_the_worker_section_runs_when_asked_for(tmp_path: Path) -> None:
     out = tmp_path / "workers.json"
     command = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu", "--only", "H"]
+    command += ["--load-generator", "httpx"]
     result = subprocess.run(
         [*command, "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT
     )
@@ -56,3 +60,4 @@ def test_the_worker_section_runs_when_asked_for(tmp_path: Path) -> None:
         assert [run["workers"] for run in runs] == [1, 2]
         assert all(run["errors"] == 0 and run["server_exit"] == 0 for run in runs)
         assert runs[0]["scaling"] == 1.0 and runs[1]["requests"] > 0
+        assert all(run["load_generator"] == "httpx" for run in runs)
