@@ -350,6 +350,17 @@ class MicroBatcher(Generic[T, R]):
             if future.cancelled():
                 self._abandoned += 1
 
+    def fail(self, futures: Iterable[asyncio.Future[R]], error: type[BaseException]) -> None:
+        """Fail what is not done of these futures with `error` (a request's deadline passed).
+
+        As with `release`, their items are dropped when batches form, and no longer count
+        against the queue.
+        """
+        for future in futures:
+            if not future.done():
+                future.set_exception(error)
+                self._abandoned += 1
+
     def _sweep(self) -> None:
         self._pending = collections.deque(e for e in self._pending if not e.future.done())
         self._abandoned = 0

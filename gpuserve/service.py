@@ -16,6 +16,7 @@ from typing import Any, Literal, Protocol
 
 from gpuserve.batcher import BatchStats, MicroBatcher, Trace, is_memory_error, never_fatal
 from gpuserve.config import ModelSettings
+from gpuserve.deadlines import DeadlinePassed, Deadlines
 from gpuserve.device import DeviceInfo, probe
 from gpuserve.errors import (
     DeadlineExceeded,
@@ -77,6 +78,7 @@ class ModelService:
         self.device: DeviceInfo | None = None
         self.devices: list[DeviceInfo] = []
         self.batcher: MicroBatcher[Any, Any] | None = None
+        self._deadlines = Deadlines()
         self._preprocess: Callable[[Instance], Any] | None = None
         self._postprocess: Callable[[Any], Any] | None = None
         self.progress = LoadProgress(self.title)
@@ -148,16 +150,14 @@ class ModelService:
         except Overloaded:
             self._metrics.refused.labels(self.name, self.version).inc()
             raise
+        deadline = self._deadlines.add(timeout_s, lambda: batcher.fail(futures, DeadlinePassed))
         try:
-            async with asyncio.timeout(timeout_s) as deadline:
-                # One instance, the common case, needs no gathering future of its own.
-                if len(futures) == 1:
-                    results = [await futures[0]]
-                else:
-                    results = list(await asyncio.gather(*futures))
-        except TimeoutError as exc:
-            if not deadline.expired():
-                raise InferenceError("inference failed") from exc  # the model raised it
+            # One instance, the common case, needs no gathering future of its own.
+            if len(futures) == 1:
+                results = [await futures[0]]
+            else:
+                results = list(await asyncio.gather(*futures))
+        except DeadlinePassed:
             self._metrics.timed_out.labels(self.name, self.version).inc()
             raise DeadlineExceeded(
                 f"no result within the request's {timeout_s:g}s deadline"
@@ -167,6 +167,7 @@ class ModelService:
         except Exception as exc:
             raise InferenceError("inference failed") from exc
         finally:
+            self._deadlines.discard(deadline)
             # Cancelled futures are skipped when batches form, and leave the queue's count.
             batcher.release(futures)
         if postprocess and self._postprocess is not None:
@@ -213,6 +214,7 @@ class ModelService:
             await asyncio.gather(self._load_task, return_exceptions=True)
         if self.batcher is not None:
             await self.batcher.stop(timeout_s)
+        self._deadlines.close()  # every accepted request is answered by now
 
     def readiness(self) -> dict[str, Any]:
         body: dict[str, Any] = {"status": self.state}

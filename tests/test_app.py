@@ -300,6 +300,21 @@ async def test_an_oversized_body_is_refused_before_parsing(fake_model: FakeModel
         assert fake_model.batches == []
 
 
+async def test_a_request_of_several_instances_past_its_deadline_gets_one_504(
+    client: httpx.AsyncClient, fake_model: FakeModel
+) -> None:
+    fake_model.delay_s = 0.5
+    # Every one of its futures fails at once; the answer is one 504, and the queue is clear.
+    late = await client.post(
+        "/predict",
+        json={"instances": [[1, 2, 3, 4]] * 3},
+        headers={"x-request-timeout-ms": "20"},
+    )
+    assert late.status_code == 504 and "deadline" in late.json()["error"]
+    fake_model.delay_s = 0.0
+    assert (await client.post("/predict", json={"inputs": [1, 2, 3, 4]})).status_code == 200
+
+
 async def test_the_deadline_header_turns_a_slow_answer_into_a_504(
     client: httpx.AsyncClient, fake_model: FakeModel
 ) -> None:
