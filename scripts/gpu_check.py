@@ -10,7 +10,8 @@ hard time limit every thread's traceback is dumped (faulthandler) and the run en
 
 Sections: A probe and NVML, B ordering under stress, C precision, D compile, E out of memory,
 F throughput, G over HTTP (a `gpuserve serve` process loaded by several client processes),
-and, only when asked for (`--only H`), H worker processes (`workers` 1 to 8, issue 16).
+and, only when asked for (`--only H I`), H worker processes (`workers` 1 to 8, issue 16) and
+I the encoder under CUDA graphs (`compile = "reduce-overhead"`) against F's eager figures.
 On the CPU the correctness checks run small and the speed bars are reported, not judged. The
 wheels gpuserve needs beyond that machine's packages come from `scripts/gpu_wheels.sh`.
 """
@@ -172,13 +173,15 @@ def served(
     example: Any = None,
     time_sizes: bool = False,
     after_warm_up: Callable[[], None] | None = None,
+    measure: Callable[[Handler], Result] | None = None,
 ) -> Result:
     """Run items (or `example` for `seconds`) through a real MicroBatcher over `workers`,
     warmed up in their own worker threads, from `submitters` concurrent tasks.
 
     With `time_sizes`, each worker first times its first batch of each warm-up size after
     warm-up, and the steady time of that size, in its own worker thread. `after_warm_up` is
-    called once every worker is warm, before the first item is submitted.
+    called once every worker is warm, before the first item is submitted. `measure` runs in
+    each worker's thread once it is warm (its results under "measured").
     """
 
     async def main() -> Result:
@@ -201,6 +204,7 @@ def served(
             timings = await batcher.on_each_worker(
                 lambda w: first_and_steady(w, sample, w.settings.warmup_batch_sizes)
             )
+        measured = await batcher.on_each_worker(measure) if measure is not None else []
         stats.clear()
         if after_warm_up is not None:
             after_warm_up()
@@ -244,6 +248,7 @@ def served(
             "cap_after": cap,
             "graphs_after_warm_up": warm_graphs,
             "first_and_steady": timings,
+            "measured": measured,
             "graphs_after_serving": [w.graph_gate.graphs if w.graph_gate else 0 for w in workers],
         }
 
@@ -679,6 +684,56 @@ def worker_processes(check: Check) -> Result:
     return {"status": "PASS" if ok else "FAIL", **runs}
 
 
+@section("I. CUDA graphs for the encoder (opt-in: --only I)")
+def graphed_encoder(check: Check) -> Result:
+    """F's encoder, whose eager forward the first H100 runs found bound by launching its
+    kernels (12-20% utilisation), compiled with `reduce-overhead` (CUDA graphs): the Handler
+    (in its worker thread) and the batcher against the eager raw forward. Reported, not
+    judged: the figures say whether graphs are the way to F's bars."""
+    seconds = check.scaled(6.0, 0.5)
+    sizes = (32, 128) if check.cuda else (4,)
+    module = check.module("encoder")
+    rows: Result = {}
+    ok = True
+    for size in sizes:
+        raw = raw_rate(check, module, "encoder", size, check.scaled(2.0, 0.3))
+        handler = check.handler(
+            "encoder", precision="bf16", max_batch_size=size, compile="reduce-overhead"
+        )
+        items = check.instances("encoder", size, seed=8)
+
+        def handler_rate(worker: Handler, items: list[Any] = items) -> Result:
+            began, runs = time.perf_counter(), 0
+            while time.perf_counter() - began < check.scaled(2.0, 0.3):
+                worker(items)
+                runs += 1
+            return {"samples_per_s": runs * len(items) / (time.perf_counter() - began)}
+
+        with Utilisation(check) as utilisation:
+            run = served(
+                [handler],
+                max_batch_size=size,
+                seconds=seconds,
+                example=items[0],
+                measure=handler_rate,
+            )
+        handled = run["measured"][0]["samples_per_s"]
+        new_graphs = run["graphs_after_serving"][0] - run["graphs_after_warm_up"][0]
+        ok = ok and new_graphs == 0 and run["batches"] > 0
+        rows[str(size)] = {
+            "raw_eager_samples_per_s": raw,
+            "handler_samples_per_s": handled,
+            "batcher_samples_per_s": run["samples_per_s"],
+            "handler_over_raw_eager": handled / raw,
+            "batcher_over_raw_eager": run["samples_per_s"] / raw,
+            "p50_ms": run["p50_ms"],
+            "mean_batch": run["mean_batch"],
+            "graphs_compiled_while_serving": new_graphs,
+            "gpu_utilisation_median": utilisation.median,
+        }
+    return {"status": "PASS" if ok else "FAIL", "by_batch_size": rows}
+
+
 def load_server(
     check: Check, name: str, *, workers: int, concurrency: int, processes: int, seconds: float
 ) -> Result:
@@ -798,7 +853,7 @@ def load_server(
 
 
 # Sections run only when --only names them: too long for the default run's time limit.
-_OPT_IN = {"H"}
+_OPT_IN = {"H", "I"}
 
 
 def main() -> None:

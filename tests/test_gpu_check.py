@@ -61,3 +61,16 @@ def test_the_worker_section_runs_when_asked_for(tmp_path: Path) -> None:
         assert all(run["errors"] == 0 and run["server_exit"] == 0 for run in runs)
         assert runs[0]["scaling"] == 1.0 and runs[1]["requests"] > 0
         assert all(run["load_generator"] == "httpx" for run in runs)
+
+
+def test_the_cuda_graph_section_runs_when_asked_for(tmp_path: Path) -> None:
+    out = tmp_path / "graphs.json"
+    command = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu", "--only", "I"]
+    result = subprocess.run(
+        [*command, "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    (section,) = json.loads(out.read_text())["sections"].values()
+    assert section["status"] == "PASS"
+    (row,) = section["by_batch_size"].values()
+    assert row["graphs_compiled_while_serving"] == 0 and row["handler_samples_per_s"] > 0
