@@ -580,6 +580,15 @@ class Utilisation:
         return statistics.median(self.readings) if self.readings else None
 
 
+def handler_rate(handler: Handler, items: list[Any], seconds: float) -> float:
+    """Samples/s of `handler` called on `items` back to back for `seconds`, in this thread."""
+    began, runs = time.perf_counter(), 0
+    while time.perf_counter() - began < seconds:
+        handler(items)
+        runs += 1
+    return runs * len(items) / (time.perf_counter() - began)
+
+
 @section("F. throughput")
 def throughput(check: Check) -> Result:
     seconds = check.scaled(8.0, 0.5)
@@ -591,11 +600,7 @@ def throughput(check: Check) -> Result:
         handler = check.handler("encoder", precision="bf16", max_batch_size=size)
         items = check.instances("encoder", size, seed=6)
         handler.warm()
-        began, runs = time.perf_counter(), 0
-        while time.perf_counter() - began < check.scaled(2.0, 0.3):
-            handler(items)
-            runs += 1
-        handled = runs * size / (time.perf_counter() - began)
+        handled = handler_rate(handler, items, check.scaled(2.0, 0.3))
         with Utilisation(check) as utilisation:
             run = served([handler], max_batch_size=size, seconds=seconds, example=items[0])
         rows[str(size)] = {
@@ -702,20 +707,12 @@ def graphed_encoder(check: Check) -> Result:
         )
         items = check.instances("encoder", size, seed=8)
 
-        def handler_rate(worker: Handler, items: list[Any] = items) -> Result:
-            began, runs = time.perf_counter(), 0
-            while time.perf_counter() - began < check.scaled(2.0, 0.3):
-                worker(items)
-                runs += 1
-            return {"samples_per_s": runs * len(items) / (time.perf_counter() - began)}
+        def measure(worker: Handler, items: list[Any] = items) -> Result:
+            return {"samples_per_s": handler_rate(worker, items, check.scaled(2.0, 0.3))}
 
         with Utilisation(check) as utilisation:
             run = served(
-                [handler],
-                max_batch_size=size,
-                seconds=seconds,
-                example=items[0],
-                measure=handler_rate,
+                [handler], max_batch_size=size, seconds=seconds, example=items[0], measure=measure
             )
         handled = run["measured"][0]["samples_per_s"]
         new_graphs = run["graphs_after_serving"][0] - run["graphs_after_warm_up"][0]
