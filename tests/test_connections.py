@@ -16,7 +16,12 @@ import pytest
 import uvicorn
 from uvicorn.server import ServerState
 
-from gpuserve.app.connections import connection_cap, guarded_protocol, raise_fd_limit
+from gpuserve.app.connections import (
+    CoalescedWrites,
+    connection_cap,
+    guarded_protocol,
+    raise_fd_limit,
+)
 
 
 def test_the_cap_is_the_setting_when_the_open_file_limit_has_room() -> None:
@@ -145,3 +150,13 @@ async def test_a_streamed_response_head_is_not_held() -> None:
     await asyncio.sleep(0.05)
     assert b"".join(transport.writes[1:]) == b"4\r\npart\r\n0\r\n\r\n"
     protocol.connection_lost(None)
+
+
+def test_a_held_head_is_dropped_when_its_client_is_gone() -> None:
+    transport = RecordingTransport()
+    writes = CoalescedWrites(transport)
+    writes.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+    assert transport.writes == []  # held for its body
+    transport.closed = True  # the connection was lost before the body came
+    writes.close()
+    assert transport.writes == []

@@ -166,7 +166,8 @@ class CoalescedWrites:
     def flush(self) -> None:
         if self._head is not None:
             head, self._head = self._head, None
-            self._transport.write(head)
+            if not self._transport.is_closing():  # a client gone mid-answer gets nothing
+                self._transport.write(head)
 
     def close(self) -> None:
         self.flush()
