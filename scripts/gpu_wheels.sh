@@ -15,7 +15,8 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
 # gpuserve's requirements and theirs, as installed here, less what that machine has (its
 # package list in the device tool's KINDS.md); protobuf and typing-extensions travel anyway,
-# since tritonclient's generated code and pydantic need recent ones. A hand-kept list missed fastapi's opentelemetry-api.
+# since tritonclient's generated code and pydantic need recent ones. (A hand-kept list missed
+# fastapi's opentelemetry-api, and the served check's server could not start there.)
 packages=($("$python" - <<'PY'
 import importlib.metadata as md
 
@@ -25,8 +26,8 @@ from packaging.utils import canonicalize_name
 on_device = {
     "torch", "numpy", "safetensors", "nvidia-ml-py", "prometheus-client", "httpx", "httpcore",
     "h11", "anyio", "idna", "certifi", "sniffio", "uvloop", "grpcio", "click", "packaging",
-    "ml-dtypes", "urllib3", "pyyaml", "psutil", "filelock", "jinja2",
-    "markupsafe", "fsspec", "networkx", "sympy", "mpmath", "setuptools", "zipp",
+    "ml-dtypes", "urllib3", "pyyaml", "psutil", "filelock", "jinja2", "markupsafe", "fsspec",
+    "networkx", "sympy", "mpmath", "setuptools", "zipp",
 }
 marker_env = {"python_version": "3.12", "python_full_version": "3.12.3", "os_name": "posix",
               "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
@@ -70,4 +71,4 @@ if command -v apt-get >/dev/null; then
 else
     echo "no apt-get here: no wrk for that machine (the check falls back to httpx)" >&2
 fi
-ls .whl .whl/deb
+ls -R .whl
