@@ -6,9 +6,10 @@ each a complete server with its own copy of each model and its own batcher: the 
 each new connection to whichever worker accepts first. gRPC listens in every worker on one
 port shared with SO_REUSEPORT. The parent loads nothing and serves nothing; it supervises:
 
-- a worker that dies is restarted (its open connections are lost; the others are unaffected);
-  one that exits on its own before ever being ready (every model failed to load) stops the
-  server with status 1, as one process does;
+- a worker that dies is restarted (its open connections are lost; the others are unaffected),
+  whether killed or crashed on an unhandled exception; one that gives up on its own (every
+  model failed to load, a listener or the device could not be had) stops the server with
+  status 1, as one process does, since another try would fail the same way;
 - SIGTERM or SIGINT is passed to every worker, which drains as one process does; the parent
   exits 0 once all have, and a second signal is passed on too (answer what is left with 503);
 - readiness is the whole server's: each worker publishes its own in shared memory, and a
@@ -30,6 +31,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 from multiprocessing.sharedctypes import SynchronizedArray
@@ -45,6 +47,9 @@ _RESTART_PAUSE_S = 1.0  # between a worker's death and its replacement: no tight
 _MAX_PAUSE_S = 60.0
 _STABLE_S = 60.0  # a worker that lived this long died of something new: the pause starts over
 _EXIT_MARGIN_S = 5.0  # past the drain, for a worker to write its answers and exit
+# A worker's status when it gave up on its own (serve_one's exits), told apart from 1, which
+# is also what Python exits with on an unhandled exception: a crash, restarted.
+_GAVE_UP = 3
 
 
 class Peers:
@@ -192,9 +197,12 @@ class _Supervisor:
         self._slots[index] = 0
         _mark_dead(process.pid, self._metrics_dir)
         code = process.exitcode
-        if code == 1 and not self._settings.keep_running_without_models:
-            # It stopped itself: no model could be loaded. Another try would fail the same.
-            logger.error("worker %d exited with status 1 (no model can serve); stopping", index)
+        if code == _GAVE_UP:
+            logger.error(
+                "worker %d gave up (no model can serve, or its listener or device could not "
+                "be had; its log says which); stopping",
+                index,
+            )
             return 1
         logger.error("worker %d (pid %d) died (exit %s)", index, process.pid, code)
         return None
@@ -302,7 +310,14 @@ def _worker_main(
 
     configure_logging(settings.log_level, settings.log_format, worker=index)
     peers = Peers(slots, index, metrics_dir)
-    cli.serve_one(settings, sockets=[http], peers=peers, wait_for_models=replacing)
+    try:
+        cli.serve_one(settings, sockets=[http], peers=peers, wait_for_models=replacing)
+    except SystemExit as exc:
+        if exc.code in (None, 0):
+            raise
+        if isinstance(exc.code, str):  # its message, which a plain status would not print
+            print(exc.code, file=sys.stderr, flush=True)
+        raise SystemExit(_GAVE_UP) from None
 
 
 def _exit_with_parent() -> None:

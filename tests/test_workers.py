@@ -246,6 +246,57 @@ def test_a_killed_worker_is_replaced_while_the_other_keeps_serving(demo_model: P
         assert server.stop() == 0
 
 
+CRASHY = """
+import os
+
+from gpuserve.handler import Handler
+
+
+class Crashy(Handler):
+    def preprocess(self, instance):
+        if float(instance[0]) == 13.0:
+            os._exit(1)  # as an unhandled exception ends a process: status 1
+        return super().preprocess(instance)
+"""
+
+
+def test_a_worker_that_crashes_is_restarted_not_taken_for_one_that_gave_up(
+    demo_model: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "crashy.py").write_text(CRASHY)
+    env = {
+        "GPUSERVE_MODEL__PATH": str(demo_model),
+        "GPUSERVE_MODEL__FREEZE_GC": "false",
+        "GPUSERVE_MODEL__HANDLER": "crashy:Crashy",
+        "GPUSERVE_MODEL__CODE_DIR": str(tmp_path),
+    }
+    with ServerProcess("--device", "cpu", "--workers", "2", env=env) as server:
+        wait_ready(server.url)
+        crash = json.dumps({"inputs": [13.0] + [0.0] * 63}).encode()
+        with pytest.raises(httpx.TransportError):
+            httpx.post(f"{server.url}/predict", content=crash, timeout=10)
+        deadline = time.monotonic() + 60
+        while sum(len(pids) for pids in _pids(server).values()) < 3:
+            assert time.monotonic() < deadline and server.process.poll() is None, server.log[-20:]
+            time.sleep(0.1)
+        assert any("died (exit 1)" in line for line in server.log)
+        wait_ready(server.url)
+        answers = read_all(send_all(server.url, [ONE] * 8))
+        assert [status for status, _ in answers] == [200] * 8
+        assert server.stop() == 0
+
+
+def test_workers_that_cannot_load_their_model_stop_the_server_with_status_1(
+    tmp_path: Path,
+) -> None:
+    with _workers(tmp_path / "nope.pt2") as server:
+        assert server.process is not None
+        assert server.process.wait(timeout=120) == 1
+        log = "".join(server.log)
+        assert "gave up" in log and "no model can serve" in log and "nope.pt2" in log
+        assert "restarting worker" not in log
+
+
 def test_sigterm_drains_every_worker_then_the_parent_exits_0(slow_model: Path) -> None:
     with slow_server(slow_model, model__max_batch_size="8", workers="2") as server:
         # In flight across both workers, summed in /metrics.
