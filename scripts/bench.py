@@ -341,7 +341,11 @@ def report(
 
 
 def plot(rows: list[dict[str, Any]], out: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the `bench` extra brings it; the tables are written already
+        print("no plot: matplotlib is not installed (pip install '.[bench]')")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
