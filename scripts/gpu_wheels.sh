@@ -13,52 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
-# gpuserve's requirements and theirs, as installed here, less what that machine has (its
-# package list in the device tool's KINDS.md); protobuf and typing-extensions travel anyway,
-# since tritonclient's generated code and pydantic need recent ones. (A hand-kept list missed
-# fastapi's opentelemetry-api, and the served check's server could not start there.)
-packages=($("$python" - <<'PY'
-import importlib.metadata as md
-
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
-
-on_device = {
-    "torch", "numpy", "safetensors", "nvidia-ml-py", "prometheus-client", "httpx", "httpcore",
-    "h11", "anyio", "idna", "certifi", "sniffio", "uvloop", "grpcio", "click", "packaging",
-    "ml-dtypes", "urllib3", "pyyaml", "psutil", "filelock", "jinja2", "markupsafe", "fsspec",
-    "networkx", "sympy", "mpmath", "setuptools", "zipp",
-}
-marker_env = {"python_version": "3.12", "python_full_version": "3.12.3", "os_name": "posix",
-              "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
-              "implementation_name": "cpython", "platform_python_implementation": "CPython"}
-wanted: dict[str, set[str]] = {}
-todo = [Requirement("gpuserve")]
-while todo:
-    req = todo.pop()
-    name = canonicalize_name(req.name)
-    extras = set(req.extras)
-    if name in on_device or (name in wanted and extras <= wanted[name]):
-        continue
-    wanted[name] = wanted.get(name, set()) | extras
-    try:
-        requires = md.requires(name) or []
-    except md.PackageNotFoundError:
-        continue
-    for line in requires:
-        sub = Requirement(line)
-        if sub.marker is None or any(
-            sub.marker.evaluate({**marker_env, "extra": extra}) for extra in {"", *wanted[name]}
-        ):
-            todo.append(sub)
-wanted.pop("gpuserve")
-for name in sorted(wanted):
-    try:
-        print(f"{name}=={md.version(name)}")
-    except md.PackageNotFoundError:
-        pass  # not installed here: not needed on this platform
-PY
-))
+# What gpuserve needs there beyond that machine's packages (scripts/_wheel_closure.py).
+packages=($("$python" scripts/_wheel_closure.py))
 rm -rf .whl && mkdir -p .whl
 for pinned in "${packages[@]}"; do
     "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \

@@ -74,3 +74,18 @@ def test_the_cuda_graph_section_runs_when_asked_for(tmp_path: Path) -> None:
     assert section["status"] == "PASS"
     (row,) = section["by_batch_size"].values()
     assert row["graphs_compiled_while_serving"] == 0 and row["handler_samples_per_s"] > 0
+
+
+def test_the_gpu_machine_gets_every_package_gpuserve_needs_that_it_lacks() -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from _wheel_closure import ON_DEVICE, closure
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    needed = closure()
+    # What the first H100 runs found missing there, one after the other.
+    assert {"tritonclient", "python-rapidjson", "opentelemetry-api"} <= set(needed)
+    # gpuserve's own requirements, where that machine lacks them; uvicorn's [standard] extra.
+    assert {"fastapi", "pydantic", "pydantic-settings", "uvicorn", "httptools"} <= set(needed)
+    assert not set(needed) & ON_DEVICE  # torch, numpy, grpcio... are there already
+    assert all(version[0].isdigit() for version in needed.values())
