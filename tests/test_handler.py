@@ -512,7 +512,12 @@ def test_warm_up_runs_each_graph_until_cuda_graphs_would_replay_it(mode: str, ca
     handler.setup()
     sizes: list[int] = []
     forward = handler.forward
-    handler.forward = lambda batch: (sizes.append(len(batch)), forward(batch))[1]  # type: ignore[method-assign]
+
+    def counted(batch: Any) -> Any:
+        sizes.append(len(batch))
+        return forward(batch)
+
+    handler.forward = counted  # type: ignore[method-assign]
     handler.warm_up(handler.settings.warmup_batch_sizes)
     # After the first check's pair: plain, recorded, replayed under CUDA graph trees.
     counts = {size: sizes[1:].count(size) for size in (1, 2, 4)}
