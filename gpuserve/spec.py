@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +50,17 @@ _DTYPE_RANGE: dict[str, tuple[float, float]] = {
 # numpy has no bfloat16: such inputs travel as float32 and the handler casts on the device.
 # Strings are numpy object arrays of Python str (UTF-8 text; the protocols' BYTES).
 _NUMPY_DTYPE: dict[str, str] = {"bfloat16": "float32", "string": "object"}
+
+
+@dataclass(frozen=True, slots=True)
+class PlainCheck:
+    """What a float tensor's common input must meet to be accepted in two reductions: its
+    shape, and the bounds (the spec's and its type's range) that hold every value."""
+
+    shape: tuple[int, ...]
+    low: float
+    high: float
+    target: np.dtype[Any]
 
 
 class TensorSpec(BaseModel):
@@ -94,9 +107,20 @@ class TensorSpec(BaseModel):
             raise ValueError("min is larger than max")
         return self
 
-    @property
+    @cached_property
     def numpy_dtype(self) -> np.dtype[Any]:
         return np.dtype(_NUMPY_DTYPE.get(self.dtype, self.dtype))
+
+    @cached_property
+    def plain_check(self) -> PlainCheck | None:
+        """The quick check of a float tensor of fixed shape (`_checked`); None for others."""
+        target = self.numpy_dtype
+        if target.kind != "f" or any(d < 1 for d in self.shape):
+            return None
+        top = float(np.finfo(target).max)
+        low = -top if self.min is None else max(-top, self.min)
+        high = top if self.max is None else min(top, self.max)
+        return PlainCheck(self.shape, low, high, target)
 
     @property
     def variable(self) -> bool:
@@ -392,6 +416,26 @@ def _checked(
     array: np.ndarray[Any, Any], spec: TensorSpec, field: str, batched: bool
 ) -> np.ndarray[Any, Any]:
     """Check kind, shape, finiteness and range, then cast to the spec's dtype."""
+    plain = spec.plain_check
+    if (
+        plain is not None
+        and array.dtype.kind in "fiu"
+        and (array.shape[1:] if batched else array.shape) == plain.shape
+        and array.size
+        # Every value finite and within bounds, in two reductions (NaN fails a comparison):
+        # what nearly every request holds. Anything else takes the checks below, which also
+        # say what is wrong.
+        and plain.low <= array.min()
+        and array.max() <= plain.high
+    ):
+        return array.astype(plain.target)
+    return _checked_fully(array, spec, field, batched)
+
+
+def _checked_fully(
+    array: np.ndarray[Any, Any], spec: TensorSpec, field: str, batched: bool
+) -> np.ndarray[Any, Any]:
+    """`_checked` without its quick path: each check on its own, naming what fails."""
     if spec.dtype == "string":
         return _checked_strings(array, spec, field, batched)
     if array.dtype.kind == "f" and spec.numpy_dtype.kind in "iu" and _integral(array):

@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 from gpuserve.errors import InvalidInput, ModelLoadError
-from gpuserve.spec import ModelSpec, TensorSpec, block_to_arrays, to_array, to_arrays
+from gpuserve.spec import (
+    ModelSpec,
+    TensorSpec,
+    _checked,
+    _checked_fully,
+    block_to_arrays,
+    to_array,
+    to_arrays,
+)
 
 PIXELS = TensorSpec(name="pixels", shape=(4,), dtype="float32", min=0, max=16)
 
@@ -235,3 +243,66 @@ def test_bytes_that_are_not_utf8_are_refused() -> None:
         block_to_arrays(np.array([b"\xff"], dtype=object), TEXT, "text")
     with pytest.raises(InvalidInput, match="got int values"):
         block_to_arrays(np.array([b"a", 3], dtype=object), TEXT, "text")
+
+
+_F32_TOP = float(np.finfo(np.float32).max)
+_QUICK_SPECS = [
+    TensorSpec(shape=(3,)),
+    TensorSpec(shape=(3,), min=-1, max=1),
+    TensorSpec(shape=(3,), dtype="float16"),
+    TensorSpec(shape=(3,), dtype="bfloat16", min=0),
+    TensorSpec(shape=(3,), dtype="float64"),
+    TensorSpec(shape=(), max=2),
+]
+_QUICK_VALUES: list[Any] = [
+    [0.5, -0.25, 1.0],
+    [1, 2, 3],  # integers, to a float tensor
+    [-1.0, 0.0, 1.0],  # on the bounds
+    [-1.0000001, 0.0, 1.0],
+    [1.0, float("nan"), 1.0],
+    [float("inf"), 0.0, 0.0],
+    [-float("inf"), 0.0, 0.0],
+    [65504.0, 0.0, -65504.0],
+    [65520.0, 0.0, 0.0],  # rounds to infinity in float16
+    [_F32_TOP, 0.0, 0.0],
+    [_F32_TOP * (1 + 2**-25), 0.0, 0.0],  # above float32's top, yet rounds down to it
+    [_F32_TOP * (1 + 2**-23), 0.0, 0.0],
+    [1e300, 0.0, 0.0],
+    [2**62, 0, -(2**62)],
+    [0.5, 1.5],
+    [[0.5, 1.5, 2.5]],
+    [],
+    1.5,
+    3.0,
+]
+
+
+@pytest.mark.parametrize("spec", _QUICK_SPECS, ids=lambda s: f"{s.dtype}{list(s.shape)}")
+@pytest.mark.parametrize("value", _QUICK_VALUES, ids=repr)
+@pytest.mark.parametrize("batched", [False, True])
+def test_the_quick_check_agrees_with_the_full_checks(
+    spec: TensorSpec, value: Any, batched: bool
+) -> None:
+    """A float tensor's common input is accepted in two reductions: for every input the
+    answer (the array, or the error) is the one the checks one by one give."""
+    array = np.asarray([value, value] if batched else value)
+
+    def outcome(check: Any) -> tuple[str, Any]:
+        try:
+            with np.errstate(all="ignore"):
+                result = check(array, spec, "inputs", batched)
+        except InvalidInput as exc:
+            return "refused", exc.message
+        return str(result.dtype), result.tolist()
+
+    expected = outcome(_checked_fully)
+    assert outcome(_checked) == expected
+    if expected[0] != "refused":
+        assert np.dtype(expected[0]) == spec.numpy_dtype
+
+
+def test_only_float_tensors_of_fixed_shape_have_a_quick_check() -> None:
+    assert TensorSpec(shape=(3,), min=0).plain_check is not None
+    assert TensorSpec(shape=(-1,)).plain_check is None  # its shape is checked against bounds
+    assert TensorSpec(shape=(3,), dtype="int64").plain_check is None
+    assert TensorSpec(shape=(3,), dtype="string").plain_check is None
