@@ -300,6 +300,57 @@ async def test_an_oversized_body_is_refused_before_parsing(fake_model: FakeModel
         assert fake_model.batches == []
 
 
+async def test_a_body_sent_in_pieces_is_read_whole(client: httpx.AsyncClient) -> None:
+    async def pieces() -> AsyncIterator[bytes]:
+        for piece in (b'{"inputs": [1, 2', b"", b", 3, 4", b"]}"):
+            yield piece
+
+    response = await client.post("/predict", content=pieces(), headers=JSON)
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"] == 10.0
+
+
+async def test_a_client_gone_while_sending_its_body_is_a_499_and_no_error(
+    fake_model: FakeModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(SETTINGS, loader=fake_loader(fake_model))
+    messages = iter(
+        [
+            {"type": "http.request", "body": b'{"inputs": [1, ', "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+    )
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/predict",
+        "raw_path": b"/predict",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+    async with serving(app):
+        await app(scope, receive, send)
+    assert sent[0]["status"] == 499
+    assert b"disconnected" in sent[1]["body"]
+    assert fake_model.batches == []
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 async def test_a_request_of_several_instances_past_its_deadline_gets_one_504(
     client: httpx.AsyncClient, fake_model: FakeModel
 ) -> None:
