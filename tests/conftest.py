@@ -77,6 +77,24 @@ def fake_model() -> FakeModel:
     return FakeModel(FAKE_SPEC)
 
 
+def predict_scope(headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """The ASGI scope of a POST /predict with `headers`, for calling an app directly."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/predict",
+        "raw_path": b"/predict",
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+
+
 def fake_loader(model: FakeModel) -> Any:
     def load(settings: ModelSettings, device: DeviceInfo) -> FakeModel:
         return model

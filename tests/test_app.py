@@ -21,7 +21,7 @@ from gpuserve.device import DeviceInfo
 from gpuserve.errors import InferenceError, ModelLoadError
 from gpuserve.progress import open_counted
 
-from .conftest import FAKE_SPEC, FakeModel, fake_loader
+from .conftest import FAKE_SPEC, FakeModel, fake_loader, predict_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -329,20 +329,7 @@ async def test_a_client_gone_while_sending_its_body_is_a_499_and_no_error(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/predict",
-        "raw_path": b"/predict",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", b"application/json")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-    }
+    scope = predict_scope([(b"content-type", b"application/json")])
     async with serving(app):
         await app(scope, receive, send)
     assert sent[0]["status"] == 499

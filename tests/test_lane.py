@@ -17,7 +17,7 @@ from gpuserve.app import create_app
 from gpuserve.app.lane import GpuserveAPI, LaneRoute, match
 from gpuserve.config import ModelSettings, Settings
 
-from .conftest import FAKE_SPEC, FakeModel, fake_loader
+from .conftest import FAKE_SPEC, FakeModel, fake_loader, predict_scope
 from .test_app import SETTINGS, serving
 
 pytestmark = pytest.mark.anyio
@@ -317,19 +317,6 @@ async def app_request(app: Any, body: bytes) -> None:
             statuses.append(message["status"])
 
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    request_scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/predict",
-        "raw_path": b"/predict",
-        "query_string": b"",
-        "root_path": "",
-        "headers": headers,
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-    }
+    request_scope = predict_scope(headers)
     await app(request_scope, receive, send)
     assert statuses == [200]
