@@ -1,6 +1,7 @@
 """Where gpuserve's CPU per request goes, stage by stage, on a real socket.
 
     python scripts/cpu_stages.py [--seconds 10] [--concurrency 1 32] [--model light]
+    python scripts/cpu_stages.py --counters [--concurrency 32]
 
 The setting of `scripts/bench.py`: the benchmark's model exported, `gpuserve serve` pinned to
 core 0 with one torch thread, wrk on core 1. For each concurrency, wrk runs while py-spy
@@ -8,6 +9,10 @@ core 0 with one torch thread, wrk on core 1. For each concurrency, wrk runs whil
 by the requests answered is the CPU per request, and each stage's share of py-spy's samples
 splits it. A sample counts for the first stage in `STAGES` that one of its frames belongs to,
 so the model's forward pass counts as "forward" wherever it is called from.
+
+With `--counters`, no profiler: the server starts with `_stage_timers.py` loaded, which
+counts the event loop thread's CPU time in each step of a request (inclusive, per call), and
+the table gives each step's µs per request beside the loop's whole CPU per request.
 
 Needs wrk (apt-get install wrk) and py-spy (pip install py-spy), and root or ptrace rights.
 """
@@ -17,12 +22,16 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+import _stage_timers
 from _loadgen import (
     main_thread_cpu_seconds,
     pinned,
@@ -136,12 +145,92 @@ def split_cpu(
     }
 
 
+SCRIPTS = Path(__file__).resolve().parent
+
+
+def counted_env(work: Path) -> tuple[dict[str, str], Path]:
+    """The environment that loads `_stage_timers` into the server, and its counters' file."""
+    site = work / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import _stage_timers  # noqa: F401\n")
+    counters = work / "counters.json"
+    # The tree's root too: sitecustomize runs before `python -m` puts the working directory
+    # on the path, and would find an installed gpuserve rather than this tree's.
+    path = os.pathsep.join(map(str, (site, ROOT, SCRIPTS)))
+    env = {"PYTHONPATH": path, "GPUSERVE_STAGE_COUNTERS": str(counters)}
+    return env, counters
+
+
+def read_counters(pid: int, counters: Path) -> dict[str, list[int]]:
+    """The counters since the last reading (the server dumps and resets them on SIGUSR1)."""
+    counters.unlink(missing_ok=True)
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if counters.exists():
+            time.sleep(0.1)  # written whole by now: it is small
+            found: dict[str, list[int]] = json.loads(counters.read_text())
+            return found
+        time.sleep(0.05)
+    raise RuntimeError("the server wrote no counters (is _stage_timers loaded?)")
+
+
+def counted_run(
+    pid: int, counters: Path, url: str, body: str, concurrency: int, seconds: float
+) -> dict[str, Any]:
+    """One wrk run with the counters reset before it: the loop's CPU per request and each
+    step's µs per request."""
+    read_counters(pid, counters)
+    loop0, _ = thread_cpu(pid)
+    result = run_wrk(url, body, concurrency, seconds)
+    loop1, _ = thread_cpu(pid)
+    totals = read_counters(pid, counters)
+    requests = max(1, result["requests"])
+    order = [stage for *_, stage in _stage_timers.STAGES]
+    order += [stage for _, stage in _stage_timers.PROTOCOL_STAGES]
+    steps = {
+        stage: {
+            "calls_per_request": totals[stage][0] / requests,
+            "us_per_request": totals[stage][1] / 1e3 / requests,
+        }
+        for stage in order
+        if stage in totals
+    }
+    return {
+        "concurrency": concurrency,
+        "req_per_s": result["req_per_s"],
+        "p50_ms": result["p50_ms"],
+        "event_loop_us_per_request": (loop1 - loop0) / requests * 1e6,
+        "steps": steps,
+    }
+
+
+def print_counted(row: dict[str, Any]) -> None:
+    loop = row["event_loop_us_per_request"]
+    print(
+        f"\nc={row['concurrency']}: {row['req_per_s']:.0f} req/s, p50 {row['p50_ms']:.2f} ms, "
+        f"{loop:.0f} µs of the event loop's CPU per request, of which (inclusive):"
+    )
+    print("| step | calls per request | µs per request |\n| --- | ---: | ---: |")
+    for stage, step in row["steps"].items():
+        name = stage.lstrip()
+        indent = "· " * (len(stage) - len(name))
+        print(
+            f"| {indent}{name} | {step['calls_per_request']:.2f} | {step['us_per_request']:.1f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--model", choices=sorted(MODELS), default="light")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--counters",
+        action="store_true",
+        help="count each step's CPU in the server (_stage_timers.py) instead of sampling",
+    )
     parser.add_argument(
         "--log-level",
         default="warning",
@@ -153,6 +242,10 @@ def main() -> None:
     port = 8000 + int(time.time()) % 1000
     command, ready, env = server_command("gpuserve", path, port, args.model == "encoder")
     env["GPUSERVE_LOG_LEVEL"] = args.log_level
+    counters = None
+    if args.counters:
+        extra, counters = counted_env(work)
+        env.update(extra)
     body = json.dumps({"inputs": MODELS[args.model]["body"]()})
     url = f"http://127.0.0.1:{port}/predict"
     server = start(command, ready, env, ROOT)
@@ -160,6 +253,11 @@ def main() -> None:
     try:
         run_wrk(url, body, 8, 2)  # warm-up
         for concurrency in args.concurrency:
+            if counters is not None:
+                row = counted_run(server.pid, counters, url, body, concurrency, args.seconds)
+                results.append(row)
+                print_counted(row)
+                continue
             # First without the profiler, for the figures; then with it, for the shares.
             loop0, rest0 = thread_cpu(server.pid)
             result = run_wrk(url, body, concurrency, args.seconds)
