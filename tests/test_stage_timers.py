@@ -41,10 +41,25 @@ class Steps:
         raise ValueError("from inside")
 
 
+timers._wrap(Steps, "three", "three")
+timers._wrap(Steps, "fails", "fails")
+
+
+def test_an_error_thrown_in_reaches_the_counted_coroutine() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        future: asyncio.Future[int] = loop.create_future()
+        coroutine = Steps().three(future)
+        assert coroutine.send(None) is future
+        with pytest.raises(KeyError, match="thrown in"):
+            coroutine.throw(KeyError("thrown in"))
+    finally:
+        loop.close()
+    assert timers._TOTALS["three"][0] == 1
+
+
 @pytest.mark.anyio
 async def test_a_counted_coroutine_returns_raises_and_is_cancelled_as_before() -> None:
-    timers._wrap(Steps, "three", "three")
-    timers._wrap(Steps, "fails", "fails")
     steps = Steps()
     future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     task = asyncio.ensure_future(steps.three(future))
