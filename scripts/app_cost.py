@@ -2,10 +2,11 @@
 parsing, a trivial model. What is left is the app's own cost: routing, middleware, parsing,
 checks, the batcher's futures, the response.
 
-    python scripts/app_cost.py [--concurrency 32] [--rounds 200]
+    python scripts/app_cost.py [--concurrency 32] [--rounds 200] [--values 4]
 
 Prints CPU µs per request (process time, best of 5) through the fast lane, and with the lane
-switched off, through FastAPI's routing.
+switched off, through FastAPI's routing. `--values` sets the numbers in each body (the
+benchmark's light model takes 256).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from typing import Any
 
 import numpy as np
+import orjson
 import uvloop
 
 from gpuserve.app import create_app
@@ -24,52 +26,54 @@ from gpuserve.config import ModelSettings, Settings
 from gpuserve.device import DeviceInfo
 from gpuserve.spec import ModelSpec, TensorSpec
 
-SPEC = ModelSpec(
-    name="sum",
-    input=TensorSpec(name="x", shape=(4,), dtype="float32"),
-    output=TensorSpec(name="y", shape=(1,), dtype="float32"),
-)
-BODY = b'{"inputs": [1, 2, 3, 4]}'
-SCOPE: dict[str, Any] = {
-    "type": "http",
-    "asgi": {"version": "3.0"},
-    "http_version": "1.1",
-    "method": "POST",
-    "scheme": "http",
-    "path": "/predict",
-    "raw_path": b"/predict",
-    "query_string": b"",
-    "root_path": "",
-    "headers": [
-        (b"host", b"gpuserve"),
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(BODY)).encode()),
-    ],
-    "client": ("127.0.0.1", 50000),
-    "server": ("127.0.0.1", 8000),
-}
+
+def workload(values: int) -> tuple[ModelSpec, bytes, dict[str, Any]]:
+    """A spec of `values` float32 numbers, a body that fits it, and the body's ASGI scope."""
+    spec = ModelSpec(
+        name="sum",
+        input=TensorSpec(name="x", shape=(values,), dtype="float32"),
+        output=TensorSpec(name="y", shape=(1,), dtype="float32"),
+    )
+    numbers = np.random.default_rng(0).standard_normal(values).round(6).tolist()
+    body = orjson.dumps({"inputs": numbers})
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/predict",
+        "raw_path": b"/predict",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"gpuserve"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+    return spec, body, scope
 
 
 class SumModel:
     """The cheapest model there is, so that only the app's cost is measured."""
 
-    spec = SPEC
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
 
     def __call__(self, instances: list[np.ndarray[Any, Any]]) -> list[float]:
         return [float(x.sum()) for x in instances]
 
 
-def load(settings: ModelSettings, device: DeviceInfo) -> SumModel:
-    return SumModel()
-
-
-async def request(app: GpuserveAPI) -> None:
+async def request(app: GpuserveAPI, body: bytes, scope: dict[str, Any]) -> None:
     sent = asyncio.Event()
 
     async def receive() -> dict[str, Any]:
         if not sent.is_set():
             sent.set()
-            return {"type": "http.request", "body": BODY, "more_body": False}
+            return {"type": "http.request", "body": body, "more_body": False}
         await asyncio.Future()  # the client never hangs up
         raise AssertionError("unreachable")
 
@@ -79,32 +83,42 @@ async def request(app: GpuserveAPI) -> None:
         if message["type"] == "http.response.start":
             statuses.append(message["status"])
 
-    await app(dict(SCOPE), receive, send)
+    await app(dict(scope), receive, send)
     assert statuses == [200], statuses
 
 
-async def measure(app: GpuserveAPI, concurrency: int, rounds: int) -> float:
+async def measure(
+    app: GpuserveAPI, concurrency: int, rounds: int, body: bytes, scope: dict[str, Any]
+) -> float:
     best = float("inf")
     for _ in range(5):
         started = time.process_time()
         for _ in range(rounds):
-            await asyncio.gather(*(request(app) for _ in range(concurrency)))
+            await asyncio.gather(*(request(app, body, scope) for _ in range(concurrency)))
         best = min(best, (time.process_time() - started) / (rounds * concurrency))
     return best * 1e6
 
 
-async def main(concurrency: int, rounds: int) -> None:
+async def main(concurrency: int, rounds: int, values: int) -> None:
+    spec, body, scope = workload(values)
+
+    def load(settings: ModelSettings, device: DeviceInfo) -> SumModel:
+        return SumModel(spec)
+
     settings = Settings(device="cpu")  # gc.freeze() after load, as served
     app = create_app(settings, loader=load)
     assert isinstance(app, GpuserveAPI)
     async with app.router.lifespan_context(app):
         while app.state.models.readiness()["status"] != "ready":
             await asyncio.sleep(0.01)
-        lane = await measure(app, concurrency, rounds)
+        lane = await measure(app, concurrency, rounds, body, scope)
         app.lane, saved = None, app.lane
-        routed = await measure(app, concurrency, rounds)
+        routed = await measure(app, concurrency, rounds, body, scope)
         app.lane = saved
-    print(f"POST /predict, {concurrency} at a time, CPU µs per request (best of 5):")
+    print(
+        f"POST /predict of {values} numbers, {concurrency} at a time, "
+        "CPU µs per request (best of 5):"
+    )
     print(f"  through FastAPI's routing: {routed:6.1f}")
     print(f"  through the fast lane:     {lane:6.1f}  ({routed / lane:.1f}x less)")
 
@@ -113,5 +127,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--values", type=int, default=4, help="numbers in each body")
     args = parser.parse_args()
-    uvloop.run(main(args.concurrency, args.rounds))
+    uvloop.run(main(args.concurrency, args.rounds, args.values))
