@@ -286,6 +286,25 @@ async def test_a_full_queue_refuses_at_once_and_admits_all_or_none() -> None:
     await batcher.stop()
 
 
+async def test_the_batches_watchdogs_share_one_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A timer per batch cost every lone request 2-3 µs to arm and cancel; one serves all."""
+    batcher = await started(lambda items: items, forward_timeout_s=60.0, max_wait_s=0.0)
+    loop = asyncio.get_running_loop()
+    armed: list[Any] = []
+    call_at = loop.call_at
+
+    def counting_call_at(when: float, callback: Any, *args: Any, **kwargs: Any) -> Any:
+        armed.append(callback)
+        return call_at(when, callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_at", counting_call_at)
+    for item in range(20):  # one at a time: 20 batches of one
+        assert await batcher.submit(item) == item
+    monkeypatch.undo()
+    await batcher.stop()
+    assert len(armed) == 1, armed
+
+
 async def test_a_stuck_forward_fails_waiters_and_recovers_when_it_returns() -> None:
     model = GatedDoubler()
     batcher = await started(model, forward_timeout_s=0.05, max_wait_s=0.0)
