@@ -1,4 +1,4 @@
-"""Request deadlines on one timer, rather than one timer per request.
+"""Request deadlines (and the batcher's watchdogs) on one timer, rather than one timer each.
 
 `asyncio.timeout` around each request's wait arms a timer and cancels it again, about 5 µs a
 request on uvloop, and nearly every such timer is cancelled long before it would fire. Here a
