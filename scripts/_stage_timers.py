@@ -96,8 +96,10 @@ def _wrap(owner: Any, name: str, stage: str, *imported_in: ModuleType) -> None:
 
 
 def _dump(path: str) -> None:
-    with open(path, "w") as out:
+    # Written aside and renamed, so that a reader never finds half a file.
+    with open(f"{path}.part", "w") as out:
         json.dump(dict(_TOTALS), out)
+    os.replace(f"{path}.part", path)
     _TOTALS.clear()
 
 

@@ -167,8 +167,7 @@ def read_counters(pid: int, counters: Path) -> dict[str, list[int]]:
     os.kill(pid, signal.SIGUSR1)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if counters.exists():
-            time.sleep(0.1)  # written whole by now: it is small
+        if counters.exists():  # renamed into place whole
             found: dict[str, list[int]] = json.loads(counters.read_text())
             return found
         time.sleep(0.05)
