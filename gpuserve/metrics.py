@@ -240,7 +240,8 @@ class Metrics:
                 total = totals.get((name, version))
                 if total is not None:
                     total.add(record)
-        return list(totals.values())
+        # By key, not the dict's values: a key asked for twice still gets one entry each.
+        return [totals[key] for key in keys]
 
     def observe_request(
         self,

@@ -118,6 +118,9 @@ def test_the_metrics_of_every_worker_are_summed(tmp_path: Path) -> None:
     (summed,) = Metrics(str(tmp_path)).summed_stats([("m", "1")])
     assert summed.inference_count == 7
     assert summed.success.count == 7
+    # One entry per key asked for, in order, a key asked twice included.
+    counts = Metrics(str(tmp_path)).summed_stats([("m", "1"), ("other", "1"), ("m", "1")])
+    assert [stats.inference_count for stats in counts] == [7, 0, 7]
     multiprocess.mark_process_dead(
         pids[0], str(tmp_path)
     )  # what the parent does when a worker dies
