@@ -7,7 +7,9 @@ and each batch goes to the least loaded one.
 
 How a batch forms:
 - When a worker is idle, whatever is waiting is dispatched at once (up to `max_batch_size`):
-  a lone request never waits for a timer.
+  a lone request never waits for a timer. Unless callers are due back: when fewer wait than
+  the last finished batch left in hand, the batch stays open for them, no longer than that
+  batch's pass took nor past `max_wait_s` (see `_open_until`).
 - While every worker runs a batch, arrivals accumulate. The next batch is handed to the worker's
   queue when it reaches `max_batch_size`, when its oldest item has waited `max_wait_s`, or when
   the worker becomes idle, whichever comes first. Handing it over early lets the worker start it
@@ -254,6 +256,10 @@ class MicroBatcher(Generic[T, R]):
         self._cap_until = 0.0
         # Futures given up on (deadline, hang-up) since the queue was last swept; a hint only.
         self._abandoned = 0
+        # The items held (waiting and in flight) when the last batch finished, and until when
+        # an idle worker may wait for those not back yet (see _open_until).
+        self._load = 0
+        self._hold_until = 0.0
 
     @property
     def queue_depth(self) -> int:
@@ -416,8 +422,8 @@ class MicroBatcher(Generic[T, R]):
                     await self._sleep()
                 elif self._free_worker() is None or self._stalled:
                     await self._sleep()
-                elif self._all_busy() and not self._closing and self._should_grow():
-                    await self._sleep(self._pending[0].enqueued + self.max_wait_s)
+                elif (until := self._open_until()) is not None:
+                    await self._sleep(until)
                 else:
                     self._dispatch()
         except asyncio.CancelledError:
@@ -458,11 +464,26 @@ class MicroBatcher(Generic[T, R]):
         loads = self._loads()
         return all(loads[index] for index in self._serving())
 
-    def _should_grow(self) -> bool:
-        """While the worker is busy, keep a small batch open until it is full or old enough."""
-        if len(self._pending) >= self.batch_cap:
-            return False
-        return time.monotonic() < self._pending[0].enqueued + self.max_wait_s
+    def _open_until(self) -> float | None:
+        """Until when the waiting batch may keep growing, or None to dispatch it now.
+
+        Behind a busy worker, a batch grows until it is full or its oldest item has waited
+        `max_wait_s`. At an idle worker it is dispatched at once, unless fewer items wait
+        than the load seen when the last batch finished leaves room for (callers that wait
+        for each answer before asking again are due back): then it stays open for them, but
+        no longer than that batch's forward pass took, nor past `max_wait_s`. A lone caller
+        never waits, and a steady crowd of callers gets full batches rather than halves.
+        """
+        waiting = len(self._pending)
+        if self._closing or waiting >= self.batch_cap:
+            return None
+        until = self._pending[0].enqueued + self.max_wait_s
+        if not self._all_busy():
+            in_flight = sum(len(batch.entries) for batch in self._in_flight)
+            if waiting >= self._load - in_flight:
+                return None
+            until = min(until, self._hold_until)
+        return until if time.monotonic() < until else None
 
     async def _sleep(self, until: float | None = None) -> None:
         """Wait for a submit, a finished batch, or the deadline. No polling."""
@@ -628,6 +649,9 @@ class MicroBatcher(Generic[T, R]):
     def _settle(self, batch: _Batch[T, R], done: ConcurrentFuture[_Outcome[R]]) -> None:
         if batch.requeued:  # its entries went back to the queue; they are not done
             return
+        now = time.monotonic()
+        self._load = len(self._pending) + sum(len(b.entries) for b in self._in_flight)
+        self._hold_until = now + (now - batch.started if batch.started is not None else 0.0)
         if batch in self._in_flight:
             self._in_flight.remove(batch)
         if batch.watchdog is not None:

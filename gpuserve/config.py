@@ -118,8 +118,9 @@ class ModelSettings(BaseModel):
         default=2.0,
         ge=0.0,
         le=10_000.0,
-        description="How long a batch may keep growing while the model is busy. A request that "
-        "arrives while the model is idle is dispatched at once, never on this timer.",
+        description="How long a batch may keep growing while the model is busy, or while the "
+        "callers of the last batch are due back. A lone request to an idle model is dispatched "
+        "at once, never on this timer.",
     )
     max_instances_per_request: int = Field(default=1024, ge=1)
     max_queue_size: int = Field(

@@ -427,6 +427,59 @@ async def test_a_batch_keeps_growing_while_the_worker_is_busy_and_max_wait_allow
     await batcher.stop()
 
 
+async def run_one_batch(
+    model: GatedDoubler, batcher: MicroBatcher[int, int], items: list[int], seconds: float
+) -> None:
+    """Run `items` as one batch whose forward pass takes at least `seconds`."""
+    model.gate.clear()
+    model.entered.clear()
+    futures = [batcher.submit(item) for item in items]  # one turn of the loop: one batch
+    await wait_until(model.entered.is_set)
+    await asyncio.sleep(seconds)
+    model.gate.set()
+    assert await asyncio.gather(*futures) == [item * 2 for item in items]
+    assert model.batches[-1] == items
+
+
+async def test_callers_coming_back_one_by_one_fill_the_next_batch() -> None:
+    # A batch of four finishes; its callers come back a millisecond apart, as they do once
+    # the event loop has sent each its answer. Dispatching the first at once would split the
+    # next batch into [4] and [5, 6, 7], and halves from then on.
+    model = GatedDoubler()
+    batcher = await started(model, max_batch_size=8, max_wait_s=3600.0)
+    await run_one_batch(model, batcher, [0, 1, 2, 3], seconds=0.2)
+    again = []
+    for item in range(4, 8):
+        again.append(batcher.submit(item))
+        await asyncio.sleep(0.001)
+    assert await asyncio.gather(*again) == [8, 10, 12, 14]
+    assert model.batches == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    await batcher.stop()
+
+
+async def test_an_idle_worker_waits_for_absent_callers_no_longer_than_the_last_pass() -> None:
+    model = GatedDoubler()
+    batcher = await started(model, max_batch_size=8, max_wait_s=3600.0)
+    await run_one_batch(model, batcher, [0, 1, 2, 3], seconds=0.05)
+    # One of the four comes back: it waits at most as long as their pass took, not an hour.
+    assert await asyncio.wait_for(batcher.submit(4), timeout=10) == 8
+    # Its batch of one says a lone caller is left: the next request goes at once.
+    assert await asyncio.wait_for(batcher.submit(5), timeout=10) == 10
+    assert model.batches == [[0, 1, 2, 3], [4], [5]]
+    await batcher.stop()
+
+
+async def test_a_max_wait_of_zero_never_holds_a_batch_for_callers_due_back() -> None:
+    model = GatedDoubler()
+    batcher = await started(model, max_batch_size=8, max_wait_s=0.0)
+    await run_one_batch(model, batcher, [0, 1, 2, 3], seconds=0.05)
+    first_back = batcher.submit(4)
+    await wait_until(lambda: len(model.batches) == 2)
+    assert model.batches[1] == [4]
+    assert await first_back == 8
+    await batcher.stop()
+
+
 async def test_a_cancelled_request_never_reaches_the_model() -> None:
     model = GatedDoubler()
     batcher = await started(model)
