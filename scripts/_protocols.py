@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from _loadgen import (
+    batch_totals,
     free_port,
     load_result,
     median_rows,
@@ -103,11 +104,17 @@ def measure_protocols(
             load(name, 8, 2)  # warm-up, not recorded
         for _ in range(repeats):
             for name in payloads:
-                cpu_before = tree_cpu_seconds(server.pid)
+                cpu_before, batched_before = tree_cpu_seconds(server.pid), batch_totals(url)
                 result = load(name, concurrency, seconds)
                 cpu = tree_cpu_seconds(server.pid) - cpu_before
+                batched = batch_totals(url)
+                batches = batched[1] - batched_before[1]
                 answered = max(1, result["requests"] - result["non_2xx"])
-                result.update(protocol=name, cpu_us_per_request=cpu / answered * 1e6)
+                result.update(
+                    protocol=name,
+                    cpu_us_per_request=cpu / answered * 1e6,
+                    mean_batch=(batched[0] - batched_before[0]) / batches if batches else None,
+                )
                 runs[name].append(result)
                 print(json.dumps(result), flush=True)
     finally:
@@ -119,14 +126,15 @@ def protocols_report(rows: list[dict[str, Any]], concurrency: int) -> str:
     lines = [
         f"Demo model, c={concurrency}, server on core 0, client on core 1 (median of repeats)",
         "",
-        "| protocol | req/s | p50 ms | p99 ms | server CPU µs/request | req/s per repeat "
-        "| errors |",
-        "|---|---|---|---|---|---|---|",
+        "| protocol | req/s | p50 ms | p99 ms | server CPU µs/request | mean batch "
+        "| req/s per repeat | errors |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        batch = f"{row['mean_batch']:.1f}" if row.get("mean_batch") is not None else "n/a"
         lines.append(
             f"| {row['protocol']} | {row['req_per_s']:.0f} | {row['p50_ms']:.2f} | "
-            f"{row['p99_ms']:.2f} | {row['cpu_us_per_request']:.0f} | "
+            f"{row['p99_ms']:.2f} | {row['cpu_us_per_request']:.0f} | {batch} | "
             f"{row['req_per_s_runs']} | {row['errors'] + row['non_2xx']} |"
         )
     return "\n".join(lines)
