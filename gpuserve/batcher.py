@@ -207,6 +207,7 @@ class MicroBatcher(Generic[T, R]):
         *,
         max_batch_size: int,
         max_wait_s: float,
+        hold_for_callers: bool = True,
         max_queue_size: int | None = None,
         forward_timeout_s: float | None = None,
         oom_cooldown_s: float = 30.0,
@@ -229,6 +230,7 @@ class MicroBatcher(Generic[T, R]):
         self._stages = [_stages(worker) for worker in self._workers]
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
+        self.hold_for_callers = hold_for_callers
         self.max_queue_size = max_queue_size
         self.forward_timeout_s = forward_timeout_s
         self.oom_cooldown_s = oom_cooldown_s
@@ -473,12 +475,15 @@ class MicroBatcher(Generic[T, R]):
         for each answer before asking again are due back): then it stays open for them, but
         no longer than that batch's forward pass took, nor past `max_wait_s`. A lone caller
         never waits, and a steady crowd of callers gets full batches rather than halves.
+        With `hold_for_callers` false, an idle worker never holds a batch.
         """
         waiting = len(self._pending)
         if self._closing or waiting >= self.batch_cap:
             return None
         until = self._pending[0].enqueued + self.max_wait_s
         if not self._all_busy():
+            if not self.hold_for_callers:
+                return None
             in_flight = sum(len(batch.entries) for batch in self._in_flight)
             if waiting >= self._load - in_flight:
                 return None

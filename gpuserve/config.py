@@ -122,6 +122,13 @@ class ModelSettings(BaseModel):
         "callers of the last batch are due back. A lone request to an idle model is dispatched "
         "at once, never on this timer.",
     )
+    hold_for_callers: bool = Field(
+        default=True,
+        description="An idle model holds a batch open for the callers of the last batch still "
+        "due back (clients that send their next request once answered), no longer than that "
+        "batch's pass took: full batches rather than halves under a steady crowd. False: "
+        "dispatch at once, for independent arrivals where the hold only adds wait.",
+    )
     max_instances_per_request: int = Field(default=1024, ge=1)
     max_queue_size: int = Field(
         default=2048,

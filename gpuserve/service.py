@@ -242,6 +242,7 @@ class ModelService:
             copies,
             max_batch_size=self.max_batch_size,
             max_wait_s=self.settings.max_wait_ms / 1000.0,
+            hold_for_callers=self.settings.hold_for_callers,
             max_queue_size=self.settings.max_queue_size,
             forward_timeout_s=self.settings.forward_timeout_s,
             oom_cooldown_s=self.settings.oom_cooldown_s,

@@ -469,9 +469,12 @@ async def test_an_idle_worker_waits_for_absent_callers_no_longer_than_the_last_p
     await batcher.stop()
 
 
-async def test_a_max_wait_of_zero_never_holds_a_batch_for_callers_due_back() -> None:
+@pytest.mark.parametrize(
+    "options", [{"max_wait_s": 0.0}, {"max_wait_s": 3600.0, "hold_for_callers": False}]
+)
+async def test_without_the_hold_the_first_caller_back_goes_alone(options: dict[str, Any]) -> None:
     model = GatedDoubler()
-    batcher = await started(model, max_batch_size=8, max_wait_s=0.0)
+    batcher = await started(model, max_batch_size=8, **options)
     await run_one_batch(model, batcher, [0, 1, 2, 3], seconds=0.05)
     first_back = batcher.submit(4)
     await wait_until(lambda: len(model.batches) == 2)

@@ -127,6 +127,20 @@ async def test_a_measured_batch_size_caps_the_batcher(fake_model: FakeModel) -> 
     await service.stop()
 
 
+@pytest.mark.parametrize("hold", [True, False])
+async def test_the_batcher_gets_the_hold_for_callers_setting(
+    fake_model: FakeModel, hold: bool
+) -> None:
+    settings = ModelSettings(hold_for_callers=hold, max_wait_ms=7.0, freeze_gc=False)
+    service = make(fake_loader(fake_model), settings=settings)
+    await service.start()
+    await until_settled(service)
+    assert service.batcher is not None
+    assert service.batcher.hold_for_callers is hold
+    assert service.batcher.max_wait_s == pytest.approx(0.007)
+    await service.stop()
+
+
 def gpus(count: int):  # type: ignore[no-untyped-def]
     """A prober for a box with `count` GPUs: `auto`/`all` pick cuda:0, cuda:N is itself."""
     asked: list[str] = []
