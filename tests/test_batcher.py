@@ -447,7 +447,7 @@ async def test_callers_coming_back_one_by_one_fill_the_next_batch() -> None:
     # next batch into [4] and [5, 6, 7], and halves from then on.
     model = GatedDoubler()
     batcher = await started(model, max_batch_size=8, max_wait_s=3600.0)
-    await run_one_batch(model, batcher, [0, 1, 2, 3], seconds=0.2)
+    await run_one_batch(model, batcher, [0, 1, 2, 3], seconds=0.5)
     again = []
     for item in range(4, 8):
         again.append(batcher.submit(item))
@@ -475,11 +475,13 @@ async def test_an_idle_worker_waits_for_absent_callers_no_longer_than_the_last_p
 async def test_without_the_hold_the_first_caller_back_goes_alone(options: dict[str, Any]) -> None:
     model = GatedDoubler()
     batcher = await started(model, max_batch_size=8, **options)
-    await run_one_batch(model, batcher, [0, 1, 2, 3], seconds=0.05)
+    await run_one_batch(model, batcher, [0, 1, 2, 3], seconds=0.2)
     first_back = batcher.submit(4)
-    await wait_until(lambda: len(model.batches) == 2)
-    assert model.batches[1] == [4]
-    assert await first_back == 8
+    for _ in range(5):  # a few turns of the loop: far inside the hold's 0.2 s
+        await asyncio.sleep(0)
+    rest = [batcher.submit(item) for item in (5, 6, 7)]
+    assert await asyncio.gather(first_back, *rest) == [8, 10, 12, 14]
+    assert model.batches == [[0, 1, 2, 3], [4], [5, 6, 7]]
     await batcher.stop()
 
 
