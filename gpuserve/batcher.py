@@ -484,11 +484,13 @@ class MicroBatcher(Generic[T, R]):
         if not self._all_busy():
             if not self.hold_for_callers:
                 return None
-            in_flight = sum(len(batch.entries) for batch in self._in_flight)
-            if waiting >= self._load - in_flight:
+            if waiting >= self._load - self._items_in_flight():
                 return None
             until = min(until, self._hold_until)
         return until if time.monotonic() < until else None
+
+    def _items_in_flight(self) -> int:
+        return sum(len(batch.entries) for batch in self._in_flight)
 
     async def _sleep(self, until: float | None = None) -> None:
         """Wait for a submit, a finished batch, or the deadline. No polling."""
@@ -655,7 +657,7 @@ class MicroBatcher(Generic[T, R]):
         if batch.requeued:  # its entries went back to the queue; they are not done
             return
         now = time.monotonic()
-        self._load = len(self._pending) + sum(len(b.entries) for b in self._in_flight)
+        self._load = len(self._pending) + self._items_in_flight()
         self._hold_until = now + (now - batch.started if batch.started is not None else 0.0)
         if batch in self._in_flight:
             self._in_flight.remove(batch)

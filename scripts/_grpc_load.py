@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import grpc
+from _loadgen import percentile_ms
 
 
 async def drive(
@@ -43,19 +44,13 @@ async def drive(
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         duration = time.perf_counter() - started
     latencies.sort()
-
-    def percentile(q: float) -> float:
-        return (
-            latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else 0
-        )
-
     return {
         "requests": len(latencies) + failed,
         "duration_s": duration,
         "errors": 0,
         "non_2xx": failed,
-        "p50_ms": percentile(0.50),
-        "p99_ms": percentile(0.99),
+        "p50_ms": percentile_ms(latencies, 0.50),
+        "p99_ms": percentile_ms(latencies, 0.99),
     }
 
 

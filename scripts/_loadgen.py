@@ -158,6 +158,17 @@ def batch_totals(url: str) -> tuple[float, float]:
     return (float(total.group(1)), float(count.group(1))) if total and count else (0.0, 0.0)
 
 
+def mean_batch(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    """The mean batch between two `batch_totals` readings; None if no batch ran between."""
+    batches = after[1] - before[1]
+    return (after[0] - before[0]) / batches if batches else None
+
+
+def percentile_ms(latencies: list[float], q: float) -> float:
+    """The q-quantile of sorted latencies in seconds, in milliseconds; 0 for none."""
+    return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else 0
+
+
 def run_wrk(
     url: str,
     body: str | bytes,

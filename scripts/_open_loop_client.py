@@ -16,6 +16,8 @@ import random
 import sys
 import time
 
+from _loadgen import percentile_ms
+
 _MAX_CONNECTIONS = 512
 
 
@@ -82,15 +84,11 @@ async def run(port: int, body: bytes, rate: float, seconds: float) -> dict[str, 
     for _, writer in idle:
         writer.close()
     latencies.sort()
-
-    def quantile(q: float) -> float:
-        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1e3 if latencies else 0
-
     return {
         "sent": sent,
         "answered": len(latencies),
-        "p50_ms": quantile(0.5),
-        "p99_ms": quantile(0.99),
+        "p50_ms": percentile_ms(latencies, 0.5),
+        "p99_ms": percentile_ms(latencies, 0.99),
     }
 
 

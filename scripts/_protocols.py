@@ -21,6 +21,7 @@ from _loadgen import (
     batch_totals,
     free_port,
     load_result,
+    mean_batch,
     median_rows,
     pinned,
     run_wrk,
@@ -107,13 +108,11 @@ def measure_protocols(
                 cpu_before, batched_before = tree_cpu_seconds(server.pid), batch_totals(url)
                 result = load(name, concurrency, seconds)
                 cpu = tree_cpu_seconds(server.pid) - cpu_before
-                batched = batch_totals(url)
-                batches = batched[1] - batched_before[1]
                 answered = max(1, result["requests"] - result["non_2xx"])
                 result.update(
                     protocol=name,
                     cpu_us_per_request=cpu / answered * 1e6,
-                    mean_batch=(batched[0] - batched_before[0]) / batches if batches else None,
+                    mean_batch=mean_batch(batched_before, batch_totals(url)),
                 )
                 runs[name].append(result)
                 print(json.dumps(result), flush=True)

@@ -27,6 +27,7 @@ from _loadgen import (
     batch_totals,
     free_port,
     main_thread_cpu_seconds,
+    mean_batch,
     run_wrk,
     start,
     stop,
@@ -196,7 +197,6 @@ def measure(
             cpu = tree_cpu_seconds(server.pid) - cpu_before
             loop = main_thread_cpu_seconds(server.pid) - loop_before
             after = batch_totals(url)
-            batches = after[1] - before[1]
             result.update(
                 server=kind,
                 model=name,
@@ -204,7 +204,7 @@ def measure(
                 concurrency=concurrency,
                 samples_per_s=result["req_per_s"] * per_request,
                 cpu_ms_per_req=cpu / max(1, result["requests"]) * 1e3,
-                mean_batch=(after[0] - before[0]) / batches if batches else None,
+                mean_batch=mean_batch(before, after),
                 # The event loop's share of the server's CPU; the rest is the forward pass.
                 # LitServe's loops live in several processes: not comparable, left out.
                 loop_share=None if kind.startswith("litserve") else loop / max(cpu, 1e-9),

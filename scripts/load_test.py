@@ -14,7 +14,15 @@ import shutil
 import sys
 from pathlib import Path
 
-from _loadgen import batch_totals, free_port, run_wrk, start, stop, tree_cpu_seconds
+from _loadgen import (
+    batch_totals,
+    free_port,
+    mean_batch,
+    run_wrk,
+    start,
+    stop,
+    tree_cpu_seconds,
+)
 from sklearn.datasets import load_digits
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,9 +59,8 @@ def main() -> None:
             cpu = tree_cpu_seconds(server.pid) - cpu_before
             after = batch_totals(url)
             assert after[1] > 0, "the server exposes no gpuserve_batch_size metric"
-            batches = after[1] - before[1]
             result["concurrency"] = concurrency
-            result["mean_batch"] = (after[0] - before[0]) / batches if batches else 0.0
+            result["mean_batch"] = mean_batch(before, after) or 0.0
             result["cpu_us_per_req"] = cpu / max(1, result["requests"]) * 1e6
             rows.append(result)
     finally:

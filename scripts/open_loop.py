@@ -20,7 +20,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _loadgen import batch_totals, free_port, pinned, start, stop, tree_cpu_seconds
+from _loadgen import (
+    batch_totals,
+    free_port,
+    mean_batch,
+    pinned,
+    start,
+    stop,
+    tree_cpu_seconds,
+)
 from bench import MODELS, ROOT, export_models, server_command
 
 SCRIPTS = Path(__file__).resolve().parent
@@ -61,8 +69,8 @@ def main() -> None:
                 cpu = tree_cpu_seconds(server.pid) - cpu_before
                 after = batch_totals(url)
                 result = json.loads(out)
-                batches = after[1] - before[1]
-                batch = f"{(after[0] - before[0]) / batches:.1f}" if batches else "n/a"
+                batched = mean_batch(before, after)
+                batch = f"{batched:.1f}" if batched is not None else "n/a"
                 answered = max(1, result["answered"])
                 print(
                     f"| {rate:.0f} | {result['sent']} | {result['answered']} | "
