@@ -14,6 +14,9 @@ How a batch forms:
   queue when it reaches `max_batch_size`, when its oldest item has waited `max_wait_s`, or when
   the worker becomes idle, whichever comes first. Handing it over early lets the worker start it
   the moment the current batch ends, without a round trip through a busy event loop.
+  Unless the passes and the event loop share their cores (`overlap=False`: a model on the CPU
+  whose threads fill the cores): then nothing overlaps anyway, and a batch behind a busy worker
+  grows until a worker is free or it is full, since its items wait for that worker either way.
 - At most one batch waits behind the running one of each worker; later arrivals form the batch
   after that. A worker that has `prepare` and `run` stages (the model handler does) gets the
   waiting batch's `prepare` started at once in a second thread, so its collate and copy to the
@@ -208,6 +211,7 @@ class MicroBatcher(Generic[T, R]):
         max_batch_size: int,
         max_wait_s: float,
         hold_for_callers: bool = True,
+        overlap: bool = True,
         max_queue_size: int | None = None,
         forward_timeout_s: float | None = None,
         oom_cooldown_s: float = 30.0,
@@ -231,6 +235,7 @@ class MicroBatcher(Generic[T, R]):
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.hold_for_callers = hold_for_callers
+        self.overlap = overlap
         self.max_queue_size = max_queue_size
         self.forward_timeout_s = forward_timeout_s
         self.oom_cooldown_s = oom_cooldown_s
@@ -262,6 +267,7 @@ class MicroBatcher(Generic[T, R]):
         # an idle worker may wait for those not back yet (see _open_until).
         self._load = 0
         self._hold_until = 0.0
+        self._free_since = 0.0  # when the last batch finished, freeing its worker
 
     @property
     def queue_depth(self) -> int:
@@ -425,7 +431,7 @@ class MicroBatcher(Generic[T, R]):
                 elif self._free_worker() is None or self._stalled:
                     await self._sleep()
                 elif (until := self._open_until()) is not None:
-                    await self._sleep(until)
+                    await self._sleep(None if until == math.inf else until)
                 else:
                     self._dispatch()
         except asyncio.CancelledError:
@@ -467,21 +473,31 @@ class MicroBatcher(Generic[T, R]):
         return all(loads[index] for index in self._serving())
 
     def _open_until(self) -> float | None:
-        """Until when the waiting batch may keep growing, or None to dispatch it now.
+        """Until when the waiting batch may keep growing (math.inf: until something happens),
+        or None to dispatch it now.
 
         Behind a busy worker, a batch grows until it is full or its oldest item has waited
-        `max_wait_s`. At an idle worker it is dispatched at once, unless fewer items wait
-        than the load seen when the last batch finished leaves room for (callers that wait
-        for each answer before asking again are due back): then it stays open for them, but
-        no longer than that batch's forward pass took, nor past `max_wait_s`. A lone caller
-        never waits, and a steady crowd of callers gets full batches rather than halves.
-        With `hold_for_callers` false, an idle worker never holds a batch.
+        `max_wait_s`; without `overlap`, until it is full or a worker is free. At an idle
+        worker it is dispatched at once, unless fewer items wait than the load seen when the
+        last batch finished leaves room for (callers that wait for each answer before asking
+        again are due back): then it stays open for them, but no longer than that batch's
+        forward pass took, nor more than `max_wait_s` after the worker became free (or after
+        the oldest item came, if later). A lone caller never waits, and a steady crowd of
+        callers gets full batches rather than halves. With `hold_for_callers` false, an idle
+        worker never holds a batch.
         """
         waiting = len(self._pending)
         if self._closing or waiting >= self.batch_cap:
             return None
-        until = self._pending[0].enqueued + self.max_wait_s
-        if not self._all_busy():
+        oldest = self._pending[0].enqueued
+        if self._all_busy():
+            if not self.overlap:
+                return math.inf
+            until = oldest + self.max_wait_s
+        else:
+            # Time spent waiting for a busy worker is not time spent waiting for the batch to
+            # fill: max_wait_s counts from when the batch could have run.
+            until = max(oldest, self._free_since) + self.max_wait_s
             if not self.hold_for_callers:
                 return None
             if waiting >= self._load - self._items_in_flight():
@@ -658,6 +674,7 @@ class MicroBatcher(Generic[T, R]):
             return
         now = time.monotonic()
         self._load = len(self._pending) + self._items_in_flight()
+        self._free_since = now
         self._hold_until = now + (now - batch.started if batch.started is not None else 0.0)
         if batch in self._in_flight:
             self._in_flight.remove(batch)

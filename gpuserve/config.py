@@ -118,9 +118,10 @@ class ModelSettings(BaseModel):
         default=2.0,
         ge=0.0,
         le=10_000.0,
-        description="How long a batch may keep growing while the model is busy, or while the "
-        "callers of the last batch are due back. A lone request to an idle model is dispatched "
-        "at once, never on this timer.",
+        description="How long a batch may keep growing while the model is busy, or, once it is "
+        "free, while the callers of the last batch are due back. A lone request to an idle "
+        "model is dispatched at once, never on this timer. A model on a CPU whose cores its "
+        "passes fill lets a batch grow until it is free, whatever this says.",
     )
     hold_for_callers: bool = Field(
         default=True,

@@ -12,7 +12,7 @@ import functools
 import gc
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from types import ModuleType
 from typing import Any, Literal
@@ -413,6 +413,20 @@ def _total_ram() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def passes_share_cores(devices: Sequence[DeviceInfo], copies: int, cores: int) -> bool:
+    """Whether a model's forward passes compete with the event loop for the same cores: every
+    copy is on the CPU, and their torch threads fill the `cores` the process may use.
+
+    Then nothing gains from preparing the next batch while a pass runs (the batcher's
+    `overlap`), and handing it over early only splits the callers into smaller batches.
+    """
+    if not devices or any(device.kind != "cpu" for device in devices):
+        return False
+    import torch
+
+    return torch.get_num_threads() * copies >= cores
 
 
 def release_memory() -> None:

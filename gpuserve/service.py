@@ -15,9 +15,9 @@ from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 from gpuserve.batcher import BatchStats, MicroBatcher, Trace, is_memory_error, never_fatal
-from gpuserve.config import ModelSettings
+from gpuserve.config import ModelSettings, available_cores
 from gpuserve.deadlines import DeadlinePassed, Deadlines
-from gpuserve.device import DeviceInfo, probe
+from gpuserve.device import DeviceInfo, passes_share_cores, probe
 from gpuserve.errors import (
     DeadlineExceeded,
     GpuserveError,
@@ -243,6 +243,7 @@ class ModelService:
             max_batch_size=self.max_batch_size,
             max_wait_s=self.settings.max_wait_ms / 1000.0,
             hold_for_callers=self.settings.hold_for_callers,
+            overlap=not passes_share_cores(devices, len(copies), available_cores()),
             max_queue_size=self.settings.max_queue_size,
             forward_timeout_s=self.settings.forward_timeout_s,
             oom_cooldown_s=self.settings.oom_cooldown_s,
@@ -269,12 +270,16 @@ class ModelService:
         self._state = "ready"
         self._metrics.ready.labels(self.name, self.version).set(1)
         logger.info(
-            "%s is ready: %d cop%s on %s (%s)",
+            "%s is ready: %d cop%s on %s (%s); %s",
             self.title,
             len(copies),
             "y" if len(copies) == 1 else "ies",
             ", ".join(d.device for d in devices),
             device.reason,
+            "the next batch is handed over while a pass runs"
+            if self.batcher.overlap
+            else "its passes fill the cores the event loop runs on, so batches grow until a "
+            "copy is free",
         )
 
     def _failed(self, exc: Exception) -> None:

@@ -427,6 +427,41 @@ async def test_a_batch_keeps_growing_while_the_worker_is_busy_and_max_wait_allow
     await batcher.stop()
 
 
+@pytest.mark.parametrize(
+    ("overlap", "batches"), [(True, [[-1], [1], [2]]), (False, [[-1], [1, 2]])]
+)
+async def test_without_overlap_a_batch_behind_a_busy_worker_grows_until_the_worker_is_free(
+    overlap: bool, batches: list[list[int]]
+) -> None:
+    # With overlap, the waiting batch goes to the busy worker once max_wait has passed, so
+    # that it starts the moment the running pass ends. Where the pass and the event loop
+    # share the cores nothing overlaps, and handing it over would only split the batch.
+    model = GatedDoubler()
+    batcher = await started(model, max_wait_s=0.01, overlap=overlap)
+    first = await hold_worker(model, batcher)
+    second = batcher.submit(1)
+    await asyncio.sleep(0.1)  # ten times max_wait
+    assert batcher.queue_depth == (0 if overlap else 1)
+    third = batcher.submit(2)
+    model.gate.set()
+    assert await asyncio.gather(first, second, third) == [-2, 2, 4]
+    assert model.batches == batches
+    await batcher.stop()
+
+
+async def test_without_overlap_a_full_batch_still_goes_to_the_busy_worker_at_once() -> None:
+    model = GatedDoubler()
+    batcher = await started(model, max_batch_size=2, overlap=False)
+    first = await hold_worker(model, batcher)
+    full = [batcher.submit(1), batcher.submit(2)]
+    await wait_until(lambda: batcher.queue_depth == 0)  # staged behind the running pass
+    late = batcher.submit(3)
+    model.gate.set()
+    assert await asyncio.gather(first, *full, late) == [-2, 2, 4, 6]
+    assert model.batches == [[-1], [1, 2], [3]]
+    await batcher.stop()
+
+
 async def run_one_batch(
     model: GatedDoubler, batcher: MicroBatcher[int, int], items: list[int], seconds: float
 ) -> None:
@@ -466,6 +501,29 @@ async def test_an_idle_worker_waits_for_absent_callers_no_longer_than_the_last_p
     # Its batch of one says a lone caller is left: the next request goes at once.
     assert await asyncio.wait_for(batcher.submit(5), timeout=10) == 10
     assert model.batches == [[0, 1, 2, 3], [4], [5]]
+    await batcher.stop()
+
+
+async def test_max_wait_counts_from_when_the_worker_is_free_not_from_arrival() -> None:
+    # A request that came while the worker was busy has waited past max_wait by the time the
+    # worker is free; that wait was for the worker, not for its batch to fill, so the hold for
+    # the callers due back still applies to it.
+    model = GatedDoubler()
+    batcher = await started(model, max_batch_size=8, max_wait_s=0.05, overlap=False)
+    model.gate.clear()
+    model.entered.clear()
+    running = [batcher.submit(item) for item in (0, 1, 2, 3)]
+    await wait_until(model.entered.is_set)
+    newcomer = batcher.submit(4)
+    await asyncio.sleep(0.2)  # four times max_wait, behind the running pass
+    model.gate.set()
+    assert await asyncio.gather(*running) == [0, 2, 4, 6]
+    back = []
+    for item in (5, 6, 7, 8):  # the four callers come back a millisecond apart
+        back.append(batcher.submit(item))
+        await asyncio.sleep(0.001)
+    assert await asyncio.gather(newcomer, *back) == [8, 10, 12, 14, 16]
+    assert model.batches == [[0, 1, 2, 3], [4, 5, 6, 7, 8]]
     await batcher.stop()
 
 

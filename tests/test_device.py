@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gpuserve import device
-from gpuserve.device import probe
+from gpuserve.device import DeviceInfo, probe
 from gpuserve.errors import DeviceError
 
 GIB = 1024**3
@@ -339,3 +339,15 @@ def test_gauges_cover_only_the_servers_gpus_by_their_cuda_index(
     everyone = device.GpuMonitor().sample()
     assert [s.index for s in everyone] == [0, 1]
     monitor.close()
+
+
+def test_passes_share_the_cores_when_cpu_copies_threads_fill_them() -> None:
+    threads = torch.get_num_threads()
+    cpu = DeviceInfo(device="cpu", kind="cpu", name="c", reason="test")
+    gpu = DeviceInfo(device="cuda:0", kind="cuda", name="g", reason="test", index=0)
+    assert device.passes_share_cores([cpu], copies=1, cores=threads)
+    assert device.passes_share_cores([cpu], copies=2, cores=2 * threads)
+    assert not device.passes_share_cores([cpu], copies=1, cores=threads + 1)
+    # A GPU computes beside the event loop, however few the cores.
+    assert not device.passes_share_cores([gpu], copies=1, cores=1)
+    assert not device.passes_share_cores([cpu, gpu], copies=2, cores=1)

@@ -141,6 +141,18 @@ async def test_the_batcher_gets_the_hold_for_callers_setting(
     await service.stop()
 
 
+@pytest.mark.parametrize(("cores", "overlap"), [(1, False), (1 << 20, True)])
+async def test_a_cpu_model_overlaps_batches_only_when_cores_are_left_beside_its_threads(
+    fake_model: FakeModel, monkeypatch: pytest.MonkeyPatch, cores: int, overlap: bool
+) -> None:
+    monkeypatch.setattr("gpuserve.service.available_cores", lambda: cores)
+    service = make(fake_loader(fake_model))
+    await service.start()
+    await until_settled(service)
+    assert service.batcher is not None and service.batcher.overlap is overlap
+    await service.stop()
+
+
 def gpus(count: int):  # type: ignore[no-untyped-def]
     """A prober for a box with `count` GPUs: `auto`/`all` pick cuda:0, cuda:N is itself."""
     asked: list[str] = []
@@ -175,6 +187,19 @@ async def test_copies_per_device_and_on_every_gpu(device: str, count: int, copie
     assert [d.device for d in service.devices] == expected
     results = await service.predict([np.ones(4, np.float32)] * 5, 10)
     assert results == [4.0] * 5
+    await service.stop()
+
+
+async def test_a_gpu_model_overlaps_batches_even_on_one_core(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("gpuserve.service.available_cores", lambda: 1)
+    prober, _ = gpus(1)
+    settings = ModelSettings(freeze_gc=False, device="cuda:0")
+    service = make(fake_loader(FakeModel(FAKE_SPEC)), prober, settings)
+    await service.start()
+    await until_settled(service)
+    assert service.batcher is not None and service.batcher.overlap is True
     await service.stop()
 
 
