@@ -176,18 +176,32 @@ def server_command(
 
 
 def measure(
-    kind: str, name: str, path: Path, concurrencies: list[int], seconds: float
+    kind: str,
+    name: str,
+    path: Path,
+    concurrencies: list[int],
+    seconds: float,
+    *,
+    tree: Path = ROOT,
+    instances: bool = True,
 ) -> list[dict[str, Any]]:
+    """One server of `kind` serving model `name` from `path`, under wrk at each concurrency.
+
+    `tree`: the checkout whose gpuserve serves (`scripts/ab.py` passes another revision's).
+    `instances`: for gpuserve's light model, also a run of 64-row `instances` bodies.
+    """
     port = free_port()
     command, ready, env = server_command(kind, path, port, integer=name == "encoder")
+    if tree != ROOT:
+        env = {**env, "PYTHONPATH": str(tree)}
     body = json.dumps({"inputs": MODELS[name]["body"]()})
     url = f"http://127.0.0.1:{port}"
-    server = start(command, ready, env, ROOT)
+    server = start(command, ready, env, tree)
     rows = []
     try:
         run_wrk(f"{url}/predict", body, 8, 2)  # warm-up, not recorded
         plans: list[tuple[str, int, str, int]] = [("single", c, body, 1) for c in concurrencies]
-        if kind == "gpuserve" and name == "light":
+        if instances and kind == "gpuserve" and name == "light":
             instances = json.dumps({"instances": [MODELS[name]["body"]()] * 64})
             plans.append(("instances64", 4, instances, 64))
         for mode, concurrency, payload, per_request in plans:
