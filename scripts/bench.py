@@ -202,8 +202,8 @@ def measure(
         run_wrk(f"{url}/predict", body, 8, 2)  # warm-up, not recorded
         plans: list[tuple[str, int, str, int]] = [("single", c, body, 1) for c in concurrencies]
         if instances and kind == "gpuserve" and name == "light":
-            instances = json.dumps({"instances": [MODELS[name]["body"]()] * 64})
-            plans.append(("instances64", 4, instances, 64))
+            rows64 = json.dumps({"instances": [MODELS[name]["body"]()] * 64})
+            plans.append(("instances64", 4, rows64, 64))
         for mode, concurrency, payload, per_request in plans:
             before, cpu_before = batch_totals(url), tree_cpu_seconds(server.pid)
             loop_before = main_thread_cpu_seconds(server.pid)
