@@ -16,12 +16,12 @@ import pytest
 from fastapi import FastAPI
 
 from gpuserve.app import create_app
-from gpuserve.config import ModelSettings, Settings
-from gpuserve.device import DeviceInfo
+from gpuserve.config import ModelSettings, Settings, available_cores
+from gpuserve.device import DeviceInfo, passes_share_cores
 from gpuserve.errors import InferenceError, ModelLoadError
 from gpuserve.progress import open_counted
 
-from .conftest import FAKE_SPEC, FakeModel, fake_loader, predict_scope
+from .conftest import CPU, FAKE_SPEC, FakeModel, fake_loader, predict_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -230,6 +230,9 @@ async def test_info_describes_model_device_batching_and_versions(client: httpx.A
     assert info["model"]["input"]["shape"] == [4]
     assert info["device"]["device"] == "cpu"
     assert info["batching"]["max_instances_per_request"] == 8
+    # The rule the batcher got: the fake model is on the CPU, so it depends on the cores.
+    on_cpu_alone = passes_share_cores([CPU], 1, available_cores())
+    assert info["batching"]["early_handover"] is not on_cpu_alone
     assert info["versions"]["gpuserve"] == "0.1.0"
 
 

@@ -175,6 +175,8 @@ def _describe_model(service: ModelService) -> dict[str, Any]:
             "max_batch_size": settings.max_batch_size,
             "effective_max_batch_size": service.max_batch_size,
             "max_wait_ms": settings.max_wait_ms,
+            # False where a CPU model's passes fill the loop's cores (see MicroBatcher.overlap).
+            "early_handover": service.batcher.overlap if service.batcher else None,
             "max_instances_per_request": settings.max_instances_per_request,
             "length_buckets": settings.length_buckets,
         },
