@@ -504,6 +504,32 @@ async def test_an_idle_worker_waits_for_absent_callers_no_longer_than_the_last_p
     await batcher.stop()
 
 
+async def test_the_hold_does_not_wait_for_callers_still_running_on_another_copy() -> None:
+    slow, quick = GatedDoubler(), GatedDoubler()
+    batcher = await started([slow, quick], max_batch_size=8)
+    slow.gate.clear()
+    running = [batcher.submit(item) for item in (0, 1, 2, 3)]  # to the first copy
+    await wait_until(slow.entered.is_set)
+    quick.gate.clear()
+    pair = [batcher.submit(item) for item in (4, 5)]  # to the second, idle copy
+    await wait_until(quick.entered.is_set)
+    await asyncio.sleep(0.2)  # a pass long enough for the hold to matter
+    quick.gate.set()
+    assert await asyncio.gather(*pair) == [8, 10]
+    # Six were in hand when the pair finished, but four of them still run on the first copy:
+    # only the pair's two callers are due back, and the batch goes once both are.
+    back = [batcher.submit(6), batcher.submit(7)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    late = batcher.submit(8)
+    assert await asyncio.gather(*back, late) == [12, 14, 16]
+    assert quick.batches == [[4, 5], [6, 7], [8]]
+    slow.gate.set()
+    assert await asyncio.gather(*running) == [0, 2, 4, 6]
+    assert slow.batches == [[0, 1, 2, 3]]
+    await batcher.stop()
+
+
 async def test_max_wait_counts_from_when_the_worker_is_free_not_from_arrival() -> None:
     # A request that came while the worker was busy has waited past max_wait by the time the
     # worker is free; that wait was for the worker, not for its batch to fill, so the hold for
