@@ -740,7 +740,7 @@ def load_server(
     import subprocess
 
     import httpx
-    from _loadgen import batch_totals, free_port, run_wrk, tree_cpu_seconds
+    from _loadgen import batch_totals, free_port, mean_batch, run_wrk, tree_cpu_seconds
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -812,7 +812,7 @@ def load_server(
             ]
             reports = [json.loads(c.communicate(timeout=seconds + 60)[0]) for c in clients]
         cpu = tree_cpu_seconds(server.pid) - cpu_before
-        instances, batches = (a - b for a, b in zip(batch_totals(url), batches_before, strict=True))
+        batches_after = batch_totals(url)
         found = re.search(
             r"^gpuserve_gpu_utilization_ratio\{[^}]*\} (\S+)",
             httpx.get(f"{url}/metrics").text,
@@ -825,8 +825,8 @@ def load_server(
         log.close()
     requests = sum(r["requests"] for r in reports)
     served_rate = requests / max(r["seconds"] for r in reports)
-    mean_batch = instances / batches if batches else 0.0
-    raw = raw_rate(check, check.module(name), name, max(1, round(mean_batch)), 2.0)
+    served_batch = mean_batch(batches_before, batches_after) or 0.0
+    raw = raw_rate(check, check.module(name), name, max(1, round(served_batch)), 2.0)
     return {
         "model": name,
         "requests": requests,
@@ -834,7 +834,7 @@ def load_server(
         "load_generator": check.load_generator,
         "load_processes": processes,
         "served_samples_per_s": served_rate,
-        "mean_batch": mean_batch,
+        "mean_batch": served_batch,
         "raw_at_served_batch": raw,
         "served_over_raw": served_rate / raw,
         "p50_ms": statistics.median(r["p50_ms"] for r in reports if r["p50_ms"]),
