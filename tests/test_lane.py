@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ import pytest
 from starlette.routing import Router
 from starlette.types import Receive, Scope, Send
 
+import gpuserve
 from gpuserve.app import create_app
 from gpuserve.app.lane import GpuserveAPI, LaneRoute, match
 from gpuserve.config import ModelSettings, Settings
@@ -220,6 +222,29 @@ _DEADLINE_TIMERS = 1
 _THREAD_WAKE_UPS_PER_BATCH = 1  # the worker hands a whole batch back at once
 
 
+# The package's own folder: a clone's folder may itself be named "gpuserve" and hold the
+# virtual environment, so a name in the path says nothing about whose code a frame runs.
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(gpuserve.__file__)) + os.sep
+
+
+def in_package(filename: str) -> bool:
+    """Whether a frame's file is gpuserve's own code (not a library's, wherever it lies)."""
+    return os.path.abspath(filename).startswith(_PACKAGE_DIR)
+
+
+def test_only_the_packages_own_files_count_as_its_code(tmp_path: Any) -> None:
+    package = _PACKAGE_DIR
+    assert in_package(os.path.join(package, "batcher.py"))
+    assert in_package(os.path.join(package, "app", "lane.py"))
+    # A clone in a folder named gpuserve, with its virtual environment inside it.
+    clone = tmp_path / "gpuserve"
+    venv_file = clone / ".venv/lib/python3.11/site-packages/starlette/routing.py"
+    assert "/gpuserve/" in str(venv_file)
+    assert not in_package(str(venv_file))
+    assert not in_package(str(clone / "tests" / "test_lane.py"))
+    assert not in_package(package.rstrip(os.sep) + "_other" + os.sep + "x.py")
+
+
 class _Counted:
     """Counts, on the running loop, the tasks and timers made and the wake-ups from other
     threads, and the calls of gpuserve's own functions on the loop's thread."""
@@ -250,7 +275,7 @@ class _Counted:
             return self._saved[2](callback, *args, **kwargs)
 
         def profile(frame: Any, event: str, arg: Any) -> None:
-            if event == "call" and "/gpuserve/" in frame.f_code.co_filename:
+            if event == "call" and in_package(frame.f_code.co_filename):
                 counted.calls += 1
 
         loop.set_task_factory(factory)
