@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from gpuserve.config import ModelSettings, Settings
-from gpuserve.device import DeviceInfo
 from gpuserve.handler import Handler
+from gpuserve.model.device import DeviceInfo
 from gpuserve.spec import ModelSpec
 
 # Stands in for the model's source in its settings; the loader brings the object itself.
@@ -106,7 +106,7 @@ class _Loader:
         self._lock = threading.Lock()
 
     def __call__(self, settings: ModelSettings, device: DeviceInfo) -> Handler:
-        from gpuserve.loading import build_model
+        from gpuserve.model.loading import build_model
 
         return build_model(
             settings,

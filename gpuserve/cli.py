@@ -19,17 +19,17 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 from pydantic import ValidationError
 
-from gpuserve import __version__
 from gpuserve.config import Settings, describe_error
-from gpuserve.device import DeviceInfo, GpuSample
-from gpuserve.errors import DeviceError
+from gpuserve.core.errors import DeviceError
 from gpuserve.logs import configure as configure_logging
+from gpuserve.model.device import DeviceInfo, GpuSample
+from gpuserve.version import __version__
 
 if TYPE_CHECKING:
-    from gpuserve.app.v2_grpc import GrpcServer
-    from gpuserve.metrics import Metrics
-    from gpuserve.registry import ModelRegistry
-    from gpuserve.service import Loader
+    from gpuserve.core.metrics import Metrics
+    from gpuserve.core.registry import ModelRegistry
+    from gpuserve.core.service import Loader
+    from gpuserve.grpc.server import GrpcServer
     from gpuserve.workers import Peers
 
 logger = logging.getLogger("gpuserve")
@@ -174,8 +174,8 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _init(model: Path, config: Path) -> None:
-    from gpuserve.errors import ModelLoadError
-    from gpuserve.starter import write_starter
+    from gpuserve.core.errors import ModelLoadError
+    from gpuserve.model.starter import write_starter
 
     try:
         started = write_starter(model, config)
@@ -188,7 +188,7 @@ def _init(model: Path, config: Path) -> None:
 
 
 def _probe(settings: Settings, as_json: bool) -> None:
-    from gpuserve.device import GpuMonitor, probe
+    from gpuserve.model.device import GpuMonitor, probe
 
     try:
         info = probe(settings.device)
@@ -293,15 +293,15 @@ def serve_one(
 ) -> None:
     """One server process: on its own port, or (a worker) on `sockets` with `peers`; with
     `wait_for_models` it accepts connections only once its models have loaded."""
-    from gpuserve.app import create_app
-    from gpuserve.device import probe
+    from gpuserve.http import create_app
+    from gpuserve.model.device import probe
 
     try:
         # Fail fast on a device that cannot be had; the load thread reuses this cached answer.
         probe(settings.device)
     except DeviceError as exc:
         sys.exit(f"gpuserve: {exc.message}")
-    from gpuserve.app.connections import connection_cap, guarded_protocol, raise_fd_limit
+    from gpuserve.http.connections import connection_cap, guarded_protocol, raise_fd_limit
 
     max_connections = connection_cap(settings.max_connections, raise_fd_limit())
     no_model: list[bool] = []
@@ -388,7 +388,7 @@ class _DrainingServer(uvicorn.Server):
         settings = self._settings
         if not self.started or not settings.grpc:
             return
-        from gpuserve.app.v2_grpc import GrpcServer
+        from gpuserve.grpc.server import GrpcServer
 
         grpc_server = GrpcServer(
             settings, self._models, self._metrics, share_port=self._share_grpc_port

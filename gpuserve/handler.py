@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from gpuserve.config import ModelSettings
-from gpuserve.device import DeviceInfo
-from gpuserve.errors import InferenceError, ModelLoadError
-from gpuserve.sources import load_module
+from gpuserve.core.errors import InferenceError, ModelLoadError
+from gpuserve.model.device import DeviceInfo
+from gpuserve.model.sources import load_module
 from gpuserve.spec import ModelSpec, TensorSpec
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -73,7 +73,7 @@ class Prepared(NamedTuple):
     size: int
 
 
-logger = logging.getLogger("gpuserve.loading")
+logger = logging.getLogger("gpuserve.model.loading")
 
 # How cuBLAS and cuDNN word a failed allocation.
 _OOM_SIGNS = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUDA out of memory")
@@ -295,7 +295,7 @@ class Handler:
         (a str for a string input), or, for a model of several inputs, a dict of them by name.
 
         Runs on the event loop for each instance before it is queued, so keep it cheap; raise
-        `gpuserve.errors.InvalidInput` to answer 4xx without touching the model.
+        `gpuserve.core.errors.InvalidInput` to answer 4xx without touching the model.
         """
         return instance
 

@@ -20,8 +20,8 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve import Application
 
-from gpuserve.app import create_app
 from gpuserve.config import Settings
+from gpuserve.http import create_app
 
 
 @serve.ingress()

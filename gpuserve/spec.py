@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from gpuserve.errors import InvalidInput, ModelLoadError, describe_validation
+from gpuserve.core.errors import InvalidInput, ModelLoadError, describe_validation
 
 DType = Literal[
     "float32", "float64", "float16", "bfloat16", "int64", "int32", "uint8", "bool", "string"

@@ -107,20 +107,20 @@ def _dump(path: str) -> None:
 # indentation of a stage's name says which it runs inside.
 STAGES = [
     ("uvicorn.protocols.http.httptools_impl", "RequestResponseCycle.run_asgi", "the app (all)"),
-    ("gpuserve.app.context", "RequestContext.__call__", " request context"),
-    ("gpuserve.app.lane", "InferenceLane.__call__", "  lane"),
-    ("gpuserve.app.routes", "run_predict", "   run_predict"),
-    ("gpuserve.app.responses", "read_body", "    read the body"),
-    ("gpuserve.decoding", "decode_predict", "    parse and check"),
+    ("gpuserve.http.context", "RequestContext.__call__", " request context"),
+    ("gpuserve.http.lane", "InferenceLane.__call__", "  lane"),
+    ("gpuserve.http.routes", "run_predict", "   run_predict"),
+    ("gpuserve.http.responses", "read_body", "    read the body"),
+    ("gpuserve.protocols.predict", "decode_predict", "    parse and check"),
     ("gpuserve.spec", "to_instance", "     to arrays and check"),
-    ("gpuserve.app.responses", "unless_disconnected", "    await the result"),
-    ("gpuserve.service", "ModelService.predict", "     service.predict"),
-    ("gpuserve.batcher", "MicroBatcher.submit_many", "      queue the instances"),
-    ("gpuserve.app.responses", "json_response", "   encode"),
+    ("gpuserve.http.responses", "unless_disconnected", "    await the result"),
+    ("gpuserve.core.service", "ModelService.predict", "     service.predict"),
+    ("gpuserve.core.batcher", "MicroBatcher.submit_many", "      queue the instances"),
+    ("gpuserve.http.responses", "json_response", "   encode"),
     ("starlette.responses", "Response.__call__", "   send the response"),
-    ("gpuserve.app.connections", "CoalescedWrites.write", "    socket writes"),
-    ("gpuserve.batcher", "MicroBatcher._dispatch", "form a batch (per batch)"),
-    ("gpuserve.batcher", "MicroBatcher._finish", "settle a batch (per batch)"),
+    ("gpuserve.http.connections", "CoalescedWrites.write", "    socket writes"),
+    ("gpuserve.core.batcher", "MicroBatcher._dispatch", "form a batch (per batch)"),
+    ("gpuserve.core.batcher", "MicroBatcher._finish", "settle a batch (per batch)"),
 ]
 # Protocol methods live on a class built at start-up (connections.guarded_protocol).
 PROTOCOL_STAGES = [
@@ -133,10 +133,10 @@ def install(path: str) -> None:
     """Wrap the stages and dump their counters to `path` on SIGUSR1."""
     import importlib
 
-    import gpuserve.app.connections as connections
-    import gpuserve.app.routes as routes
-    import gpuserve.app.v2 as v2
-    import gpuserve.decoding as decoding
+    import gpuserve.http.connections as connections
+    import gpuserve.http.routes as routes
+    import gpuserve.http.v2 as v2
+    import gpuserve.protocols.predict as decoding
 
     for module_name, attribute, stage in STAGES:
         module = importlib.import_module(module_name)

@@ -20,11 +20,11 @@ import numpy as np
 import orjson
 import uvloop
 
-from gpuserve.app import create_app
-from gpuserve.app.lane import GpuserveAPI
-from gpuserve.app.responses import HangUp
 from gpuserve.config import ModelSettings, Settings
-from gpuserve.device import DeviceInfo
+from gpuserve.http import create_app
+from gpuserve.http.lane import GpuserveAPI
+from gpuserve.http.responses import HangUp
+from gpuserve.model.device import DeviceInfo
 from gpuserve.spec import ModelSpec, TensorSpec
 
 

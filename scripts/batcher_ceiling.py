@@ -21,7 +21,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpuserve.batcher import MicroBatcher
+from gpuserve.core.batcher import MicroBatcher
 
 
 class Nothing:

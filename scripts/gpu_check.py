@@ -86,11 +86,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from bench import MODELS, export_models  # noqa: E402
 
-from gpuserve.batcher import BatchStats, MicroBatcher  # noqa: E402
 from gpuserve.config import ModelSettings  # noqa: E402
-from gpuserve.device import DeviceInfo, GpuMonitor, probe, visible_gpu_uuids  # noqa: E402
+from gpuserve.core.batcher import BatchStats, MicroBatcher  # noqa: E402
 from gpuserve.handler import Handler  # noqa: E402
-from gpuserve.loading import build_model  # noqa: E402
+from gpuserve.model.device import DeviceInfo, GpuMonitor, probe, visible_gpu_uuids  # noqa: E402
+from gpuserve.model.loading import build_model  # noqa: E402
 from gpuserve.spec import ModelSpec, TensorSpec  # noqa: E402
 
 Result = dict[str, Any]

@@ -36,8 +36,8 @@ from typing import Any
 import uvicorn
 from uvicorn.server import ServerState
 
-from gpuserve.app.connections import guarded_protocol
-from gpuserve.deadlines import Deadlines
+from gpuserve.core.deadlines import Deadlines
+from gpuserve.http.connections import guarded_protocol
 
 HEAD = (
     b"HTTP/1.1 200 OK\r\nserver: uvicorn\r\ndate: Thu, 26 Nov 2026 15:00:00 GMT\r\n"

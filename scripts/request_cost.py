@@ -19,8 +19,8 @@ import numpy as np
 import orjson
 import torch
 
-from gpuserve import oip
-from gpuserve.schemas import PredictRequest
+from gpuserve.protocols import oip
+from gpuserve.protocols.schemas import PredictRequest
 from gpuserve.spec import ModelSpec, TensorSpec, to_array, to_arrays
 
 

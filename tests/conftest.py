@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from gpuserve.config import ModelSettings
-from gpuserve.device import DeviceInfo
+from gpuserve.model.device import DeviceInfo
 from gpuserve.spec import ModelSpec, TensorSpec
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,8 +11,8 @@ import torch
 
 import gpuserve
 from gpuserve.api import configure
-from gpuserve.app import create_app
 from gpuserve.handler import Handler
+from gpuserve.http import create_app
 
 from .test_app import serving
 

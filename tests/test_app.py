@@ -15,11 +15,11 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from gpuserve.app import create_app
 from gpuserve.config import ModelSettings, Settings, available_cores
-from gpuserve.device import DeviceInfo, passes_share_cores
-from gpuserve.errors import InferenceError, ModelLoadError
-from gpuserve.progress import open_counted
+from gpuserve.core.errors import InferenceError, ModelLoadError
+from gpuserve.core.progress import open_counted
+from gpuserve.http import create_app
+from gpuserve.model.device import DeviceInfo, passes_share_cores
 
 from .conftest import CPU, FAKE_SPEC, FakeModel, fake_loader, predict_scope
 

@@ -11,8 +11,8 @@ from typing import Any
 import anyio
 import pytest
 
-from gpuserve.batcher import BatchStats, MicroBatcher, Trace
-from gpuserve.errors import BatcherClosed, InferenceError, Overloaded
+from gpuserve.core.batcher import BatchStats, MicroBatcher, Trace
+from gpuserve.core.errors import BatcherClosed, InferenceError, Overloaded
 
 pytestmark = pytest.mark.anyio
 

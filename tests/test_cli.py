@@ -11,7 +11,7 @@ import pytest
 
 from gpuserve.cli import _warn_if_exposed, main, probe_table
 from gpuserve.config import Settings
-from gpuserve.device import DeviceInfo, GpuSample
+from gpuserve.model.device import DeviceInfo, GpuSample
 
 from .conftest import ROOT
 

@@ -16,7 +16,7 @@ import pytest
 import uvicorn
 from uvicorn.server import ServerState
 
-from gpuserve.app.connections import (
+from gpuserve.http.connections import (
     CoalescedWrites,
     connection_cap,
     guarded_protocol,

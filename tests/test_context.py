@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from gpuserve.app.context import RequestContext
-from gpuserve.metrics import Metrics
+from gpuserve.core.metrics import Metrics
+from gpuserve.http.context import RequestContext
 
 pytestmark = pytest.mark.anyio
 
@@ -86,8 +86,8 @@ async def test_an_error_after_the_response_started_is_not_answered_twice() -> No
 
 
 async def test_the_docs_routes_are_counted_under_their_own_paths_and_unknown_ones_are_not() -> None:
-    from gpuserve.app import create_app
     from gpuserve.config import ModelSettings, Settings
+    from gpuserve.http import create_app
 
     from .conftest import FAKE_SPEC, FakeModel, fake_loader
     from .test_app import serving

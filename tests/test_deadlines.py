@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from gpuserve.deadlines import Deadlines
+from gpuserve.core.deadlines import Deadlines
 
 pytestmark = pytest.mark.anyio
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from gpuserve.decoding import BodyDecoder, decode_predict, describe
-from gpuserve.errors import InferenceError, InvalidInput, NotReady
-from gpuserve.schemas import PredictRequest
+from gpuserve.core.errors import InferenceError, InvalidInput, NotReady
+from gpuserve.protocols.predict import BodyDecoder, decode_predict, describe
+from gpuserve.protocols.schemas import PredictRequest
 
 from .conftest import FAKE_SPEC
 

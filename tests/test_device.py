@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from gpuserve import device
-from gpuserve.device import DeviceInfo, probe
-from gpuserve.errors import DeviceError
+from gpuserve.core.errors import DeviceError
+from gpuserve.model import device
+from gpuserve.model.device import DeviceInfo, probe
 
 GIB = 1024**3
 

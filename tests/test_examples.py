@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from gpuserve.app import create_app
 from gpuserve.config import Settings
 from gpuserve.handler import softmax
+from gpuserve.http import create_app
 
 from .conftest import ROOT, ServerProcess
 from .test_app import serving

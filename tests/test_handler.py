@@ -14,7 +14,7 @@ import torch
 
 from gpuserve import handler as handler_module
 from gpuserve.config import ModelSettings
-from gpuserve.errors import InferenceError, ModelLoadError
+from gpuserve.core.errors import InferenceError, ModelLoadError
 from gpuserve.handler import Handler, Padded, choose_batch_size
 from gpuserve.spec import ModelSpec, TensorSpec
 
@@ -125,15 +125,15 @@ def test_logits_that_look_like_probabilities_are_warned_about_at_warm_up(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     labels = ["cat", "dog", "eel"]
-    with caplog.at_level("WARNING", logger="gpuserve.loading"):
+    with caplog.at_level("WARNING", logger="gpuserve.model.loading"):
         make(Linear().eval(), labels, tune_batch_size=False).warm()
     assert not [r for r in caplog.records if "softmax twice" in r.getMessage()]
-    with caplog.at_level("WARNING", logger="gpuserve.loading"):
+    with caplog.at_level("WARNING", logger="gpuserve.model.loading"):
         make(Softmaxed().eval(), labels, tune_batch_size=False).warm()
     (warning,) = [r for r in caplog.records if "softmax twice" in r.getMessage()]
     assert 'output.kind = "probabilities"' in warning.getMessage()
     caplog.clear()
-    with caplog.at_level("WARNING", logger="gpuserve.loading"):
+    with caplog.at_level("WARNING", logger="gpuserve.model.loading"):
         make(Softmaxed().eval(), labels, "probabilities", tune_batch_size=False).warm()
     assert not [r for r in caplog.records if "softmax twice" in r.getMessage()]
 

@@ -15,9 +15,9 @@ from starlette.routing import Router
 from starlette.types import Receive, Scope, Send
 
 import gpuserve
-from gpuserve.app import create_app
-from gpuserve.app.lane import GpuserveAPI, LaneRoute, match
 from gpuserve.config import ModelSettings, Settings
+from gpuserve.http import create_app
+from gpuserve.http.lane import GpuserveAPI, LaneRoute, match
 
 from .conftest import FAKE_SPEC, FakeModel, fake_loader, predict_scope
 from .test_app import SETTINGS, serving
@@ -216,7 +216,7 @@ async def test_a_bug_in_the_lane_is_one_500_with_one_request_id(
 _GPUSERVE_CALLS_PER_REQUEST = 60
 _GPUSERVE_CALLS_PER_BATCH = 36  # collect, hand to the worker, settle, count
 _TASKS_PER_REQUEST = 1  # the hang-up watch, in-process (under gpuserve's HTTP protocol: none)
-# Requests' deadlines share one timer (gpuserve/deadlines.py), armed again only when it fires.
+# Requests' deadlines share one timer (gpuserve/core/deadlines.py), armed again only when it fires.
 _TIMERS_PER_REQUEST = 0
 _DEADLINE_TIMERS = 1
 _THREAD_WAKE_UPS_PER_BATCH = 1  # the worker hands a whole batch back at once

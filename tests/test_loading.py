@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from gpuserve.config import ModelSettings
-from gpuserve.errors import ModelLoadError
-from gpuserve.loading import load_model
+from gpuserve.core.errors import ModelLoadError
+from gpuserve.model.loading import load_model
 from gpuserve.spec import ModelSpec, TensorSpec
 
 from .conftest import CPU
@@ -147,7 +147,7 @@ def test_the_batch_size_is_tuned_at_load_unless_switched_off(tmp_path: Path) -> 
 HANDLER = """
 import numpy as np
 import torch
-from gpuserve.errors import InvalidInput
+from gpuserve.core.errors import InvalidInput
 from gpuserve.handler import Handler
 
 class Scaled(Handler):

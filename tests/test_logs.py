@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from gpuserve.app import create_app
 from gpuserve.config import Settings
+from gpuserve.http import create_app
 from gpuserve.logs import JsonFormatter, TextFormatter, access, configure, escape
 
 from .conftest import FakeModel, fake_loader
@@ -153,8 +153,10 @@ def test_the_text_line_is_what_the_standard_formatter_writes_for_a_clean_record(
 
 
 def test_a_worker_s_records_say_which_worker_wrote_them() -> None:
-    record = logging.makeLogRecord({"name": "gpuserve.service", "msg": "digits is ready"})
-    assert " gpuserve.service [worker 1]: digits is ready" in TextFormatter(worker=1).format(record)
-    assert " gpuserve.service: digits is ready" in TextFormatter().format(record)
+    record = logging.makeLogRecord({"name": "gpuserve.core.service", "msg": "digits is ready"})
+    assert " gpuserve.core.service [worker 1]: digits is ready" in TextFormatter(worker=1).format(
+        record
+    )
+    assert " gpuserve.core.service: digits is ready" in TextFormatter().format(record)
     assert json.loads(JsonFormatter(worker=0).format(record))["worker"] == 0
     assert "worker" not in json.loads(JsonFormatter().format(record))

@@ -7,8 +7,8 @@ import asyncio
 import anyio
 import pytest
 
-from gpuserve.device import GpuSample
-from gpuserve.metrics import Metrics, sample_gpus
+from gpuserve.core.metrics import Metrics, sample_gpus
+from gpuserve.model.device import GpuSample
 
 
 def test_each_instance_has_its_own_registry() -> None:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gpuserve import progress
 from gpuserve.config import ModelSettings
-from gpuserve.progress import LoadProgress, tracking
-from gpuserve.sources import load_module
+from gpuserve.core import progress
+from gpuserve.core.progress import LoadProgress, tracking
+from gpuserve.model.sources import load_module
 
 CPU = torch.device("cpu")
 
@@ -63,7 +63,7 @@ def test_a_long_read_is_logged_with_its_figures(
     monkeypatch.setattr(progress, "_LOG_EVERY_S", 0.0)
     path = tmp_path / "blob.bin"
     path.write_bytes(bytes(4 * 2**20))
-    log = caplog.at_level("INFO", logger="gpuserve.loading")
+    log = caplog.at_level("INFO", logger="gpuserve.model.loading")
     with log, tracking(LoadProgress("big")), progress.open_counted(path) as file:
         while file.read(2**20):
             pass

@@ -209,8 +209,8 @@ class OnlyTheServingInstall(importlib.abc.MetaPathFinder):
         raise ModuleNotFoundError(f"{name} (from {sorted(dists)}) is not in the serving install")
 
 sys.meta_path.insert(0, OnlyTheServingInstall())
-import gpuserve.cli, gpuserve.app, gpuserve.app.v2_grpc, gpuserve.handler, gpuserve.loading
-import gpuserve.api, gpuserve.starter, gpuserve.decoding
+import gpuserve.cli, gpuserve.http, gpuserve.grpc.server, gpuserve.handler, gpuserve.model.loading
+import gpuserve.api, gpuserve.model.starter, gpuserve.protocols.predict
 print("ok")
 """
 

@@ -20,7 +20,7 @@ import yaml
 from sklearn.datasets import load_digits
 
 from gpuserve.config import ModelSettings, RaySettings, Settings
-from gpuserve.loading import load_model
+from gpuserve.model.loading import load_model
 
 from .conftest import CPU, ROOT
 

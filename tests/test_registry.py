@@ -10,12 +10,12 @@ import anyio
 import numpy as np
 import pytest
 
-from gpuserve.app import create_app
 from gpuserve.config import ModelSettings, Settings
-from gpuserve.device import DeviceInfo
-from gpuserve.errors import Conflict, ModelLoadError, ModelNotFound, NotReady
-from gpuserve.metrics import Metrics
-from gpuserve.registry import ModelRegistry
+from gpuserve.core.errors import Conflict, ModelLoadError, ModelNotFound, NotReady
+from gpuserve.core.metrics import Metrics
+from gpuserve.core.registry import ModelRegistry
+from gpuserve.http import create_app
+from gpuserve.model.device import DeviceInfo
 from gpuserve.spec import ModelSpec, TensorSpec
 
 from .conftest import FAKE_SPEC, FakeModel

@@ -17,8 +17,8 @@ import pytest
 import torch
 import tritonclient.http as triton
 
-from gpuserve.app import create_app
 from gpuserve.config import ModelSettings, Settings
+from gpuserve.http import create_app
 
 from .conftest import ServerProcess
 from .test_app import serving

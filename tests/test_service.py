@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from gpuserve.config import ModelSettings
-from gpuserve.device import DeviceInfo
-from gpuserve.errors import DeviceError, InferenceError, InvalidInput, ModelLoadError, NotReady
-from gpuserve.metrics import Metrics
-from gpuserve.service import ModelService
+from gpuserve.core.errors import DeviceError, InferenceError, InvalidInput, ModelLoadError, NotReady
+from gpuserve.core.metrics import Metrics
+from gpuserve.core.service import ModelService
+from gpuserve.model.device import DeviceInfo
 
 from .conftest import CPU, FAKE_SPEC, FakeModel, fake_loader
 
@@ -145,7 +145,7 @@ async def test_the_batcher_gets_the_hold_for_callers_setting(
 async def test_a_cpu_model_overlaps_batches_only_when_cores_are_left_beside_its_threads(
     fake_model: FakeModel, monkeypatch: pytest.MonkeyPatch, cores: int, overlap: bool
 ) -> None:
-    monkeypatch.setattr("gpuserve.service.available_cores", lambda: cores)
+    monkeypatch.setattr("gpuserve.core.service.available_cores", lambda: cores)
     service = make(fake_loader(fake_model))
     await service.start()
     await until_settled(service)
@@ -193,7 +193,7 @@ async def test_copies_per_device_and_on_every_gpu(device: str, count: int, copie
 async def test_a_gpu_model_overlaps_batches_even_on_one_core(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("gpuserve.service.available_cores", lambda: 1)
+    monkeypatch.setattr("gpuserve.core.service.available_cores", lambda: 1)
     prober, _ = gpus(1)
     settings = ModelSettings(freeze_gc=False, device="cuda:0")
     service = make(fake_loader(FakeModel(FAKE_SPEC)), prober, settings)
@@ -303,7 +303,7 @@ async def test_a_users_load_error_is_one_line_and_a_bug_keeps_its_traceback(
     def loader(settings: ModelSettings, device: DeviceInfo) -> FakeModel:
         raise raised
 
-    caplog.set_level(logging.INFO, logger="gpuserve.service")
+    caplog.set_level(logging.INFO, logger="gpuserve.core.service")
     service = make(loader)
     await service.start()
     await until_settled(service)

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 from gpuserve.config import ModelSettings
-from gpuserve.errors import ModelLoadError
-from gpuserve.loading import load_model
-from gpuserve.sources import (
+from gpuserve.core.errors import ModelLoadError
+from gpuserve.model.loading import load_model
+from gpuserve.model.sources import (
     import_object,
     layout_free_views,
     load_module,

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gpuserve.errors import InvalidInput, ModelLoadError
+from gpuserve.core.errors import InvalidInput, ModelLoadError
 from gpuserve.spec import (
     ModelSpec,
     TensorSpec,

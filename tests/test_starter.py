@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from gpuserve.config import ModelSettings, Settings
-from gpuserve.errors import ModelLoadError
+from gpuserve.core.errors import ModelLoadError
+from gpuserve.model.starter import write_starter
 from gpuserve.spec import ModelSpec
-from gpuserve.starter import write_starter
 
 
 def mlp() -> torch.nn.Module:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from gpuserve.stats import ModelStats
+from gpuserve.core.stats import ModelStats
 
 
 def test_requests_and_batches_add_up_in_triton_s_form() -> None:

@@ -16,12 +16,12 @@ import tritonclient.grpc.aio as triton_aio
 from pydantic import ValidationError
 from tritonclient.grpc import service_pb2 as pb
 
-from gpuserve.app import create_app
 from gpuserve.config import ModelSettings, Settings
-from gpuserve.device import DeviceInfo
-from gpuserve.errors import InferenceError, ModelLoadError
+from gpuserve.core.errors import InferenceError, ModelLoadError
 from gpuserve.handler import Handler
-from gpuserve.sources import load_program, spec_from_program
+from gpuserve.http import create_app
+from gpuserve.model.device import DeviceInfo
+from gpuserve.model.sources import load_program, spec_from_program
 from gpuserve.spec import ModelSpec, TensorSpec
 
 from .conftest import ServerProcess

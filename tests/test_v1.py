@@ -12,9 +12,9 @@ import httpx
 import pytest
 from sklearn.datasets import load_digits
 
-from gpuserve.app import create_app
 from gpuserve.config import ModelSettings, Settings
-from gpuserve.device import DeviceInfo
+from gpuserve.http import create_app
+from gpuserve.model.device import DeviceInfo
 
 from .conftest import FakeModel
 from .test_app import SETTINGS, serving
@@ -113,7 +113,7 @@ import httpx, numpy as np
 from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 from kserve.protocol.rest.v2_datamodels import InferenceResponse
 
-from gpuserve.app import create_app
+from gpuserve.http import create_app
 from gpuserve.config import ModelSettings, Settings
 
 async def main(model_path, rows):

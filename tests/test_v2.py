@@ -18,9 +18,9 @@ import torch
 import tritonclient.http as triton
 from sklearn.datasets import load_digits
 
-from gpuserve.app import create_app
 from gpuserve.config import ModelSettings, Settings
 from gpuserve.handler import softmax
+from gpuserve.http import create_app
 
 from .conftest import ServerProcess
 from .test_app import serving

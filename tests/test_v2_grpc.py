@@ -29,11 +29,11 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
-from gpuserve.app import create_app
-from gpuserve.app.v2_grpc import GrpcServer, status_of
 from gpuserve.config import ModelSettings, Settings
-from gpuserve.errors import BadRequest, DeadlineExceeded, NotReady, Overloaded, Unauthorized
+from gpuserve.core.errors import BadRequest, DeadlineExceeded, NotReady, Overloaded, Unauthorized
+from gpuserve.grpc.server import GrpcServer, status_of
 from gpuserve.handler import softmax
+from gpuserve.http import create_app
 
 from .conftest import FAKE_SPEC, FakeModel, ServerProcess, fake_loader
 from .test_app import serving

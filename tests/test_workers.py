@@ -20,10 +20,10 @@ import tritonclient.grpc as triton_grpc
 from prometheus_client import multiprocess
 from sklearn.datasets import load_digits
 
-from gpuserve.app import create_app
 from gpuserve.cli import run
 from gpuserve.config import ModelSettings, Settings, available_cores
-from gpuserve.metrics import Metrics
+from gpuserve.core.metrics import Metrics
+from gpuserve.http import create_app
 from gpuserve.workers import restart_pause, worker_settings
 
 from .conftest import ServerProcess
@@ -88,7 +88,7 @@ def test_workers_is_a_count_or_auto_the_cores_a_cgroup_quota_leaves(tmp_path: Pa
 
 _RECORD = """
 import sys
-from gpuserve.metrics import Metrics
+from gpuserve.core.metrics import Metrics
 metrics = Metrics(sys.argv[1])
 requests, depth, ready = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 for _ in range(requests):

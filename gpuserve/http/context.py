@@ -18,11 +18,11 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gpuserve.app.responses import error_response
-from gpuserve.batcher import Trace
-from gpuserve.errors import InferenceError, NotReady, Unauthorized
+from gpuserve.core.batcher import Trace
+from gpuserve.core.errors import InferenceError, NotReady, Unauthorized
+from gpuserve.core.metrics import Metrics
+from gpuserve.http.responses import error_response
 from gpuserve.logs import access
-from gpuserve.metrics import Metrics
 
 # Probes must work without a key: Kubernetes and load balancers carry none.
 _OPEN_PATHS = frozenset(
@@ -33,7 +33,7 @@ _ID_PREFIX = uuid.uuid4().hex[:16]
 _ID_COUNTER = itertools.count(1)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
-logger = logging.getLogger("gpuserve.app")
+logger = logging.getLogger("gpuserve.http")
 # A request's `model` in its state is (name, version); these for one that reached no model.
 NO_MODEL = ("", "")
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from types import ModuleType
 from typing import Any, Literal
 
-from gpuserve.errors import DeviceError
+from gpuserve.core.errors import DeviceError
 
 _GIB = 1024**3
 

@@ -17,10 +17,10 @@ from typing import Any, get_args
 
 import torch
 
-from gpuserve import progress
 from gpuserve.config import ModelSettings
-from gpuserve.errors import ModelLoadError
-from gpuserve.progress import open_counted
+from gpuserve.core import progress
+from gpuserve.core.errors import ModelLoadError
+from gpuserve.core.progress import open_counted
 from gpuserve.spec import DType, ModelSpec, TensorSpec
 
 _EXPORT_SUFFIXES = {".pt2"}

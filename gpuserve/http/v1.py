@@ -12,12 +12,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from gpuserve.app.responses import json_response
-from gpuserve.app.routes import run_predict
-from gpuserve.decoding import decode_v1
-from gpuserve.errors import NotReady
-from gpuserve.registry import ModelRegistry
-from gpuserve.schemas import ErrorResponse
+from gpuserve.core.errors import NotReady
+from gpuserve.core.registry import ModelRegistry
+from gpuserve.http.responses import json_response
+from gpuserve.http.routes import run_predict
+from gpuserve.protocols.predict import decode_v1
+from gpuserve.protocols.schemas import ErrorResponse
 
 router = APIRouter(prefix="/v1", tags=["KServe v1"])
 

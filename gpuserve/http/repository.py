@@ -15,11 +15,11 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from gpuserve.app.responses import json_response
 from gpuserve.config import ModelSettings, Settings
-from gpuserve.errors import BadRequest, ModelLoadError, ModelNotFound
-from gpuserve.registry import Key, ModelRegistry
-from gpuserve.schemas import ErrorResponse
+from gpuserve.core.errors import BadRequest, ModelLoadError, ModelNotFound
+from gpuserve.core.registry import Key, ModelRegistry
+from gpuserve.http.responses import json_response
+from gpuserve.protocols.schemas import ErrorResponse
 
 router = APIRouter(prefix="/v2/repository", tags=["Open Inference Protocol: repository"])
 

@@ -12,8 +12,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from gpuserve import __version__, oip
-from gpuserve.app.responses import (
+from gpuserve.config import Settings
+from gpuserve.core.batcher import Trace
+from gpuserve.core.errors import BadRequest, InvalidInput
+from gpuserve.core.registry import ModelRegistry
+from gpuserve.core.service import ModelService
+from gpuserve.http.responses import (
     JSON,
     deadline_s,
     json_response,
@@ -21,13 +25,10 @@ from gpuserve.app.responses import (
     request_id_of,
     unless_disconnected,
 )
-from gpuserve.batcher import Trace
-from gpuserve.config import Settings
-from gpuserve.decoding import BodyDecoder
-from gpuserve.errors import BadRequest, InvalidInput
-from gpuserve.registry import ModelRegistry
-from gpuserve.schemas import ErrorResponse
-from gpuserve.service import ModelService
+from gpuserve.protocols import oip
+from gpuserve.protocols.predict import BodyDecoder
+from gpuserve.protocols.schemas import ErrorResponse
+from gpuserve.version import __version__
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"])
 

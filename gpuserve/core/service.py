@@ -14,22 +14,22 @@ import threading
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
-from gpuserve.batcher import BatchStats, MicroBatcher, Trace, is_memory_error, never_fatal
 from gpuserve.config import ModelSettings, available_cores
-from gpuserve.deadlines import DeadlinePassed, Deadlines
-from gpuserve.device import DeviceInfo, passes_share_cores, probe
-from gpuserve.errors import (
+from gpuserve.core.batcher import BatchStats, MicroBatcher, Trace, is_memory_error, never_fatal
+from gpuserve.core.deadlines import DeadlinePassed, Deadlines
+from gpuserve.core.errors import (
     DeadlineExceeded,
     GpuserveError,
     InferenceError,
     NotReady,
     Overloaded,
 )
-from gpuserve.metrics import Metrics
-from gpuserve.progress import LoadProgress, tracking
+from gpuserve.core.metrics import Metrics
+from gpuserve.core.progress import LoadProgress, tracking
+from gpuserve.model.device import DeviceInfo, passes_share_cores, probe
 from gpuserve.spec import Instance, ModelSpec
 
-logger = logging.getLogger("gpuserve.service")
+logger = logging.getLogger("gpuserve.core.service")
 
 State = Literal["loading", "ready", "failed", "stopping"]
 

@@ -17,29 +17,29 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from gpuserve import __version__
-from gpuserve.app import repository, routes, v1, v2
-from gpuserve.app.context import RequestContext
-from gpuserve.app.lane import GpuserveAPI, InferenceLane
-from gpuserve.app.responses import (
+from gpuserve.config import Settings
+from gpuserve.core.errors import GpuserveError
+from gpuserve.core.metrics import Metrics, sample_gpus
+from gpuserve.core.registry import ModelRegistry
+from gpuserve.core.service import Loader, ModelService
+from gpuserve.http import repository, routes, v1, v2
+from gpuserve.http.context import RequestContext
+from gpuserve.http.lane import GpuserveAPI, InferenceLane
+from gpuserve.http.responses import (
     on_gpuserve_error,
     on_http_error,
     on_unexpected_error,
     on_validation_error,
 )
-from gpuserve.config import Settings
-from gpuserve.decoding import BodyDecoder
-from gpuserve.device import GpuMonitor, visible_gpu_uuids
-from gpuserve.errors import GpuserveError
-from gpuserve.loading import build_model
-from gpuserve.metrics import Metrics, sample_gpus
-from gpuserve.registry import ModelRegistry
-from gpuserve.service import Loader, ModelService
+from gpuserve.model.device import GpuMonitor, visible_gpu_uuids
+from gpuserve.model.loading import build_model
+from gpuserve.protocols.predict import BodyDecoder
+from gpuserve.version import __version__
 
 if TYPE_CHECKING:
     from gpuserve.workers import Peers
 
-logger = logging.getLogger("gpuserve.app")
+logger = logging.getLogger("gpuserve.http")
 
 
 def create_app(

@@ -20,10 +20,10 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from gpuserve.device import GpuMonitor, GpuSample
-from gpuserve.stats import ModelStats
+from gpuserve.core.stats import ModelStats
+from gpuserve.model.device import GpuMonitor, GpuSample
 
-logger = logging.getLogger("gpuserve.metrics")
+logger = logging.getLogger("gpuserve.core.metrics")
 
 _LATENCY_BUCKETS = (
     0.0005,

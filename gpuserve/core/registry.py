@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from gpuserve.config import ModelSettings, Settings
-from gpuserve.device import DeviceInfo, probe, release_memory
-from gpuserve.errors import Conflict, ModelLoadError, ModelNotFound, NotReady
-from gpuserve.metrics import Metrics
-from gpuserve.service import Loader, ModelService
+from gpuserve.core.errors import Conflict, ModelLoadError, ModelNotFound, NotReady
+from gpuserve.core.metrics import Metrics
+from gpuserve.core.service import Loader, ModelService
+from gpuserve.model.device import DeviceInfo, probe, release_memory
 from gpuserve.spec import ModelSpec
 
 Key = tuple[str, str]  # a model's name and version, as the protocol spells them

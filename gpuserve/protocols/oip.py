@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from gpuserve.errors import BadRequest, InferenceError, InvalidInput
+from gpuserve.core.errors import BadRequest, InferenceError, InvalidInput
 from gpuserve.spec import Instance, ModelSpec, TensorSpec, block_to_arrays
 
 HEADER_LENGTH = "inference-header-content-length"

@@ -14,16 +14,16 @@ import fastapi
 from fastapi import APIRouter, Request
 from starlette.responses import PlainTextResponse, Response
 
-from gpuserve import __version__
-from gpuserve.app.responses import deadline_s, json_response, read_body, unless_disconnected
-from gpuserve.batcher import Trace
 from gpuserve.config import Settings
-from gpuserve.decoding import BodyDecoder, PredictBody, decode_predict
-from gpuserve.metrics import Metrics
-from gpuserve.registry import ModelRegistry
-from gpuserve.schemas import ErrorResponse, PredictRequest, PredictResponse
-from gpuserve.service import ModelService
+from gpuserve.core.batcher import Trace
+from gpuserve.core.metrics import Metrics
+from gpuserve.core.registry import ModelRegistry
+from gpuserve.core.service import ModelService
+from gpuserve.http.responses import deadline_s, json_response, read_body, unless_disconnected
+from gpuserve.protocols.predict import BodyDecoder, PredictBody, decode_predict
+from gpuserve.protocols.schemas import ErrorResponse, PredictRequest, PredictResponse
 from gpuserve.spec import ModelSpec
+from gpuserve.version import __version__
 
 router = APIRouter()
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from gpuserve.config import ModelSettings
-from gpuserve.device import DeviceInfo
-from gpuserve.errors import ModelLoadError
+from gpuserve.core.errors import ModelLoadError
 from gpuserve.handler import Handler
-from gpuserve.sources import (
+from gpuserve.model.device import DeviceInfo
+from gpuserve.model.sources import (
     import_object,
     load_program,
     program_module,
@@ -26,7 +26,7 @@ from gpuserve.sources import (
 )
 from gpuserve.spec import ModelSpec
 
-logger = logging.getLogger("gpuserve.loading")
+logger = logging.getLogger("gpuserve.model.loading")
 
 
 def load_model(settings: ModelSettings, device: DeviceInfo) -> Handler:

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic.fields import FieldInfo
 
 from gpuserve.config import ModelSettings, Settings
-from gpuserve.errors import ModelLoadError
+from gpuserve.core.errors import ModelLoadError
 from gpuserve.spec import ModelSpec, TensorSpec
 
 # What the config shows uncommented: what a user edits first.
@@ -50,7 +50,7 @@ def write_starter(model: Path, config: Path) -> Started:
     if spec_path.exists():
         written = None  # the model's own spec stays as it is
     elif model.suffix.lower() == ".pt2":
-        from gpuserve.sources import load_program, spec_from_program
+        from gpuserve.model.sources import load_program, spec_from_program
 
         spec_from_program(load_program(model), model.stem, model, 2).to_file(spec_path)
         todo.append(f"check {spec_path}: add `labels` for a classifier, and value ranges")

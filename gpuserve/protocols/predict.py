@@ -23,11 +23,11 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from gpuserve.errors import InferenceError, InvalidInput, NotReady, describe_validation
-from gpuserve.schemas import PredictRequest, V1PredictRequest
+from gpuserve.core.errors import InferenceError, InvalidInput, NotReady, describe_validation
+from gpuserve.protocols.schemas import PredictRequest, V1PredictRequest
 from gpuserve.spec import Instance, ModelSpec, to_instance, to_instances
 
-logger = logging.getLogger("gpuserve.decoding")
+logger = logging.getLogger("gpuserve.protocols.predict")
 
 T = TypeVar("T")
 

@@ -19,8 +19,8 @@ from typing import Any
 import orjson
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from gpuserve.app.context import new_request_id
-from gpuserve.app.responses import HangUp
+from gpuserve.http.context import new_request_id
+from gpuserve.http.responses import HangUp
 
 logger = logging.getLogger("gpuserve.connections")
 

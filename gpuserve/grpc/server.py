@@ -27,25 +27,26 @@ from google.protobuf.message import Message
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from gpuserve import __version__, oip
-from gpuserve.app import repository
-from gpuserve.app.context import NO_MODEL, authorised, log_request, request_id_from
-from gpuserve.app.grpc_health import health_handler
-from gpuserve.app.v2 import metadata_of, model_config_of, statistics_of
-from gpuserve.batcher import Trace
 from gpuserve.config import Settings
-from gpuserve.errors import (
+from gpuserve.core.batcher import Trace
+from gpuserve.core.errors import (
     BadRequest,
     GpuserveError,
     ModelNotFound,
     Overloaded,
     Unauthorized,
 )
+from gpuserve.core.metrics import Metrics
+from gpuserve.core.registry import ModelRegistry
+from gpuserve.core.service import ModelService
+from gpuserve.grpc.health import health_handler
+from gpuserve.http import repository
+from gpuserve.http.context import NO_MODEL, authorised, log_request, request_id_from
+from gpuserve.http.v2 import metadata_of, model_config_of, statistics_of
 from gpuserve.logs import access
-from gpuserve.metrics import Metrics
-from gpuserve.registry import ModelRegistry
-from gpuserve.service import ModelService
+from gpuserve.protocols import oip
 from gpuserve.spec import TensorSpec
+from gpuserve.version import __version__
 
 logger = logging.getLogger("gpuserve.grpc")
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-logger = logging.getLogger("gpuserve.loading")
+logger = logging.getLogger("gpuserve.model.loading")
 
 # How often a long read is logged.
 _LOG_EVERY_S = 5.0

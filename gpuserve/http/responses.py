@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import Receive
 
-from gpuserve.errors import (
+from gpuserve.core.errors import (
     ClientDisconnected,
     GpuserveError,
     InferenceError,
@@ -27,7 +27,7 @@ from gpuserve.errors import (
 )
 
 _T = TypeVar("_T")
-logger = logging.getLogger("gpuserve.app")
+logger = logging.getLogger("gpuserve.http")
 
 
 class JSON(Response):

@@ -57,13 +57,13 @@ from concurrent.futures import Future as ConcurrentFuture
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from gpuserve.deadlines import Deadlines
-from gpuserve.errors import BatcherClosed, InferenceError, Overloaded
+from gpuserve.core.deadlines import Deadlines
+from gpuserve.core.errors import BatcherClosed, InferenceError, Overloaded
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-logger = logging.getLogger("gpuserve.batcher")
+logger = logging.getLogger("gpuserve.core.batcher")
 
 # One batch runs while the next one waits, ready, in the worker's queue.
 _MAX_BATCHES_IN_FLIGHT = 2

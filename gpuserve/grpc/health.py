@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from gpuserve.errors import ModelNotFound
-from gpuserve.registry import ModelRegistry
+from gpuserve.core.errors import ModelNotFound
+from gpuserve.core.registry import ModelRegistry
 
 if TYPE_CHECKING:
-    from gpuserve.app.v2_grpc import InferenceService
+    from gpuserve.grpc.server import InferenceService
 
 SERVICE = "grpc.health.v1.Health"
 SERVING, NOT_SERVING, SERVICE_UNKNOWN = 1, 2, 3

@@ -19,11 +19,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gpuserve.app import v2
-from gpuserve.app.responses import on_gpuserve_error, unexpected_error_response
-from gpuserve.app.routes import predict_with
-from gpuserve.errors import GpuserveError
-from gpuserve.registry import ModelRegistry
+from gpuserve.core.errors import GpuserveError
+from gpuserve.core.registry import ModelRegistry
+from gpuserve.http import v2
+from gpuserve.http.responses import on_gpuserve_error, unexpected_error_response
+from gpuserve.http.routes import predict_with
 
 
 class LaneRoute(NamedTuple):
