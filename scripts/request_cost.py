@@ -54,7 +54,7 @@ def gpuserve_v2(
     spec: ModelSpec, header_length: str | None
 ) -> Callable[[bytes, torch.Tensor], bytes]:
     def run(body: bytes, output: torch.Tensor) -> bytes:
-        request = oip.decode_request(body, header_length, spec)
+        request = oip.decode_request(body, spec, header_length=header_length)
         torch.from_numpy(np.stack(request.instances))
         rows = output.tolist()
         return oip.encode_response(spec, rows, None, request.outputs, "1")[0]

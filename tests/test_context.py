@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from gpuserve.core.envelope import Envelope
 from gpuserve.core.metrics import Metrics
 from gpuserve.http.context import RequestContext
 
@@ -28,7 +29,8 @@ async def call(app: Any) -> tuple[list[dict[str, Any]], BaseException | None]:
         sent.append(message)
 
     try:
-        await RequestContext(app, Metrics(), [])(scope(), receive, send)
+        envelope = Envelope(Metrics(), [], access_log=True, protocol="http")
+        await RequestContext(app, envelope)(scope(), receive, send)
     except BaseException as exc:
         return sent, exc
     return sent, None

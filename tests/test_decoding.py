@@ -12,7 +12,8 @@ import pytest
 from pydantic import ValidationError
 
 from gpuserve.core.errors import InferenceError, InvalidInput, NotReady
-from gpuserve.protocols.predict import BodyDecoder, decode_predict, describe
+from gpuserve.core.offload import BodyDecoder
+from gpuserve.protocols.predict import decode_predict, describe
 from gpuserve.protocols.schemas import PredictRequest
 
 from .conftest import FAKE_SPEC

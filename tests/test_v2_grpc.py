@@ -30,7 +30,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
 from gpuserve.config import ModelSettings, Settings
-from gpuserve.core.errors import BadRequest, DeadlineExceeded, NotReady, Overloaded, Unauthorized
+from gpuserve.core.errors import DeadlineExceeded, InvalidInput, NotReady, Overloaded, Unauthorized
 from gpuserve.grpc.server import GrpcServer, status_of
 from gpuserve.handler import softmax
 from gpuserve.http import create_app
@@ -351,7 +351,7 @@ async def test_the_repository_calls_are_off_by_default(digits: Both) -> None:
 
 
 def test_each_error_has_its_grpc_status() -> None:
-    assert status_of(BadRequest("x")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_of(InvalidInput("x")) == grpc.StatusCode.INVALID_ARGUMENT
     assert status_of(Unauthorized("x")) == grpc.StatusCode.UNAUTHENTICATED
     assert status_of(NotReady("x")) == grpc.StatusCode.UNAVAILABLE
     assert status_of(Overloaded("x")) == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -1,17 +1,35 @@
-"""The error hierarchy. Each error knows its HTTP status; `app` maps them to HTTP in one place."""
+"""The error hierarchy. Each error has a kind; `protocols.status` maps every kind to each
+protocol's status (HTTP's per protocol, gRPC's codes) in one table."""
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
 
 
-class GpuserveError(Exception):
-    """Base class: a message safe to show a client, its HTTP status, and when to retry."""
+class ErrorKind(StrEnum):
+    """What went wrong, in terms no protocol owns; each protocol answers it its own way."""
 
-    status_code: int = 500
+    INVALID_INPUT = "invalid_input"
+    UNAUTHENTICATED = "unauthenticated"
+    NOT_FOUND = "not_found"
+    TOO_LARGE = "too_large"
+    UNSUPPORTED_MEDIA = "unsupported_media"
+    CONFLICT = "conflict"
+    UNAVAILABLE = "unavailable"
+    OVERLOADED = "overloaded"
+    DEADLINE = "deadline"
+    CLIENT_GONE = "client_gone"
+    INTERNAL = "internal"
+
+
+class GpuserveError(Exception):
+    """Base class: a message safe to show a client, its kind, and when to retry."""
+
+    kind: ErrorKind = ErrorKind.INTERNAL
     retry_after_s: int | None = None
 
     def __init__(self, message: str, retry_after_s: int | None = None) -> None:
@@ -22,51 +40,46 @@ class GpuserveError(Exception):
 
 
 class InvalidInput(GpuserveError):
-    """The request body is malformed or does not match the model's input spec."""
+    """The request is malformed or does not match the model's input spec (`/predict` and
+    KServe v1 answer 422, the Open Inference Protocol 400, gRPC INVALID_ARGUMENT)."""
 
-    status_code = 422
-
-
-class BadRequest(InvalidInput):
-    """Invalid input under the Open Inference Protocol, which answers 400 rather than 422."""
-
-    status_code = 400
+    kind = ErrorKind.INVALID_INPUT
 
 
 class ModelNotFound(GpuserveError):
     """No model of that name (or version) is served here."""
 
-    status_code = 404
+    kind = ErrorKind.NOT_FOUND
 
 
 class Unauthorized(GpuserveError):
     """API keys are configured and the request did not carry a valid one."""
 
-    status_code = 401
+    kind = ErrorKind.UNAUTHENTICATED
 
 
 class PayloadTooLarge(GpuserveError):
     """The body is larger than `max_body_bytes`; refused before it is parsed."""
 
-    status_code = 413
+    kind = ErrorKind.TOO_LARGE
 
 
 class UnsupportedMediaType(GpuserveError):
     """The body is not declared as JSON."""
 
-    status_code = 415
+    kind = ErrorKind.UNSUPPORTED_MEDIA
 
 
 class Conflict(GpuserveError):
     """The model is already being loaded or unloaded: one change at a time."""
 
-    status_code = 409
+    kind = ErrorKind.CONFLICT
 
 
 class NotReady(GpuserveError):
     """The model is loading, failed to load, or the server is shutting down."""
 
-    status_code = 503
+    kind = ErrorKind.UNAVAILABLE
     retry_after_s = 1
 
 
@@ -77,26 +90,26 @@ class BatcherClosed(NotReady):
 class Overloaded(GpuserveError):
     """The model's queue is full. Refused at once, so accepted requests keep their latency."""
 
-    status_code = 503
+    kind = ErrorKind.OVERLOADED
     retry_after_s = 1
 
 
 class DeadlineExceeded(GpuserveError):
     """The request's deadline passed before its result was ready."""
 
-    status_code = 504
+    kind = ErrorKind.DEADLINE
 
 
 class ClientDisconnected(GpuserveError):
     """The client hung up while its request waited; nobody reads the answer (nginx's 499)."""
 
-    status_code = 499
+    kind = ErrorKind.CLIENT_GONE
 
 
 class InferenceError(GpuserveError):
     """The forward pass failed. Clients see a generic message; the log has the traceback."""
 
-    status_code = 500
+    kind = ErrorKind.INTERNAL
 
 
 class DeviceError(GpuserveError):

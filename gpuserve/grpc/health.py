@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+from gpuserve.core.envelope import CallRecord
 from gpuserve.core.errors import ModelNotFound
 from gpuserve.core.registry import ModelRegistry
-
-if TYPE_CHECKING:
-    from gpuserve.grpc.server import InferenceService
+from gpuserve.grpc.calls import GrpcCalls
 
 SERVICE = "grpc.health.v1.Health"
 SERVING, NOT_SERVING, SERVICE_UNKNOWN = 1, 2, 3
@@ -74,15 +73,15 @@ def status_of(models: ModelRegistry, service: str) -> int:
     return SERVING if ready else NOT_SERVING
 
 
-def health_handler(inference: InferenceService, models: ModelRegistry) -> grpc.GenericRpcHandler:
+def health_handler(calls: GrpcCalls, models: ModelRegistry) -> grpc.GenericRpcHandler:
     """The health service's handler, for `server.add_generic_rpc_handlers`. Its calls go
-    through `inference.call`, so they get a request id, metrics and an access log line."""
+    through `calls`, so they get a request id, metrics and an access log line."""
 
     async def check(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        def answer(_: dict[str, Any]) -> Any:
+        def answer(_: CallRecord) -> Any:
             return HealthCheckResponse(status=status_of(models, request.service))
 
-        return await inference.call("Check", context, answer, SERVICE)
+        return await calls.call(SERVICE, "Check", context, answer)
 
     async def watch(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         last = None

@@ -18,8 +18,11 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from gpuserve.config import Settings
+from gpuserve.core.calls import RequestPath
+from gpuserve.core.envelope import Envelope
 from gpuserve.core.errors import GpuserveError
 from gpuserve.core.metrics import Metrics, sample_gpus
+from gpuserve.core.offload import BodyDecoder
 from gpuserve.core.registry import ModelRegistry
 from gpuserve.core.service import Loader, ModelService
 from gpuserve.http import repository, routes, v1, v2
@@ -33,7 +36,6 @@ from gpuserve.http.responses import (
 )
 from gpuserve.model.device import GpuMonitor, visible_gpu_uuids
 from gpuserve.model.loading import build_model
-from gpuserve.protocols.predict import BodyDecoder
 from gpuserve.version import __version__
 
 if TYPE_CHECKING:
@@ -63,6 +65,7 @@ def create_app(
     if peers is not None:
         models.peers_ready = peers.others_ready
     decoder = BodyDecoder(settings.parse_offload_bytes, settings.parse_processes)
+    path = RequestPath(models, decoder)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -105,6 +108,7 @@ def create_app(
     app.state.models = models
     app.state.metrics = metrics
     app.state.decoder = decoder
+    app.state.path = path
     app.include_router(routes.router)
     app.include_router(v2.router)
     app.include_router(v1.router)
@@ -115,15 +119,11 @@ def create_app(
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(Exception, on_unexpected_error)
-    context = functools.partial(
-        RequestContext,
-        metrics=metrics,
-        api_keys=settings.api_key_values(),
-        access_log=settings.access_log,
-    )
+    envelope = Envelope(metrics, settings.api_key_values(), settings.access_log, "http")
+    context = functools.partial(RequestContext, envelope=envelope)
     app.add_middleware(context)
     # The inference routes skip FastAPI's per-request machinery, not the request's context.
-    app.lane = context(InferenceLane(models))
+    app.lane = context(InferenceLane())
     app.openapi = functools.partial(_openapi, app, app.openapi)  # type: ignore[method-assign]
     return app
 

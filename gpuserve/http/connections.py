@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from gpuserve.http.context import new_request_id
+from gpuserve.core.envelope import new_request_id
 from gpuserve.http.responses import HangUp
 
 logger = logging.getLogger("gpuserve.connections")

@@ -20,7 +20,6 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpuserve.core.errors import GpuserveError
-from gpuserve.core.registry import ModelRegistry
 from gpuserve.http import v2
 from gpuserve.http.responses import on_gpuserve_error, unexpected_error_response
 from gpuserve.http.routes import predict_with
@@ -65,9 +64,6 @@ class InferenceLane:
     the request under `scope["route"].path`, exactly as for the FastAPI routes.
     """
 
-    def __init__(self, models: ModelRegistry) -> None:
-        self.models = models
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         response: Response
@@ -85,8 +81,7 @@ class InferenceLane:
             if route.version is not None:
                 return await v2.version_infer(request, route.model, route.version)
             return await v2.infer(request, route.model)
-        service = self.models.default if route.model is None else self.models.get(route.model)
-        return await predict_with(request, service)
+        return await predict_with(request, route.model)
 
 
 class GpuserveAPI(FastAPI):

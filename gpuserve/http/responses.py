@@ -1,5 +1,5 @@
-"""Bodies in and out: reading a request body safely, encoding JSON, and the one map from errors
-to responses."""
+"""Bodies in and out: reading a request body safely, encoding JSON, and the one place an error
+becomes an HTTP response (its status from `protocols.status`)."""
 
 from __future__ import annotations
 
@@ -14,17 +14,18 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
-from starlette.types import Receive
+from starlette.types import Receive, Scope
 
 from gpuserve.core.errors import (
     ClientDisconnected,
+    ErrorKind,
     GpuserveError,
     InferenceError,
     InvalidInput,
     PayloadTooLarge,
-    Unauthorized,
     UnsupportedMediaType,
 )
+from gpuserve.protocols.status import http_protocol, http_status
 
 _T = TypeVar("_T")
 logger = logging.getLogger("gpuserve.http")
@@ -58,35 +59,44 @@ def json_response(
     return JSON(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status_code, headers)
 
 
-def error_response(exc: GpuserveError, request_id: str) -> Response:
-    """The one place an error becomes a response: its status, message, request id, headers."""
+def error_response(exc: GpuserveError, scope: Scope) -> Response:
+    """The one place an error becomes an HTTP response: the status its kind has under the
+    route's protocol, its message, the request id, and Retry-After or WWW-Authenticate."""
     headers = {}
     if exc.retry_after_s is not None:
         headers["Retry-After"] = str(exc.retry_after_s)
-    if isinstance(exc, Unauthorized):
+    if exc.kind is ErrorKind.UNAUTHENTICATED:
         headers["WWW-Authenticate"] = "Bearer"
-    return json_response({"error": exc.message, "request_id": request_id}, exc.status_code, headers)
+    status = http_status(exc.kind, http_protocol(_route(scope)))
+    body = {"error": exc.message, "request_id": request_id_of(scope)}
+    return json_response(body, status, headers)
 
 
-def request_id_of(request: Request) -> str:
-    request_id: str = request.scope.get("state", {}).get("request_id", "")
-    return request_id
+def request_id_of(scope: Scope) -> str:
+    """The request's id, as its X-Request-Id header and log line carry it."""
+    record = scope.get("state", {}).get("call")
+    return "" if record is None else str(record.request_id)
+
+
+def _route(scope: Scope) -> str:
+    route = scope.get("route")
+    return "" if route is None else str(getattr(route, "path", ""))
 
 
 async def on_gpuserve_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GpuserveError)
-    if exc.status_code == 500:
+    if exc.kind is ErrorKind.INTERNAL:
         cause = exc.__cause__ or exc
-        logger.error("request %s failed: %s", request_id_of(request), exc.message, exc_info=cause)
-    return error_response(exc, request_id_of(request))
+        request_id = request_id_of(request.scope)
+        logger.error("request %s failed: %s", request_id, exc.message, exc_info=cause)
+    return error_response(exc, request.scope)
 
 
 def unexpected_error_response(request: Request, exc: Exception) -> Response:
     """A bug (ours, or in a user's hook): the same error shape and a request id for the
     client, the traceback in the log."""
-    request_id = request_id_of(request)
-    logger.error("request %s failed unexpectedly", request_id, exc_info=exc)
-    return error_response(InferenceError("internal error"), request_id)
+    logger.error("request %s failed unexpectedly", request_id_of(request.scope), exc_info=exc)
+    return error_response(InferenceError("internal error"), request.scope)
 
 
 async def on_unexpected_error(request: Request, exc: Exception) -> Response:
@@ -94,20 +104,23 @@ async def on_unexpected_error(request: Request, exc: Exception) -> Response:
     has it too."""
     response = unexpected_error_response(request, exc)
     # This answer leaves from outside the middleware that adds the header to all others.
-    response.headers["x-request-id"] = request_id_of(request)
+    response.headers["x-request-id"] = request_id_of(request.scope)
     return response
 
 
 async def on_http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own errors (404, 405) in the same shape as ours."""
     assert isinstance(exc, HTTPException)
-    body = {"error": str(exc.detail), "request_id": request_id_of(request)}
+    body = {"error": str(exc.detail), "request_id": request_id_of(request.scope)}
     return json_response(body, exc.status_code, dict(exc.headers or {}))
 
 
 async def on_validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    return error_response(InvalidInput(str(exc.errors())), request_id_of(request))
+    return error_response(InvalidInput(str(exc.errors())), request.scope)
+
+
+_BODY_HEADERS = frozenset({b"content-type", b"content-encoding", b"content-length"})
 
 
 async def read_body(request: Request, limit: int, *, binary: bool = False) -> bytes:
@@ -116,8 +129,13 @@ async def read_body(request: Request, limit: int, *, binary: bool = False) -> by
     `binary` also admits application/octet-stream (the protocol's binary tensor extension).
     """
     # One pass over the raw headers and straight calls of receive(): Starlette's header
-    # mapping and body stream cost several times more on every request.
-    content_type = header(request, b"content-type") or "application/json"
+    # mapping and body stream cost several times more on every request. The first of each
+    # header counts, as `header` reads it.
+    found: dict[bytes, bytes] = {}
+    for key, value in request.scope["headers"]:
+        if key in _BODY_HEADERS and key not in found:
+            found[key] = value
+    content_type = found.get(b"content-type", b"application/json").decode("latin-1")
     media_type = content_type.split(";", 1)[0].strip().lower()
     json_like = media_type == "application/json" or media_type.endswith("+json")
     if not json_like and not (binary and media_type == "application/octet-stream"):
@@ -125,13 +143,13 @@ async def read_body(request: Request, limit: int, *, binary: bool = False) -> by
             f"send the body as application/json, not {media_type!r} "
             "(with curl: -H 'content-type: application/json'; -d alone sends a form type)"
         )
-    encoding = (header(request, b"content-encoding") or "identity").strip().lower()
+    encoding = found.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
     if encoding not in _DECODERS:
         raise UnsupportedMediaType(
             f"Content-Encoding {encoding!r} is not supported: send identity, gzip or deflate"
         )
-    declared = header(request, b"content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    declared = found.get(b"content-length", b"").decode("latin-1")
+    if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
     body = await _receive_body(request.receive, limit)
     if encoding != "identity":
@@ -200,16 +218,16 @@ def _decoded(body: bytes, encoding: str, limit: int) -> bytes:
     return data
 
 
-def deadline_s(request: Request, default_s: float) -> float:
-    """The request's deadline: the setting, or less if the client asks for less."""
+def asked_timeout_s(request: Request) -> float | None:
+    """The deadline the client asks for (X-Request-Timeout-Ms), in seconds; None if none."""
     asked = header(request, b"x-request-timeout-ms")
     if asked is None:
-        return default_s
+        return None
     # Plain digits only: int() would also take "+100", "1_000", " 100" and other scripts' digits.
     asked_s = int(asked) / 1000.0 if asked.isascii() and asked.isdigit() else 0.0
     if asked_s <= 0:
         raise InvalidInput(f"X-Request-Timeout-Ms must be a positive integer, not {asked!r}")
-    return min(asked_s, default_s)
+    return asked_s
 
 
 class HangUp:

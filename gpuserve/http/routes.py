@@ -6,6 +6,7 @@ against the spec as one numpy block -> `ModelService.predict` -> encode with orj
 
 from __future__ import annotations
 
+import functools
 import platform
 from collections.abc import Callable
 from typing import Any
@@ -15,12 +16,12 @@ from fastapi import APIRouter, Request
 from starlette.responses import PlainTextResponse, Response
 
 from gpuserve.config import Settings
-from gpuserve.core.batcher import Trace
+from gpuserve.core.calls import Answer, Call, Received, RequestPath
 from gpuserve.core.metrics import Metrics
 from gpuserve.core.registry import ModelRegistry
 from gpuserve.core.service import ModelService
-from gpuserve.http.responses import deadline_s, json_response, read_body, unless_disconnected
-from gpuserve.protocols.predict import BodyDecoder, PredictBody, decode_predict
+from gpuserve.http.responses import asked_timeout_s, json_response, read_body, unless_disconnected
+from gpuserve.protocols.predict import PredictBody, decode_predict
 from gpuserve.protocols.schemas import ErrorResponse, PredictRequest, PredictResponse
 from gpuserve.spec import ModelSpec
 from gpuserve.version import __version__
@@ -72,7 +73,7 @@ async def ready(request: Request) -> Response:
 )
 async def predict(request: Request) -> Response:
     """Run one instance (`inputs`) or several (`instances`) through the default model."""
-    return await predict_with(request, _models(request).default)
+    return await predict_with(request, None)
 
 
 @router.post(
@@ -83,37 +84,32 @@ async def predict(request: Request) -> Response:
 )
 async def predict_model(request: Request, name: str) -> Response:
     """`/predict` for any of the served models, by name."""
-    return await predict_with(request, _models(request).get(name))
+    return await predict_with(request, name)
 
 
-async def predict_with(request: Request, service: ModelService) -> Response:
-    """`/predict` for `service`, here and in the fast lane: read, check, queue, answer."""
-    spec, decoded, outputs = await run_predict(request, service, decode_predict)
-    single = decoded.single
-    return json_response({"model": spec.name, "outputs": outputs[0] if single else outputs})
+async def predict_with(request: Request, model: str | None) -> Response:
+    """`/predict` for `model` (None: the default), here and in the fast lane."""
+    answer = await run_predict(request, model, decode_predict)
+    outputs = answer.rows
+    single = answer.decoded.single
+    return json_response({"model": answer.spec.name, "outputs": outputs[0] if single else outputs})
 
 
 async def run_predict(
-    request: Request, service: ModelService, decode: Callable[..., PredictBody]
-) -> tuple[ModelSpec, PredictBody, list[Any]]:
-    """The request path every JSON-instances protocol shares (`/predict`, KServe v1): read
-    the body, `decode` and check it against the spec, queue the instances, await them."""
-    request.state.model = service.labels
-    spec = service.spec  # NotReady (503) while loading, before the body is read
-    timeout_s = deadline_s(request, service.settings.request_timeout_s)
+    request: Request, model: str | None, decode: Callable[[bytes, ModelSpec, int], PredictBody]
+) -> Answer[PredictBody]:
+    """The core's request path for a JSON-instances protocol (`/predict`, KServe v1): the
+    body, decoded by `decode`, through `model`."""
     settings: Settings = request.app.state.settings
-    body = await read_body(request, settings.max_body_bytes)
-    decoder: BodyDecoder = request.app.state.decoder
-    limit = service.settings.max_instances_per_request
-    decoded = await decoder.run(body, decode, spec, limit)
-    trace = request.state.trace = Trace()
-    if service.retired:  # since the request found it: reloaded, or its version unloaded
-        service = _models(request).current(service, None, spec)
-        request.state.model = service.labels
-    outputs = await unless_disconnected(
-        request, service.predict(decoded.instances, timeout_s, trace=trace)
-    )
-    return spec, decoded, outputs
+
+    async def receive() -> Received[bytes]:
+        timeout_s = asked_timeout_s(request)
+        body = await read_body(request, settings.max_body_bytes)
+        return Received(body, timeout_s, len(body))
+
+    path: RequestPath = request.app.state.path
+    wait = functools.partial(unless_disconnected, request)
+    return await path.infer(Call(model), request.state.call, receive, decode, wait)
 
 
 @router.get("/models")

@@ -59,8 +59,8 @@ async def list_models(request: Request) -> Response:
 @router.post("/models/{name}:predict", responses=_ERRORS, openapi_extra=_BODY)
 async def predict(request: Request, name: str) -> Response:
     """The instances through the model: one prediction per instance, in order."""
-    _, _, outputs = await run_predict(request, _models(request).get(name), decode_v1)
-    return json_response({"predictions": outputs})
+    answer = await run_predict(request, name, decode_v1)
+    return json_response({"predictions": answer.rows})
 
 
 @router.get(

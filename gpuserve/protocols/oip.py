@@ -2,7 +2,7 @@
 
 Pure encoding and decoding, no HTTP framework: an infer request body (JSON, or JSON followed by
 raw tensor bytes under the binary tensor data extension) becomes the model's instances, and
-the model's rows become a response body. Every input error is a BadRequest (400).
+the model's rows become a response body. Every input error is a InvalidInput (400).
 
 A request tensor of shape [N, ...] carries N instances; each joins the batcher on its own,
 exactly like the instances of a /predict request. For a model of several inputs, every input
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from gpuserve.core.errors import BadRequest, InferenceError, InvalidInput
+from gpuserve.core.errors import InferenceError, InvalidInput
 from gpuserve.spec import Instance, ModelSpec, TensorSpec, block_to_arrays
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -118,20 +118,21 @@ class InferRequest:
 
 
 def decode_request(
-    body: bytes, header_length: str | None, spec: ModelSpec, limit: int | None = None
+    body: bytes, spec: ModelSpec, limit: int | None = None, header_length: str | None = None
 ) -> InferRequest:
     """Parse and check an infer request against the model's spec.
 
     `limit` bounds the instances (the tensor's first dimension); it is checked on the declared
-    shape, before any data is converted.
+    shape, before any data is converted. `header_length` is the binary extension's
+    Inference-Header-Content-Length: the JSON header's size, the tensors' bytes after it.
     """
     header, binary = _split_body(body, header_length)
     try:
         request = orjson.loads(header)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"the request is not valid JSON: {exc}") from None
+        raise InvalidInput(f"the request is not valid JSON: {exc}") from None
     if not isinstance(request, dict):
-        raise BadRequest("the request must be a JSON object")
+        raise InvalidInput("the request must be a JSON object")
 
     starts = _binary_starts(request.get("inputs"))
     data = memoryview(binary)
@@ -167,7 +168,7 @@ def decode_fields(request: dict[str, Any], spec: ModelSpec, read: TensorReader) 
     parameters = supported(request, _REQUEST_PARAMETERS, "the request")
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
-        raise BadRequest(f"'id' must be a string, not {_json_type(request_id)}")
+        raise InvalidInput(f"'id' must be a string, not {_json_type(request_id)}")
     return InferRequest(
         id=request_id,
         instances=_request_instances(request.get("inputs"), spec, read),
@@ -183,24 +184,24 @@ def _request_instances(inputs: Any, spec: ModelSpec, read: TensorReader) -> list
     names = [t.name for t in wanted]
     takes = f"the model takes {', '.join(map(repr, names))}"
     if not isinstance(inputs, list) or not all(isinstance(t, dict) for t in inputs):
-        raise BadRequest(f"'inputs' must be a list of tensors: {takes}")
+        raise InvalidInput(f"'inputs' must be a list of tensors: {takes}")
     given: dict[str, dict[str, Any]] = {}
     for tensor in inputs:
         name = tensor.get("name")
         if name not in names:
-            raise BadRequest(f"unknown input {name!r}: {takes}")
+            raise InvalidInput(f"unknown input {name!r}: {takes}")
         if name in given:
-            raise BadRequest(f"input {name!r} is given twice")
+            raise InvalidInput(f"input {name!r} is given twice")
         given[name] = tensor
     missing = [name for name in names if name not in given]
     if missing:
-        raise BadRequest(f"missing input {', '.join(map(repr, missing))}: {takes}")
+        raise InvalidInput(f"missing input {', '.join(map(repr, missing))}: {takes}")
     columns = {t.name: _instances(t, read(given[t.name], t)) for t in wanted}
     if spec.input is not None:
         return list(columns[spec.input.name])
     counts = {name: len(column) for name, column in columns.items()}
     if len(set(counts.values())) != 1:
-        raise BadRequest(f"the inputs must hold the same number of instances, not {counts}")
+        raise InvalidInput(f"the inputs must hold the same number of instances, not {counts}")
     return [
         {name: column[i] for name, column in columns.items()}
         for i in range(next(iter(counts.values())))
@@ -217,7 +218,7 @@ def _timeout_s(value: Any) -> float | None:
 def _positive_int(value: Any, what: str, unit: str = "") -> int:
     """`value` if it is a positive JSON integer (not a boolean), else a 400 naming `what`."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise BadRequest(f"{what} must be a positive integer{unit}, not {value!r}")
+        raise InvalidInput(f"{what} must be a positive integer{unit}, not {value!r}")
     return value
 
 
@@ -229,7 +230,7 @@ def supported(owner: dict[str, Any], allowed: frozenset[str], where: str) -> dic
     if unknown:
         names = ", ".join(repr(name) for name in unknown)
         supported = ", ".join(sorted(allowed))
-        raise BadRequest(f"{where}: parameter {names} is not supported (supported: {supported})")
+        raise InvalidInput(f"{where}: parameter {names} is not supported (supported: {supported})")
     return parameters
 
 
@@ -332,7 +333,9 @@ def _classes(array: np.ndarray[Any, Any], count: int, labels: list[str] | None) 
     them (the score with six decimals), over the output's last dimension."""
     if array.ndim != 2:
         shape = list(array.shape[1:])
-        raise BadRequest(f"class_count needs an output of one dimension per instance, not {shape}")
+        raise InvalidInput(
+            f"class_count needs an output of one dimension per instance, not {shape}"
+        )
     count = min(count, array.shape[1])
     # A stable sort of the negated scores: ties keep the lower index first.
     top = np.argsort(-array.astype(np.float64), axis=1, kind="stable")[:, :count]
@@ -360,7 +363,7 @@ def _parameters(owner: dict[str, Any], where: str) -> dict[str, Any]:
     if parameters is None:
         return {}
     if not isinstance(parameters, dict):
-        raise BadRequest(f"{where}: 'parameters' must be an object, not {_json_type(parameters)}")
+        raise InvalidInput(f"{where}: 'parameters' must be an object, not {_json_type(parameters)}")
     return parameters
 
 
@@ -375,7 +378,7 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     # Plain digits only: int() would also take "+10", "1_0" and " 10".
     length = int(header_length) if header_length.isascii() and header_length.isdigit() else -1
     if not 0 < length <= len(body):
-        raise BadRequest(
+        raise InvalidInput(
             f"Inference-Header-Content-Length must be between 1 and the body's {len(body)} "
             f"bytes, not {header_length!r}"
         )
@@ -393,7 +396,7 @@ def _tensor_data(
     if size is not None:
         return _from_bytes(binary, size, declared, shape, count, name)
     if "data" not in tensor:
-        raise BadRequest(f"input {name!r} has neither 'data' nor binary data")
+        raise InvalidInput(f"input {name!r} has neither 'data' nor binary data")
     return _from_values(tensor["data"], shape, count, name, declared)
 
 
@@ -414,7 +417,7 @@ def input_array(
     if raw is not None:
         needed = count * np.dtype(_DATATYPES[declared]).itemsize
         if len(raw) != needed:
-            raise BadRequest(
+            raise InvalidInput(
                 f"input {spec.name!r}: {len(raw)} bytes of raw contents do not fit shape "
                 f"{shape} of {declared} ({needed} bytes)"
             )
@@ -426,20 +429,20 @@ def _instances(spec: TensorSpec, array: np.ndarray[Any, Any]) -> list[np.ndarray
     try:
         return block_to_arrays(array, spec, spec.name)
     except InvalidInput as exc:
-        raise BadRequest(exc.message) from None
+        raise InvalidInput(exc.message) from None
 
 
 def _check_header(spec: TensorSpec, declared: Any, shape: Any, limit: int | None) -> int:
     """The tensor's element count, once its datatype, shape and instance count pass."""
     name = spec.name
     if declared != datatype(spec):
-        raise BadRequest(f"input {name!r}: datatype must be {datatype(spec)}, not {declared!r}")
+        raise InvalidInput(f"input {name!r}: datatype must be {datatype(spec)}, not {declared!r}")
     if not isinstance(shape, list) or not all(
         isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape
     ):
-        raise BadRequest(f"input {name!r}: shape must be a list of sizes, not {shape!r}")
+        raise InvalidInput(f"input {name!r}: shape must be a list of sizes, not {shape!r}")
     if limit is not None and shape and shape[0] > limit:
-        raise BadRequest(f"{shape[0]} instances given, at most {limit} allowed")
+        raise InvalidInput(f"{shape[0]} instances given, at most {limit} allowed")
     # Python's integers, not numpy's: a product of large sizes must not wrap around int64.
     return math.prod(shape)
 
@@ -451,9 +454,9 @@ def _from_values(
         # Strings as Python objects: numpy's own string arrays drop trailing NUL characters.
         array = np.array(values, dtype=object) if declared == "BYTES" else np.asarray(values)
     except (ValueError, OverflowError):
-        raise BadRequest(f"input {name!r}: 'data' is ragged or not numeric") from None
+        raise InvalidInput(f"input {name!r}: 'data' is ragged or not numeric") from None
     if array.size != count:
-        raise BadRequest(f"input {name!r}: shape {shape} needs {count} values, got {array.size}")
+        raise InvalidInput(f"input {name!r}: shape {shape} needs {count} values, got {array.size}")
     return array.reshape(shape)
 
 
@@ -462,14 +465,14 @@ def _from_bytes(
 ) -> np.ndarray[Any, Any]:
     if declared == "BYTES":
         if not isinstance(size, int) or not 0 <= size <= len(binary):
-            raise BadRequest(
+            raise InvalidInput(
                 f"input {name!r}: binary_data_size {size!r} does not fit in the "
                 f"{len(binary)} bytes sent"
             )
         return _strings(binary[:size], shape, count, name, f"{size} bytes of binary data")
     dtype = np.dtype(_DATATYPES[declared])
     if not isinstance(size, int) or size != count * dtype.itemsize or size > len(binary):
-        raise BadRequest(
+        raise InvalidInput(
             f"input {name!r}: binary_data_size {size!r} does not fit shape {shape} of "
             f"{declared} ({count * dtype.itemsize} bytes) in the {len(binary)} bytes sent"
         )
@@ -499,7 +502,7 @@ def _strings(
     else:
         if offset == len(data):
             return elements.reshape(shape)
-    raise BadRequest(
+    raise InvalidInput(
         f"input {name!r}: its {what} are not the {count} BYTES elements of shape {shape} "
         "(each a 4-byte little-endian length, then its bytes)"
     )
@@ -525,16 +528,16 @@ def _output_choices(
     if outputs is None:
         return [OutputChoice(t, default) for t in spec.output_specs]
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
-        raise BadRequest("'outputs' must be a list of objects")
+        raise InvalidInput("'outputs' must be a list of objects")
     by_name = {t.name: t for t in spec.output_specs}
     choices: dict[str, OutputChoice] = {}
     for wanted in outputs:
         name = wanted.get("name")
         if name not in by_name:
             gives = ", ".join(map(repr, by_name))
-            raise BadRequest(f"unknown output {name!r}: the model gives {gives}")
+            raise InvalidInput(f"unknown output {name!r}: the model gives {gives}")
         if name in choices:
-            raise BadRequest(f"output {name!r} is asked for twice")
+            raise InvalidInput(f"output {name!r} is asked for twice")
         own = supported(wanted, _OUTPUT_PARAMETERS, f"output {name!r}")
         binary = own["binary_data"] is True if "binary_data" in own else default
         class_count = None

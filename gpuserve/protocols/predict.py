@@ -1,35 +1,18 @@
-"""Request bodies to instances, and the process that does it for large bodies.
+"""The `/predict` and KServe v1 codecs: a JSON body to checked instances.
 
-Parsing a large JSON body holds the GIL for its whole length: pydantic-core, orjson and numpy
-each turn it into objects in one C call. A thread would not help, and on the event loop a 4 MB
-body stalled every other client for 40-140 ms (`scripts/abuse.py`: a normal client's p99 went
-from 2 to 188 ms beside four bad 4 MB bodies a second). So bodies of `offload_bytes` or more are
-decoded in a separate process, one at a time per process, while the event loop keeps serving;
-small bodies, the common case, are decoded inline, where they cost no hand-off.
-
-The decoders are pure functions of the body and the spec, so they run the same in either place.
+Pure functions of the body, the spec and the instance limit, so that the core may run them
+inline or in a parse process (`core.offload`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import multiprocessing
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from gpuserve.core.errors import InferenceError, InvalidInput, NotReady, describe_validation
+from gpuserve.core.errors import InvalidInput, describe_validation
 from gpuserve.protocols.schemas import PredictRequest, V1PredictRequest
 from gpuserve.spec import Instance, ModelSpec, to_instance, to_instances
-
-logger = logging.getLogger("gpuserve.protocols.predict")
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +21,8 @@ class PredictBody:
 
     instances: list[Instance]
     single: bool
+    # Neither protocol carries a deadline in its body (X-Request-Timeout-Ms is a header).
+    timeout_s: None = None
 
 
 def decode_predict(body: bytes, spec: ModelSpec, limit: int) -> PredictBody:
@@ -73,45 +58,3 @@ _MAX_ERRORS_SHOWN = 5
 def describe(exc: ValidationError) -> str:
     """A validation error in a few words: where and what, for the first few problems."""
     return describe_validation(exc, "body", _MAX_ERRORS_SHOWN)
-
-
-class BodyDecoder:
-    """Runs a decoder inline for a small body, or in a parse process for a large one.
-
-    The processes start on the first large body (spawned fresh: a fork would copy the
-    server's threads and torch state), and `close` stops them.
-    """
-
-    def __init__(self, offload_bytes: int, processes: int) -> None:
-        self.offload_bytes = offload_bytes
-        self.processes = processes
-        self._pool: ProcessPoolExecutor | None = None
-        self._closed = False
-
-    async def run(self, body: bytes, decode: Callable[..., T], *args: Any) -> T:
-        """`decode(body, *args)`, where it costs the event loop least."""
-        if self.processes == 0 or len(body) < self.offload_bytes:
-            return decode(body, *args)
-        if self._closed:
-            raise NotReady("the server is stopping", retry_after_s=5)
-        pool = self._pool = self._pool or self._start()
-        try:
-            return await asyncio.wrap_future(pool.submit(decode, body, *args))
-        except BrokenProcessPool as exc:
-            # A parse process died (killed for its memory, say): start afresh for the others.
-            logger.error("a body parse process died; starting a new one", exc_info=exc)
-            if self._pool is pool:
-                self._pool = None
-            pool.shutdown(wait=False)
-            raise InferenceError("internal error") from exc
-
-    def close(self) -> None:
-        """Stop the parse processes; a large body arriving after this gets 503."""
-        self._closed = True
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
-
-    def _start(self) -> ProcessPoolExecutor:
-        logger.info("starting %d process(es) to parse large bodies", self.processes)
-        return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
