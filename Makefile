@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_MODEL := models/digits.pt2
 CONFIG ?= configs/default.toml
 
-.PHONY: serve test lint typecheck unit bench bench-peers clean
+.PHONY: serve test lint typecheck unit integration bench bench-peers clean
 
 # Serving needs the runtime and the demo's scikit-learn only; the test tools, Ray and the
 # linters come with `make test`.
@@ -36,10 +36,17 @@ lint: $(VENV)/.dev-installed
 typecheck: $(VENV)/.dev-installed
 	$(VENV)/bin/mypy
 
+# The tiers (tests/tiers.py): unit needs no sockets or processes and takes seconds;
+# integration starts real servers, processes and clients on loopback.
 unit: $(VENV)/.dev-installed $(DEMO_MODEL)
-	$(PY) -m pytest
+	$(PY) -m pytest -m unit
 
-test: lint typecheck unit
+integration: $(VENV)/.dev-installed $(DEMO_MODEL)
+	$(PY) -m pytest -m integration
+
+# Everything: the linters, the type check and every tier.
+test: lint typecheck $(DEMO_MODEL)
+	$(PY) -m pytest
 
 # Needs wrk (Debian: apt-get install wrk). bench: the quick load test; bench-peers: the full
 # side-by-side comparison with LitServe and a naive server (about 15 minutes).

@@ -45,8 +45,8 @@ def serve(
     Raises pydantic's ValidationError for a bad setting; exits with status 1, as the
     command does, when the model fails to load.
     """
-    from gpuserve.cli import run
     from gpuserve.logs import configure as configure_logging
+    from gpuserve.server import run
 
     full, loader = configure(model, spec, handler=handler, **settings)
     configure_logging(full.log_level, full.log_format)

@@ -34,6 +34,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from multiprocessing.sharedctypes import SynchronizedArray
 from types import FrameType
 from typing import Any
@@ -84,8 +85,15 @@ def worker_settings(settings: Settings, count: int, grpc_port: int) -> Settings:
     return settings.model_copy(update=update)
 
 
-def supervise(settings: Settings, count: int) -> int:
-    """Run `count` workers until a stop signal, restarting any that dies; the exit status."""
+# What each worker process runs: the one-process server on the supervisor's socket, given
+# the worker's settings, that socket, its peers and whether to wait for its models before
+# accepting connections (a replacement). A module-level function, so spawn can pickle it.
+Target = Callable[[Settings, list[socket.socket], "Peers", bool], None]
+
+
+def supervise(settings: Settings, count: int, target: Target) -> int:
+    """Run `count` workers, each running `target`, until a stop signal, restarting any that
+    dies; the exit status."""
     http = _listen(settings.host, settings.port)
     grpc_holder = _hold_grpc_port(settings) if settings.grpc else None
     grpc_port = grpc_holder.getsockname()[1] if grpc_holder is not None else settings.grpc_port
@@ -97,7 +105,7 @@ def supervise(settings: Settings, count: int) -> int:
     context = multiprocessing.get_context("spawn")
     slots = context.Array("b", count, lock=False)
     share = worker_settings(settings, count, grpc_port)
-    supervisor = _Supervisor(context, share, http, slots, metrics_dir)
+    supervisor = _Supervisor(context, share, target, http, slots, metrics_dir)
     host, port = http.getsockname()[:2]
     logger.info(
         "%d workers serving http://%s:%d%s",
@@ -124,11 +132,13 @@ class _Supervisor:
         self,
         context: Any,
         settings: Settings,
+        target: Target,
         http: socket.socket,
         slots: SynchronizedArray[Any],
         metrics_dir: str,
     ) -> None:
         self._context, self._settings, self._http = context, settings, http
+        self._target = target
         self._slots, self._metrics_dir = slots, metrics_dir
         self._workers: dict[int, Any] = {}  # slot -> multiprocessing.Process
         self._started: dict[int, float] = {}  # slot -> when its process started
@@ -155,7 +165,15 @@ class _Supervisor:
         self._slots[index] = 0
         # A replacement accepts connections only once its models are ready: until then the
         # others serve, rather than it answering 503 "loading" to its share of the traffic.
-        args = (self._settings, self._http, self._slots, index, self._metrics_dir, replacing)
+        args = (
+            self._target,
+            self._settings,
+            self._http,
+            self._slots,
+            index,
+            self._metrics_dir,
+            replacing,
+        )
         process = self._context.Process(
             target=_worker_main,
             args=(*args, os.getpid()),
@@ -290,6 +308,7 @@ def _mark_dead(pid: int | None, metrics_dir: str) -> None:
 
 
 def _worker_main(
+    target: Target,
     settings: Settings,
     http: socket.socket,
     slots: SynchronizedArray[Any],
@@ -305,13 +324,12 @@ def _worker_main(
     _exit_with_parent()
     if os.getppid() != parent:  # the parent died before the line above took effect
         raise SystemExit(1)
-    from gpuserve import cli
     from gpuserve.logs import configure as configure_logging
 
     configure_logging(settings.log_level, settings.log_format, worker=index)
     peers = Peers(slots, index, metrics_dir)
     try:
-        cli.serve_one(settings, sockets=[http], peers=peers, wait_for_models=replacing)
+        target(settings, [http], peers, replacing)
     except SystemExit as exc:
         if exc.code in (None, 0):
             raise

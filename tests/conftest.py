@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from gpuserve.config import ModelSettings
 from gpuserve.model.device import DeviceInfo
 from gpuserve.spec import ModelSpec, TensorSpec
 
+from . import tiers
+
 ROOT = Path(__file__).resolve().parent.parent
 
 CPU = DeviceInfo(device="cpu", kind="cpu", name="test cpu", reason="test")
@@ -27,6 +30,24 @@ CPU = DeviceInfo(device="cpu", kind="cpu", name="test cpu", reason="test")
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test gets its module's tier as a marker (`pytest -m unit`: the fast tier), unless
+    it is marked integration itself."""
+    for item in items:
+        if item.get_closest_marker("integration") is None:
+            item.add_marker(tiers.tier(item.module.__name__ if item.module else ""))
+
+
+@pytest.fixture(autouse=True)
+def _tier_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A unit test that reaches for the network or a process fails, saying so."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+    with tiers.guard(monkeypatch):
+        yield
 
 
 @pytest.fixture(scope="session")

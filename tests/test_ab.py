@@ -68,7 +68,7 @@ def test_each_revision_is_served_from_its_own_checkout(ab: ModuleType, tmp_path:
     assert ab.imported_from(ROOT) == ROOT.resolve()
     tree = ab.checkout("HEAD", tmp_path / "head")
     try:
-        assert (tree / "gpuserve" / "batcher.py").is_file()
+        assert (tree / "gpuserve" / "__init__.py").is_file()
         assert ab.imported_from(tree) == tree.resolve()
     finally:
         ab.remove(tree)

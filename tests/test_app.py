@@ -611,6 +611,7 @@ async def test_expired_requests_leave_the_queue_to_live_ones(fake_model: FakeMod
         assert (await busy).status_code == 200
 
 
+@pytest.mark.integration  # a parse process
 async def test_large_bodies_parsed_in_another_process_get_the_same_answers(
     fake_model: FakeModel,
 ) -> None:

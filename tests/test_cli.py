@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from gpuserve.cli import _warn_if_exposed, main, probe_table
+from gpuserve.cli import main, probe_table
 from gpuserve.config import Settings
 from gpuserve.model.device import DeviceInfo, GpuSample
+from gpuserve.server import _warn_if_exposed
 
 from .conftest import ROOT
 

@@ -101,11 +101,11 @@ def test_the_exported_file_is_served_and_answers_as_the_readme_says(workdir: Pat
         wait_ready(server.url)
         answer = curl(server, predict)
         assert answer.status_code == 200, answer.text
-        # What the README prints, to float32's last digits: the same forward pass may round
-        # its last bit differently from one run to another (seen in one run in ten or so, the
-        # CPU's matrix kernels choosing another path), so the digits are compared as floats.
+        # What the README prints, to float32's last digits: the CPU's matrix kernels sum in
+        # an order that depends on the machine (one CPU gave 0.0738385 where the README's
+        # printed 0.07383847), so the digits are compared as floats, as against torch below.
         assert answer.json()["model"] == printed["model"]
-        np.testing.assert_allclose(answer.json()["outputs"], printed["outputs"], rtol=2e-7)
+        np.testing.assert_allclose(answer.json()["outputs"], printed["outputs"], rtol=1e-6)
         x = torch.arange(10, dtype=torch.float32)[None]
         expected = module_of(workdir / "mymodel.pt2")(x).detach().numpy()[0]
         np.testing.assert_allclose(answer.json()["outputs"], expected, rtol=1e-6)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from gpuserve.core.errors import InvalidInput, ModelLoadError
+from gpuserve.protocols.status import Protocol, http_status
 from gpuserve.spec import (
     ModelSpec,
     TensorSpec,
@@ -54,7 +55,7 @@ def test_invalid_instances_name_the_field_and_the_expected_shape(value: Any, mes
         to_array(value, PIXELS, "instances[2]")
     assert caught.value.message.startswith("instances[2]: ")
     assert message in caught.value.message
-    assert caught.value.status_code == 422
+    assert http_status(caught.value.kind, Protocol.PREDICT) == 422
 
 
 def test_float_values_that_overflow_a_narrow_dtype_are_rejected() -> None:

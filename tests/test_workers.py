@@ -20,10 +20,10 @@ import tritonclient.grpc as triton_grpc
 from prometheus_client import multiprocess
 from sklearn.datasets import load_digits
 
-from gpuserve.cli import run
 from gpuserve.config import ModelSettings, Settings, available_cores
 from gpuserve.core.metrics import Metrics
 from gpuserve.http import create_app
+from gpuserve.server import run
 from gpuserve.workers import restart_pause, worker_settings
 
 from .conftest import ServerProcess
