@@ -14,7 +14,7 @@ from gpuserve.api import configure
 from gpuserve.handler import Handler
 from gpuserve.http import create_app
 
-from .test_app import serving
+from .helpers import serving
 
 pytestmark = pytest.mark.anyio
 

@@ -6,14 +6,12 @@ import asyncio
 import re
 import threading
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
 import pytest
-from fastapi import FastAPI
 
 from gpuserve.config import ModelSettings, Settings, available_cores
 from gpuserve.core.errors import InferenceError, ModelLoadError
@@ -21,31 +19,20 @@ from gpuserve.core.progress import open_counted
 from gpuserve.http import create_app
 from gpuserve.model.device import DeviceInfo, passes_share_cores
 
-from .conftest import CPU, FAKE_SPEC, FakeModel, fake_loader, predict_scope
+from .helpers import (
+    CPU,
+    FAKE_SPEC,
+    SETTINGS,
+    FakeModel,
+    fake_loader,
+    predict_scope,
+    serving,
+    wait_for_status,
+)
 
 pytestmark = pytest.mark.anyio
 
 JSON = {"content-type": "application/json"}
-SETTINGS = Settings(device="cpu", model=ModelSettings(max_instances_per_request=8, freeze_gc=False))
-
-
-@asynccontextmanager
-async def serving(app: FastAPI, wait_ready: bool = True) -> AsyncIterator[httpx.AsyncClient]:
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gpuserve") as client:
-            if wait_ready:
-                await wait_for_status(client, "ready")
-            yield client
-
-
-async def wait_for_status(client: httpx.AsyncClient, status: str) -> dict[str, Any]:
-    with anyio.fail_after(10):
-        while True:
-            body: dict[str, Any] = (await client.get("/health/ready")).json()
-            if body["status"] == status:
-                return body
-            await asyncio.sleep(0.01)
 
 
 @pytest.fixture

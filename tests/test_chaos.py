@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .test_socket import faulty_server, raw_connection, wait_ready
+from .helpers import faulty_server, raw_connection, wait_ready
 
 CHAOS_S = 8.0
 NORMAL_CLIENTS = 4

@@ -14,7 +14,7 @@ from gpuserve.config import Settings
 from gpuserve.model.device import DeviceInfo, GpuSample
 from gpuserve.server import _warn_if_exposed
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 
 def gpuserve(*args: str) -> subprocess.CompletedProcess[str]:

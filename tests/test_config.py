@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from gpuserve.config import ModelSettings, Settings, describe_error
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 
 @pytest.fixture
@@ -188,14 +188,15 @@ def test_versions_of_one_name_are_unique_and_a_default_version_must_exist() -> N
         ModelSettings(name="m", version=0)
 
 
-def test_every_setting_is_in_the_readme_and_the_default_config() -> None:
+def test_every_setting_is_in_the_reference_and_the_default_config() -> None:
     """The settings reference cannot drift from the settings class: a new field fails here until
-    README's table and configs/default.toml (a key, or a commented example) both list it."""
+    docs/configuration.md's table and configs/default.toml (a key, or a commented example)
+    both list it."""
     import re
 
     from gpuserve.config import RaySettings
 
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "configuration.md").read_text()
     default_toml = (ROOT / "configs" / "default.toml").read_text()
     ray_toml = (ROOT / "configs" / "ray.toml").read_text()
     structural = {"config_file", "model", "models", "ray"}  # sections, not values
@@ -209,7 +210,7 @@ def test_every_setting_is_in_the_readme_and_the_default_config() -> None:
             in_readme = f"`{prefix}{name}`" in readme
             in_config = re.search(rf"^#?\s*{name}\s*=", config, re.M) is not None
             if not (in_readme and in_config):
-                missing.append(f"{prefix}{name}: README {in_readme}, config {in_config}")
+                missing.append(f"{prefix}{name}: reference {in_readme}, config {in_config}")
     assert not missing, missing
 
 

@@ -91,7 +91,7 @@ async def test_the_docs_routes_are_counted_under_their_own_paths_and_unknown_one
     from gpuserve.config import ModelSettings, Settings
     from gpuserve.http import create_app
 
-    from .conftest import FAKE_SPEC, FakeModel, fake_loader
+    from .helpers import FAKE_SPEC, FakeModel, fake_loader
     from .test_app import serving
 
     settings = Settings(device="cpu", model=ModelSettings(freeze_gc=False))

@@ -16,7 +16,7 @@ from gpuserve.core.offload import BodyDecoder
 from gpuserve.protocols.predict import decode_predict, describe
 from gpuserve.protocols.schemas import PredictRequest
 
-from .conftest import FAKE_SPEC
+from .helpers import FAKE_SPEC
 
 pytestmark = pytest.mark.anyio
 

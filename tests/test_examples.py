@@ -21,9 +21,7 @@ from gpuserve.config import Settings
 from gpuserve.handler import softmax
 from gpuserve.http import create_app
 
-from .conftest import ROOT, ServerProcess
-from .test_app import serving
-from .test_socket import wait_ready
+from .helpers import ROOT, ServerProcess, serving, wait_ready
 
 pytestmark = pytest.mark.anyio
 

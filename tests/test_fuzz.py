@@ -24,8 +24,7 @@ import httpx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from .conftest import ServerProcess
-from .test_socket import wait_ready
+from .helpers import ServerProcess, wait_ready
 
 
 def test_the_api_survives_schemathesis_with_every_check(demo_model: Path, tmp_path: Path) -> None:

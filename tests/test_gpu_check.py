@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 
 def test_the_gpu_check_runs_on_the_cpu_and_skips_only_what_needs_cuda(tmp_path: Path) -> None:

@@ -11,8 +11,7 @@ import pytest
 
 from gpuserve.config import Settings
 
-from .conftest import FakeModel, fake_loader
-from .test_v2_grpc import FAKE, KEY, both
+from .helpers import FAKE, KEY, FakeModel, both, fake_loader
 
 pytestmark = pytest.mark.anyio
 

@@ -18,7 +18,7 @@ from gpuserve.core.errors import InferenceError, ModelLoadError
 from gpuserve.handler import Handler, Padded, choose_batch_size
 from gpuserve.spec import ModelSpec, TensorSpec
 
-from .conftest import CPU
+from .helpers import CPU
 
 
 class Linear(torch.nn.Module):

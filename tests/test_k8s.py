@@ -12,7 +12,7 @@ import yaml
 
 from gpuserve.config import Settings
 
-from .conftest import ROOT
+from .helpers import ROOT
 
 MANIFESTS = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
 

@@ -19,8 +19,7 @@ from gpuserve.config import ModelSettings, Settings
 from gpuserve.http import create_app
 from gpuserve.http.lane import GpuserveAPI, LaneRoute, match
 
-from .conftest import FAKE_SPEC, FakeModel, fake_loader, predict_scope
-from .test_app import SETTINGS, serving
+from .helpers import FAKE_SPEC, SETTINGS, FakeModel, fake_loader, predict_scope, serving
 
 pytestmark = pytest.mark.anyio
 

@@ -14,7 +14,7 @@ from gpuserve.core.errors import ModelLoadError
 from gpuserve.model.loading import load_model
 from gpuserve.spec import ModelSpec, TensorSpec
 
-from .conftest import CPU
+from .helpers import CPU
 
 SPEC = ModelSpec(
     name="double",

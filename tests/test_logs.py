@@ -14,8 +14,7 @@ from gpuserve.config import Settings
 from gpuserve.http import create_app
 from gpuserve.logs import JsonFormatter, TextFormatter, access, configure, escape
 
-from .conftest import FakeModel, fake_loader
-from .test_app import SETTINGS, serving
+from .helpers import SETTINGS, FakeModel, fake_loader, serving
 
 
 @pytest.fixture

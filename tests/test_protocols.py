@@ -17,8 +17,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from gpuserve.config import ModelSettings, Settings
 
-from .conftest import FAKE_SPEC, FakeModel, fake_loader
-from .test_v2_grpc import Both, both
+from .helpers import FAKE_SPEC, Both, FakeModel, both, fake_loader
 
 pytestmark = pytest.mark.anyio
 

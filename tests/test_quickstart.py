@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from .conftest import ROOT, ServerProcess
-from .test_socket import wait_ready
+from .helpers import ROOT, ServerProcess, wait_ready
 
 README = (ROOT / "README.md").read_text()
 GPUSERVE = [sys.executable, "-m", "gpuserve"]

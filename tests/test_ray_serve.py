@@ -22,7 +22,7 @@ from sklearn.datasets import load_digits
 from gpuserve.config import ModelSettings, RaySettings, Settings
 from gpuserve.model.loading import load_model
 
-from .conftest import CPU, ROOT
+from .helpers import CPU, ROOT
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")

@@ -18,8 +18,7 @@ from gpuserve.http import create_app
 from gpuserve.model.device import DeviceInfo
 from gpuserve.spec import ModelSpec, TensorSpec
 
-from .conftest import FAKE_SPEC, FakeModel
-from .test_app import serving, wait_for_status
+from .helpers import FAKE_SPEC, FakeModel, serving, wait_for_status
 
 pytestmark = pytest.mark.anyio
 

@@ -20,9 +20,7 @@ import tritonclient.http as triton
 from gpuserve.config import ModelSettings, Settings
 from gpuserve.http import create_app
 
-from .conftest import ServerProcess
-from .test_app import serving
-from .test_socket import wait_ready
+from .helpers import ServerProcess, serving, wait_ready
 
 pytestmark = pytest.mark.anyio
 

@@ -16,7 +16,7 @@ from gpuserve.core.metrics import Metrics
 from gpuserve.core.service import ModelService
 from gpuserve.model.device import DeviceInfo
 
-from .conftest import CPU, FAKE_SPEC, FakeModel, fake_loader
+from .helpers import CPU, FAKE_SPEC, FakeModel, fake_loader
 
 pytestmark = pytest.mark.anyio
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import re
 import signal
@@ -10,27 +9,25 @@ import socket
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from sklearn.datasets import load_digits
 
-from .conftest import ServerProcess
+from .helpers import (
+    ONE,
+    ServerProcess,
+    faulty_server,
+    metric,
+    raw_connection,
+    read_all,
+    send_all,
+    sigterm_with_requests_in_flight,
+    slow_server,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.anyio
-
-
-def wait_ready(url: str) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health/ready").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("server never became ready")
 
 
 def batch_counts(metrics_text: str) -> tuple[float, float]:
@@ -41,46 +38,11 @@ def batch_counts(metrics_text: str) -> tuple[float, float]:
     return float(ones.group(1)), float(total.group(1))
 
 
-def send_all(url: str, bodies: list[bytes]) -> list[http.client.HTTPConnection]:
-    """Each body on its own connection, all sent before any answer is read.
-
-    A Python client that sends and awaits in turn is slower than this server, so its requests
-    may never overlap; this way they reach the server together, as many clients' would.
-    """
-    address = urlsplit(url)
-    connections = [
-        http.client.HTTPConnection(address.hostname or "", address.port, timeout=60) for _ in bodies
-    ]
-    for connection in connections:
-        connection.connect()
-    for connection, body in zip(connections, bodies, strict=True):
-        connection.request("POST", "/predict", body, {"content-type": "application/json"})
-    return connections
-
-
-def read_all(connections: list[http.client.HTTPConnection]) -> list[tuple[int, dict[str, Any]]]:
-    answers = []
-    for connection in connections:
-        response = connection.getresponse()
-        answers.append((response.status, json.loads(response.read())))
-        connection.close()
-    return answers
-
-
 def burst(url: str, images: list[list[float]]) -> list[dict[str, Any]]:
     bodies = [json.dumps({"inputs": image}).encode() for image in images]
     answers = read_all(send_all(url, bodies))
     assert [status for status, _ in answers] == [200] * len(images)
     return [body["outputs"] for _, body in answers]
-
-
-def metric(url: str, name: str) -> float:
-    """One sample from /metrics, by its full name with labels; 0 if absent."""
-    text = httpx.get(f"{url}/metrics").text
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 async def test_64_concurrent_clients_get_their_own_answers_batched(demo_model: Path) -> None:
@@ -120,16 +82,6 @@ async def test_64_concurrent_clients_get_their_own_answers_batched(demo_model: P
         assert server.stop() == 0
 
 
-ONE = json.dumps({"inputs": [1.0] * 64}).encode()
-SLOW_ENV = {"OMP_NUM_THREADS": "1", "GPUSERVE_MODEL__MAX_WAIT_MS": "1"}
-
-
-def slow_server(model: Path, **settings: str) -> ServerProcess:
-    env = {**SLOW_ENV, "GPUSERVE_MODEL__PATH": str(model)}
-    env.update({f"GPUSERVE_{key.upper()}": value for key, value in settings.items()})
-    return ServerProcess("--device", "cpu", env=env)
-
-
 def test_a_flood_of_10x_the_queue_gets_200_or_503_and_the_server_stays_healthy(
     slow_model: Path,
 ) -> None:
@@ -149,22 +101,6 @@ def test_a_flood_of_10x_the_queue_gets_200_or_503_and_the_server_stays_healthy(
         good = httpx.post(f"{server.url}/predict", content=ONE, timeout=30)
         assert good.status_code == 200
         assert server.stop() == 0
-
-
-def sigterm_with_requests_in_flight(server: ServerProcess, count: int) -> None:
-    """Send `count` requests, wait until the server holds them all, SIGTERM it, and check
-    every one is answered 200."""
-    wait_ready(server.url)
-    connections = send_all(server.url, [ONE] * count)
-    deadline = time.monotonic() + 30
-    # The metrics request itself is in flight too, hence one more.
-    while metric(server.url, "gpuserve_requests_in_flight") < count + 1:
-        assert time.monotonic() < deadline, "the requests never all arrived"
-        time.sleep(0.01)
-    assert server.process is not None
-    server.process.send_signal(signal.SIGTERM)
-    answers = read_all(connections)
-    assert [status for status, _ in answers] == [200] * count
 
 
 def test_sigterm_answers_every_request_in_flight_then_exits_0(slow_model: Path) -> None:
@@ -199,35 +135,7 @@ def test_a_client_that_hangs_up_while_queued_costs_no_forward_pass(slow_model: P
         assert metric(server.url, 'gpuserve_batch_size_sum{model="slow",version="1"}') == 2
 
 
-FAULTY_CONFIG = """
-device = "cpu"
-shutdown_timeout_s = {shutdown}
-header_timeout_s = {header}
-max_connections = {connections}
-[model]
-name = "faulty"
-factory = "faulty_model:build"
-code_dir = "{code_dir}"
-max_batch_size = 8
-tune_batch_size = false
-forward_timeout_s = 60
-freeze_gc = false
-spec = {{ input = {{ name = "x", shape = [4] }}, output = {{ name = "y", shape = [1] }} }}
-"""
 HANG = json.dumps({"inputs": [21, 0, 0, 0]}).encode()
-
-
-def faulty_server(
-    tmp_path: Path, shutdown: float = 30, header: float = 10, connections: int = 2048
-) -> ServerProcess:
-    config = tmp_path / "faulty.toml"
-    code_dir = Path(__file__).parent / "models"
-    config.write_text(
-        FAULTY_CONFIG.format(
-            shutdown=shutdown, header=header, connections=connections, code_dir=code_dir
-        )
-    )
-    return ServerProcess("--config", str(config))
 
 
 def small(value: float) -> bytes:
@@ -285,11 +193,6 @@ def test_a_second_signal_answers_everyone_at_once_and_exits_0(tmp_path: Path) ->
     assert [status for status, _ in answers] == [503] * 4
     assert code == 0
     assert took < 30  # well inside the 60 s drain the first signal allowed
-
-
-def raw_connection(url: str) -> socket.socket:
-    address = urlsplit(url)
-    return socket.create_connection((address.hostname or "", address.port or 0), timeout=30)
 
 
 def closed_by_server(sock: socket.socket) -> bool:

@@ -22,7 +22,7 @@ from gpuserve.model.sources import (
     spec_from_program,
 )
 
-from .conftest import CPU as CPU_INFO
+from .helpers import CPU as CPU_INFO
 
 CPU = torch.device("cpu")
 _modules = itertools.count()

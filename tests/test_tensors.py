@@ -24,10 +24,7 @@ from gpuserve.model.device import DeviceInfo
 from gpuserve.model.sources import load_program, spec_from_program
 from gpuserve.spec import ModelSpec, TensorSpec
 
-from .conftest import ServerProcess
-from .test_app import serving
-from .test_socket import wait_ready
-from .test_v2_grpc import both
+from .helpers import ServerProcess, both, serving, wait_ready
 
 pytestmark = pytest.mark.anyio
 

@@ -16,8 +16,7 @@ from gpuserve.config import ModelSettings, Settings
 from gpuserve.http import create_app
 from gpuserve.model.device import DeviceInfo
 
-from .conftest import FakeModel
-from .test_app import SETTINGS, serving
+from .helpers import SETTINGS, FakeModel, serving
 
 pytestmark = pytest.mark.anyio
 
@@ -72,7 +71,7 @@ async def test_a_bad_body_is_a_422_that_names_the_problem(
 
 
 async def test_the_root_is_kserve_v1_liveness_and_needs_no_key(fake_model: FakeModel) -> None:
-    from .conftest import fake_loader
+    from .helpers import fake_loader
 
     settings = Settings(device="cpu", api_keys=["a-key-of-sixteen-chars"])
     async with serving(create_app(settings, loader=fake_loader(fake_model))) as client:

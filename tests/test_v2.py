@@ -22,9 +22,7 @@ from gpuserve.config import ModelSettings, Settings
 from gpuserve.handler import softmax
 from gpuserve.http import create_app
 
-from .conftest import ServerProcess
-from .test_app import serving
-from .test_socket import wait_ready
+from .helpers import ServerProcess, serving, wait_ready
 
 pytestmark = pytest.mark.anyio
 

@@ -13,8 +13,6 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,50 +24,31 @@ import pytest
 import tritonclient.grpc.aio as triton
 from sklearn.datasets import load_digits
 from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
 from gpuserve.config import ModelSettings, Settings
 from gpuserve.core.errors import DeadlineExceeded, InvalidInput, NotReady, Overloaded, Unauthorized
-from gpuserve.grpc.server import GrpcServer, status_of
+from gpuserve.grpc.server import status_of
 from gpuserve.handler import softmax
-from gpuserve.http import create_app
 
-from .conftest import FAKE_SPEC, FakeModel, ServerProcess, fake_loader
-from .test_app import serving
-from .test_socket import ONE, metric, read_all, send_all, slow_server, wait_ready
+from .helpers import (
+    FAKE,
+    FAKE_SPEC,
+    KEY,
+    ONE,
+    Both,
+    FakeModel,
+    ServerProcess,
+    both,
+    fake_loader,
+    metric,
+    read_all,
+    send_all,
+    slow_server,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.anyio
-
-KEY = "grpc-test-key-0123456789"
-FAKE = ModelSettings(name="fake", freeze_gc=False)
-
-
-@dataclass
-class Both:
-    """One server, reached over HTTP (in-process) and over gRPC (a real socket)."""
-
-    http: httpx.AsyncClient
-    grpc: triton.InferenceServerClient
-    stub: pb_grpc.GRPCInferenceServiceStub
-    url: str
-
-
-@asynccontextmanager
-async def both(settings: Settings, **app_args: Any) -> AsyncIterator[Both]:
-    app = create_app(settings, **app_args)
-    async with serving(app) as http:
-        server = GrpcServer(settings, app.state.models, app.state.metrics)
-        port = await server.start("127.0.0.1", 0)
-        url = f"127.0.0.1:{port}"
-        client = triton.InferenceServerClient(url)
-        channel = grpc.aio.insecure_channel(url)
-        try:
-            yield Both(http, client, pb_grpc.GRPCInferenceServiceStub(channel), url)
-        finally:
-            await client.close()
-            await channel.close()
-            await server.stop(1)
 
 
 @pytest.fixture

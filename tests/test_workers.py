@@ -26,13 +26,13 @@ from gpuserve.http import create_app
 from gpuserve.server import run
 from gpuserve.workers import restart_pause, worker_settings
 
-from .conftest import ServerProcess
-from .test_app import serving
-from .test_socket import (
+from .helpers import (
     ONE,
+    ServerProcess,
     metric,
     read_all,
     send_all,
+    serving,
     sigterm_with_requests_in_flight,
     slow_server,
     wait_ready,
