@@ -24,7 +24,7 @@ _OPEN_PATHS = frozenset(
 # Where a request's CallRecord lies in its scope's state (`request.state.call`).
 CALL = "call"
 
-logger = logging.getLogger("gpuserve.app")
+logger = logging.getLogger("gpuserve.http")
 
 
 class RequestContext:
