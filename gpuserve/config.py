@@ -130,6 +130,12 @@ class ModelSettings(BaseModel):
         "batch's pass took: full batches rather than halves under a steady crowd. False: "
         "dispatch at once, for independent arrivals where the hold only adds wait.",
     )
+    completion_thread: bool = Field(
+        default=True,
+        description="On a GPU, a thread of its own waits for each batch's output and answers "
+        "it, while the model's worker goes on launching the next batch (up to three in "
+        "flight). False: the worker waits for each output itself.",
+    )
     max_instances_per_request: int = Field(default=1024, ge=1)
     max_queue_size: int = Field(
         default=2048,

@@ -73,6 +73,18 @@ class Prepared(NamedTuple):
     size: int
 
 
+class Launched(NamedTuple):
+    """A batch whose forward pass is launched: its output (on the host once `done` fires),
+    the reader of its non-finite rows, its real size, and each instance's lengths for a
+    per-position output."""
+
+    output: Any
+    done: Any  # torch.cuda.Event on CUDA, None on the CPU
+    read_broken: Callable[[], list[int]]
+    size: int
+    lengths: list[tuple[int, ...]] | None
+
+
 logger = logging.getLogger("gpuserve.model.loading")
 
 # How cuBLAS and cuDNN word a failed allocation.
@@ -162,8 +174,21 @@ class Handler:
                 copied.record(self._copy_stream)
             return Prepared(batch, copied, size)
 
+    @property
+    def pipelined(self) -> bool:
+        """Whether the batcher may split `run` into `launch` and `complete` on two threads:
+        on a GPU (unless `completion_thread` is off), where waiting for one batch's output
+        would keep the next batch from being launched."""
+        return self._compute_stream is not None and self.settings.completion_thread
+
     def run(self, prepared: Prepared) -> list[Any]:
         """Second stage: wait for the copy, run the forward pass, bring the rows back."""
+        return self.complete(self.launch(prepared))
+
+    def launch(self, prepared: Prepared) -> Launched:
+        """Wait (on the device) for the copy, run the forward pass and start the output's
+        copy to the host, without waiting for it: on a GPU, into pinned memory on the compute
+        stream, with an event that fires when it is there."""
         self.use_device()
         with torch.inference_mode(), self._on_compute_stream():
             batch = self._arrived(prepared)
@@ -179,11 +204,25 @@ class Handler:
                 read_broken = _non_finite_rows(output, mask, prepared.size)
             else:
                 read_broken = _non_finite_in_any(tensors_of(output), prepared.size)
-            rows = self.split(output)[: prepared.size]
-            broken = read_broken()
-        if per_position:
+            done = None
+            if self._compute_stream is not None:
+                output = _to_host(output)
+                done = torch.cuda.Event()
+                done.record(self._compute_stream)
+        lengths = batch.lengths if per_position else None
+        return Launched(output, done, read_broken, prepared.size, lengths)
+
+    def complete(self, launched: Launched) -> list[Any]:
+        """Wait for a launched batch's output to reach the host, and cut it into rows; a row
+        whose output holds NaN or infinity becomes that instance's error."""
+        if launched.done is not None:
+            launched.done.synchronize()
+        with torch.inference_mode():
+            rows = self.split(launched.output)[: launched.size]
+            broken = launched.read_broken()
+        if launched.lengths is not None:
             # A per-position output (one row per token): cut each back to its own length.
-            rows = [row[: lengths[0]] for row, lengths in zip(rows, batch.lengths, strict=True)]
+            rows = [row[: length[0]] for row, length in zip(rows, launched.lengths, strict=True)]
         for index in broken:
             # JSON has no NaN: it would be served as null, with a label chosen from garbage.
             rows[index] = InferenceError("the model's output for this input is NaN or infinite")
@@ -607,6 +646,20 @@ class Handler:
             self._to_device(mask_host, torch.bool),
             lengths,
         )
+
+
+def _to_host(output: Any) -> Any:
+    """A model's output with each device tensor's copy to the host started, not awaited:
+    `non_blocking` from CUDA lands in pinned memory, on the current stream."""
+    if isinstance(output, torch.Tensor):
+        return output.to("cpu", non_blocking=True) if output.device.type != "cpu" else output
+    if isinstance(output, dict):
+        return {key: _to_host(value) for key, value in output.items()}
+    if isinstance(output, tuple) and hasattr(output, "_fields"):  # a named tuple
+        return type(output)(*(_to_host(value) for value in output))
+    if isinstance(output, (tuple, list)):
+        return type(output)(_to_host(value) for value in output)
+    return output
 
 
 def tensors_of(output: Any) -> list[Any]:

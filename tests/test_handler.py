@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import warnings
@@ -316,6 +317,34 @@ def test_prepare_then_run_is_the_whole_batch_path() -> None:
     np.testing.assert_array_equal(handler.run(prepared), handler(batch))
 
 
+def test_launch_then_complete_is_run_and_a_cpu_model_is_not_pipelined() -> None:
+    handler = make(Linear().eval())
+    batch = instances(3)
+    launched = handler.launch(handler.prepare(batch))
+    assert launched.done is None and launched.size == 3  # the CPU: nothing to wait for
+    np.testing.assert_array_equal(handler.complete(launched), handler(batch))
+    assert not handler.pipelined
+
+
+def test_a_non_finite_row_is_its_own_error_after_completion() -> None:
+    handler = make(Linear().eval())
+    handler.module = lambda x: torch.where(x[:, :1] > 100, float("nan"), 1.0).expand(-1, 3)
+    batch = [np.zeros(4, np.float32), np.full(4, 1000, np.float32)]
+    good, bad = handler.complete(handler.launch(handler.prepare(batch)))
+    assert list(good) == [1.0, 1.0, 1.0]
+    assert isinstance(bad, InferenceError) and "NaN" in bad.message
+
+
+def test_outputs_keep_their_shape_on_the_way_to_the_host() -> None:
+    Pair = collections.namedtuple("Pair", "a b")
+    tensor = torch.ones(2)
+    assert handler_module._to_host(tensor) is tensor  # on the host already: no copy
+    assert handler_module._to_host({"x": tensor})["x"] is tensor
+    assert handler_module._to_host((tensor, [tensor]))[1][0] is tensor
+    pair = handler_module._to_host(Pair(tensor, 3))
+    assert isinstance(pair, Pair) and pair.b == 3
+
+
 def test_on_cuda_the_copy_and_the_forward_run_on_this_copys_own_streams(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -332,6 +361,9 @@ def test_on_cuda_the_copy_and_the_forward_run_on_this_copys_own_streams(
     class Event:
         def record(self, stream: Stream) -> None:
             calls.append(f"copy recorded on {stream.name}")
+
+        def synchronize(self) -> None:
+            calls.append("the output's copy waited for")
 
     @contextlib.contextmanager
     def on_stream(stream: Stream) -> Iterator[None]:
@@ -367,7 +399,14 @@ def test_on_cuda_the_copy_and_the_forward_run_on_this_copys_own_streams(
         "compute waits for the copy",
         "kept",
         "forward on compute",
+        # The output's copy to the host is started on the compute stream, and waited for
+        # (by the completion thread, when pipelined) only once it is recorded there.
+        "copy recorded on compute",
+        "the output's copy waited for",
     ]
+    assert handler.pipelined  # a GPU copy: the batcher may complete it on another thread
+    handler.settings = handler.settings.model_copy(update={"completion_thread": False})
+    assert not handler.pipelined
 
 
 def test_each_stage_makes_the_models_gpu_current_in_its_thread(

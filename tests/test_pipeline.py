@@ -6,6 +6,7 @@ flight, the busy share against the synchronous path's ceiling in the same run), 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -46,19 +47,18 @@ async def drive(model: EmulatedModel) -> float:
     return model.stream.busy_s / elapsed
 
 
-async def test_the_completion_stage_keeps_the_device_busier_than_the_synchronous_ceiling() -> (
-    None
-):
-    synchronous = EmulatedModel(LAUNCH_S, KERNEL_S, pipelined=False)
-    pipelined = EmulatedModel(LAUNCH_S, KERNEL_S, pipelined=True)
-    busy_sync = await drive(synchronous)
-    busy_pipe = await drive(pipelined)
+async def test_the_completion_stage_keeps_the_device_busier_than_the_synchronous_path() -> None:
+    # Alternating, so that a busy stretch of the machine falls on both sides alike.
+    busy_sync = busy_pipe = 0.0
+    for _ in range(2):
+        busy_sync += await drive(EmulatedModel(LAUNCH_S, KERNEL_S, pipelined=False))
+        busy_pipe += await drive(EmulatedModel(LAUNCH_S, KERNEL_S, pipelined=True))
     ceiling = KERNEL_S / (LAUNCH_S + KERNEL_S)  # 0.5: what waiting on each batch allows
     # The synchronous path cannot pass its ceiling (a little slack for rounding only).
-    assert busy_sync <= ceiling * 1.05, busy_sync
-    # The completion stage must clear it by a wide margin, not by noise.
-    assert busy_pipe >= ceiling * 1.3, (busy_pipe, busy_sync)
-    assert busy_pipe >= busy_sync * 1.3, (busy_pipe, busy_sync)
+    assert busy_sync / 2 <= ceiling * 1.05, busy_sync / 2
+    # The completion stage keeps the device busier by a wide margin, not by noise: about
+    # 0.9 against 0.48 on an idle machine, 0.42 against 0.28 beside two busy loops.
+    assert busy_pipe >= busy_sync * 1.25, (busy_pipe / 2, busy_sync / 2)
 
 
 async def test_the_launching_thread_never_waits_for_an_output() -> None:
@@ -78,3 +78,60 @@ async def test_the_synchronous_path_waits_once_per_batch_on_the_launching_thread
     (launcher,) = model.launchers
     assert model.syncs == {launcher: model.batches}
     assert model.most_in_flight == 1
+
+
+class Poisoned(EmulatedModel):
+    """Fails any batch holding the poison item, at launch or at completion."""
+
+    def __init__(self, fail_at: str) -> None:
+        super().__init__(0.0005, 0.0005, pipelined=True)
+        self.fail_at = fail_at
+
+    def launch(self, prepared: list[Any]) -> Any:
+        if self.fail_at == "launch" and POISON in prepared:
+            raise ValueError("poison at launch")
+        return super().launch(prepared)
+
+    def complete(self, launched: Any) -> list[Any]:
+        rows = super().complete(launched)
+        if self.fail_at == "complete" and POISON * 2 in rows:
+            raise ValueError("poison at completion")
+        return rows
+
+
+POISON = 13
+
+
+@pytest.mark.parametrize("fail_at", ["launch", "complete"])
+async def test_a_failing_item_fails_alone_whichever_stage_raises(fail_at: str) -> None:
+    model = Poisoned(fail_at)
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        model, max_batch_size=8, max_wait_s=0.05, hold_for_callers=False, name="poisoned"
+    )
+    await batcher.start()
+    try:
+        items = [1, 2, POISON, 4, 5, 6, 7, 8]
+        futures = batcher.submit_many(items)
+        results = await asyncio.gather(*futures, return_exceptions=True)
+    finally:
+        await batcher.stop()
+    assert [r for r in results if isinstance(r, BaseException)] != []
+    for item, result in zip(items, results, strict=True):
+        if item == POISON:
+            assert isinstance(result, ValueError), result
+        else:
+            assert result == item * 2
+
+
+async def test_stopping_answers_every_launched_batch() -> None:
+    model = EmulatedModel(0.001, 0.02, pipelined=True)  # slow kernels: batches pile up
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        model, max_batch_size=2, max_wait_s=0.0, hold_for_callers=False, name="stopping"
+    )
+    await batcher.start()
+    futures = [batcher.submit(i) for i in range(12)]
+    await asyncio.sleep(0.01)
+    await batcher.stop(timeout_s=5.0)
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert results == [i * 2 for i in range(12)]
+    assert model.most_in_flight >= 2

@@ -23,6 +23,11 @@ How a batch forms:
   device overlap the running forward pass.
 - With `bucket_of`, a batch only holds items of the oldest waiting item's bucket (for example
   sequences of similar length); the others keep their place in the queue.
+- A worker that is `pipelined` (a model on a GPU) splits its run into `launch` and
+  `complete`: its thread launches a batch and goes on to the next, and a completion thread
+  waits for each launched batch's output and resolves it. The device is fed while earlier
+  batches finish; up to three of a worker's batches are in flight (two launched, one
+  waiting to launch).
 
 When things go wrong:
 - The queue is bounded (`max_queue_size`): a submit past it raises `Overloaded` at once.
@@ -67,6 +72,8 @@ logger = logging.getLogger("gpuserve.core.batcher")
 
 # One batch runs while the next one waits, ready, in the worker's queue.
 _MAX_BATCHES_IN_FLIGHT = 2
+# A pipelined worker: two launched (one computing, one queued on the device) and one waiting.
+_MAX_PIPELINED_IN_FLIGHT = 3
 
 
 def is_memory_error(exc: BaseException) -> bool:
@@ -230,8 +237,14 @@ class MicroBatcher(Generic[T, R]):
         self._workers = [process] if callable(process) else list(process)
         if not self._workers:
             raise ValueError("at least one process function is needed")
-        # Each worker's (prepare, run) stages, found once rather than on every batch.
+        # Each worker's (prepare, run) stages, found once rather than on every batch; and its
+        # (prepare, launch, complete) stages where it is pipelined.
         self._stages = [_stages(worker) for worker in self._workers]
+        self._pipelines = [_pipeline(worker) for worker in self._workers]
+        self._depth = [
+            _MAX_BATCHES_IN_FLIGHT if pipeline is None else _MAX_PIPELINED_IN_FLIGHT
+            for pipeline in self._pipelines
+        ]
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.hold_for_callers = hold_for_callers
@@ -253,6 +266,7 @@ class MicroBatcher(Generic[T, R]):
         self._collector: asyncio.Task[None] | None = None
         self._executors: list[_WorkerThread] = []
         self._preparers: list[_WorkerThread | None] = []
+        self._completers: list[_WorkerThread | None] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._crashed: str | None = None
@@ -303,6 +317,10 @@ class MicroBatcher(Generic[T, R]):
         self._preparers = [
             _WorkerThread(f"{self.name}-prep{index}") if stages is not None else None
             for index, stages in enumerate(self._stages)
+        ]
+        self._completers = [
+            _WorkerThread(f"{self.name}-done{index}") if pipeline is not None else None
+            for index, pipeline in enumerate(self._pipelines)
         ]
         self._collector = asyncio.create_task(self._collect(), name=f"{self.name}-collector")
 
@@ -416,7 +434,7 @@ class MicroBatcher(Generic[T, R]):
             self._fail_waiting(BatcherClosed("the server stopped before this request was answered"))
         finally:
             self._watchdogs.close()
-            for executor in [*self._executors, *self._preparers]:
+            for executor in [*self._executors, *self._preparers, *self._completers]:
                 if executor is not None:
                     executor.shutdown()
 
@@ -466,7 +484,7 @@ class MicroBatcher(Generic[T, R]):
         if not serving:
             return None
         least = min(serving, key=loads.__getitem__)
-        return least if loads[least] < _MAX_BATCHES_IN_FLIGHT else None
+        return least if loads[least] < self._depth[least] else None
 
     def _all_busy(self) -> bool:
         loads = self._loads()
@@ -534,7 +552,13 @@ class MicroBatcher(Generic[T, R]):
             # The worker is busy: prepare this batch now, while the running one computes.
             batch.prepared = preparer.submit(stages[0], [entry.item for entry in entries])
         self._in_flight.append(batch)
-        work = batch.work = self._executors[worker].submit(self._run, batch)
+        if self._pipelines[worker] is None:
+            work = batch.work = self._executors[worker].submit(self._run, batch)
+        else:
+            # Resolved by the completion thread once the launched batch's output is in.
+            work = batch.work = ConcurrentFuture()
+            launching = self._executors[worker].submit(self._launch, batch, work)
+            launching.add_done_callback(functools.partial(_settle_with, work))
         work.add_done_callback(functools.partial(self._finish_threadsafe, self._loop, batch))
         if self.forward_timeout_s is not None:
             batch.watchdog = self._watch(batch, self.forward_timeout_s)
@@ -583,6 +607,64 @@ class MicroBatcher(Generic[T, R]):
             self._process_isolating(items, outcome, process)
         outcome.forward_s = time.monotonic() - batch.started
         return outcome
+
+    def _launch(self, batch: _Batch[T, R], work: ConcurrentFuture[_Outcome[R]]) -> None:
+        """Runs in a pipelined worker's thread: launch the batch and hand its completion to
+        the completion thread, without waiting for its output."""
+        # Running from here until its output is in, as an executor's future would be: a batch
+        # still waiting to launch can be taken back (cancelled), a launched one cannot.
+        if not work.set_running_or_notify_cancel():
+            return
+        batch.started = time.monotonic()
+        outcome: _Outcome[R] = _Outcome()
+        outcome.ran = [i for i, entry in enumerate(batch.entries) if not entry.future.done()]
+        items = [batch.entries[i].item for i in outcome.ran]
+        pipeline = self._pipelines[batch.worker]
+        completer = self._completers[batch.worker]
+        assert pipeline is not None and completer is not None
+        prepare, launch, complete = pipeline
+        process = self._workers[batch.worker]
+        if not items:
+            outcome.forward_s = time.monotonic() - batch.started
+            _resolve(work, outcome)
+            return
+        prepared = batch.prepared
+        try:
+            if prepared is not None and len(items) == len(batch.entries):
+                launched = launch(prepared.result())
+            else:
+                launched = launch(prepare(items))
+        except BaseException as exc:
+            # The launch failed: the synchronous path, its retries in halves, right here.
+            failure = exc
+
+            def fail() -> Sequence[R]:
+                raise failure
+
+            self._process_isolating(items, outcome, process, fail)
+            del failure
+            outcome.forward_s = time.monotonic() - batch.started
+            _resolve(work, outcome)
+            return
+        completing = completer.submit(
+            self._complete, batch, work, outcome, items, launched, complete
+        )
+        completing.add_done_callback(functools.partial(_settle_with, work))
+
+    def _complete(
+        self,
+        batch: _Batch[T, R],
+        work: ConcurrentFuture[_Outcome[R]],
+        outcome: _Outcome[R],
+        items: list[T],
+        launched: Any,
+        complete: Callable[[Any], Sequence[R]],
+    ) -> None:
+        """Runs in the completion thread: wait for a launched batch's output, resolve it."""
+        process = self._workers[batch.worker]
+        self._process_isolating(items, outcome, process, lambda: complete(launched))
+        outcome.forward_s = time.monotonic() - (batch.started or time.monotonic())
+        _resolve(work, outcome)
 
     def _process_isolating(
         self,
@@ -846,6 +928,39 @@ def _record(
     trace.batches += 1
     trace.batch_size = max(trace.batch_size, size)
     trace.forward_s = max(trace.forward_s, outcome.forward_s)
+
+
+def _pipeline(
+    worker: Callable[..., Any],
+) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]] | None:
+    """A pipelined worker's (prepare, launch, complete) stages; None for any other."""
+    if not getattr(worker, "pipelined", False):
+        return None
+    stages = tuple(getattr(worker, name, None) for name in ("prepare", "launch", "complete"))
+    if not all(callable(stage) for stage in stages):
+        return None
+    return stages  # type: ignore[return-value]
+
+
+def _resolve(work: ConcurrentFuture[Any], outcome: Any) -> None:
+    """Resolve a pipelined batch's work (running since its launch began)."""
+    if not work.done():
+        work.set_result(outcome)
+
+
+def _settle_with(work: ConcurrentFuture[Any], step: ConcurrentFuture[Any]) -> None:
+    """A step of a pipelined batch ended: if it never ran (dropped at stop) or raised (a bug),
+    its batch's work fails, so that nobody in it waits."""
+    if work.done():
+        return
+    if step.cancelled():
+        if not work.cancel():  # launched, then its completion was dropped
+            work.set_exception(BatcherClosed("the batcher stopped"))
+    elif (error := step.exception()) is not None:
+        if work.running():
+            work.set_exception(error)
+        else:
+            work.cancel()
 
 
 def _stages(worker: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[..., Any]] | None:
