@@ -226,7 +226,8 @@ class ModelSpec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _one_of_each(cls, data: Any) -> Any:
-        """`inputs` of one tensor is `input`, and likewise for outputs: one way to say each."""
+        """`inputs` of one tensor is `input`, and likewise for outputs: one way to say each.
+        An output given no name is called `output` (a tensor's name defaults to `input`)."""
         if isinstance(data, dict):
             data = dict(data)
             for one, several in (("input", "inputs"), ("output", "outputs")):
@@ -234,6 +235,11 @@ class ModelSpec(BaseModel):
                 if data.get(one) is None and isinstance(listed, list) and len(listed) == 1:
                     data[one] = listed[0]
                     del data[several]
+            output = data.get("output")
+            if isinstance(output, dict) and "name" not in output:
+                data["output"] = {**output, "name": "output"}
+            elif isinstance(output, TensorSpec) and "name" not in output.model_fields_set:
+                data["output"] = output.model_copy(update={"name": "output"})
         return data
 
     @property

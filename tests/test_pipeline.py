@@ -6,11 +6,13 @@ flight, the busy share against the synchronous path's ceiling in the same run), 
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import pytest
 
 from gpuserve.core.batcher import MicroBatcher
+from gpuserve.core.errors import BatcherClosed
 
 from .emulated import EmulatedModel
 
@@ -135,3 +137,39 @@ async def test_stopping_answers_every_launched_batch() -> None:
     results = await asyncio.gather(*futures, return_exceptions=True)
     assert results == [i * 2 for i in range(12)]
     assert model.most_in_flight >= 2
+
+
+class GatedCompletion(EmulatedModel):
+    """Its completion of a batch holding -1 waits for `gate`: an output that never comes."""
+
+    def __init__(self) -> None:
+        super().__init__(0.0005, 0.0005, pipelined=True)
+        self.gate = threading.Event()
+
+    def complete(self, launched: Any) -> list[Any]:
+        rows = super().complete(launched)
+        if -2 in rows:
+            self.gate.wait(30)
+        return rows
+
+
+async def test_a_completion_that_never_comes_fails_its_batch_and_the_model_recovers() -> None:
+    model = GatedCompletion()
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        model, max_batch_size=1, max_wait_s=0.0, forward_timeout_s=0.05, name="gated"
+    )
+    await batcher.start()
+    try:
+        stuck = batcher.submit(-1)
+        with pytest.raises(BatcherClosed, match=r"more than 0\.05s"):
+            await asyncio.wait_for(stuck, timeout=10)
+        assert batcher.error is not None
+        model.gate.set()
+        for _ in range(1000):  # until the returned pass puts the model back in service
+            if batcher.running:
+                break
+            await asyncio.sleep(0.01)
+        assert await asyncio.wait_for(batcher.submit(3), timeout=10) == 6
+    finally:
+        model.gate.set()
+        await batcher.stop()

@@ -307,3 +307,17 @@ def test_only_float_tensors_of_fixed_shape_have_a_quick_check() -> None:
     assert TensorSpec(shape=(-1,)).plain_check is None  # its shape is checked against bounds
     assert TensorSpec(shape=(3,), dtype="int64").plain_check is None
     assert TensorSpec(shape=(3,), dtype="string").plain_check is None
+
+
+def test_an_output_given_no_name_is_called_output() -> None:
+    one = {"name": "m", "input": {"shape": [4]}}
+    from_dict = ModelSpec.model_validate({**one, "output": {"shape": [3]}})
+    built = ModelSpec(name="m", input=TensorSpec(shape=(4,)), output=TensorSpec(shape=(3,)))
+    listed = ModelSpec.model_validate({**one, "outputs": [{"shape": [3]}]})
+    for spec in (from_dict, built, listed):
+        assert spec.input is not None and spec.output is not None
+        assert (spec.input.name, spec.output.name) == ("input", "output")
+    named = ModelSpec(
+        name="m", input=TensorSpec(shape=(4,)), output=TensorSpec(name="input", shape=(3,))
+    )
+    assert named.output is not None and named.output.name == "input"  # asked for: kept
