@@ -170,8 +170,11 @@ class ModelSettings(BaseModel):
         "one within 1% (the timing noise) of the best throughput, when that is below "
         "max_batch_size.",
     )
-    precision: Literal["fp32", "fp16", "bf16"] = Field(
-        default="fp32", description="Compute precision of the forward pass (torch.autocast)."
+    precision: Literal["fp32", "fp16", "bf16", "fp16-weights", "bf16-weights"] = Field(
+        default="fp32",
+        description="Compute precision of the forward pass: fp16 or bf16 under torch.autocast "
+        "(the fp32 weights kept), or fp16-weights or bf16-weights, the weights cast once at "
+        "load (no per-pass re-cast; for GPUs). Either way checked against fp32 at load.",
     )
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
         default="off",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import collections
 import contextlib
+import copy
 import inspect
 import logging
 import threading
@@ -47,6 +48,11 @@ _TORCH_DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 _AUTOCAST: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# Weights cast once at load: no per-forward re-cast of every weight, as autocast does.
+_CAST_WEIGHTS: dict[str, torch.dtype] = {
+    "fp16-weights": torch.float16,
+    "bf16-weights": torch.bfloat16,
+}
 
 
 class Padded(NamedTuple):
@@ -132,6 +138,9 @@ class Handler:
         # Autocast rather than a converted copy: the module keeps its fp32 weights, so the
         # fp32 reference at load time and the served path are the same module.
         self._autocast = _AUTOCAST.get(self.precision)
+        # Or weights cast at load; the fp32 module is kept only for the precision check.
+        self._weights_dtype = _CAST_WEIGHTS.get(self.precision)
+        self._reference: Any = None
         # Several inputs: each is stacked, or padded on its own; the first variable one
         # decides the length bucket.
         self._bucket_input = next((t for t in spec.input_specs if t.variable), None)
@@ -243,6 +252,9 @@ class Handler:
                 raise ModelLoadError(
                     f"{type(self).__name__}.load failed: {type(exc).__name__}: {exc}"
                 ) from exc
+        if self._weights_dtype is not None:
+            self._reference = self.module
+            self.module = _cast_weights(self.module, self._weights_dtype)
         self._eager_module = self.module
         if self.settings.compile != "off":
             self._batch_buckets = self.settings.warmup_batch_sizes
@@ -370,6 +382,8 @@ class Handler:
     def forward(self, batch: Any) -> Any:
         """Run the model, in the configured precision. A Padded batch passes (values, mask),
         and a tuple (several inputs) its tensors, in order."""
+        if self._weights_dtype is not None:
+            return self._call_module(_cast_floats(batch, self._weights_dtype))
         if self._autocast is None:
             return self._call_module(batch)
         with torch.autocast(device_type=self.device.type, dtype=self._autocast):
@@ -439,8 +453,10 @@ class Handler:
         Returns the largest difference relative to the fp32 output's largest magnitude, and
         raises ModelLoadError if it is above `tolerance`.
         """
-        if self._autocast is None:
+        if self._autocast is None and self._weights_dtype is None:
             return 0.0
+        # The module as loaded, in fp32: with weights cast at load, the copy kept for this.
+        reference_module = self._reference if self._reference is not None else self._eager_module
         rng = np.random.default_rng(0)
         count = min(8, self.settings.max_batch_size)
         samples = [self.preprocess(self.spec.sample(rng)) for _ in range(count)]
@@ -451,9 +467,10 @@ class Handler:
             # one under CUDA graphs hands back its own output buffer, which the next replay
             # overwrites. The copy keeps it whatever module ran.
             references = [
-                t.float().clone()[:count] for t in tensors_of(self._call(self._eager_module, batch))
+                t.float().clone()[:count] for t in tensors_of(self._call(reference_module, batch))
             ]
             reduced = [t.float()[:count] for t in tensors_of(self.forward(batch))]
+        self._reference = None  # checked: the fp32 copy's memory goes
         error = 0.0
         for got, reference in zip(reduced, references, strict=True):
             scale = float(reference.abs().max()) or 1.0
@@ -646,6 +663,32 @@ class Handler:
             self._to_device(mask_host, torch.bool),
             lengths,
         )
+
+
+def _cast_weights(module: Any, dtype: torch.dtype) -> Any:
+    """A copy of `module` with its floating weights and buffers in `dtype`."""
+    if not isinstance(module, torch.nn.Module):
+        raise ModelLoadError(
+            f"casting the weights needs a torch.nn.Module, not {type(module).__name__}: "
+            "use precision fp16 or bf16 (autocast) for this model"
+        )
+    try:
+        return copy.deepcopy(module).to(dtype)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"the weights could not be cast to {dtype}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _cast_floats(batch: Any, dtype: torch.dtype) -> Any:
+    """A batch with its floating tensors in `dtype` (a mask or token ids stay as they are)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dtype) if batch.is_floating_point() else batch
+    if isinstance(batch, Padded):
+        return batch._replace(values=_cast_floats(batch.values, dtype))
+    if isinstance(batch, tuple):
+        return tuple(_cast_floats(value, dtype) for value in batch)
+    return batch
 
 
 def _to_host(output: Any) -> Any:

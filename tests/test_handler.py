@@ -180,6 +180,26 @@ def test_bf16_runs_under_autocast_and_stays_close_to_fp32() -> None:
     assert 0 < error < 0.05
 
 
+def test_bf16_weights_are_cast_once_at_load_and_checked_against_fp32() -> None:
+    original = Linear().eval()
+    handler = make(original, precision="bf16-weights")
+    handler.setup()
+    assert all(p.dtype == torch.bfloat16 for p in handler.module.parameters())
+    assert all(p.dtype == torch.float32 for p in original.parameters())  # a copy was cast
+    rows = handler(instances(4))  # float32 instances in, float32 rows out
+    assert rows[0].dtype == np.float32
+    error = handler.check_precision(tolerance=0.05)
+    assert 0 < error < 0.05
+    assert handler._reference is None  # the fp32 copy is let go once checked
+
+
+def test_casting_weights_needs_a_module() -> None:
+    handler = make(Linear().eval(), precision="fp16-weights")
+    handler.module = lambda x: x
+    with pytest.raises(ModelLoadError, match="needs a torch.nn.Module"):
+        handler.setup()
+
+
 def test_a_precision_outside_the_tolerance_fails_the_load() -> None:
     handler = make(Linear().eval(), precision="bf16")
     with pytest.raises(ModelLoadError, match=r"bf16 output differs from fp32"):
