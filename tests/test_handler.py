@@ -196,7 +196,7 @@ def test_bf16_weights_are_cast_once_at_load_and_checked_against_fp32() -> None:
 def test_casting_weights_needs_a_module() -> None:
     handler = make(Linear().eval(), precision="fp16-weights")
     handler.module = lambda x: x
-    with pytest.raises(ModelLoadError, match="needs a torch.nn.Module"):
+    with pytest.raises(ModelLoadError, match=r"needs a torch\.nn\.Module"):
         handler.setup()
 
 
