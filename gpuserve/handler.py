@@ -23,6 +23,7 @@ import contextlib
 import copy
 import inspect
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -77,6 +78,7 @@ class Prepared(NamedTuple):
     batch: Any
     copied: Any  # torch.cuda.Event on CUDA, None on the CPU
     size: int
+    rows: int = -1  # the batch's rows, padding included (-1: not known)
 
 
 class Launched(NamedTuple):
@@ -89,6 +91,7 @@ class Launched(NamedTuple):
     read_broken: Callable[[], list[int]]
     size: int
     lengths: list[tuple[int, ...]] | None
+    rows: int = -1  # the rows the output must have (-1: not known)
 
 
 logger = logging.getLogger("gpuserve.model.loading")
@@ -176,12 +179,12 @@ class Handler:
             items = [*items, *[items[-1]] * (bucket - size)]
         with torch.inference_mode():
             if self._copy_stream is None:
-                return Prepared(self.collate(items), None, size)
+                return Prepared(self.collate(items), None, size, len(items))
             with torch.cuda.stream(self._copy_stream):
                 batch = self.collate(items)
                 copied = torch.cuda.Event()
                 copied.record(self._copy_stream)
-            return Prepared(batch, copied, size)
+            return Prepared(batch, copied, size, len(items))
 
     @property
     def pipelined(self) -> bool:
@@ -219,7 +222,7 @@ class Handler:
                 done = torch.cuda.Event()
                 done.record(self._compute_stream)
         lengths = batch.lengths if per_position else None
-        return Launched(output, done, read_broken, prepared.size, lengths)
+        return Launched(output, done, read_broken, prepared.size, lengths, prepared.rows)
 
     def complete(self, launched: Launched) -> list[Any]:
         """Wait for a launched batch's output to reach the host, and cut it into rows; a row
@@ -227,8 +230,16 @@ class Handler:
         if launched.done is not None:
             launched.done.synchronize()
         with torch.inference_mode():
-            rows = self.split(launched.output)[: launched.size]
+            rows = self.split(launched.output)
             broken = launched.read_broken()
+        if launched.rows >= 0 and len(rows) != launched.rows:
+            # Rows cut to the batch would hand each client a neighbour's answer.
+            raise InferenceError(
+                f"the model returned {len(rows)} rows for a batch of {launched.rows}: its "
+                "output must have one row per instance, in order"
+            )
+        rows = rows[: launched.size]
+        self._check_rows(rows)
         if launched.lengths is not None:
             # A per-position output (one row per token): cut each back to its own length.
             rows = [row[: length[0]] for row, length in zip(rows, launched.lengths, strict=True)]
@@ -236,6 +247,29 @@ class Handler:
             # JSON has no NaN: it would be served as null, with a label chosen from garbage.
             rows[index] = InferenceError("the model's output for this input is NaN or infinite")
         return rows
+
+    def _check_rows(self, rows: list[Any]) -> None:
+        """Each row holds as many values as the spec's output says (InferenceError if not):
+        a model whose output disagrees with its spec gives no answer rather than a wrong one."""
+        if not rows:
+            return
+        columns: list[tuple[TensorSpec, list[Any]]]
+        if self.spec.output is not None:
+            columns = [(self.spec.output, rows)]
+        elif all(isinstance(row, dict) for row in rows):
+            columns = [(t, [row.get(t.name) for row in rows]) for t in self.spec.output_specs]
+        else:
+            return
+        for spec, values in columns:
+            if -1 in spec.shape:
+                continue  # a variable output: its length is the instance's own
+            expected = math.prod(spec.shape)
+            for value in values:
+                if isinstance(value, np.ndarray) and value.size != expected:
+                    raise InferenceError(
+                        f"output {spec.name!r} has {value.size} values per instance where "
+                        f"the spec says {expected} (shape {list(spec.shape)})"
+                    )
 
     def setup(self) -> None:
         """Load the module unless one was given, and compile it if configured.

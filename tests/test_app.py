@@ -12,12 +12,15 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+import torch
 
 from gpuserve.config import ModelSettings, Settings, available_cores
 from gpuserve.core.errors import InferenceError, ModelLoadError
 from gpuserve.core.progress import open_counted
+from gpuserve.handler import Handler
 from gpuserve.http import create_app
 from gpuserve.model.device import DeviceInfo, passes_share_cores
+from gpuserve.spec import ModelSpec, TensorSpec
 
 from .helpers import (
     CPU,
@@ -692,3 +695,33 @@ async def test_gzip_and_deflate_bodies_are_read_within_the_limit(client: httpx.A
         "/predict", content=body, headers={**JSON_TYPE, "content-encoding": "br"}
     )
     assert brotli.status_code == 415 and "send identity, gzip or deflate" in brotli.json()["error"]
+
+
+async def test_a_model_answering_more_rows_than_its_batch_answers_nobody_wrongly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Right while it loads, then twice the rows for a batch of more than one: cut to the
+    # batch, each client would get a neighbour's answer (x + 1, not x).
+    spec = ModelSpec(
+        name="twice", input=TensorSpec(shape=(4,)), output=TensorSpec(name="y", shape=(4,))
+    )
+
+    loaded = threading.Event()
+
+    def module(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x + 1, x]) if loaded.is_set() and len(x) > 1 else x
+
+    handler = Handler(spec, CPU, ModelSettings(name="twice"), module=module)
+    model = ModelSettings(name="twice", warmup=False, max_wait_ms=20, freeze_gc=False)
+    app = create_app(Settings(device="cpu", model=model), loader=lambda s, d: handler)
+    async with serving(app) as client:
+        loaded.set()
+        bodies = [{"inputs": [i, 0, 0, 0]} for i in range(8)]
+        answers = await asyncio.gather(*(client.post("/predict", json=b) for b in bodies))
+    for body, answer in zip(bodies, answers, strict=True):
+        # Its own answer (the halves retried down to one are right), or none: never another
+        # client's.
+        assert answer.status_code in (200, 500), answer.text
+        if answer.status_code == 200:
+            assert answer.json()["outputs"] == body["inputs"]
+    assert any("rows for a batch of" in r.getMessage() for r in caplog.records)

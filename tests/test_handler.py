@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -335,6 +336,24 @@ def test_prepare_then_run_is_the_whole_batch_path() -> None:
     prepared = handler.prepare(batch)
     assert prepared.copied is None  # the CPU: nothing to wait for
     np.testing.assert_array_equal(handler.run(prepared), handler(batch))
+
+
+@pytest.mark.parametrize(
+    ("forward", "message"),
+    [
+        (lambda x: torch.cat([x[:, :3], x[:, :3]]), "returned 10 rows for a batch of 5"),
+        (lambda x: x[:1, :3], "returned 1 rows for a batch of 5"),
+        (lambda x: x[:, :2], "has 2 values per instance where the spec says 3"),
+        (lambda x: x, "has 4 values per instance where the spec says 3"),
+    ],
+)
+def test_an_output_that_disagrees_with_the_batch_or_the_spec_is_no_answer(
+    forward: Any, message: str
+) -> None:
+    handler = make(Linear().eval())
+    handler.module = forward
+    with pytest.raises(InferenceError, match=re.escape(message)):
+        handler(instances(5))
 
 
 def test_launch_then_complete_is_run_and_a_cpu_model_is_not_pipelined() -> None:
