@@ -9,7 +9,7 @@ How a batch forms:
 - When a worker is idle, whatever is waiting is dispatched at once (up to `max_batch_size`):
   a lone request never waits for a timer. Unless callers are due back: when fewer wait than
   the last finished batch left in hand, the batch stays open for them, no longer than that
-  batch's pass took nor past `max_wait_s` (see `_open_until`).
+  batch's pass took nor past `max_wait_s` (the rules live in `batch_policy`).
 - While every worker runs a batch, arrivals accumulate. The next batch is handed to the worker's
   queue when it reaches `max_batch_size`, when its oldest item has waited `max_wait_s`, or when
   the worker becomes idle, whichever comes first. Handing it over early lets the worker start it
@@ -42,6 +42,9 @@ When things go wrong:
 
 Every future is resolved: with its own result, with its own error, or with `BatcherClosed`
 when the batcher stops, stalls or its collector crashes.
+
+The batcher carries these out; the parts live beside it: `batch_policy` (when a batch goes),
+`worker_threads` (the threads and a worker's stages), `isolation` (retries in halves).
 """
 
 from __future__ import annotations
@@ -53,17 +56,23 @@ import functools
 import logging
 import math
 import operator
-import queue
-import threading
 import time
-import traceback
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import Future as ConcurrentFuture
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from gpuserve.core.batch_policy import FormationPolicy
 from gpuserve.core.deadlines import Deadlines
 from gpuserve.core.errors import BatcherClosed, InferenceError, Overloaded
+from gpuserve.core.isolation import (
+    Outcome,
+    deliverable,
+    is_memory_error,
+    never_fatal,
+    run_isolating,
+)
+from gpuserve.core.worker_threads import WorkerThread, pipeline, resolve, settle_with, stages
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -74,76 +83,6 @@ logger = logging.getLogger("gpuserve.core.batcher")
 _MAX_BATCHES_IN_FLIGHT = 2
 # A pipelined worker: two launched (one computing, one queued on the device) and one waiting.
 _MAX_PIPELINED_IN_FLIGHT = 3
-
-
-def is_memory_error(exc: BaseException) -> bool:
-    """The default OOM test; the model's handler supplies one that knows its device."""
-    return isinstance(exc, MemoryError)
-
-
-def never_fatal(exc: BaseException) -> bool:
-    """The default test for an error that ends a worker for good: none does."""
-    return False
-
-
-def deliverable(exc: BaseException) -> Exception:
-    """`exc` as an error a waiting request can be given.
-
-    Whatever a model raises is its item's answer, but not everything it raises can travel
-    through a future: asyncio refuses StopIteration, and a BaseException (KeyboardInterrupt,
-    SystemExit, CancelledError, a user's own subclass) would escape every `except Exception`
-    on its way back and tear down the request, or be mistaken for a cancellation. Those are
-    wrapped in an InferenceError whose cause is the original, for the log.
-    """
-    if isinstance(exc, Exception) and not isinstance(exc, StopIteration | StopAsyncIteration):
-        return exc
-    wrapped = InferenceError("inference failed")
-    wrapped.__cause__ = exc
-    return wrapped
-
-
-class _WorkerThread:
-    """A single daemon thread that runs submitted calls in order, like a one-thread executor.
-
-    ThreadPoolExecutor's threads are joined when the interpreter exits, so one forward pass
-    that never returns would hold the process past any shutdown timeout (it did: 19.7 s
-    against 2 s). A daemon thread is left behind instead; by then every request it held has
-    been answered.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._calls: queue.SimpleQueue[
-            tuple[ConcurrentFuture[Any], Callable[..., Any], tuple[Any, ...]] | None
-        ] = queue.SimpleQueue()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> ConcurrentFuture[Any]:
-        future: ConcurrentFuture[Any] = ConcurrentFuture()
-        self._calls.put((future, fn, args))
-        return future
-
-    def shutdown(self) -> None:
-        """Let the thread end after the call it is running; calls not yet started are dropped."""
-        self._stopped = True
-        self._calls.put(None)
-
-    def _serve(self) -> None:
-        while (call := self._calls.get()) is not None:
-            future, fn, args = call
-            if self._stopped:
-                future.cancel()
-                continue
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                result = fn(*args)
-            except BaseException as exc:
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
-            del call, future, fn, args  # nothing of a finished batch outlives it here
 
 
 _ENQUEUED = operator.attrgetter("enqueued")
@@ -197,17 +136,6 @@ class _Batch(Generic[T, R]):
     watchdog: int | None = None  # its key in the batcher's watchdogs
 
 
-@dataclass(slots=True)
-class _Outcome(Generic[R]):
-    """What the worker hands back: a result or an error per item, in order."""
-
-    results: list[R | BaseException] = field(default_factory=list)
-    ran: list[int] = field(default_factory=list)  # indices of the entries that were processed
-    forward_s: float = 0.0
-    oom_splits: int = 0
-    fatal: str | None = None  # the worker can never run again (a broken device context)
-
-
 class MicroBatcher(Generic[T, R]):
     """Batches `submit()`ed items through `process` in one worker thread."""
 
@@ -239,19 +167,17 @@ class MicroBatcher(Generic[T, R]):
             raise ValueError("at least one process function is needed")
         # Each worker's (prepare, run) stages, found once rather than on every batch; and its
         # (prepare, launch, complete) stages where it is pipelined.
-        self._stages = [_stages(worker) for worker in self._workers]
-        self._pipelines = [_pipeline(worker) for worker in self._workers]
+        self._stages = [stages(worker) for worker in self._workers]
+        self._pipelines = [pipeline(worker) for worker in self._workers]
         self._depth = [
-            _MAX_BATCHES_IN_FLIGHT if pipeline is None else _MAX_PIPELINED_IN_FLIGHT
-            for pipeline in self._pipelines
+            _MAX_BATCHES_IN_FLIGHT if three is None else _MAX_PIPELINED_IN_FLIGHT
+            for three in self._pipelines
         ]
-        self.max_batch_size = max_batch_size
-        self.max_wait_s = max_wait_s
-        self.hold_for_callers = hold_for_callers
-        self.overlap = overlap
+        self._policy = FormationPolicy(
+            max_batch_size, max_wait_s, hold_for_callers, overlap, oom_cooldown_s
+        )
         self.max_queue_size = max_queue_size
         self.forward_timeout_s = forward_timeout_s
-        self.oom_cooldown_s = oom_cooldown_s
         self._is_oom = is_oom
         self._is_fatal = is_fatal
         self.name = name
@@ -264,24 +190,17 @@ class MicroBatcher(Generic[T, R]):
         self._watchdogs = Deadlines()
         self._wake = asyncio.Event()
         self._collector: asyncio.Task[None] | None = None
-        self._executors: list[_WorkerThread] = []
-        self._preparers: list[_WorkerThread | None] = []
-        self._completers: list[_WorkerThread | None] = []
+        self._executors: list[WorkerThread] = []
+        self._preparers: list[WorkerThread | None] = []
+        self._completers: list[WorkerThread | None] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._crashed: str | None = None
         self._stalled: str | None = None
         self._stuck: dict[int, _Batch[T, R]] = {}  # worker -> the pass it is stuck in
         self._dead: dict[int, str] = {}  # worker -> the fatal error that ended it
-        self._cap = max_batch_size
-        self._cap_until = 0.0
         # Futures given up on (deadline, hang-up) since the queue was last swept; a hint only.
         self._abandoned = 0
-        # The items held (waiting and in flight) when the last batch finished, and until when
-        # an idle worker may wait for those not back yet (see _open_until).
-        self._load = 0
-        self._hold_until = 0.0
-        self._free_since = 0.0  # when the last batch finished, freeing its worker
 
     @property
     def queue_depth(self) -> int:
@@ -289,9 +208,31 @@ class MicroBatcher(Generic[T, R]):
         return sum(not entry.future.done() for entry in self._pending)
 
     @property
+    def max_batch_size(self) -> int:
+        """The largest batch (the service lowers it to a size it measured as best)."""
+        return self._policy.max_batch_size
+
+    @max_batch_size.setter
+    def max_batch_size(self, size: int) -> None:
+        self._policy.max_batch_size = size
+
+    @property
+    def max_wait_s(self) -> float:
+        return self._policy.max_wait_s
+
+    @property
+    def hold_for_callers(self) -> bool:
+        return self._policy.hold_for_callers
+
+    @property
+    def overlap(self) -> bool:
+        """Whether a batch behind a busy worker is handed over early (see the policy)."""
+        return self._policy.overlap
+
+    @property
     def batch_cap(self) -> int:
         """The largest batch dispatched now: below max_batch_size after an out-of-memory error."""
-        return self._cap if time.monotonic() < self._cap_until else self.max_batch_size
+        return self._policy.batch_cap
 
     @property
     def running(self) -> bool:
@@ -312,15 +253,15 @@ class MicroBatcher(Generic[T, R]):
             raise RuntimeError("batcher already started")
         self._loop = asyncio.get_running_loop()
         self._executors = [
-            _WorkerThread(f"{self.name}-fwd{index}") for index in range(len(self._workers))
+            WorkerThread(f"{self.name}-fwd{index}") for index in range(len(self._workers))
         ]
         self._preparers = [
-            _WorkerThread(f"{self.name}-prep{index}") if stages is not None else None
-            for index, stages in enumerate(self._stages)
+            WorkerThread(f"{self.name}-prep{index}") if two is not None else None
+            for index, two in enumerate(self._stages)
         ]
         self._completers = [
-            _WorkerThread(f"{self.name}-done{index}") if pipeline is not None else None
-            for index, pipeline in enumerate(self._pipelines)
+            WorkerThread(f"{self.name}-done{index}") if three is not None else None
+            for index, three in enumerate(self._pipelines)
         ]
         self._collector = asyncio.create_task(self._collect(), name=f"{self.name}-collector")
 
@@ -491,37 +432,13 @@ class MicroBatcher(Generic[T, R]):
         return all(loads[index] for index in self._serving())
 
     def _open_until(self) -> float | None:
-        """Until when the waiting batch may keep growing (math.inf: until something happens),
-        or None to dispatch it now.
-
-        Behind a busy worker, a batch grows until it is full or its oldest item has waited
-        `max_wait_s`; without `overlap`, until it is full or a worker is free. At an idle
-        worker it is dispatched at once, unless fewer items wait than the load seen when the
-        last batch finished leaves room for (callers that wait for each answer before asking
-        again are due back): then it stays open for them, but no longer than that batch's
-        forward pass took, nor more than `max_wait_s` after the worker became free (or after
-        the oldest item came, if later). A lone caller never waits, and a steady crowd of
-        callers gets full batches rather than halves. With `hold_for_callers` false, an idle
-        worker never holds a batch.
-        """
-        waiting = len(self._pending)
-        if self._closing or waiting >= self.batch_cap:
+        """Until when the waiting batch may keep growing, or None to dispatch it now
+        (`FormationPolicy.open_until`); at once when the batcher is closing."""
+        if self._closing:
             return None
-        oldest = self._pending[0].enqueued
-        if self._all_busy():
-            if not self.overlap:
-                return math.inf
-            until = oldest + self.max_wait_s
-        else:
-            # Time spent waiting for a busy worker is not time spent waiting for the batch to
-            # fill: max_wait_s counts from when the batch could have run.
-            until = max(oldest, self._free_since) + self.max_wait_s
-            if not self.hold_for_callers:
-                return None
-            if waiting >= self._load - self._items_in_flight():
-                return None
-            until = min(until, self._hold_until)
-        return until if time.monotonic() < until else None
+        return self._policy.open_until(
+            len(self._pending), self._pending[0].enqueued, self._all_busy, self._items_in_flight
+        )
 
     def _items_in_flight(self) -> int:
         return sum(len(batch.entries) for batch in self._in_flight)
@@ -541,7 +458,7 @@ class MicroBatcher(Generic[T, R]):
             self._pending.popleft()
 
     def _dispatch(self) -> None:
-        entries = self._take_batch(self.batch_cap)
+        entries = self._take_batch(self._policy.batch_cap)
         if not entries:
             return
         worker = self._free_worker()
@@ -558,7 +475,7 @@ class MicroBatcher(Generic[T, R]):
             # Resolved by the completion thread once the launched batch's output is in.
             work = batch.work = ConcurrentFuture()
             launching = self._executors[worker].submit(self._launch, batch, work)
-            launching.add_done_callback(functools.partial(_settle_with, work))
+            launching.add_done_callback(functools.partial(settle_with, work))
         work.add_done_callback(functools.partial(self._finish_threadsafe, self._loop, batch))
         if self.forward_timeout_s is not None:
             batch.watchdog = self._watch(batch, self.forward_timeout_s)
@@ -589,12 +506,12 @@ class MicroBatcher(Generic[T, R]):
         self._pending.extendleft(reversed(others))
         return entries
 
-    def _run(self, batch: _Batch[T, R]) -> _Outcome[R]:
+    def _run(self, batch: _Batch[T, R]) -> Outcome[R]:
         """Runs in the worker thread."""
         batch.started = time.monotonic()
         # A batch handed over early may have lost members since (deadline, hang-up): skip them.
         # Reading done() across threads is a benign race: at worst one item runs for nobody.
-        outcome: _Outcome[R] = _Outcome()
+        outcome: Outcome[R] = Outcome()
         outcome.ran = [i for i, entry in enumerate(batch.entries) if not entry.future.done()]
         process = self._workers[batch.worker]
         items = [batch.entries[i].item for i in outcome.ran]
@@ -608,7 +525,7 @@ class MicroBatcher(Generic[T, R]):
         outcome.forward_s = time.monotonic() - batch.started
         return outcome
 
-    def _launch(self, batch: _Batch[T, R], work: ConcurrentFuture[_Outcome[R]]) -> None:
+    def _launch(self, batch: _Batch[T, R], work: ConcurrentFuture[Outcome[R]]) -> None:
         """Runs in a pipelined worker's thread: launch the batch and hand its completion to
         the completion thread, without waiting for its output."""
         # Running from here until its output is in, as an executor's future would be: a batch
@@ -616,7 +533,7 @@ class MicroBatcher(Generic[T, R]):
         if not work.set_running_or_notify_cancel():
             return
         batch.started = time.monotonic()
-        outcome: _Outcome[R] = _Outcome()
+        outcome: Outcome[R] = Outcome()
         outcome.ran = [i for i, entry in enumerate(batch.entries) if not entry.future.done()]
         items = [batch.entries[i].item for i in outcome.ran]
         pipeline = self._pipelines[batch.worker]
@@ -626,7 +543,7 @@ class MicroBatcher(Generic[T, R]):
         process = self._workers[batch.worker]
         if not items:
             outcome.forward_s = time.monotonic() - batch.started
-            _resolve(work, outcome)
+            resolve(work, outcome)
             return
         prepared = batch.prepared
         try:
@@ -644,18 +561,18 @@ class MicroBatcher(Generic[T, R]):
             self._process_isolating(items, outcome, process, fail)
             del failure
             outcome.forward_s = time.monotonic() - batch.started
-            _resolve(work, outcome)
+            resolve(work, outcome)
             return
         completing = completer.submit(
             self._complete, batch, work, outcome, items, launched, complete
         )
-        completing.add_done_callback(functools.partial(_settle_with, work))
+        completing.add_done_callback(functools.partial(settle_with, work))
 
     def _complete(
         self,
         batch: _Batch[T, R],
-        work: ConcurrentFuture[_Outcome[R]],
-        outcome: _Outcome[R],
+        work: ConcurrentFuture[Outcome[R]],
+        outcome: Outcome[R],
         items: list[T],
         launched: Any,
         complete: Callable[[Any], Sequence[R]],
@@ -664,81 +581,38 @@ class MicroBatcher(Generic[T, R]):
         process = self._workers[batch.worker]
         self._process_isolating(items, outcome, process, lambda: complete(launched))
         outcome.forward_s = time.monotonic() - (batch.started or time.monotonic())
-        _resolve(work, outcome)
+        resolve(work, outcome)
 
     def _process_isolating(
         self,
         items: list[T],
-        outcome: _Outcome[R],
+        outcome: Outcome[R],
         process: Callable[[list[T]], Sequence[R]],
         attempt: Callable[[], Sequence[R]] | None = None,
     ) -> None:
-        """Process `items`; if that fails, retry each half, so an error lands on its own item.
-
-        `attempt`, when given, replaces the first `process(items)` (a batch prepared early).
-        Whatever the model raises is caught: this runs in a worker thread, where nothing a
-        model raises can be the interpreter's own exit, and an uncaught one would leave the
-        batch's bookkeeping half done.
-        """
-        error: BaseException | None = None
-        try:
-            results = attempt() if attempt is not None else process(items)
-            if len(results) != len(items):
-                raise RuntimeError(
-                    f"process returned {len(results)} results for a batch of {len(items)}"
-                )
-        except BaseException as exc:
-            error = exc
-        else:
-            outcome.results.extend(results)
-            return
-        if self._is_fatal(error):
-            # Retrying on a broken device would fail again: the whole batch fails, and the
-            # worker leaves service.
-            logger.critical("%s: fatal error, this copy stops serving", self.name, exc_info=error)
-            outcome.fatal = f"the model failed for good: {type(error).__name__}: {error}"
-            outcome.results.extend([deliverable(error)] * len(items))
-            return
-        # Out of the except block, so the failed attempt's frames, and the tensors they hold,
-        # can be freed before the halves run (on a GPU, the halves need that memory).
-        oom = self._is_oom(error)
-        if len(items) == 1:
-            logger.error(
-                "%s: an item failed%s", self.name, " (out of memory)" * oom, exc_info=error
-            )
-            outcome.results.append(deliverable(error))
-            return
-        outcome.oom_splits += oom
-        logger.warning(
-            "%s: batch of %d failed (%s: %s); retrying in halves",
-            self.name,
-            len(items),
-            type(error).__name__,
-            error,
+        """`run_isolating` with this batcher's tests of out-of-memory and fatal errors."""
+        run_isolating(
+            items,
+            outcome,
+            process,
+            attempt,
+            is_oom=self._is_oom,
+            is_fatal=self._is_fatal,
+            name=self.name,
         )
-        traceback.clear_frames(error.__traceback__)
-        del error
-        middle = len(items) // 2
-        self._process_isolating(items[:middle], outcome, process)
-        if outcome.fatal is not None:  # the first half broke the device: do not go on
-            outcome.results.extend(
-                [deliverable(RuntimeError(outcome.fatal))] * (len(items) - middle)
-            )
-            return
-        self._process_isolating(items[middle:], outcome, process)
 
     def _finish_threadsafe(
         self,
         loop: asyncio.AbstractEventLoop,
         batch: _Batch[T, R],
-        done: ConcurrentFuture[_Outcome[R]],
+        done: ConcurrentFuture[Outcome[R]],
     ) -> None:
         """Runs in the worker thread: hand the finished batch back to the event loop."""
         # A closed loop means stop() has already failed these futures.
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(self._finish, batch, done)
 
-    def _finish(self, batch: _Batch[T, R], done: ConcurrentFuture[_Outcome[R]]) -> None:
+    def _finish(self, batch: _Batch[T, R], done: ConcurrentFuture[Outcome[R]]) -> None:
         """Runs in the event loop when a batch's work is done. Whatever goes wrong in the
         bookkeeping, the batch's requests are answered and the collector wakes."""
         try:
@@ -751,13 +625,10 @@ class MicroBatcher(Generic[T, R]):
                 self._in_flight.remove(batch)
             self._wake.set()
 
-    def _settle(self, batch: _Batch[T, R], done: ConcurrentFuture[_Outcome[R]]) -> None:
+    def _settle(self, batch: _Batch[T, R], done: ConcurrentFuture[Outcome[R]]) -> None:
         if batch.requeued:  # its entries went back to the queue; they are not done
             return
-        now = time.monotonic()
-        self._load = len(self._pending) + self._items_in_flight()
-        self._free_since = now
-        self._hold_until = now + (now - batch.started if batch.started is not None else 0.0)
+        self._policy.finished(len(self._pending) + self._items_in_flight(), batch.started)
         if batch in self._in_flight:
             self._in_flight.remove(batch)
         if batch.watchdog is not None:
@@ -779,7 +650,7 @@ class MicroBatcher(Generic[T, R]):
                 )
         except BaseException as exc:  # cancelled by stop(), or a bug in _run itself
             everyone = list(range(len(batch.entries)))
-            outcome = _Outcome(results=[exc] * len(everyone), ran=everyone)
+            outcome = Outcome(results=[exc] * len(everyone), ran=everyone)
         failed = 0
         started = batch.started if batch.started is not None else time.monotonic()
         traced: set[int] = set()
@@ -802,14 +673,13 @@ class MicroBatcher(Generic[T, R]):
         if outcome.fatal is not None:
             self._retire(batch.worker, outcome.fatal)
         if outcome.oom_splits:
-            self._cap = max(1, len(outcome.ran) // 2)
-            self._cap_until = time.monotonic() + self.oom_cooldown_s
+            cap = self._policy.out_of_memory(len(outcome.ran))
             logger.warning(
                 "%s: out of memory at batch size %d; capping batches at %d for %.0fs",
                 self.name,
                 len(outcome.ran),
-                self._cap,
-                self.oom_cooldown_s,
+                cap,
+                self._policy.oom_cooldown_s,
             )
         self._report(batch, outcome, failed)
 
@@ -871,7 +741,7 @@ class MicroBatcher(Generic[T, R]):
         self._requeue_staged(batch.worker)  # the stuck batch is running: cancel() spares it
         self._wake.set()
 
-    def _report(self, batch: _Batch[T, R], outcome: _Outcome[R], failed: int) -> None:
+    def _report(self, batch: _Batch[T, R], outcome: Outcome[R], failed: int) -> None:
         if self._on_batch is None or not outcome.ran:
             return
         started = batch.started if batch.started is not None else batch.entries[0].enqueued
@@ -919,7 +789,7 @@ def _fail_unanswered(entries: Iterable[_Entry[Any, Any]], exc: Exception) -> Non
 
 
 def _record(
-    trace: Trace, traced: set[int], size: int, waited_s: float, outcome: _Outcome[R]
+    trace: Trace, traced: set[int], size: int, waited_s: float, outcome: Outcome[R]
 ) -> None:
     trace.queue_wait_s = max(trace.queue_wait_s, waited_s)
     if id(trace) in traced:  # one request's items share a batch: count the batch once
@@ -928,42 +798,3 @@ def _record(
     trace.batches += 1
     trace.batch_size = max(trace.batch_size, size)
     trace.forward_s = max(trace.forward_s, outcome.forward_s)
-
-
-def _pipeline(
-    worker: Callable[..., Any],
-) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]] | None:
-    """A pipelined worker's (prepare, launch, complete) stages; None for any other."""
-    if not getattr(worker, "pipelined", False):
-        return None
-    stages = tuple(getattr(worker, name, None) for name in ("prepare", "launch", "complete"))
-    if not all(callable(stage) for stage in stages):
-        return None
-    return stages  # type: ignore[return-value]
-
-
-def _resolve(work: ConcurrentFuture[Any], outcome: Any) -> None:
-    """Resolve a pipelined batch's work (running since its launch began)."""
-    if not work.done():
-        work.set_result(outcome)
-
-
-def _settle_with(work: ConcurrentFuture[Any], step: ConcurrentFuture[Any]) -> None:
-    """A step of a pipelined batch ended: if it never ran (dropped at stop) or raised (a bug),
-    its batch's work fails, so that nobody in it waits."""
-    if work.done():
-        return
-    if step.cancelled():
-        if not work.cancel():  # launched, then its completion was dropped
-            work.set_exception(BatcherClosed("the batcher stopped"))
-    elif (error := step.exception()) is not None:
-        if work.running():
-            work.set_exception(error)
-        else:
-            work.cancel()
-
-
-def _stages(worker: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[..., Any]] | None:
-    """A worker's (prepare, run) stages, when it has both."""
-    prepare, run = getattr(worker, "prepare", None), getattr(worker, "run", None)
-    return (prepare, run) if callable(prepare) and callable(run) else None

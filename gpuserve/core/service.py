@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 from gpuserve.config import ModelSettings, available_cores
-from gpuserve.core.batcher import BatchStats, MicroBatcher, Trace, is_memory_error, never_fatal
+from gpuserve.core.batcher import BatchStats, MicroBatcher, Trace
 from gpuserve.core.deadlines import DeadlinePassed, Deadlines
 from gpuserve.core.errors import (
     DeadlineExceeded,
@@ -24,6 +24,7 @@ from gpuserve.core.errors import (
     NotReady,
     Overloaded,
 )
+from gpuserve.core.isolation import is_memory_error, never_fatal
 from gpuserve.core.metrics import Metrics
 from gpuserve.core.progress import LoadProgress, tracking
 from gpuserve.model.device import DeviceInfo, passes_share_cores, probe
