@@ -346,9 +346,9 @@ class Handler:
                 settings.precision,
                 error,
             )
-        self.serve()
+        self.close_compile_gate()
 
-    def serve(self) -> None:
+    def close_compile_gate(self) -> None:
         """Loading is over: from now on a new graph is an error, not a silent recompile."""
         if self.graph_gate is not None:
             self.graph_gate.close()

@@ -549,7 +549,7 @@ def test_nan_at_padded_positions_of_a_per_position_output_is_not_a_failure() -> 
 def served(handler: Handler) -> Handler:
     handler.setup()
     handler.warm_up(handler.settings.warmup_batch_sizes)
-    handler.serve()
+    handler.close_compile_gate()
     return handler
 
 
@@ -683,7 +683,7 @@ def test_reduced_precision_is_checked_against_the_eager_module_without_new_graph
     # no graph was added, and none can be while serving.
     assert handler.graph_gate.graphs == warmed
     assert type(handler._eager_module).__name__ == "Linear"
-    handler.serve()
+    handler.close_compile_gate()
     assert len(handler(instances(3))) == 3
 
 

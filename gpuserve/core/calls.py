@@ -104,7 +104,7 @@ class RequestPath:
         service = models.get(
             models.default_name if call.model is None else call.model, call.version
         )
-        record.model = service.labels  # for the metrics and the log line
+        record.model = service.key_labels  # for the metrics and the log line
         spec = service.spec  # NotReady while loading, before the payload is received
         received = await receive()
         settings = service.settings
@@ -122,7 +122,7 @@ class RequestPath:
         trace = record.trace = Trace()
         if service.retired:  # since the call found it: reloaded, or its version unloaded
             service = models.current(service, call.version, spec)
-            record.model = service.labels
+            record.model = service.key_labels
         work = service.predict(
             decoded.instances, timeout_s, postprocess=call.postprocess, trace=trace
         )

@@ -65,7 +65,7 @@ class ModelService:
         self.name = settings.key
         self.version = str(settings.version)
         self.title = settings.title  # for logs: the name, and the version past 1
-        self.labels = (self.name, self.version)  # a request's model, for metrics and logs
+        self.key_labels = (self.name, self.version)  # (name, version): metric labels and log fields
         # Set by the registry once this copy has left its table (replaced, or unloaded).
         self.retired = False
         self._device_request = settings.device or device

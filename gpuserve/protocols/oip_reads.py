@@ -44,7 +44,7 @@ def statistics_of(
         services = list(models)
     else:
         services = [models.get(name, version)] if version else models.all_versions(name)
-    summed = models.metrics.summed_stats([service.labels for service in services])
+    summed = models.metrics.summed_stats([service.key_labels for service in services])
     return [
         stats.to_triton(service.name, service.version)
         for service, stats in zip(services, summed, strict=True)
