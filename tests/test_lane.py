@@ -344,3 +344,25 @@ async def app_request(app: Any, body: bytes) -> None:
     request_scope = predict_scope(headers)
     await app(request_scope, receive, send)
     assert statuses == [200]
+
+
+def test_the_lane_answers_the_routes_the_routers_declare() -> None:
+    # One list: the lane's paths are the FastAPI routes' own, each matched by a concrete path.
+    from gpuserve.http import lane
+
+    app = create_app(SETTINGS, loader=fake_loader(FakeModel(FAKE_SPEC)))
+    declared = {getattr(route, "path", "") for route in app.routes}
+    templates = [template.path for template in lane._TEMPLATES]
+    assert set(templates) <= declared
+    assert set(templates) == {
+        "/predict",
+        "/models/{name}/predict",
+        "/v2/models/{name}/infer",
+        "/v2/models/{name}/versions/{version}/infer",
+    }
+    for path in templates:
+        concrete = path.replace("{name}", "m").replace("{version}", "2")
+        found = match(scope("POST", concrete))
+        assert found is not None and found.path == path
+        assert found.model == ("m" if "{name}" in path else None)
+        assert found.version == ("2" if "{version}" in path else None)

@@ -4,25 +4,27 @@ FastAPI finds a route by trying each in turn, solves its dependencies, and passe
 through five middlewares of its own; measured in-process, that was most of a `/predict`
 request's CPU time in the app, all of it spent before and after the work that matters
 (`scripts/app_cost.py`). The inference routes need none of it: the lane matches them by their
-path and calls the same functions as the FastAPI routes (`routes.predict_with`, `v2.infer`),
-answering errors through the same handlers. Every other request, and these paths with another
-method, goes to FastAPI, which also keeps documenting the inference routes in the OpenAPI
-schema.
+path and calls the same endpoints as FastAPI would, answering errors through the same
+handlers. There is one list of them, the FastAPI routers' own: the lane reads the paths and
+endpoints of the routes named in `_ENDPOINTS` from the routers. Every other request, and these
+paths with another method, goes to FastAPI, which also documents the inference routes in the
+OpenAPI schema.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gpuserve.core.errors import GpuserveError
-from gpuserve.http import v2
+from gpuserve.http import routes, v2
 from gpuserve.http.responses import on_gpuserve_error, unexpected_error_response
-from gpuserve.http.routes import predict_with
 
 
 class LaneRoute(NamedTuple):
@@ -33,7 +35,46 @@ class LaneRoute(NamedTuple):
     version: str | None = None
 
 
-_PREDICT = LaneRoute("/predict")
+Endpoint = Callable[..., Awaitable[Response]]
+# The inference routes the lane answers, by their FastAPI endpoints: their paths come from the
+# routers. Their path parameters are a model's `name` and `version`, nothing else.
+_ENDPOINTS: tuple[Endpoint, ...] = (
+    routes.predict,
+    routes.predict_model,
+    v2.infer,
+    v2.version_infer,
+)
+
+
+class _Template(NamedTuple):
+    """One inference route: its path template, split (None where a parameter goes), and the
+    endpoint that answers it."""
+
+    path: str
+    parts: tuple[str | None, ...]
+    endpoint: Endpoint
+
+
+def _templates() -> tuple[_Template, ...]:
+    declared = {
+        route.endpoint: route.path
+        for router in (routes.router, v2.router)
+        for route in router.routes
+        if isinstance(route, APIRoute) and "POST" in (route.methods or ())
+    }
+    found = []
+    for endpoint in _ENDPOINTS:
+        path = declared[endpoint]
+        parts = tuple(
+            None if part.startswith("{") and part.endswith("}") else part
+            for part in path.split("/")
+        )
+        found.append(_Template(path, parts, endpoint))
+    return tuple(found)
+
+
+_TEMPLATES = _templates()
+_BY_PATH = {template.path: template for template in _TEMPLATES}
 
 
 def match(scope: Scope) -> LaneRoute | None:
@@ -41,19 +82,21 @@ def match(scope: Scope) -> LaneRoute | None:
     # Under a root path the paths FastAPI matches differ from scope["path"]: leave it to it.
     if scope["type"] != "http" or scope["method"] != "POST" or scope.get("root_path"):
         return None
-    path: str = scope["path"]
-    if path == "/predict":
-        return _PREDICT
-    parts = path.split("/")
+    parts = scope["path"].split("/")
     if not all(parts[1:]):  # an empty segment ("//", or a trailing "/"): FastAPI's to answer
         return None
-    match parts:
-        case ["", "models", name, "predict"]:
-            return LaneRoute("/models/{name}/predict", name)
-        case ["", "v2", "models", name, "infer"]:
-            return LaneRoute("/v2/models/{name}/infer", name)
-        case ["", "v2", "models", name, "versions", version, "infer"]:
-            return LaneRoute("/v2/models/{name}/versions/{version}/infer", name, version)
+    # Plain loops: on every request, where a comprehension would cost a call of its own.
+    for template in _TEMPLATES:
+        if len(parts) != len(template.parts):
+            continue
+        values: list[str] = []
+        for part, fixed in zip(parts, template.parts, strict=True):
+            if fixed is None:
+                values.append(part)
+            elif fixed != part:
+                break
+        else:
+            return LaneRoute(template.path, *values)
     return None
 
 
@@ -76,12 +119,13 @@ class InferenceLane:
         await response(scope, receive, send)
 
     async def _answer(self, request: Request, route: LaneRoute) -> Response:
-        if route.path.startswith("/v2/"):
-            assert route.model is not None
-            if route.version is not None:
-                return await v2.version_infer(request, route.model, route.version)
-            return await v2.infer(request, route.model)
-        return await predict_with(request, route.model)
+        # The endpoint's parameters are the route's values, in order (name, then version).
+        endpoint = _BY_PATH[route.path].endpoint
+        if route.model is None:
+            return await endpoint(request)
+        if route.version is None:
+            return await endpoint(request, route.model)
+        return await endpoint(request, route.model, route.version)
 
 
 class GpuserveAPI(FastAPI):
