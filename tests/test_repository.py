@@ -124,6 +124,9 @@ async def test_a_failed_reload_keeps_the_old_copy_serving(
     (folder / "a.pt2").write_bytes(b"not a model")
     refused = await client.post("/v2/repository/models/a/load")
     assert refused.status_code == 400 and "failed to load 'a'" in refused.json()["error"]
+    # The reason itself, not what the failed copy's stop said of it afterwards.
+    assert "shutting down" not in refused.json()["error"]
+    assert "a.pt2" in refused.json()["error"]
     assert (await client.post("/models/a/predict", json=ROW)).status_code == 200
     assert (await index(client))["a"]["state"] == "READY"
 

@@ -173,9 +173,11 @@ class ModelRegistry:
             await fresh.start()
             await fresh.loaded()
             if fresh.state != "ready":
+                # Read before stopping: a stopped service's reason is that it stopped.
+                reason = fresh.reason or f"{model.title} failed to load"
                 await fresh.stop(0)
                 fresh.release()
-                raise ModelLoadError(fresh.reason or f"{model.title} failed to load")
+                raise ModelLoadError(reason)
             self.configured[key] = model
             old = self._services.get(key)
             self._services[key] = fresh
