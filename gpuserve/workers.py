@@ -48,9 +48,10 @@ _RESTART_PAUSE_S = 1.0  # between a worker's death and its replacement: no tight
 _MAX_PAUSE_S = 60.0
 _STABLE_S = 60.0  # a worker that lived this long died of something new: the pause starts over
 _EXIT_MARGIN_S = 5.0  # past the drain, for a worker to write its answers and exit
-# A worker's status when it gave up on its own (serve_one's exits), told apart from 1, which
-# is also what Python exits with on an unhandled exception: a crash, restarted.
-_GAVE_UP = 3
+# A worker that gave up on its own (every model failed, a listener or the device could not be
+# had) says so in its slot before it exits: no exit status can say it, since a user's model
+# code may exit with any status, and such an exit is a crash, to be restarted.
+_GAVE_UP = -1
 
 
 class Peers:
@@ -63,9 +64,14 @@ class Peers:
     def publish(self, ready: bool) -> None:
         self._slots[self.index] = 1 if ready else 0
 
+    def give_up(self) -> None:
+        """Tell the supervisor this worker stops for good (another try would fail the same
+        way), before it exits."""
+        self._slots[self.index] = _GAVE_UP
+
     def others_ready(self) -> bool:
         """Whether every other worker is ready."""
-        return all(ready for i, ready in enumerate(self._slots[:]) if i != self.index)
+        return all(ready == 1 for i, ready in enumerate(self._slots[:]) if i != self.index)
 
 
 def worker_settings(settings: Settings, count: int, grpc_port: int) -> Settings:
@@ -212,10 +218,11 @@ class _Supervisor:
         """A worker has exited: None to restart it, or the server's exit status."""
         process = self._workers.pop(index)
         process.join()
+        gave_up = self._slots[index] == _GAVE_UP
         self._slots[index] = 0
         _mark_dead(process.pid, self._metrics_dir)
         code = process.exitcode
-        if code == _GAVE_UP:
+        if gave_up:
             logger.error(
                 "worker %d gave up (no model can serve, or its listener or device could not "
                 "be had; its log says which); stopping",
@@ -335,7 +342,8 @@ def _worker_main(
             raise
         if isinstance(exc.code, str):  # its message, which a plain status would not print
             print(exc.code, file=sys.stderr, flush=True)
-        raise SystemExit(_GAVE_UP) from None
+        peers.give_up()
+        raise SystemExit(1) from None
 
 
 def _exit_with_parent() -> None:
