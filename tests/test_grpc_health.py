@@ -60,6 +60,8 @@ async def test_watch_sends_the_status_then_each_change(fake_model: FakeModel) ->
             app_models = servers.http._transport.app.state.models  # type: ignore[attr-defined]
             app_models.begin_shutdown()
             assert await stream.read() == NOT_SERVING
+            # Then the stream ends: an open Watch must not hold the server's exit.
+            assert await stream.read() is grpc.aio.EOF
         stream.cancel()
         unknown = watch(request("nope"))
         with anyio.fail_after(10):

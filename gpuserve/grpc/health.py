@@ -5,7 +5,8 @@ The service name "" and "inference.GRPCInferenceService" stand for the server: S
 it is ready (the same answer as `/health/ready`), NOT_SERVING while it loads, after every
 model failed, and from the moment it starts draining; a model's name stands for that model.
 Any other name is NOT_FOUND, as the protocol says. `Watch` sends the status, then each
-change of it. No API key is needed, as for `/health/*`.
+change of it, and ends once the server drains (having said NOT_SERVING), so that no open
+stream holds the exit. No API key is needed, as for `/health/*`.
 
 The two messages are built from their descriptor at import (a private pool: nothing clashes
 with grpcio-health-checking's generated module, whose protobuf pin gpuserve cannot take).
@@ -93,6 +94,10 @@ def health_handler(calls: GrpcCalls, models: ModelRegistry) -> grpc.GenericRpcHa
             if status != last:
                 last = status
                 yield HealthCheckResponse(status=status)
+            if models.status == "stopping":
+                # Draining: the watcher has been told, and an open stream would hold the
+                # server's exit until the drain times out.
+                return
             await asyncio.sleep(_WATCH_INTERVAL_S)
 
     return grpc.method_handlers_generic_handler(
