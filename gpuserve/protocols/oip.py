@@ -222,13 +222,25 @@ def _positive_int(value: Any, what: str, unit: str = "") -> int:
     return value
 
 
+# What a refusal repeats of a request: a few of its names, each cut short, so a message
+# stays within what any transport carries (gRPC's status message above all).
+_NAMES_SHOWN = 5
+_NAME_SHOWN = 64
+# More dimensions than any model takes (numpy's own limit is 64).
+_MAX_DIMS = 32
+
+
 def supported(owner: dict[str, Any], allowed: frozenset[str], where: str) -> dict[str, Any]:
     """An object's parameters, refused with a 400 naming any that gpuserve does not act on
     (sequence_id, priority, shared memory, ...): silence would mislead."""
     parameters = _parameters(owner, where)
     unknown = sorted(set(parameters) - allowed)
     if unknown:
-        names = ", ".join(repr(name) for name in unknown)
+        # Bounded, whatever the request sent: the first few names, each cut short.
+        shown = [repr(name[:_NAME_SHOWN]) for name in unknown[:_NAMES_SHOWN]]
+        if len(unknown) > _NAMES_SHOWN:
+            shown.append(f"and {len(unknown) - _NAMES_SHOWN} more")
+        names = ", ".join(shown)
         supported = ", ".join(sorted(allowed))
         raise InvalidInput(f"{where}: parameter {names} is not supported (supported: {supported})")
     return parameters
@@ -441,6 +453,10 @@ def _check_header(spec: TensorSpec, declared: Any, shape: Any, limit: int | None
         isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape
     ):
         raise InvalidInput(f"input {name!r}: shape must be a list of sizes, not {shape!r}")
+    if len(shape) > _MAX_DIMS:
+        raise InvalidInput(
+            f"input {name!r}: a shape of {len(shape)} dimensions; at most {_MAX_DIMS} are taken"
+        )
     if limit is not None and shape and shape[0] > limit:
         raise InvalidInput(f"{shape[0]} instances given, at most {limit} allowed")
     # Python's integers, not numpy's: a product of large sizes must not wrap around int64.
@@ -487,6 +503,13 @@ def _strings(
 ) -> np.ndarray[Any, Any]:
     """BYTES elements in Triton's layout (each a 4-byte little-endian length, then its
     bytes), exactly `count` of them filling `data`: an object array of bytes."""
+    if count * 4 > len(data):
+        # Each element takes 4 bytes at least: a declared shape the data cannot fill is
+        # refused before an array of its size is made (a tiny body cannot cost gigabytes).
+        raise InvalidInput(
+            f"input {name!r}: its {what} cannot hold the {count} BYTES elements of shape "
+            f"{shape} (each a 4-byte little-endian length, then its bytes)"
+        )
     elements = np.empty(count, dtype=object)
     view = memoryview(data)
     offset = 0
