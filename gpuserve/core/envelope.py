@@ -81,7 +81,20 @@ class Envelope:
         self.metrics.in_flight.dec()
         seconds = time.perf_counter() - record.started
         model, version = record.model if count_model and record.model else ("", "")
-        self.metrics.observe_request(route, status, seconds, model, self.protocol, version)
+        trace = record.trace
+        if trace is not None and trace.batches:
+            self.metrics.observe_request(
+                route,
+                status,
+                seconds,
+                model,
+                self.protocol,
+                version,
+                trace.queue_wait_s,
+                trace.forward_s,
+            )
+        else:
+            self.metrics.observe_request(route, status, seconds, model, self.protocol, version)
         if self.access_log and access.isEnabledFor(logging.INFO):
             log_call(method, path, record, status, seconds)
 

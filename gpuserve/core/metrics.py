@@ -251,8 +251,11 @@ class Metrics:
         model: str = "",
         protocol: str = "http",
         version: str = "",
+        queue_s: float | None = None,
+        compute_s: float = 0.0,
     ) -> None:
-        """One answered request: an HTTP status code, or a gRPC status name ("OK", ...)."""
+        """One answered request: an HTTP status code, or a gRPC status name ("OK", ...); with
+        `queue_s`, it ran in a batch: its queue time and its batch's compute time."""
         # The labelled children, found once per (route, code, model, version): prometheus-
         # client's labels() checks and joins its arguments under a lock on every call.
         key = (route, code, model, protocol, version)
@@ -269,7 +272,7 @@ class Metrics:
         if model:  # a request that reached a model: the protocol's statistics count it too
             stats = self._stats.get((model, version)) or self.stats(model, version)
             succeeded = code == "OK" if isinstance(code, str) else 200 <= code < 300
-            stats.request(succeeded, seconds)
+            stats.request(succeeded, seconds, queue_s, compute_s)
 
     def observe_batch(
         self,
@@ -283,7 +286,7 @@ class Metrics:
         queue_wait_total_s: float = 0.0,
     ) -> None:
         stats = self._stats.get((model, version)) or self.stats(model, version)
-        stats.batch(size, queue_wait_total_s, forward_s)
+        stats.batch(size, forward_s)
         # The labelled children found once per model version, as for requests.
         children = self._batch_children.get((model, version))
         if children is None:

@@ -2,9 +2,10 @@
 
 `Metrics` records into these at the same moments, from the same observations, as into its
 Prometheus series, so `/v2/models/stats` and `/metrics` never disagree. Worker processes
-share theirs as records, which add up. Triton's semantics:
-each request accrues the queue time and the compute time of the batch it ran in; each batch
-size keeps its own count and compute time.
+share theirs as records, which add up. Triton's semantics: `inference_stats` counts
+requests, each accruing its own queue time and the compute time of the batch it ran in (its
+longest, if its instances ran in several); `inference_count` counts instances and
+`execution_count` batches; each batch size keeps its own count and compute time.
 """
 
 from __future__ import annotations
@@ -39,21 +40,25 @@ class ModelStats:
     # Both run for every request or batch: the additions are written out rather than
     # calls of a helper (tests/test_lane.py counts the calls a request costs).
 
-    def request(self, ok: bool, seconds: float) -> None:
-        """A request to this model was answered: 2xx counts as success, anything else fails."""
+    def request(
+        self, ok: bool, seconds: float, queue_s: float | None = None, compute_s: float = 0.0
+    ) -> None:
+        """A request to this model was answered: 2xx counts as success, anything else fails.
+        A successful one that ran in a batch (`queue_s` not None) adds its queue time and its
+        batch's compute time."""
         duration = self.success if ok else self.fail
         duration.count += 1
         duration.ns += int(seconds * 1e9)
+        if ok and queue_s is not None:
+            self.queue.count += 1
+            self.queue.ns += int(queue_s * 1e9)
+            self.compute_infer.count += 1
+            self.compute_infer.ns += int(compute_s * 1e9)
 
-    def batch(self, size: int, queue_s_total: float, compute_s: float) -> None:
-        """A batch of `size` instances ran for `compute_s` after they waited `queue_s_total`
-        in all."""
+    def batch(self, size: int, compute_s: float) -> None:
+        """A batch of `size` instances ran for `compute_s`."""
         self.inference_count += size
         self.execution_count += 1
-        self.queue.count += size
-        self.queue.ns += int(queue_s_total * 1e9)
-        self.compute_infer.count += size
-        self.compute_infer.ns += int(compute_s * size * 1e9)
         sized = self.by_batch_size.get(size)
         if sized is None:
             sized = self.by_batch_size[size] = _Duration()
@@ -90,8 +95,11 @@ class ModelStats:
 
     def to_triton(self, name: str, version: str) -> dict[str, Any]:
         """Triton's `model_stats` entry. gpuserve times a batch's run as one (collate,
-        forward, split): it is `compute_infer`; `compute_input` and `compute_output` stay 0."""
+        forward, split): it is `compute_infer`; `compute_input` and `compute_output` count the
+        same requests with no time of their own (tools such as perf_analyzer require the three
+        counts to agree)."""
         none = {"count": 0, "ns": 0}
+        counted = {"count": self.compute_infer.count, "ns": 0}
         return {
             "name": name,
             "version": version,
@@ -102,9 +110,9 @@ class ModelStats:
                 "success": self.success.to_dict(),
                 "fail": self.fail.to_dict(),
                 "queue": self.queue.to_dict(),
-                "compute_input": none,
+                "compute_input": counted,
                 "compute_infer": self.compute_infer.to_dict(),
-                "compute_output": none,
+                "compute_output": counted,
                 "cache_hit": none,
                 "cache_miss": none,
             },
