@@ -397,7 +397,9 @@ async def test_the_timeout_parameter_is_the_requests_deadline(client: httpx.Asyn
     assert expired.status_code == 504
     body["parameters"] = {"timeout": 10_000_000}
     assert (await client.post("/v2/models/digits/infer", json=body)).status_code == 200
-    for bad in (0, -5, 1.5, "10", True):
+    body["parameters"] = {"timeout": 0}  # the protocol's default: no deadline of its own
+    assert (await client.post("/v2/models/digits/infer", json=body)).status_code == 200
+    for bad in (-5, 1.5, "10", True, False):
         body["parameters"] = {"timeout": bad}
         refused = await client.post("/v2/models/digits/infer", json=body)
         assert refused.status_code == 400 and "'timeout'" in refused.json()["error"]

@@ -87,6 +87,17 @@ EXTENSIONS = (
 REPOSITORY_EXTENSION = "model_repository"
 # The parameters it acts on, at each level; any other is refused, never silently ignored.
 _REQUEST_PARAMETERS = frozenset({"binary_data_output", "timeout"})
+# Request parameters at the value that asks for nothing: what the protocol's own defaults say
+# (no priority, no sequence), accepted as the absence they mean. Another value is refused.
+_NO_OP_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "priority": (0,),
+    "sequence_id": (0, ""),
+    "sequence_start": (False,),
+    "sequence_end": (False,),
+}
+# Triton reserves this prefix for its own clients' settings (perf_analyzer sends
+# triton_enable_empty_final_response): they say nothing to a model, and are let through.
+_RESERVED_PREFIX = "triton_"
 INPUT_PARAMETERS = frozenset({"binary_data_size"})
 # "classification" is the classification extension's own name for the count, the one
 # tritonclient sends for its `class_count`; "class_count" is accepted too.
@@ -208,9 +219,16 @@ def _request_instances(inputs: Any, spec: ModelSpec, read: TensorReader) -> list
     ]
 
 
+def _is_no_op(name: str, value: Any) -> bool:
+    """Whether a parameter is at the value that asks for nothing (`priority: 0`, say)."""
+    defaults = _NO_OP_DEFAULTS.get(name)
+    return defaults is not None and type(value) in {type(d) for d in defaults} and value in defaults
+
+
 def _timeout_s(value: Any) -> float | None:
-    """The `timeout` parameter (microseconds, as Triton's clients send it), in seconds."""
-    if value is None:
+    """The `timeout` parameter (microseconds, as Triton's clients send it), in seconds; 0, as
+    Triton has it, is no timeout of the request's own."""
+    if value is None or (value == 0 and type(value) is int):
         return None
     return _positive_int(value, "parameter 'timeout'", " of microseconds") / 1e6
 
@@ -234,7 +252,13 @@ def supported(owner: dict[str, Any], allowed: frozenset[str], where: str) -> dic
     """An object's parameters, refused with a 400 naming any that gpuserve does not act on
     (sequence_id, priority, shared memory, ...): silence would mislead."""
     parameters = _parameters(owner, where)
-    unknown = sorted(set(parameters) - allowed)
+    unknown = sorted(
+        name
+        for name, value in parameters.items()
+        if name not in allowed
+        and not name.startswith(_RESERVED_PREFIX)
+        and not _is_no_op(name, value)
+    )
     if unknown:
         # Bounded, whatever the request sent: the first few names, each cut short.
         shown = [repr(name[:_NAME_SHOWN]) for name in unknown[:_NAMES_SHOWN]]
