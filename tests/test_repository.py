@@ -84,6 +84,9 @@ async def test_unload_then_load_again(client: httpx.AsyncClient) -> None:
     assert gone.status_code == 503 and "unloaded" in gone.json()["error"]
     ready = (await client.get("/health/ready")).json()
     assert ready["status"] == "ready" and ready["models"]["b"] == {"status": "unloaded"}
+    # The protocol's readiness of an unloaded model: not ready, a 4xx, not an error.
+    unready = await client.get("/v2/models/b/ready")
+    assert unready.status_code == 400 and unready.json() == {"name": "b", "ready": False}
     assert (await client.post("/models/a/predict", json=ROW)).status_code == 200
     assert (await client.post("/v2/repository/models/b/load")).status_code == 200
     assert (await index(client))["b"]["state"] == "READY"

@@ -8,6 +8,7 @@ does. Input errors answer 400, as the protocol has it (`protocols.status`), in t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
@@ -16,6 +17,7 @@ from starlette.responses import Response
 
 from gpuserve.config import Settings
 from gpuserve.core.calls import Call, Received, RequestPath
+from gpuserve.core.errors import NotReady
 from gpuserve.core.registry import ModelRegistry
 from gpuserve.http.responses import (
     JSON,
@@ -135,7 +137,10 @@ async def version_ready(request: Request, name: str, version: str) -> Response:
 
 
 def _readiness(request: Request, name: str, version: str | None) -> Response:
-    ready = reads.model_ready(_models(request), name, version)
+    models = _models(request)
+    with contextlib.suppress(NotReady):  # unloaded: not ready (400), as the protocol says
+        models.get(name, version)  # a name or version never known: 404, with the names
+    ready = reads.model_ready(models, name, version)
     return json_response({"name": name, "ready": ready}, 200 if ready else 400)
 
 

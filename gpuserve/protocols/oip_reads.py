@@ -30,9 +30,10 @@ def server_ready(models: ModelRegistry) -> bool:
 
 
 def model_ready(models: ModelRegistry, name: str, version: str | None) -> bool:
-    """Whether a model version serves: NotFound for an unknown one, Unavailable for an
-    unloaded one."""
-    return models.get(name, version).state == "ready"
+    """Whether a model version serves: false for one that is unknown, unloaded or not ready
+    yet, as Triton answers (a question, not an error)."""
+    service = models.find(name, version)
+    return service is not None and service.state == "ready"
 
 
 def statistics_of(
