@@ -315,3 +315,34 @@ async def test_a_version_rollout_under_load_fails_no_request(
         metrics = (await client.get("/metrics")).text
         assert 'gpuserve_ready{model="a",version="2"} 1.0' in metrics
         assert 'gpuserve_ready{model="a",version="1"} 0.0' in metrics
+
+
+async def test_the_repository_api_reads_its_bodies_as_triton_s_does(
+    folder: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    repository = tmp_path_factory.mktemp("repository")
+    export(repository / "extra.pt2", 3)
+    async with serving(create_app(settings(folder, repository_dir=repository))) as client:
+        # On disk, never loaded: listed, unavailable; {"ready": true} leaves it out.
+        listed = (await client.post("/v2/repository/index")).json()
+        assert {"name": "extra", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"} in (
+            listed
+        )
+        ready = (await client.post("/v2/repository/index", json={"ready": True})).json()
+        assert {entry["name"] for entry in ready} == {"a", "b"}
+        for body in (b"not json", b"[1]", b'{"ready": "yes"}'):
+            refused = await client.post("/v2/repository/index", content=body)
+            assert refused.status_code == 400, body
+        # Load parameters are refused, not ignored; so is a body that is not JSON.
+        overridden = await client.post(
+            "/v2/repository/models/a/load", json={"parameters": {"config": "{}"}}
+        )
+        assert overridden.status_code == 400 and "config" in overridden.json()["error"]
+        garbled = await client.post("/v2/repository/models/a/load", content=b"{oops")
+        assert garbled.status_code == 400
+        # Unloading what is not loaded succeeds, as Triton's does; an unknown name is 404.
+        for _ in range(2):
+            assert (await client.post("/v2/repository/models/b/unload")).status_code == 200
+        assert (await client.post("/v2/repository/models/b/versions/1/unload")).status_code == 200
+        assert (await client.post("/v2/repository/models/nope/unload")).status_code == 404
+        assert (await client.post("/v2/repository/models/a/versions/9/unload")).status_code == 404

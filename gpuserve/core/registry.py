@@ -193,14 +193,20 @@ class ModelRegistry:
     async def unload(self, name: str, drain_s: float, version: str | None = None) -> None:
         """Stop serving `name` (every version, or the one given): its accepted requests are
         answered (for up to `drain_s`), then its memory is released. It stays known, and can
-        be loaded again."""
+        be loaded again. Unloading what is not loaded succeeds, as Triton's does; an unknown
+        name or version is ModelNotFound."""
         if version is not None:
-            self.get(name, version)  # 404 for an unknown version, 503 for an unloaded one
+            if (name, version) not in self._services:
+                if (name, version) in self.configured:
+                    return  # unloaded already
+                self.get(name, version)  # ModelNotFound, naming what there is
             keys = [(name, version)]
         else:
             keys = [key for key in self._services if key[0] == name]
             if not keys:
-                self.get(name)  # 404 for an unknown name, 503 for an unloaded one
+                if name in self.names:
+                    return  # unloaded already
+                self.get(name)  # ModelNotFound, naming what there is
         self._claim(*keys)
         try:
             # Leaving the table first: new requests go to the versions left, or get 503.

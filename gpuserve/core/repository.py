@@ -69,3 +69,17 @@ def _file_model(name: str, configured: dict[Key, ModelSettings]) -> ModelSetting
         if n == name and model.path is not None and not (model.factory or model.handler)
     ]
     return max(files, key=lambda model: model.version) if files else ModelSettings(name=name)
+
+
+def on_disk(folder: Path | None) -> list[Key]:
+    """Every model version in the repository folder, whether loaded or not: `<name>.pt2`
+    (version 1) and `<name>/<N>/model.pt2` (Triton's layout), by name and version."""
+    if folder is None or not folder.is_dir():
+        return []
+    found: set[Key] = set()
+    root = folder.resolve()
+    for entry in root.iterdir():
+        # The same rules as a load by name: a name's form, files inside the folder only.
+        name = entry.stem if entry.suffix == ".pt2" else entry.name
+        found.update((name, str(version)) for version in _in_repository(root, name, {}))
+    return sorted(found)

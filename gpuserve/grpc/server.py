@@ -153,9 +153,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         def index(_: CallRecord) -> Any:
             self._repository_on()
-            entries = reads.index_entries(self._models)
-            if request.ready:
-                entries = [entry for entry in entries if entry["state"] == "READY"]
+            on_disk = repository.on_disk(self._settings.repository_dir)
+            entries = reads.index_entries(self._models, on_disk, ready=request.ready)
             return json_format.ParseDict({"models": entries}, pb.RepositoryIndexResponse())
 
         return await self._call("RepositoryIndex", context, index)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from gpuserve.config import Settings
 from gpuserve.core import repository
+from gpuserve.core.errors import InvalidInput
 from gpuserve.core.registry import ModelRegistry
 from gpuserve.http.responses import json_response
 from gpuserve.protocols.oip_reads import index_entries
@@ -35,21 +37,56 @@ def _context(request: Request) -> tuple[ModelRegistry, Settings]:
     return models, settings
 
 
+# A repository request's body is a few options: anything larger is no such request.
+_OPTIONS_LIMIT = 64 * 1024
+
+
+async def _options(request: Request) -> dict[str, Any]:
+    """A repository request's JSON body (absent: no options); InvalidInput (400) if it is not
+    a JSON object."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > _OPTIONS_LIMIT:
+            raise InvalidInput(f"the body is over {_OPTIONS_LIMIT} bytes: send a few options")
+    if not body.strip():
+        return {}
+    try:
+        options = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(options, dict):
+        raise InvalidInput("the body must be a JSON object")
+    return options
+
+
 @router.post("/index", responses=_ERRORS)
 async def index(request: Request) -> Response:
-    """Every model this server knows: configured, or loaded from the repository folder,
-    loaded or not, with its state and, when not ready, the reason."""
-    models, _ = _context(request)
-    return json_response(index_entries(models))
+    """Every model this server knows: configured, or in the repository folder, loaded or
+    not, with its state and, when not ready, the reason; `{"ready": true}`: the ready ones."""
+    models, settings = _context(request)
+    ready = (await _options(request)).get("ready", False)
+    if not isinstance(ready, bool):
+        raise InvalidInput(f"'ready' must be true or false, not {ready!r}")
+    on_disk = repository.on_disk(settings.repository_dir)
+    return json_response(index_entries(models, on_disk, ready=ready))
 
 
 @router.post("/models/{name}/load", responses=_ERRORS)
 async def load(request: Request, name: str) -> Response:
     """Load the model, every version configured or in the repository folder, or reload it
     (new weights from its source) with no request failing: each new copy replaces the old
-    once ready."""
+    once ready. Load parameters (a config or files to override) are refused, not ignored."""
+    await _no_parameters(request)
     await repository.load_model(*_context(request), name)
     return json_response({})
+
+
+async def _no_parameters(request: Request) -> None:
+    parameters = (await _options(request)).get("parameters")
+    if parameters:
+        names = ", ".join(sorted(map(str, parameters)))[:200]
+        raise InvalidInput(f"load parameters are not supported: {names}")
 
 
 @router.post("/models/{name}/unload", responses=_ERRORS)
@@ -68,6 +105,7 @@ async def unload(request: Request, name: str) -> Response:
 async def load_version(request: Request, name: str, version: str) -> Response:
     """Load (or reload) one version, leaving the others serving. Routes without a version
     move to it once it is ready, if it is the highest (see `default_versions`)."""
+    await _no_parameters(request)
     await repository.load_model(*_context(request), name, version)
     return json_response({})
 

@@ -3,6 +3,7 @@ gRPC transports: server metadata, model metadata, configuration, statistics and 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from gpuserve.config import Settings
@@ -75,8 +76,12 @@ def model_config_of(models: ModelRegistry, name: str, version: str | None) -> di
     )
 
 
-def index_entries(models: ModelRegistry) -> list[dict[str, Any]]:
-    """The repository index: each known model version's name, version, state and reason."""
+def index_entries(
+    models: ModelRegistry, on_disk: Sequence[tuple[str, str]] = (), *, ready: bool = False
+) -> list[dict[str, Any]]:
+    """The repository index: each known model version's name, version, state and reason,
+    then the versions in the repository folder never loaded; with `ready`, the ready ones
+    only."""
     entries = []
     for name, version in models.configured:
         state, reason = models.state_of((name, version))
@@ -84,4 +89,11 @@ def index_entries(models: ModelRegistry) -> list[dict[str, Any]]:
         if state != "ready" and reason:
             entry["reason"] = reason
         entries.append(entry)
+    for name, version in on_disk:
+        if (name, version) not in models.configured:
+            entries.append(
+                {"name": name, "version": version, "state": "UNAVAILABLE", "reason": "unloaded"}
+            )
+    if ready:
+        entries = [entry for entry in entries if entry["state"] == "READY"]
     return entries
