@@ -58,6 +58,8 @@ async def test_server_and_model_metadata(client: httpx.AsyncClient) -> None:
     meta = (await client.get("/v2/models/digits")).json()
     assert meta["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}]
     assert meta["outputs"][0]["shape"] == [-1, 10] and meta["versions"] == ["1"]
+    config = (await client.get("/v2/models/digits/config")).json()
+    assert meta["platform"] == config["platform"] == "pytorch_libtorch"  # one name for both
     assert (await client.get("/v2/models/digits/ready")).status_code == 200
     assert (await client.get("/v2/models/digits/versions/1")).json() == meta
     assert (await client.get("/v2/models/digits/versions/2")).status_code == 404

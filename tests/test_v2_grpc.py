@@ -507,3 +507,25 @@ async def test_a_failing_model_is_internal_with_a_request_id_and_the_server_goes
         assert "the model broke" in caplog.text
         fake_model.error = None
         assert (await servers.grpc.infer("fake", [x])).as_numpy("y").tolist() == [4.0]
+
+
+async def test_calls_gpuserve_does_not_serve_say_so_without_a_traceback(
+    digits: Both, caplog: pytest.LogCaptureFixture
+) -> None:
+    refusals = [
+        digits.stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest()),
+        digits.stub.CudaSharedMemoryStatus(pb.CudaSharedMemoryStatusRequest()),
+        digits.stub.TraceSetting(pb.TraceSettingRequest()),
+        digits.stub.LogSettings(pb.LogSettingsRequest()),
+    ]
+    for call in refusals:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call
+        assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "not served by gpuserve" in str(refused.value.details())
+    stream = digits.stub.ModelStreamInfer(iter([pb.ModelInferRequest(model_name="digits")]))
+    with pytest.raises(grpc.aio.AioRpcError) as streamed:
+        async for _ in stream:
+            pass
+    assert streamed.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert not [r for r in caplog.records if r.exc_info is not None]

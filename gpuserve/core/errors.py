@@ -23,6 +23,7 @@ class ErrorKind(StrEnum):
     OVERLOADED = "overloaded"
     DEADLINE = "deadline"
     CLIENT_GONE = "client_gone"
+    NOT_SERVED = "not_served"
     INTERNAL = "internal"
 
 
@@ -104,6 +105,12 @@ class ClientDisconnected(GpuserveError):
     """The client hung up while its request waited; nobody reads the answer (nginx's 499)."""
 
     kind = ErrorKind.CLIENT_GONE
+
+
+class NotServed(GpuserveError):
+    """The protocol defines this call, and gpuserve does not serve it (shared memory, say)."""
+
+    kind = ErrorKind.NOT_SERVED
 
 
 class InferenceError(GpuserveError):

@@ -24,7 +24,7 @@ from gpuserve.config import Settings
 from gpuserve.core import repository
 from gpuserve.core.calls import Call, Received, RequestPath
 from gpuserve.core.envelope import CallRecord, Envelope
-from gpuserve.core.errors import InvalidInput, ModelNotFound
+from gpuserve.core.errors import InvalidInput, ModelNotFound, NotServed
 from gpuserve.core.metrics import Metrics
 from gpuserve.core.offload import BodyDecoder
 from gpuserve.core.registry import ModelRegistry
@@ -91,8 +91,8 @@ class GrpcServer:
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    """The protocol's calls. The base class answers UNIMPLEMENTED to the ones gpuserve does
-    not serve (shared memory, trace and log settings, streaming)."""
+    """The protocol's calls. Those gpuserve does not serve (shared memory, trace and log
+    settings, streaming) answer UNIMPLEMENTED saying so (`_NOT_SERVED`)."""
 
     def __init__(self, settings: Settings, path: RequestPath, calls: GrpcCalls) -> None:
         self._settings = settings
@@ -199,6 +199,36 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def _repository_on(self) -> None:
         if not self._settings.repository_api:
             raise ModelNotFound("the repository API is off (set repository_api to turn it on)")
+
+
+# The protocol's calls gpuserve does not serve, and what each belongs to: answered
+# UNIMPLEMENTED with that said, in the envelope every call gets (no traceback in the log).
+_NOT_SERVED = {
+    "CudaSharedMemoryRegister": "the CUDA shared memory extension",
+    "CudaSharedMemoryStatus": "the CUDA shared memory extension",
+    "CudaSharedMemoryUnregister": "the CUDA shared memory extension",
+    "SystemSharedMemoryRegister": "the system shared memory extension",
+    "SystemSharedMemoryStatus": "the system shared memory extension",
+    "SystemSharedMemoryUnregister": "the system shared memory extension",
+    "LogSettings": "the logging extension",
+    "TraceSetting": "the trace extension",
+    "ModelStreamInfer": "streaming inference (decoupled models)",
+}
+
+
+def _not_served(method: str, what: str) -> Any:
+    async def refuse(self: InferenceService, request: Any, context: Any) -> Any:
+        def fail(_: CallRecord) -> Any:
+            raise NotServed(f"{method}: {what} is not served by gpuserve")
+
+        return await self._call(method, context, fail)
+
+    refuse.__name__ = method
+    return refuse
+
+
+for _method, _what in _NOT_SERVED.items():
+    setattr(InferenceService, _method, _not_served(_method, _what))
 
 
 def _model(name: str, version: str, record: CallRecord) -> tuple[str, str | None]:

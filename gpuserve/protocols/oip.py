@@ -59,6 +59,10 @@ def datatype(spec: TensorSpec) -> str:
     return _OF_SPEC[spec.dtype]
 
 
+# Triton's platform name for a PyTorch model: in metadata and configuration alike.
+PLATFORM = "pytorch_libtorch"
+
+
 def metadata(spec: ModelSpec, platform: str, versions: list[str]) -> dict[str, Any]:
     """The model metadata response: the versions loaded, tensors with the batch dimension
     as -1."""
@@ -615,7 +619,7 @@ def model_config(
 
     return {
         "name": spec.name,
-        "platform": "pytorch_libtorch",
+        "platform": PLATFORM,
         "backend": "pytorch",
         "version_policy": {"specific": {"versions": [int(v) for v in versions]}},
         "max_batch_size": max_batch_size,

@@ -11,8 +11,6 @@ from gpuserve.core.registry import ModelRegistry
 from gpuserve.protocols import oip
 from gpuserve.version import __version__
 
-# Platform names are free text in the protocol; clients only display them.
-PLATFORM = "pytorch"
 # The repository extension's model states.
 _STATES = {"ready": "READY", "loading": "LOADING"}
 
@@ -56,7 +54,7 @@ def statistics_of(
 def metadata_of(models: ModelRegistry, name: str, version: str | None) -> dict[str, Any]:
     """A model version's metadata: name, versions loaded, platform, and the input and output
     tensors (batch dimension -1)."""
-    return oip.metadata(models.get(name, version).spec, PLATFORM, models.versions(name))
+    return oip.metadata(models.get(name, version).spec, oip.PLATFORM, models.versions(name))
 
 
 def model_config_of(models: ModelRegistry, name: str, version: str | None) -> dict[str, Any]:

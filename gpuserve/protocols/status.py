@@ -31,6 +31,7 @@ _HTTP: dict[ErrorKind, int] = {
     ErrorKind.OVERLOADED: 503,
     ErrorKind.DEADLINE: 504,
     ErrorKind.CLIENT_GONE: 499,  # nginx's code: nobody reads it, but logs and metrics do
+    ErrorKind.NOT_SERVED: 501,
     ErrorKind.INTERNAL: 500,
 }
 _OIP: dict[ErrorKind, int] = {**_HTTP, ErrorKind.INVALID_INPUT: 400}
@@ -46,6 +47,7 @@ GRPC_CODES: dict[ErrorKind, str] = {
     ErrorKind.OVERLOADED: "RESOURCE_EXHAUSTED",  # gRPC's own word for a full queue
     ErrorKind.DEADLINE: "DEADLINE_EXCEEDED",
     ErrorKind.CLIENT_GONE: "CANCELLED",
+    ErrorKind.NOT_SERVED: "UNIMPLEMENTED",
     ErrorKind.INTERNAL: "INTERNAL",
 }
 _BY_PROTOCOL = {Protocol.PREDICT: _HTTP, Protocol.OIP: _OIP}
