@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import stat
 import sys
 import threading
 import warnings
@@ -38,8 +40,11 @@ def load_module(settings: ModelSettings, device: torch.device) -> torch.nn.Modul
 
 
 def import_object(target: str, code_dir: Path | None = None) -> Any:
-    """Import `package.module:attribute`, from `code_dir` (default: the working directory)."""
+    """Import `package.module:attribute`, from `code_dir` (default: the working directory).
+    A `code_dir` given must be one only this server's user or root can change."""
     module_name, _, attribute = target.partition(":")
+    if code_dir is not None:
+        require_trusted(code_dir)
     folder = str((code_dir or Path.cwd()).resolve())
     # Users run `gpuserve` from their project; its console script does not put cwd on the path.
     if folder not in sys.path:
@@ -102,12 +107,48 @@ def _writes_in_place(target: Any) -> bool:
 
 
 def require_file(path: Path) -> None:
-    """ModelLoadError unless the model file is there, naming where it was looked for."""
+    """ModelLoadError unless the model file is there, naming where it was looked for, and
+    only this server's user (or root) can change it (`require_trusted`)."""
     if not path.is_file():
         raise ModelLoadError(
             f"model file not found: {path} (looked for {path.resolve()}; relative paths are "
             "taken from the working directory)"
         )
+    require_trusted(path)
+
+
+def require_trusted(path: Path) -> None:
+    """ModelLoadError if anyone but this server's user and root could have written `path`
+    or replaced it: as SSH's StrictModes, for a model file or a folder of code.
+
+    A model file is code: loading a torch.export or TorchScript file can run what it holds.
+    So the file and every folder above it must be owned by this user or root and writable
+    by no group or other user; a folder others may write to is accepted only when it is
+    sticky and owned by root (as /tmp is), since then nobody else can replace what is in it.
+    """
+    me = os.geteuid()
+    resolved, given = path.resolve(), path.absolute()
+    # The file and its folders, and where a link to it lies: whoever could swap the link
+    # could swap the model.
+    places = dict.fromkeys([resolved, *resolved.parents, *given.parents])
+    for place in places:
+        try:
+            info = place.stat()
+        except OSError as exc:
+            raise ModelLoadError(f"cannot check who may write {place}: {exc}") from None
+        mode = info.st_mode
+        sticky_root = stat.S_ISDIR(mode) and bool(mode & stat.S_ISVTX) and info.st_uid == 0
+        if info.st_uid not in (me, 0):
+            raise ModelLoadError(
+                f"refusing to load {path}: {place} belongs to user {info.st_uid}, not to this "
+                "server's user or root, and a model file can run code"
+            )
+        if mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky_root:
+            raise ModelLoadError(
+                f"refusing to load {path}: {place} can be written by other users "
+                f"(mode {stat.filemode(mode)}), and a model file can run code; "
+                f"fix it with: chmod go-w {place}"
+            )
 
 
 def load_program(path: Path) -> Any:
