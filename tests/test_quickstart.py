@@ -163,6 +163,8 @@ def test_a_fixed_batch_export_is_refused_with_the_export_that_fixes_it(tmp_path:
     assert "mymodel.pt2 was exported with a fixed batch size of 2" in result.stderr
     suggested = 'dynamic_shapes=({0: torch.export.Dim("batch")},))'
     assert f"torch.export.export(model, (torch.randn(2, 10),), {suggested}" in result.stderr
+    # No advice that fails when followed: exported at 2, one at a time would not load either.
+    assert "max_batch_size = 1" not in result.stderr
     assert "Traceback" not in result.stderr  # a user's mistake: one line, not a stack
 
 

@@ -218,11 +218,18 @@ def _require_dynamic_batch(program: Any, path: Path, batch: int) -> None:
     if shape is None or len(shape) == 0 or not isinstance(shape[0], int):
         return
     rest = ", ".join(str(dim) for dim in shape[1:])
+    # Advice that works when followed: one at a time suits a program exported at batch 1
+    # only; one exported at 2 or more takes exactly that many, never a lone request.
+    alternative = (
+        ", or set max_batch_size = 1"
+        if shape[0] == 1
+        else f" (exported at {shape[0]}, it cannot run a batch of one: only a new export helps)"
+    )
     raise ModelLoadError(
         f"{path} was exported with a fixed batch size of {shape[0]} (its input has shape "
         f"{list(shape)}), and gpuserve batches up to {batch} instances at once. Export it with "
         f"a dynamic batch dimension: torch.export.export(model, (torch.randn(2, {rest}),), "
-        'dynamic_shapes=({0: torch.export.Dim("batch")},)), or set max_batch_size = 1'
+        f'dynamic_shapes=({{0: torch.export.Dim("batch")}},)){alternative}'
     )
 
 
