@@ -68,3 +68,24 @@ async def test_watch_sends_the_status_then_each_change(fake_model: FakeModel) ->
             assert await unknown.read() == SERVICE_UNKNOWN
         unknown.cancel()
         await asyncio.sleep(0)
+
+
+async def test_an_unloaded_model_is_not_serving_not_an_error(
+    fake_model: FakeModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(device="cpu", model=FAKE)
+    async with (
+        both(settings, loader=fake_loader(fake_model)) as servers,
+        grpc.aio.insecure_channel(servers.url) as channel,
+    ):
+        app_models = servers.http._transport.app.state.models  # type: ignore[attr-defined]
+        await app_models.unload("fake", 1.0)
+        check = channel.unary_unary("/grpc.health.v1.Health/Check")
+        assert await check(request("fake")) == NOT_SERVING
+        watch = channel.unary_stream("/grpc.health.v1.Health/Watch")
+        stream = watch(request("fake"))
+        with anyio.fail_after(10):
+            assert await stream.read() == NOT_SERVING
+        stream.cancel()
+        await asyncio.sleep(0)
+    assert not [r for r in caplog.records if r.exc_info is not None]

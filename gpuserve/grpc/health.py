@@ -68,8 +68,9 @@ def status_of(models: ModelRegistry, service: str) -> int:
         return SERVING if models.status == "ready" else NOT_SERVING
     found = models.find(service)
     if found is None:
-        models.get(service)  # ModelNotFound for a name the server does not know
-        return NOT_SERVING  # a known model, unloaded
+        if service in models.names:
+            return NOT_SERVING  # a known model, unloaded
+        models.get(service)  # ModelNotFound, naming the models there are
     ready = found.state == "ready" and models.status != "stopping"
     return SERVING if ready else NOT_SERVING
 
