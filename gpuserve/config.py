@@ -447,12 +447,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_models(self) -> Settings:
-        if "models" in self.model_fields_set and not self.models:
-            # Serving the default [model] instead would serve a model nobody named.
-            raise ValueError(
-                "models is an empty list: list each model as a [[models]] table, or give "
-                "one [model] (or a model file on the command line)"
-            )
         served = [(model.key, model.version) for model in self.served_models]
         if len(set(served)) != len(served):
             twice = sorted({f"{k} version {v}" for k, v in served if served.count((k, v)) > 1})

@@ -289,13 +289,3 @@ def test_the_repository_folder_in_a_config_file_is_taken_from_its_folder(
     assert Settings(config_file=config).repository_dir == tmp_path / "models"
     monkeypatch.setenv("GPUSERVE_REPOSITORY_DIR", "here")  # the environment: as typed
     assert Settings(config_file=config).repository_dir == Path("here")
-
-
-def test_an_empty_list_of_models_is_a_settings_error(tmp_path: Path) -> None:
-    config = tmp_path / "empty.toml"
-    config.write_text("models = []\n")
-    with pytest.raises(ValidationError, match="models is an empty list"):
-        Settings(config_file=config)
-    with pytest.raises(ValidationError, match="models is an empty list"):
-        Settings(models=[])
-    assert Settings().served_models[0].path is not None  # not given at all: the [model]
