@@ -10,7 +10,7 @@ hard time limit every thread's traceback is dumped (faulthandler) and the run en
 
 Sections: A probe and NVML, B ordering under stress, C precision, D compile, E out of memory,
 F throughput, G over HTTP (a `gpuserve serve` process loaded by several client processes),
-and, only when asked for (`--only H I`), H worker processes (`workers` 1 to 8, issue 16) and
+and, only when asked for (`--only H I`), H worker processes (`workers` 1 to 8) and
 I the encoder under CUDA graphs (`compile = "reduce-overhead"`) against F's eager figures.
 On the CPU the correctness checks run small and the speed bars are reported, not judged. The
 wheels gpuserve needs beyond that machine's packages come from `scripts/gpu_wheels.sh`.
@@ -663,7 +663,7 @@ def over_http(check: Check) -> Result:
 
 @section("H. worker processes (opt-in: --only H)")
 def worker_processes(check: Check) -> Result:
-    """Issue 16's figures: `workers` 1, 2, 4, 8 (CPU: 1, 2), the light MLP and the encoder
+    """Worker processes' figures: `workers` 1, 2, 4, 8 (CPU: 1, 2), the light MLP and the encoder
     in bf16, the same load for each; req/s against one process, and served/raw."""
     counts = [1, 2, 4, 8] if not check.cpu else [1, 2]
     runs: dict[str, list[Result]] = {}

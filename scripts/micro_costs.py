@@ -1,4 +1,4 @@
-"""What each of issue 17's small cuts saves, measured alone (µs per request).
+"""What each of the request path's small cuts saves, measured alone (µs per request).
 
     python scripts/micro_costs.py [--requests 100000] [--rounds 3]
 

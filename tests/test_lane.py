@@ -207,11 +207,9 @@ async def test_a_bug_in_the_lane_is_one_500_with_one_request_id(
     assert len(logged) == 2 and all(r.exc_info is not None for r in logged)
 
 
-# What one /predict request may cost the event loop, counted, never timed (issue 17): a change
-# that adds per-request work fails here, on any machine. Measured 2026-11-26; raise a budget
-# only with the reason in the commit.
-# Measured 53 and 31 at first; 56 and 32 since the request path shared with KServe v1
-# (routes.run_predict) and the statistics extension's counters (one call per request).
+# What one /predict request may cost the event loop, counted, never timed: a change
+# that adds per-request work fails here, on any machine. Raise a budget only with the reason
+# in the commit. Calls are gpuserve's own Python functions; a comprehension counts as one.
 _GPUSERVE_CALLS_PER_REQUEST = 60
 _GPUSERVE_CALLS_PER_BATCH = 36  # collect, hand to the worker, settle, count
 _TASKS_PER_REQUEST = 1  # the hang-up watch, in-process (under gpuserve's HTTP protocol: none)
