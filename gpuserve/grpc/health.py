@@ -68,9 +68,9 @@ def status_of(models: ModelRegistry, service: str) -> int:
         return SERVING if models.status == "ready" else NOT_SERVING
     found = models.find(service)
     if found is None:
-        if service in models.names:
-            return NOT_SERVING  # a known model, unloaded
-        models.get(service)  # ModelNotFound, naming the models there are
+        if service not in models.names:
+            models.get(service)  # ModelNotFound, naming the models there are
+        return NOT_SERVING  # a known model, unloaded
     ready = found.state == "ready" and models.status != "stopping"
     return SERVING if ready else NOT_SERVING
 
