@@ -5,7 +5,7 @@
 # and wrk with its LuaJIT as Debian packages in .whl/deb/ (that machine has no wrk, and the
 # check's httpx clients saturated before the server did).
 #
-#   scripts/gpu_wheels.sh          # then, there (the device tool carries .whl):
+#   scripts/gpu_wheels.sh          # then, there, with .whl/ copied beside the checkout:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 #   for f in .whl/deb/*.deb; do dpkg -x "$f" /tmp/wrk; done
 #   export PATH=/tmp/wrk/usr/bin:$PATH LD_LIBRARY_PATH=/tmp/wrk/usr/lib/x86_64-linux-gnu
