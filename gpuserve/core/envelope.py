@@ -82,19 +82,15 @@ class Envelope:
         seconds = time.perf_counter() - record.started
         model, version = record.model if count_model and record.model else ("", "")
         trace = record.trace
-        if trace is not None and trace.batches:
-            self.metrics.observe_request(
-                route,
-                status,
-                seconds,
-                model,
-                self.protocol,
-                version,
-                trace.queue_wait_s,
-                trace.forward_s,
-            )
-        else:
-            self.metrics.observe_request(route, status, seconds, model, self.protocol, version)
+        # A call that ran in a batch adds its queue time and its batch's compute time.
+        queue_s, compute_s = (
+            (trace.queue_wait_s, trace.forward_s)
+            if trace is not None and trace.batches
+            else (None, 0.0)
+        )
+        self.metrics.observe_request(
+            route, status, seconds, model, self.protocol, version, queue_s, compute_s
+        )
         if self.access_log and access.isEnabledFor(logging.INFO):
             log_call(method, path, record, status, seconds)
 

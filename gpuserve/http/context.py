@@ -13,16 +13,14 @@ import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gpuserve.core.envelope import CallRecord, Envelope
+from gpuserve.core.envelope import Envelope
 from gpuserve.core.errors import InferenceError, NotReady, Unauthorized
-from gpuserve.http.responses import error_response
+from gpuserve.http.responses import CALL, error_response
 
 # Probes must work without a key: Kubernetes and load balancers carry none.
 _OPEN_PATHS = frozenset(
     {"/", "/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready"}
 )
-# Where a request's CallRecord lies in its scope's state (`request.state.call`).
-CALL = "call"
 
 logger = logging.getLogger("gpuserve.http")
 
@@ -84,12 +82,6 @@ class RequestContext:
         finally:
             route = route_label(scope)
             envelope.close(record, scope["method"], scope["path"], route, status or 500)
-
-
-def call_of(scope: Scope) -> CallRecord | None:
-    """The request's record, where the middleware has opened one."""
-    record: CallRecord | None = scope.get("state", {}).get(CALL)
-    return record
 
 
 def route_label(scope: Scope) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -20,6 +19,7 @@ from gpuserve.core import repository
 from gpuserve.core.errors import InvalidInput
 from gpuserve.core.registry import ModelRegistry
 from gpuserve.http.responses import json_response
+from gpuserve.protocols import oip
 from gpuserve.protocols.oip_reads import index_entries
 from gpuserve.protocols.schemas import ErrorResponse
 
@@ -51,13 +51,7 @@ async def _options(request: Request) -> dict[str, Any]:
             raise InvalidInput(f"the body is over {_OPTIONS_LIMIT} bytes: send a few options")
     if not body.strip():
         return {}
-    try:
-        options = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"the body is not valid JSON: {exc}") from None
-    if not isinstance(options, dict):
-        raise InvalidInput("the body must be a JSON object")
-    return options
+    return oip.json_object(body, "the body")
 
 
 @router.post("/index", responses=_ERRORS)

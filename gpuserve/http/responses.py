@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import Receive, Scope
 
+from gpuserve.core.calls import Received
 from gpuserve.core.errors import (
     ClientDisconnected,
     ErrorKind,
@@ -28,6 +29,8 @@ from gpuserve.core.errors import (
 from gpuserve.protocols.status import http_protocol, http_status
 
 _T = TypeVar("_T")
+# Where a request's CallRecord lies in its scope's state (`request.state.call`).
+CALL = "call"
 logger = logging.getLogger("gpuserve.http")
 
 
@@ -74,7 +77,7 @@ def error_response(exc: GpuserveError, scope: Scope) -> Response:
 
 def request_id_of(scope: Scope) -> str:
     """The request's id, as its X-Request-Id header and log line carry it."""
-    record = scope.get("state", {}).get("call")
+    record = scope.get("state", {}).get(CALL)
     return "" if record is None else str(record.request_id)
 
 
@@ -157,6 +160,14 @@ async def read_body(request: Request, limit: int, *, binary: bool = False) -> by
     if not body:
         raise InvalidInput("the request body is empty")
     return body
+
+
+async def received_body(request: Request, limit: int, binary: bool = False) -> Received[bytes]:
+    """A request's body (`read_body`) with the deadline its client asked for, as the core's
+    request path receives a payload."""
+    timeout_s = asked_timeout_s(request)
+    body = await read_body(request, limit, binary=binary)
+    return Received(body, timeout_s, len(body))
 
 
 def header(request: Request, name: bytes) -> str | None:

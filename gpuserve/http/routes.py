@@ -16,11 +16,11 @@ from fastapi import APIRouter, Request
 from starlette.responses import PlainTextResponse, Response
 
 from gpuserve.config import Settings
-from gpuserve.core.calls import Answer, Call, Received, RequestPath
+from gpuserve.core.calls import Answer, Call, RequestPath
 from gpuserve.core.metrics import Metrics
 from gpuserve.core.registry import ModelRegistry
 from gpuserve.core.service import ModelService
-from gpuserve.http.responses import asked_timeout_s, json_response, read_body, unless_disconnected
+from gpuserve.http.responses import json_response, received_body, unless_disconnected
 from gpuserve.protocols.predict import PredictBody, decode_predict
 from gpuserve.protocols.schemas import ErrorResponse, PredictRequest, PredictResponse
 from gpuserve.spec import ModelSpec
@@ -101,12 +101,7 @@ async def run_predict(
     """The core's request path for a JSON-instances protocol (`/predict`, KServe v1): the
     body, decoded by `decode`, through `model`."""
     settings: Settings = request.app.state.settings
-
-    async def receive() -> Received[bytes]:
-        timeout_s = asked_timeout_s(request)
-        body = await read_body(request, settings.max_body_bytes)
-        return Received(body, timeout_s, len(body))
-
+    receive = functools.partial(received_body, request, settings.max_body_bytes)
     path: RequestPath = request.app.state.path
     wait = functools.partial(unless_disconnected, request)
     return await path.infer(Call(model), request.state.call, receive, decode, wait)

@@ -16,15 +16,14 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from gpuserve.config import Settings
-from gpuserve.core.calls import Call, Received, RequestPath
+from gpuserve.core.calls import Call, RequestPath
 from gpuserve.core.errors import NotReady
 from gpuserve.core.registry import ModelRegistry
 from gpuserve.http.responses import (
     JSON,
-    asked_timeout_s,
     header,
     json_response,
-    read_body,
+    received_body,
     unless_disconnected,
 )
 from gpuserve.protocols import oip
@@ -161,12 +160,7 @@ async def infer_version(request: Request, name: str, version: str | None) -> Res
     record = request.state.call
     path: RequestPath = request.app.state.path
     settings: Settings = request.app.state.settings
-
-    async def receive() -> Received[bytes]:
-        timeout_s = asked_timeout_s(request)
-        body = await read_body(request, settings.max_body_bytes, binary=True)
-        return Received(body, timeout_s, len(body))
-
+    receive = functools.partial(received_body, request, settings.max_body_bytes, True)
     decode = functools.partial(oip.decode_request, header_length=header(request, _HEADER_LENGTH))
     answer = await path.infer(
         Call(name, version, postprocess=False),

@@ -142,12 +142,7 @@ def decode_request(
     Inference-Header-Content-Length: the JSON header's size, the tensors' bytes after it.
     """
     header, binary = _split_body(body, header_length)
-    try:
-        request = orjson.loads(header)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"the request is not valid JSON: {exc}") from None
-    if not isinstance(request, dict):
-        raise InvalidInput("the request must be a JSON object")
+    request = json_object(header, "the request")
 
     starts = _binary_starts(request.get("inputs"))
     data = memoryview(binary)
@@ -156,6 +151,17 @@ def decode_request(
         return _tensor_data(tensor, data[starts.get(id(tensor), 0) :], spec, limit)
 
     return decode_fields(request, spec, read)
+
+
+def json_object(data: bytes | memoryview, what: str) -> dict[str, Any]:
+    """`data` parsed as one JSON object; InvalidInput (400) naming `what` if it is not one."""
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise InvalidInput(f"{what} must be a JSON object")
+    return parsed
 
 
 def _binary_starts(inputs: Any) -> dict[int, int]:
