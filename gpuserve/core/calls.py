@@ -33,7 +33,6 @@ from gpuserve.core.service import ModelService
 from gpuserve.spec import Instance, ModelSpec
 
 P = TypeVar("P")
-T = TypeVar("T")
 
 
 class Decoded(Protocol):
@@ -80,10 +79,6 @@ class Answer(Generic[D]):
     rows: list[Any]
 
 
-async def _as_is(work: Awaitable[T]) -> T:
-    return await work
-
-
 class RequestPath:
     """The request path, shared by every protocol and transport."""
 
@@ -97,7 +92,7 @@ class RequestPath:
         record: CallRecord,
         receive: Callable[[], Awaitable[Received[P]]],
         decode: Callable[[P, ModelSpec, int], D],
-        wait: Callable[[Awaitable[list[Any]]], Awaitable[list[Any]]] = _as_is,
+        wait: Callable[[Awaitable[list[Any]]], Awaitable[list[Any]]] | None = None,
     ) -> Answer[D]:
         """Run one inference call, as the module's docstring lists."""
         models = self.models
@@ -126,5 +121,5 @@ class RequestPath:
         work = service.predict(
             decoded.instances, timeout_s, postprocess=call.postprocess, trace=trace
         )
-        rows = await wait(work)
+        rows = await (work if wait is None else wait(work))
         return Answer(service, spec, decoded, rows)
