@@ -26,8 +26,11 @@ $(VENV)/.dev-installed: $(VENV)/.installed
 $(DEMO_MODEL): scripts/make_demo_model.py | $(VENV)/.installed
 	$(PY) scripts/make_demo_model.py --out $(dir $(DEMO_MODEL))
 
+# More flags for `make serve`: make serve ARGS="--port 9000"
+ARGS ?=
+
 serve: $(VENV)/.installed $(DEMO_MODEL)
-	$(PY) -m gpuserve serve --config $(CONFIG)
+	$(PY) -m gpuserve serve --config $(CONFIG) $(ARGS)
 
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check .

@@ -41,6 +41,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "gpuserve: a model file on the command line serves that one model, but the config "
             "file lists several ([[models]]); serve it without --config, or add it to the list"
         )
+    if args.command == "serve" and not settings.served_models:
+        sys.exit(f"gpuserve: {nothing_to_serve(settings)}")
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "probe":
         _probe(settings, args.json)
@@ -57,6 +59,21 @@ _EXAMPLES = """examples:
   GPUSERVE_DEVICE=cpu gpuserve serve         environment variables: GPUSERVE_<SETTING>
   gpuserve probe --json                      which device would be used, and why
 """
+
+
+def nothing_to_serve(settings: Settings) -> str:
+    """Why `serve` will not start without a model, and what to give it."""
+    if settings.config_file is not None:
+        return (
+            f"the config file {settings.config_file} names no model: add a [model] table "
+            'with path = "model.pt2" (or [[models]] tables), or give the file: '
+            "gpuserve serve --config FILE MODEL"
+        )
+    return (
+        "no model to serve: give a model file (gpuserve serve model.pt2), a config file that "
+        "names one (gpuserve serve --config FILE), or GPUSERVE_MODEL__PATH. "
+        "`gpuserve init model.pt2` writes a starter config."
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,7 +124,9 @@ def _parser() -> argparse.ArgumentParser:
         "environment: GPUSERVE_MODEL__PATH",
     )
     serve.add_argument("--host", help=_setting("host", "address to listen on"))
-    serve.add_argument("--port", type=int, help=_setting("port", "port to listen on"))
+    serve.add_argument(
+        "--port", type=int, help=_setting("port", "port to listen on; 0 picks a free one")
+    )
     serve.add_argument(
         "--grpc-port", dest="grpc_port", type=int, help=_setting("grpc_port", "gRPC port")
     )

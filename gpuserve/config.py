@@ -38,6 +38,11 @@ _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _IMPORT_PATTERN = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
 
 
+def valid_name(name: str) -> bool:
+    """Whether `name` has a model name's form: no separators, no dot first."""
+    return re.fullmatch(_NAME_PATTERN, name) is not None
+
+
 class ModelSettings(BaseModel):
     """Which model to serve, where it comes from, and how to batch its requests.
 
@@ -61,7 +66,7 @@ class ModelSettings(BaseModel):
         "highest one ready, or the server's `default_versions` entry.",
     )
     path: Path | None = Field(
-        default=Path("models/digits.pt2"),
+        default=None,
         description="The model file: .pt2 (torch.export) or TorchScript. Relative paths in a "
         "config file are taken from the file's folder; from a flag or the environment, from "
         "the working directory.",
@@ -225,11 +230,15 @@ class ModelSettings(BaseModel):
             return self.path.stem
         raise ValueError("a model without a file needs a name")
 
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, path: Path | None) -> Path | None:
+        if path is not None and path.name in ("", ".", ".."):
+            raise ValueError(f"path must name a model file, not {str(path)!r}")
+        return path
+
     @model_validator(mode="after")
     def _check_source(self) -> ModelSettings:
-        if (self.factory or self.handler) and "path" not in self.model_fields_set:
-            # A factory or handler replaces the default demo file, unless a path is given.
-            object.__setattr__(self, "path", None)
         if self.factory is not None and self.path is not None:
             raise ValueError("give either path (a model file) or factory, not both")
         if self.weights is not None and self.factory is None:
@@ -369,6 +378,26 @@ class Settings(BaseSettings):
         description="A connection must send a request's headers within this long of opening "
         "(or of the request's first byte on a kept-alive connection), or it is closed.",
     )
+    max_header_bytes: int = Field(
+        default=65536,
+        ge=1024,
+        description="A request's line and headers together, in bytes; past this it gets 431 "
+        "and the connection closes, before anything of it is parsed.",
+    )
+    max_headers: int = Field(
+        default=100, ge=8, description="Header fields a request may carry; past this, 431."
+    )
+    max_url_bytes: int = Field(
+        default=8192,
+        ge=256,
+        description="The request line (method, path and query), in bytes; past this, 414.",
+    )
+    body_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A request's body must arrive within this long of its headers (or of "
+        "its X-Request-Timeout-Ms, when shorter), or it gets 408 and the connection closes.",
+    )
     max_connections: int = Field(
         default=2048,
         ge=1,
@@ -381,12 +410,12 @@ class Settings(BaseSettings):
         description="When set, every route but the health checks needs "
         "'Authorization: Bearer <key>'. GPUSERVE_API_KEYS takes a comma-separated list.",
     )
-    model: ModelSettings = Field(
-        default_factory=ModelSettings,
+    model: ModelSettings | None = Field(
+        default=None,
         description="The model to serve, when `models` does not list several.",
     )
-    models: list[ModelSettings] = Field(
-        default_factory=list,
+    models: list[ModelSettings] | None = Field(
+        default=None,
         description="Several models, each with its own batcher and readiness ([[models]] in "
         "TOML). When given, `model` is ignored.",
     )
@@ -431,6 +460,20 @@ class Settings(BaseSettings):
     def _check_device(cls, value: str) -> str:
         return _check_device(value)
 
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _parse_workers(cls, value: object) -> object:
+        # A flag or an environment variable gives text: read it here, so that a wrong value
+        # gets one plain message rather than one per member of the union.
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text == "auto":
+                return "auto"
+            if not text.isdigit():
+                raise ValueError(f"workers must be a number from 1 to 256, or auto, not {value!r}")
+            return int(text)
+        return value
+
     @field_validator("workers")
     @classmethod
     def _check_workers(cls, value: int | str) -> int | str:
@@ -464,10 +507,21 @@ class Settings(BaseSettings):
                 raise ValueError(f"default_versions: no model {name!r} version {version}")
         return self
 
+    @field_validator("models")
+    @classmethod
+    def _check_models_listed(cls, value: list[ModelSettings] | None) -> list[ModelSettings] | None:
+        if value is not None and not value:
+            raise ValueError(
+                "an empty list serves nothing: list at least one model ([[models]] tables in "
+                "TOML), or leave `models` out and give one [model]"
+            )
+        return value
+
     @property
     def served_models(self) -> list[ModelSettings]:
-        """The models this server serves, the default one first."""
-        models = self.models or [self.model]
+        """The models this server serves, the default one first; empty when none is named
+        (`gpuserve serve` refuses to start then)."""
+        models = self.models or ([self.model] if self.model is not None else [])
         first = self.default_model
         return sorted(models, key=lambda model: model.key != first) if first else list(models)
 
@@ -591,14 +645,36 @@ def describe_error(
         file_data = read_config_file(Path(config_file)) if config_file else {}
     except ValueError:
         file_data = {}
-    lines = []
+    # A value that fits no member of a union fails once per member, each under a tag of
+    # pydantic's ("int", "literal['auto']"): one line per setting, its messages joined.
+    problems: dict[tuple[Any, ...], list[str]] = {}
     for error in exc.errors(include_url=False, include_input=False, include_context=False):
-        loc = tuple(error["loc"])
-        where = _dotted(loc) or "settings"
-        source = _source_of(loc, flags, environ, file_data, config_file)
+        loc = tuple(part for part in error["loc"] if not _union_tag(part))
         message = error["msg"].removeprefix("Value error, ")
-        lines.append(f"  {where} ({source}): {message}")
+        if message not in problems.setdefault(loc, []):
+            problems[loc].append(message)
+    lines = []
+    for loc, messages in problems.items():
+        message = "; or ".join(messages)
+        if loc:
+            source = _source_of(loc, flags, environ, file_data, config_file)
+            lines.append(f"  {_dotted(loc)} ({source}): {message}")
+            continue
+        # A rule across settings: where each setting it names came from.
+        named = [name for name in Settings.model_fields if re.search(rf"\b{name}\b", message)]
+        given = {
+            name: _source_of((name,), flags, environ, file_data, config_file) for name in named
+        }
+        sources = [f"{name}: {source}" for name, source in given.items() if source != "default"]
+        lines.append(f"  settings ({'; '.join(sources) or 'together'}): {message}")
     return "\n".join(lines)
+
+
+def _union_tag(part: object) -> bool:
+    """Whether a part of an error's location names a union's member, not a setting."""
+    return isinstance(part, str) and (
+        not part.isidentifier() or part in {"int", "float", "str", "bool", "bytes", "none"}
+    )
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:
@@ -617,8 +693,11 @@ def _source_of(
 ) -> str:
     """Where the setting at `loc` came from, in the order the sources take priority."""
     if loc and loc[0] in flags:
-        flag = "--model" if loc[0] == "model" else f"--{str(loc[0]).replace('_', '-')}"
-        return f"flag {flag}"
+        given = flags[loc[0]]
+        # --model sets model.path only: the model's other settings come from elsewhere.
+        if not isinstance(given, dict) or len(loc) == 1 or loc[1] in given:
+            flag = "--model" if loc[0] == "model" else f"--{str(loc[0]).replace('_', '-')}"
+            return f"flag {flag}"
     for end in range(len(loc), 0, -1):  # GPUSERVE_MODEL__PORT before GPUSERVE_MODEL
         name = "GPUSERVE_" + "__".join(str(part) for part in loc[:end]).upper()
         if name in environ:

@@ -125,7 +125,8 @@ class Handler:
         module: Any = None,
     ) -> None:
         self.spec = spec
-        self.settings = settings if settings is not None else ModelSettings()
+        # Embedded without settings: the batching defaults, for a model named as its spec.
+        self.settings = settings or ModelSettings.model_construct(name=spec.name)
         self.device = torch.device(device.device)
         self.module = module
         self.precision = self.settings.precision
@@ -426,12 +427,13 @@ class Handler:
     def split(self, output: Any) -> list[Any]:
         """Bring the whole batch back to the host once, then cut it into rows.
 
-        The rows are the model's own values (float32 numpy arrays): /v2 returns them as they
-        are, and `postprocess` turns them into what /predict answers.
+        The rows are the model's own values as numpy arrays (floating outputs as float32,
+        integer and boolean ones in their own dtype): /v2 returns them as they are, and
+        `postprocess` turns them into what /predict answers.
         """
         if self.spec.output is None:  # several outputs: each instance's row of each, by name
             columns = {
-                t.name: list(value.float().cpu().numpy().copy())
+                t.name: list(_host_array(value))
                 for t, value in zip(
                     self.spec.output_specs, _by_spec(output, self.spec), strict=True
                 )
@@ -439,9 +441,7 @@ class Handler:
             return [
                 dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)
             ]
-        # A copy: the rows outlive this batch, and a CPU output may be a view of the model's.
-        host: np.ndarray[Any, Any] = output.float().cpu().numpy().copy()
-        return list(host)
+        return list(_host_array(output))
 
     def postprocess(self, row: Any) -> Any:
         """Shape one row for the /predict response: for a classifier, the label with the
@@ -551,6 +551,14 @@ class Handler:
                 pair = [example] * min(2, self.settings.max_batch_size)
                 output = self.forward(self.collate(pair))
         except Exception as exc:
+            if self._variable_axes and _refused_the_mask(exc):
+                raise ModelLoadError(
+                    f"the model takes fewer arguments than a padded batch gives: an input of "
+                    f"variable length ({self.spec.describe_inputs()}) is padded and the model "
+                    "called as model(values, mask), the mask True at real positions. Give its "
+                    'forward a mask parameter, or set "mask": false on the input in the spec '
+                    "to call model(values) alone"
+                ) from exc
             raise ModelLoadError(
                 f"warm-up batch failed: does the input spec {self.spec.describe_inputs()} match "
                 f"the model? {type(exc).__name__}: {exc}"
@@ -612,10 +620,11 @@ class Handler:
     def _call_module(self, batch: Any) -> Any:
         return self._call(self.module, batch)
 
-    @staticmethod
-    def _call(module: Any, batch: Any) -> Any:
+    def _call(self, module: Any, batch: Any) -> Any:
         assert module is not None, "setup() has not run"
         if isinstance(batch, Padded):
+            if self.spec.input is not None and not self.spec.input.mask:
+                return module(batch.values)
             return module(batch.values, batch.mask)
         if isinstance(batch, tuple):
             return module(*batch)
@@ -699,6 +708,14 @@ class Handler:
         )
 
 
+def _refused_the_mask(exc: Exception) -> bool:
+    """Whether a call failed for one positional argument too many (the mask), as Python and
+    a torch.export program each say it."""
+    text = str(exc)
+    too_many = isinstance(exc, TypeError) and "positional argument" in text and "given" in text
+    return too_many or "Trying to flatten user inputs" in text
+
+
 def _cast_weights(module: Any, dtype: torch.dtype) -> Any:
     """A copy of `module` with its floating weights and buffers in `dtype`."""
     if not isinstance(module, torch.nn.Module):
@@ -737,6 +754,15 @@ def _to_host(output: Any) -> Any:
     if isinstance(output, (tuple, list)):
         return type(output)(_to_host(value) for value in output)
     return output
+
+
+def _host_array(value: torch.Tensor) -> np.ndarray[Any, Any]:
+    """An output on the host: floating point as float32 (numpy has no bfloat16), integers
+    and booleans as they are (an id past 2**24 survives). A copy: the rows outlive this
+    batch, and a CPU output may be a view of the model's."""
+    if value.is_floating_point():
+        value = value.float()
+    return value.cpu().numpy().copy()
 
 
 def tensors_of(output: Any) -> list[Any]:

@@ -11,6 +11,7 @@ import logging
 import re
 import sys
 import time
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
@@ -41,10 +42,12 @@ class TextFormatter(logging.Formatter):
     """Readable lines that a client cannot forge.
 
     A request's path, a header or an error message may carry a newline (`%0a` in a URL is
-    decoded before it is logged) and so write whole log lines of its own. Every record is one
-    line here: its message and fields have their control characters escaped, and the lines of
-    a traceback, which are many by nature, are indented by four spaces, so that a line that
-    does not start with a time is always part of the record above it.
+    decoded before it is logged) and so write whole log lines of its own. Here a record's
+    first line starts with its time, and every line after it (a traceback's, or a message's
+    own: a model's load error can run to dozens) is indented by four spaces, so a line that
+    does not start with a time is always part of the record above it. Other control
+    characters are escaped, and an access line (one per request) stays one line, its
+    newlines escaped too.
 
     The line is built directly, in `_TEXT_FORMAT`'s layout, with the time's text kept for the
     second it names: the access log writes one line per request, and the general path
@@ -58,10 +61,13 @@ class TextFormatter(logging.Formatter):
         self._tag = "" if worker is None else f" [worker {worker}]"
 
     def format(self, record: logging.LogRecord) -> str:
-        line = (
-            f"{self._asctime(record)} {record.levelname} {record.name}{self._tag}: "
-            f"{escape(record.getMessage())}"
-        )
+        message = record.getMessage()
+        if "\n" in message and not record.name.endswith(".access"):
+            first, rest = message.split("\n", 1)
+            message = escape(first) + "\n" + _indented(rest)
+        else:
+            message = escape(message)
+        line = f"{self._asctime(record)} {record.levelname} {record.name}{self._tag}: {message}"
         if record.exc_info:
             line += "\n" + _indented(self.formatException(record.exc_info))
         if record.stack_info:
@@ -93,7 +99,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         body: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "time": _iso_time(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -106,6 +112,12 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             body["traceback"] = self.formatException(record.exc_info)
         return orjson.dumps(body, default=str).decode()
+
+
+def _iso_time(created: float) -> str:
+    """ISO 8601 in UTC, to the millisecond: "2026-12-05T13:30:00.123Z"."""
+    moment = datetime.fromtimestamp(created, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 def configure(level: str, log_format: LogFormat = "text", worker: int | None = None) -> None:

@@ -19,7 +19,7 @@ import uvicorn
 
 from gpuserve.config import Settings
 from gpuserve.core.errors import DeviceError
-from gpuserve.workers import Peers, supervise
+from gpuserve.workers import Peers, listen, supervise
 
 if TYPE_CHECKING:
     from gpuserve.core.calls import RequestPath
@@ -85,7 +85,19 @@ def serve_one(
         probe(settings.device)
     except DeviceError as exc:
         sys.exit(f"gpuserve: {exc.message}")
-    from gpuserve.http.connections import connection_cap, guarded_protocol, raise_fd_limit
+    own_socket = sockets is None
+    if sockets is None:
+        # Bound before the model starts loading: a port in use stops the server at once, with
+        # status 1 as every other start-up failure, not after a load it cannot serve.
+        sockets = [listen(settings.host, settings.port)]
+        host, port = sockets[0].getsockname()[:2]
+        logger.info("serving http://%s:%d", f"[{host}]" if ":" in host else host, port)
+    from gpuserve.http.connections import (
+        HeadLimits,
+        connection_cap,
+        guarded_protocol,
+        raise_fd_limit,
+    )
 
     max_connections = connection_cap(settings.max_connections, raise_fd_limit())
     no_model: list[bool] = []
@@ -109,7 +121,16 @@ def serve_one(
         access_log=False,
         # uvicorn would otherwise replace our logging set-up with its own.
         log_config=None,
-        http=guarded_protocol(settings.header_timeout_s, max_connections),
+        http=guarded_protocol(
+            settings.header_timeout_s,
+            max_connections,
+            HeadLimits(
+                settings.max_header_bytes,
+                settings.max_headers,
+                settings.max_url_bytes,
+                settings.body_timeout_s,
+            ),
+        ),
         # Floats, though typed int: uvicorn passes both to asyncio, and int(0.9) would be 0.
         timeout_graceful_shutdown=settings.shutdown_timeout_s + _WRITE_MARGIN_S,  # type: ignore[arg-type]
         timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]
@@ -128,7 +149,11 @@ def serve_one(
         app.state.path,
         share_grpc_port=peers is not None,
     )
-    server.run(sockets)
+    try:
+        server.run(sockets)
+    finally:
+        if own_socket:
+            sockets[0].close()
     if no_model or server.failed:
         sys.exit(1)
 

@@ -81,6 +81,12 @@ class TensorSpec(BaseModel):
     pad_value: float = Field(
         default=0, description="What shorter instances are padded with in a batch."
     )
+    mask: bool = Field(
+        default=True,
+        description="The one input of variable length only: true calls the model as "
+        "model(values, mask), the mask True at real positions; false calls model(values) "
+        "alone, for a model that takes no mask (its padded positions are then its to ignore).",
+    )
     kind: OutputKind | None = Field(
         default=None,
         description="Outputs only: what the model returns. logits (the default): /predict "

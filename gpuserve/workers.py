@@ -100,7 +100,7 @@ Target = Callable[[Settings, list[socket.socket], "Peers", bool], None]
 def supervise(settings: Settings, count: int, target: Target) -> int:
     """Run `count` workers, each running `target`, until a stop signal, restarting any that
     dies; the exit status."""
-    http = _listen(settings.host, settings.port)
+    http = listen(settings.host, settings.port)
     grpc_holder = _hold_grpc_port(settings) if settings.grpc else None
     grpc_port = grpc_holder.getsockname()[1] if grpc_holder is not None else settings.grpc_port
     metrics_dir = tempfile.mkdtemp(prefix="gpuserve-metrics-")
@@ -273,9 +273,10 @@ def restart_pause(lived_s: float, failures: int) -> tuple[float, int]:
     return min(_MAX_PAUSE_S, _RESTART_PAUSE_S * 2 ** (failures - 1)), failures
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """The HTTP listening socket every worker accepts on."""
-    sock = _bound(host, port, socket.SO_REUSEADDR, "cannot listen")
+def listen(host: str, port: int) -> socket.socket:
+    """The HTTP listening socket (every worker's, with several); SystemExit saying why not."""
+    hint = " (set port; port 0 picks a free one)"
+    sock = _bound(host, port, socket.SO_REUSEADDR, "cannot listen", hint)
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock

@@ -95,7 +95,8 @@ def main() -> None:
         sys.exit("wrk is missing: apt-get install wrk")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "gpuserve", "serve", "--port", str(port), "--device", "cpu"]
+    command = [sys.executable, "-m", "gpuserve", "serve", str(ROOT / "models" / "digits.pt2")]
+    command += ["--port", str(port), "--device", "cpu"]
     command += ["--grpc-port", "0"]  # gRPC is not measured here: any free port
     env = {"GPUSERVE_LOG_LEVEL": "warning", "GPUSERVE_ACCESS_LOG": "false"}
     server = start(command, f"{url}/health/ready", env, ROOT)

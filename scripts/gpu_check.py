@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 ROOT = Path(__file__).resolve().parent.parent
+# The settings' source for modules handed to a Handler directly: never opened.
+DEMO = ROOT / "models" / "digits.pt2"
 sys.path.insert(0, str(ROOT))
 
 
@@ -140,7 +142,9 @@ class Check:
         options = {"tune_batch_size": False, "freeze_gc": False, **settings}
         if self.cpu:
             options.setdefault("compile_backend", "eager")
-        handler = cls(self.spec(name), self.info, ModelSettings(**options), module=module)
+        handler = cls(
+            self.spec(name), self.info, ModelSettings(path=DEMO, **options), module=module
+        )
         if module is None:
             handler.module = self.module(name)
         handler.setup()
@@ -489,7 +493,7 @@ def out_of_memory(check: Check) -> Result:
     # Warmed up (every size to 64, in the worker thread) before the limit is set: the
     # worker's cuBLAS workspaces (tens of MiB per stream on Hopper, kept in the same
     # allocator) then sit in the baseline rather than in the retries' readings.
-    settings = ModelSettings(max_batch_size=64, tune_batch_size=False)
+    settings = ModelSettings(path=DEMO, max_batch_size=64, tune_batch_size=False)
     handler = Metered(spec, check.info, settings, module=module)
     handler.setup()
     rng = np.random.default_rng(5)

@@ -36,6 +36,8 @@ from gpuserve.model.device import DeviceInfo
 from gpuserve.spec import ModelSpec, TensorSpec
 
 ROOT = Path(__file__).resolve().parent.parent
+# A model file for settings whose model is handed over directly (fakes): never opened.
+DEMO = ROOT / "models" / "digits.pt2"
 
 
 CPU = DeviceInfo(device="cpu", kind="cpu", name="test cpu", reason="test")
@@ -96,7 +98,8 @@ class ServerProcess:
     """`gpuserve serve` in a subprocess on a port the OS picks; stopped by its own PID.
 
     `command` replaces `gpuserve serve --port 0` (a script serving through the Python API,
-    with GPUSERVE_PORT=0), and `cwd` the repository root.
+    with GPUSERVE_PORT=0), and `cwd` the repository root. Given neither a model nor a config
+    file, it serves the demo model (through GPUSERVE_MODEL__PATH, which `env` may replace).
     """
 
     def __init__(
@@ -117,6 +120,12 @@ class ServerProcess:
         self._grpc_url = ""
         self._grpc_bound = threading.Event()
 
+    def _demo_model(self) -> dict[str, str]:
+        named = self.command is not None or any(
+            arg == "--config" or arg.endswith((".pt2", ".pt", ".ts")) for arg in self.args
+        )
+        return {} if named else {"GPUSERVE_MODEL__PATH": str(DEMO)}
+
     def __enter__(self) -> ServerProcess:
         command = self.command or [sys.executable, "-m", "gpuserve", "serve", "--port", "0"]
         self.process = subprocess.Popen(
@@ -130,6 +139,7 @@ class ServerProcess:
                 **os.environ,
                 "PYTHONUNBUFFERED": "1",
                 "GPUSERVE_GRPC_PORT": "0",
+                **self._demo_model(),
                 **(self.env or {}),
             },
         )
@@ -150,7 +160,7 @@ class ServerProcess:
             if grpc:
                 self._grpc_url = grpc.group(1)
                 self._grpc_bound.set()
-            found = re.search(r"(?:Uvicorn running on|workers serving) (http://[^\s,]+)", line)
+            found = re.search(r"serving (http://[^\s,]+)", line)
             if found:
                 self.url = found.group(1)
                 self._bound.set()
@@ -198,7 +208,9 @@ class SlowNet(torch.nn.Module):
         return self.head(x) + m.mean() * 0
 
 
-SETTINGS = Settings(device="cpu", model=ModelSettings(max_instances_per_request=8, freeze_gc=False))
+SETTINGS = Settings(
+    device="cpu", model=ModelSettings(path=DEMO, max_instances_per_request=8, freeze_gc=False)
+)
 
 
 @asynccontextmanager
@@ -333,7 +345,7 @@ def raw_connection(url: str) -> socket.socket:
 KEY = "grpc-test-key-0123456789"
 
 
-FAKE = ModelSettings(name="fake", freeze_gc=False)
+FAKE = ModelSettings(path=DEMO, name="fake", freeze_gc=False)
 
 
 @dataclass

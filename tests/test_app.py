@@ -24,6 +24,7 @@ from gpuserve.spec import ModelSpec, TensorSpec
 
 from .helpers import (
     CPU,
+    DEMO,
     FAKE_SPEC,
     SETTINGS,
     FakeModel,
@@ -711,8 +712,8 @@ async def test_a_model_answering_more_rows_than_its_batch_answers_nobody_wrongly
     def module(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x + 1, x]) if loaded.is_set() and len(x) > 1 else x
 
-    handler = Handler(spec, CPU, ModelSettings(name="twice"), module=module)
-    model = ModelSettings(name="twice", warmup=False, max_wait_ms=20, freeze_gc=False)
+    handler = Handler(spec, CPU, ModelSettings(path=DEMO, name="twice"), module=module)
+    model = ModelSettings(path=DEMO, name="twice", warmup=False, max_wait_ms=20, freeze_gc=False)
     app = create_app(Settings(device="cpu", model=model), loader=lambda s, d: handler)
     async with serving(app) as client:
         loaded.set()
@@ -725,3 +726,37 @@ async def test_a_model_answering_more_rows_than_its_batch_answers_nobody_wrongly
         if answer.status_code == 200:
             assert answer.json()["outputs"] == body["inputs"]
     assert any("rows for a batch of" in r.getMessage() for r in caplog.records)
+
+
+async def test_integer_outputs_are_served_as_the_integers_the_model_made() -> None:
+    """Not through float32: 1 stays 1, and an id past 2**24 keeps its last digit."""
+    spec = ModelSpec(
+        name="ids",
+        input=TensorSpec(shape=(2,)),
+        outputs=[
+            TensorSpec(name="id", shape=(1,), dtype="int64"),
+            TensorSpec(name="flag", shape=(1,), dtype="bool"),
+        ],
+    )
+    big = 2**40 + 1
+
+    def module(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (x[:, :1].long() + big, x[:, 1:] > 0)
+
+    handler = Handler(spec, CPU, ModelSettings(path=DEMO, name="ids"), module=module)
+    model = ModelSettings(path=DEMO, name="ids", freeze_gc=False)
+    app = create_app(Settings(device="cpu", model=model), loader=lambda s, d: handler)
+    async with serving(app) as client:
+        answer = await client.post("/predict", json={"inputs": [3, 1]})
+        v2 = await client.post(
+            "/v2/models/ids/infer",
+            json={
+                "inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [3, 0]}]
+            },
+        )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["outputs"] == {"id": [big + 3], "flag": [True]}
+    assert answer.text.count(str(big + 3)) == 1 and f"{big + 3}.0" not in answer.text
+    outputs = {o["name"]: o for o in v2.json()["outputs"]}
+    assert outputs["id"]["datatype"] == "INT64" and outputs["id"]["data"] == [big + 3]
+    assert outputs["flag"]["datatype"] == "BOOL" and outputs["flag"]["data"] == [False]

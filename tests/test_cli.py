@@ -103,7 +103,7 @@ def test_probe_of_a_missing_cuda_device_exits_2_with_the_reason() -> None:
 
 
 def test_serve_on_a_missing_cuda_device_fails_at_once() -> None:
-    result = gpuserve("serve", "--device", "cuda:0", "--port", "0")
+    result = gpuserve("serve", "models/digits.pt2", "--device", "cuda:0", "--port", "0")
     assert result.returncode == 1
     assert "gpuserve: device 'cuda:0' was requested but" in result.stderr
 
@@ -200,6 +200,119 @@ def test_a_model_file_on_the_command_line_sets_the_model_path() -> None:
     for argv in (["serve", "m.pt2"], ["serve", "--model", "m.pt2"]):
         flags = _flags(_parser().parse_args(argv))
         assert Settings(**flags).model.path == Path("m.pt2")
+
+
+def test_serve_without_a_model_says_what_to_give(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing named, nothing served: no demo model the user never asked for."""
+    for name in ("GPUSERVE_CONFIG_FILE", "GPUSERVE_MODEL__PATH", "GPUSERVE_MODELS"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as bare:
+        main(["serve", "--port", "0"])
+    assert "no model to serve: give a model file (gpuserve serve model.pt2)" in str(bare.value.code)
+    empty = tmp_path / "empty.toml"
+    for text in ("", 'host = "127.0.0.1"\n', "[model]\n"):
+        empty.write_text(text)
+        with pytest.raises(SystemExit) as stopped:
+            main(["serve", "--config", str(empty)])
+        message = str(stopped.value.code)
+        if text == "[model]\n":  # a table that names nothing is a settings error
+            assert "model (config file" in message and "needs a path" in message
+        else:
+            assert f"the config file {empty} names no model: add a [model] table" in message
+    assert "digits" not in message
+
+
+@pytest.mark.parametrize("source", ["file", "environment", "python"])
+def test_an_empty_list_of_models_is_a_settings_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
+    monkeypatch.delenv("GPUSERVE_MODELS", raising=False)
+    argv = ["serve", "--port", "0"]
+    if source == "python":
+        with pytest.raises(ValueError, match="an empty list serves nothing"):
+            Settings(models=[])
+        return
+    if source == "file":
+        config = tmp_path / "none.toml"
+        config.write_text("models = []\n")
+        argv += ["--config", str(config)]
+    else:
+        monkeypatch.setenv("GPUSERVE_MODELS", "[]")
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    message = str(stopped.value.code)
+    assert "models (" in message and "an empty list serves nothing" in message
+    where = "key models" if source == "file" else "environment variable GPUSERVE_MODELS"
+    assert where in message
+
+
+def test_settings_without_a_model_round_trip() -> None:
+    """A dump of settings (as workers and Ray replicas receive them) validates again."""
+    for settings in (Settings(), Settings(model={"path": "m.pt2"})):
+        again = Settings.model_validate(settings.model_dump())
+        assert again.served_models == settings.served_models
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "expected"),
+    [
+        (["--workers", "two"], {}, "workers (flag --workers): workers must be a number"),
+        (["--workers", "0"], {}, "workers (flag --workers): workers must be between 1 and 256"),
+        (
+            [],
+            {"GPUSERVE_WORKERS": "many"},
+            "workers (environment variable GPUSERVE_WORKERS): workers must be a number",
+        ),
+        (
+            [],
+            {"GPUSERVE_MODEL__MAX_BATCH_SIZE": "abc"},
+            "model.max_batch_size (environment variable GPUSERVE_MODEL__MAX_BATCH_SIZE)",
+        ),
+        (["--model", ""], {}, "model.path (flag --model): path must name a model file"),
+        (
+            ["--workers", "2", "--config", "REPOSITORY"],
+            {},
+            "settings (repository_api: config file REPOSITORY, key repository_api; workers: "
+            "flag --workers): repository_api needs workers = 1",
+        ),
+    ],
+)
+def test_a_settings_error_names_the_source_that_set_it(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+    env: dict[str, str],
+    expected: str,
+) -> None:
+    """Each line says where the value came from: a flag that set a model's path is not
+    where the model's other settings came from, and a rule across settings names each."""
+    config = tmp_path / "repository.toml"
+    config.write_text("repository_api = true\n")
+    argv = [str(config) if arg == "REPOSITORY" else arg for arg in argv]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    model = [] if "--model" in argv else ["models/digits.pt2"]
+    with pytest.raises(SystemExit) as stopped:
+        main(["serve", *model, *argv])
+    message = str(stopped.value.code).replace(str(config), "REPOSITORY")
+    assert expected in message, message
+    assert "literal[" not in message and ".int " not in message and "(default)" not in message
+
+
+def test_a_port_in_use_stops_the_server_with_status_1_before_any_model_loads() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = gpuserve("serve", "models/digits.pt2", "--device", "cpu", "--port", str(port))
+    assert result.returncode == 1, result.stderr
+    assert f"gpuserve: cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert "port 0 picks a free one" in result.stderr
+    assert "loading digits" not in result.stderr
 
 
 def test_a_model_file_and_a_list_of_models_conflict(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from gpuserve.config import ModelSettings, Settings, describe_error
 
-from .helpers import ROOT
+from .helpers import DEMO, ROOT
 
 
 @pytest.fixture
@@ -33,12 +33,15 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-def test_defaults_need_no_file() -> None:
+def test_defaults_need_no_file_and_name_no_model() -> None:
     settings = Settings()
     assert settings.port == 8000 and settings.host == "127.0.0.1" and settings.device == "auto"
-    assert settings.model.path == Path("models/digits.pt2")
-    assert settings.model.spec_source() == Path("models/digits.json")
-    assert [model.key for model in settings.served_models] == ["digits"]
+    assert settings.model is None and settings.models is None
+    assert settings.served_models == []
+    named = Settings(model={"path": "models/digits.pt2"})
+    assert named.model is not None
+    assert named.model.spec_source() == Path("models/digits.json")
+    assert [model.key for model in named.served_models] == ["digits"]
 
 
 def test_file_values_are_read(config_file: Path) -> None:
@@ -105,7 +108,7 @@ def test_unknown_keys_are_rejected(tmp_path: Path) -> None:
 
 def test_out_of_range_values_are_rejected() -> None:
     with pytest.raises(ValidationError):
-        ModelSettings(max_batch_size=0)
+        ModelSettings(path=DEMO, max_batch_size=0)
     with pytest.raises(ValidationError):
         Settings(port=70000)
 
@@ -125,13 +128,13 @@ def test_the_shipped_config_loads() -> None:
     [(1, (1,)), (32, (1, 2, 4, 8, 16, 32)), (24, (1, 2, 4, 8, 16, 24))],
 )
 def test_warm_up_covers_each_power_of_two_bucket(max_batch: int, sizes: tuple[int, ...]) -> None:
-    assert ModelSettings(max_batch_size=max_batch).warmup_batch_sizes == sizes
+    assert ModelSettings(path=DEMO, max_batch_size=max_batch).warmup_batch_sizes == sizes
 
 
 def test_precision_is_one_of_three() -> None:
-    assert ModelSettings(precision="bf16").precision == "bf16"
+    assert ModelSettings(path=DEMO, precision="bf16").precision == "bf16"
     with pytest.raises(ValidationError):
-        ModelSettings(precision="int8")  # type: ignore[arg-type]
+        ModelSettings(path=DEMO, precision="int8")  # type: ignore[arg-type]
 
 
 def test_several_models_come_from_a_toml_list(tmp_path: Path) -> None:
@@ -157,9 +160,13 @@ def test_several_models_come_from_a_toml_list(tmp_path: Path) -> None:
         ({"weights": Path("w.safetensors")}, "weights need a factory"),
         ({"factory": "m:f"}, "needs a name"),
         ({"factory": "not an import path", "name": "x"}, "pattern"),
-        ({"device": "tpu"}, "device must be"),
-        ({"length_buckets": [8, 4]}, "strictly increasing"),
-        ({"spec": {"input": {"shape": [0]}, "output": {"shape": [1]}}}, "inline spec"),
+        ({"path": Path("a.pt2"), "device": "tpu"}, "device must be"),
+        ({"path": Path("a.pt2"), "length_buckets": [8, 4]}, "strictly increasing"),
+        (
+            {"path": Path("a.pt2"), "spec": {"input": {"shape": [0]}, "output": {"shape": [1]}}},
+            "inline spec",
+        ),
+        ({"name": "x", "max_batch_size": 4}, "needs a path, a factory or a handler"),
     ],
 )
 def test_a_model_entry_that_cannot_work_is_refused(fields: dict[str, object], message: str) -> None:
@@ -176,7 +183,10 @@ def test_model_names_must_be_unique_and_the_default_must_exist() -> None:
 
 
 def test_versions_of_one_name_are_unique_and_a_default_version_must_exist() -> None:
-    one, two = ModelSettings(name="m", version=1), ModelSettings(name="m", version=2)
+    one, two = (
+        ModelSettings(path=DEMO, name="m", version=1),
+        ModelSettings(path=DEMO, name="m", version=2),
+    )
     both = Settings(models=[one, two], default_versions={"m": 2})
     assert [(m.key, m.version) for m in both.served_models] == [("m", 1), ("m", 2)]
     assert two.title == "m v2" and one.title == "m"
@@ -185,7 +195,7 @@ def test_versions_of_one_name_are_unique_and_a_default_version_must_exist() -> N
     with pytest.raises(ValidationError, match="default_versions: no model 'm' version 3"):
         Settings(models=[one, two], default_versions={"m": 3})
     with pytest.raises(ValidationError, match="version"):
-        ModelSettings(name="m", version=0)
+        ModelSettings(path=DEMO, name="m", version=0)
 
 
 def test_every_setting_is_in_the_reference_and_the_default_config() -> None:

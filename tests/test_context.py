@@ -91,10 +91,10 @@ async def test_the_docs_routes_are_counted_under_their_own_paths_and_unknown_one
     from gpuserve.config import ModelSettings, Settings
     from gpuserve.http import create_app
 
-    from .helpers import FAKE_SPEC, FakeModel, fake_loader
+    from .helpers import DEMO, FAKE_SPEC, FakeModel, fake_loader
     from .test_app import serving
 
-    settings = Settings(device="cpu", model=ModelSettings(freeze_gc=False))
+    settings = Settings(device="cpu", model=ModelSettings(path=DEMO, freeze_gc=False))
     async with serving(create_app(settings, loader=fake_loader(FakeModel(FAKE_SPEC)))) as client:
         for path in ("/docs", "/openapi.json", "/no/such/route", "/another/unknown"):
             await client.get(path)

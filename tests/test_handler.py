@@ -20,7 +20,7 @@ from gpuserve.core.errors import InferenceError, ModelLoadError
 from gpuserve.handler import Handler, Padded, choose_batch_size
 from gpuserve.spec import ModelSpec, TensorSpec
 
-from .helpers import CPU
+from .helpers import CPU, DEMO
 
 
 class Linear(torch.nn.Module):
@@ -44,7 +44,7 @@ def make(
     kind: str | None = None,
     **settings: Any,
 ) -> Handler:
-    return Handler(spec(labels, kind), CPU, ModelSettings(**settings), module=module)
+    return Handler(spec(labels, kind), CPU, ModelSettings(path=DEMO, **settings), module=module)
 
 
 class Softmaxed(torch.nn.Module):
@@ -277,7 +277,41 @@ def token_handler(output_shape: tuple[int, ...] = (3,), **settings: Any) -> Hand
         input=TensorSpec(name="ids", shape=(-1,), dtype="int64", min=0, max=49, max_shape=(16,)),
         output=TensorSpec(shape=output_shape),
     )
-    return Handler(tokens, CPU, ModelSettings(**settings), module=MaskedMean())
+    return Handler(tokens, CPU, ModelSettings(path=DEMO, **settings), module=MaskedMean())
+
+
+class IdsOnly(torch.nn.Module):
+    """A token model whose forward takes the ids alone (padding is id 0, embedded as 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(50, 3, padding_idx=0)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids).sum(1)
+
+
+def test_a_model_without_a_mask_parameter_is_told_how_to_be_served() -> None:
+    spec = ModelSpec(
+        name="ids",
+        input=TensorSpec(name="ids", shape=(-1,), dtype="int64", min=1, max=49, max_shape=(16,)),
+        output=TensorSpec(shape=(3,)),
+    )
+    refused = Handler(spec, CPU, ModelSettings(path=DEMO), module=IdsOnly())
+    with pytest.raises(ModelLoadError) as caught:
+        refused.warm_up()
+    message = caught.value.message
+    assert "called as model(values, mask)" in message and '"mask": false' in message
+    # Followed, the advice serves it: each instance's answer is its own unpadded forward.
+    alone = spec.model_copy(update={"input": spec.input.model_copy(update={"mask": False})})
+    handler = Handler(alone, CPU, ModelSettings(path=DEMO), module=IdsOnly())
+    handler.warm_up()
+    items = [np.array([1, 2, 3]), np.array([4]), np.arange(1, 12)]
+    with torch.inference_mode():
+        for got, item in zip(handler(items), items, strict=True):
+            expected = IdsOnly()(torch.from_numpy(item)[None]).numpy()[0]
+            np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
 def test_variable_length_instances_are_padded_and_masked() -> None:

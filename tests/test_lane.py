@@ -19,15 +19,15 @@ from gpuserve.config import ModelSettings, Settings
 from gpuserve.http import create_app
 from gpuserve.http.lane import GpuserveAPI, LaneRoute, match
 
-from .helpers import FAKE_SPEC, SETTINGS, FakeModel, fake_loader, predict_scope, serving
+from .helpers import DEMO, FAKE_SPEC, SETTINGS, FakeModel, fake_loader, predict_scope, serving
 
 pytestmark = pytest.mark.anyio
 
 TWO_MODELS = Settings(
     device="cpu",
     models=[
-        ModelSettings(name="first", max_instances_per_request=8, freeze_gc=False),
-        ModelSettings(name="second", max_instances_per_request=8, freeze_gc=False),
+        ModelSettings(path=DEMO, name="first", max_instances_per_request=8, freeze_gc=False),
+        ModelSettings(path=DEMO, name="second", max_instances_per_request=8, freeze_gc=False),
     ],
 )
 
@@ -295,7 +295,7 @@ async def test_a_predict_request_costs_the_loop_no_more_than_its_budget(
 ) -> None:
     import asyncio
 
-    model = ModelSettings(max_batch_size=max_batch_size, freeze_gc=False)
+    model = ModelSettings(path=DEMO, max_batch_size=max_batch_size, freeze_gc=False)
     app = create_app(Settings(device="cpu", model=model), loader=fake_loader(fake_model))
     body = json.dumps({"inputs": [1, 2, 3, 4]}).encode()
     async with serving(app) as client:

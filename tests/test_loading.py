@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 import warnings
 from pathlib import Path
 
@@ -44,6 +46,33 @@ def test_an_exported_program_loads_and_runs(tmp_path: Path) -> None:
     out = handler([np.array([1, 2, 3], np.float32), np.array([4, 5, 6], np.float32)])
     assert [row.tolist() for row in out] == [[2.0, 4.0, 6.0], [8.0, 10.0, 12.0]]
     assert handler.spec.name == "double"
+
+
+def test_the_load_line_times_the_whole_load_and_names_where_the_model_came_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from gpuserve.model import loading
+
+    caplog.set_level(logging.INFO, logger="gpuserve.model.loading")
+    settings = export_to(tmp_path / "double.pt2")
+    settings.path.with_suffix(".json").unlink()  # inferred: the program is read first
+    slow_read = loading.load_program
+
+    def load_program(path: Path) -> object:
+        time.sleep(0.3)
+        return slow_read(path)
+
+    monkeypatch.setattr(loading, "load_program", load_program)
+    load_model(settings, CPU)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded")]
+    assert line.startswith(f"loaded double from {settings.path} (0.0 MiB) on cpu in ")
+    assert float(line.rsplit(" in ", 1)[1].rstrip("s")) >= 0.3
+    caplog.clear()
+    loading.build_model(
+        ModelSettings(path=settings.path, spec=SPEC.model_dump()), CPU, module=Double()
+    )
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded")]
+    assert line.startswith("loaded double from a Double in memory on cpu in ")
 
 
 def test_a_torchscript_module_loads_and_runs(tmp_path: Path) -> None:

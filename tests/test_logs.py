@@ -79,11 +79,31 @@ async def test_the_access_log_can_be_turned_off(
     assert not [r for r in caplog.records if r.name == "gpuserve.access"]
 
 
+@pytest.mark.anyio
+async def test_probes_and_scrapes_are_logged_at_debug_and_requests_at_info(
+    fake_model: FakeModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="gpuserve.access")
+    probes = ["/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready", "/metrics"]
+    async with serving(create_app(SETTINGS, loader=fake_loader(fake_model))) as client:
+        caplog.clear()
+        for path in probes:
+            await client.get(path)
+        await client.get("/v2/models/digits/ready")
+        await client.post("/predict", json={"inputs": [1, 2, 3, 4]})
+    levels = {r.path: r.levelno for r in caplog.records if r.name == "gpuserve.access"}  # type: ignore[attr-defined]
+    assert levels == {
+        **dict.fromkeys(probes, logging.DEBUG),
+        "/v2/models/digits/ready": logging.INFO,
+        "/predict": logging.INFO,
+    }
+
+
 FORGERIES = ["/predict\n2026-01-01 00:00:00,000 INFO gpuserve.access: forged", "/x\r\x1b[2J\u2028y"]
 
 
 @pytest.mark.parametrize("path", FORGERIES)
-def test_a_text_record_is_one_line_whatever_its_fields_hold(path: str) -> None:
+def test_a_text_record_cannot_forge_a_line_whatever_its_fields_hold(path: str) -> None:
     try:
         raise ValueError(f"bad {path}")
     except ValueError:
@@ -91,11 +111,31 @@ def test_a_text_record_is_one_line_whatever_its_fields_hold(path: str) -> None:
             "t", logging.ERROR, __file__, 1, "POST %s", (path,), exc_info=sys.exc_info()
         )
     lines = TextFormatter().format(record).split("\n")
-    assert lines[0].endswith("POST " + escape(path)) and "\r" not in lines[0]
-    assert not any(control in lines[0] for control in "\n\r\x1b\u2028")
-    # The traceback's lines are all indented, the attacker's text among them.
+    first = path.split("\n")[0]
+    assert lines[0].endswith("POST " + escape(first)) and "\r" not in lines[0]
+    assert not any(control in line for line in lines for control in "\r\x1b\u2028")
+    # The message's own further lines and the traceback's are all indented, the attacker's
+    # text among them: none starts as a record does, with a time.
     assert len(lines) > 1 and all(line.startswith("    ") for line in lines[1:])
+    if "\n" in path:
+        assert lines[1] == "    2026-01-01 00:00:00,000 INFO gpuserve.access: forged"
     assert record.getMessage() == f"POST {path}"  # the record itself is untouched
+
+
+def test_a_message_of_many_lines_is_read_as_lines_and_an_access_line_stays_one() -> None:
+    """A load error of many lines (TorchScript's) keeps them; a request line never splits."""
+    message = "could not load m.pt:\nRuntimeError: bad\n  at line 3\n\ttab\x1b[2J"
+    record = logging.makeLogRecord({"name": "gpuserve.core.service", "msg": message})
+    lines = TextFormatter().format(record).split("\n")
+    assert lines[0].endswith(": could not load m.pt:")
+    assert lines[1:] == ["    RuntimeError: bad", "      at line 3", "    \\x09tab\\x1b[2J"]
+    request = logging.makeLogRecord({"name": "gpuserve.access", "msg": "GET /a\nb 404"})
+    assert TextFormatter().format(request).endswith("GET /a\\x0ab 404")
+
+
+def test_json_times_are_utc_to_the_millisecond() -> None:
+    record = logging.makeLogRecord({"msg": "m", "created": 1_764_140_632.0456})
+    assert json.loads(JsonFormatter().format(record))["time"] == "2025-11-26T07:03:52.045Z"
 
 
 @pytest.mark.anyio

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import anyio
 import pytest
@@ -19,6 +20,21 @@ def test_each_instance_has_its_own_registry() -> None:
         b'protocol="http",route="/predict",version=""} 1.0' in first.render()
     )
     assert b"gpuserve_requests_total{" not in second.render()
+
+
+def test_the_process_s_own_series_are_exported() -> None:
+    """Memory, CPU time, open files and start time, as Prometheus' process collector names
+    them (Linux: read from /proc)."""
+    text = Metrics().render().decode()
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("process_")
+    }
+    assert values["process_resident_memory_bytes"] > 2**20
+    assert values["process_cpu_seconds_total"] > 0
+    assert values["process_open_fds"] >= 3
+    assert 0 < values["process_start_time_seconds"] <= time.time()
 
 
 def test_each_version_of_a_model_has_its_own_series_and_statistics() -> None:

@@ -17,14 +17,14 @@ from tritonclient.grpc import service_pb2 as pb
 
 from gpuserve.config import ModelSettings, Settings
 
-from .helpers import FAKE_SPEC, Both, FakeModel, both, fake_loader
+from .helpers import DEMO, FAKE_SPEC, Both, FakeModel, both, fake_loader
 
 pytestmark = pytest.mark.anyio
 
 LIMIT = 2  # instances per request
 SETTINGS = Settings(
     device="cpu",
-    model=ModelSettings(name="fake", max_instances_per_request=LIMIT, freeze_gc=False),
+    model=ModelSettings(path=DEMO, name="fake", max_instances_per_request=LIMIT, freeze_gc=False),
 )
 
 # How each protocol words an outcome, written out here rather than read from the server's

@@ -16,7 +16,7 @@ from gpuserve.core.metrics import Metrics
 from gpuserve.core.service import ModelService
 from gpuserve.model.device import DeviceInfo
 
-from .helpers import CPU, FAKE_SPEC, FakeModel, fake_loader
+from .helpers import CPU, DEMO, FAKE_SPEC, FakeModel, fake_loader
 
 pytestmark = pytest.mark.anyio
 
@@ -28,7 +28,7 @@ def cpu_prober(request: str) -> DeviceInfo:
 def make(
     loader: object, prober: object = cpu_prober, settings: ModelSettings | None = None
 ) -> ModelService:
-    settings = settings or ModelSettings(freeze_gc=False)
+    settings = settings or ModelSettings(path=DEMO, freeze_gc=False)
     return ModelService(settings, "cpu", loader, Metrics(), prober)  # type: ignore[arg-type]
 
 
@@ -91,7 +91,7 @@ async def test_a_device_error_fails_the_load_with_its_reason(fake_model: FakeMod
 
 async def test_readiness_metric_follows_the_state(fake_model: FakeModel) -> None:
     metrics = Metrics()
-    settings = ModelSettings(freeze_gc=False)
+    settings = ModelSettings(path=DEMO, freeze_gc=False)
     service = ModelService(settings, "cpu", fake_loader(fake_model), metrics, cpu_prober)
     await service.start()
     await until_settled(service)
@@ -106,7 +106,7 @@ async def test_gc_freeze_after_load_follows_the_setting(
 ) -> None:
     gc.unfreeze()
     try:
-        service = make(fake_loader(fake_model), settings=ModelSettings(freeze_gc=freeze))
+        service = make(fake_loader(fake_model), settings=ModelSettings(path=DEMO, freeze_gc=freeze))
         await service.start()
         await until_settled(service)
         assert (gc.get_freeze_count() > 0) is freeze
@@ -118,7 +118,8 @@ async def test_gc_freeze_after_load_follows_the_setting(
 async def test_a_measured_batch_size_caps_the_batcher(fake_model: FakeModel) -> None:
     fake_model.preferred_batch_size = 2  # type: ignore[attr-defined]
     service = make(
-        fake_loader(fake_model), settings=ModelSettings(max_batch_size=16, freeze_gc=False)
+        fake_loader(fake_model),
+        settings=ModelSettings(path=DEMO, max_batch_size=16, freeze_gc=False),
     )
     await service.start()
     await until_settled(service)
@@ -131,7 +132,7 @@ async def test_a_measured_batch_size_caps_the_batcher(fake_model: FakeModel) -> 
 async def test_the_batcher_gets_the_hold_for_callers_setting(
     fake_model: FakeModel, hold: bool
 ) -> None:
-    settings = ModelSettings(hold_for_callers=hold, max_wait_ms=7.0, freeze_gc=False)
+    settings = ModelSettings(path=DEMO, hold_for_callers=hold, max_wait_ms=7.0, freeze_gc=False)
     service = make(fake_loader(fake_model), settings=settings)
     await service.start()
     await until_settled(service)
@@ -176,7 +177,7 @@ async def test_copies_per_device_and_on_every_gpu(device: str, count: int, copie
         return FakeModel(FAKE_SPEC)
 
     prober, _ = gpus(count)
-    settings = ModelSettings(freeze_gc=False, device=device, instances_per_device=2)
+    settings = ModelSettings(path=DEMO, freeze_gc=False, device=device, instances_per_device=2)
     service = make(loader, prober, settings)
     await service.start()
     await until_settled(service)
@@ -195,7 +196,7 @@ async def test_a_gpu_model_overlaps_batches_even_on_one_core(
 ) -> None:
     monkeypatch.setattr("gpuserve.core.service.available_cores", lambda: 1)
     prober, _ = gpus(1)
-    settings = ModelSettings(freeze_gc=False, device="cuda:0")
+    settings = ModelSettings(path=DEMO, freeze_gc=False, device="cuda:0")
     service = make(fake_loader(FakeModel(FAKE_SPEC)), prober, settings)
     await service.start()
     await until_settled(service)
@@ -210,7 +211,7 @@ async def test_all_on_a_cpu_box_is_one_cpu_copy_per_instance() -> None:
         placed.append(on.device)
         return FakeModel(FAKE_SPEC)
 
-    service = make(loader, settings=ModelSettings(freeze_gc=False, device="all"))
+    service = make(loader, settings=ModelSettings(path=DEMO, freeze_gc=False, device="all"))
     await service.start()
     await until_settled(service)
     assert placed == ["cpu"]
@@ -266,7 +267,9 @@ async def test_each_copy_is_warmed_in_the_thread_that_serves_it() -> None:
         copies.append(ThreadRecorder())
         return copies[-1]
 
-    service = make(loader, settings=ModelSettings(freeze_gc=False, instances_per_device=2))
+    service = make(
+        loader, settings=ModelSettings(path=DEMO, freeze_gc=False, instances_per_device=2)
+    )
     await service.start()
     await until_settled(service)
     assert service.state == "ready"
@@ -336,7 +339,9 @@ async def test_offloaded_hooks_run_off_the_event_loop() -> None:
     coroutine that lets it go on gets to run. (On the loop it would wait forever, so only the
     offloaded case is run here.)"""
     model = Blocking()
-    service = make(fake_loader(model), settings=ModelSettings(freeze_gc=False, offload_hooks=True))
+    service = make(
+        fake_loader(model), settings=ModelSettings(path=DEMO, freeze_gc=False, offload_hooks=True)
+    )
     await service.start()
     await until_settled(service)
 
@@ -350,4 +355,22 @@ async def test_offloaded_hooks_run_off_the_event_loop() -> None:
             (result,) = await service.predict([np.ones(4, np.float32)], timeout_s=10)
     assert result == {"row": 4.0}  # preprocessed, summed by the model, postprocessed
     assert threading.main_thread().name not in model.threads and model.threads
+    await service.stop()
+
+
+async def test_a_failed_warm_up_says_why_and_nothing_of_a_drain(
+    fake_model: FakeModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing was accepted before the warm-up failed: there is nothing to drain."""
+
+    def refuse() -> None:
+        raise ModelLoadError("the model takes fewer arguments than a padded batch gives")
+
+    fake_model.warm = refuse  # type: ignore[attr-defined]
+    service = make(fake_loader(fake_model))
+    await service.start()
+    await until_settled(service)
+    assert service.state == "failed"
+    assert "fewer arguments than a padded batch gives" in (service.reason or "")
+    assert not [r for r in caplog.records if "drain took longer" in r.getMessage()]
     await service.stop()

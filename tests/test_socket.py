@@ -287,3 +287,84 @@ def test_a_server_whose_every_model_failed_exits_1_unless_told_to_stay(tmp_path:
         assert ready.status_code == 503 and "nope.pt2" in ready.json()["reason"]
         assert server.process is not None and server.process.poll() is None
         assert server.stop() == 0
+
+
+def rss_bytes(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * 4096
+
+
+def read_until_closed(sock: socket.socket, limit_s: float = 30) -> bytes:
+    sock.settimeout(limit_s)
+    answer = b""
+    try:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    return answer
+
+
+def send_until_refused(sock: socket.socket, pieces: list[bytes]) -> int:
+    """Bytes sent before the server closed the connection (at most all of them)."""
+    sent = 0
+    try:
+        for piece in pieces:
+            sock.sendall(piece)
+            sent += len(piece)
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    return sent
+
+
+def test_huge_urls_and_headers_are_refused_before_they_cost_memory(demo_model: Path) -> None:
+    """A long request line gets 414, a flood of header fields or one huge value 431; each
+    costs the server no more than the limit, and a normal client is served throughout."""
+    flood = b"".join(b"x-%d: 1\r\n" % i for i in range(200_000))  # 2.6 MB of tiny headers
+    attacks = {
+        414: b"GET /" + b"a" * 20_000_000 + b" HTTP/1.1\r\n",
+        431: b"POST /predict HTTP/1.1\r\nhost: x\r\n" + flood,
+    }
+    big_value = b"POST /predict HTTP/1.1\r\nhost: x\r\nx-big: " + b"v" * 20_000_000
+    with ServerProcess("--device", "cpu") as server:
+        wait_ready(server.url)
+        assert server.process is not None
+        before = rss_bytes(server.process.pid)
+        for status, attack in [*attacks.items(), (431, big_value)]:
+            with raw_connection(server.url) as sock:
+                pieces = [attack[i : i + 65536] for i in range(0, len(attack), 65536)]
+                sent = send_until_refused(sock, pieces)
+                answer = read_until_closed(sock)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 %d" % status), answer[:200]
+            assert json.loads(body)["request_id"]
+            assert sent < len(attack)  # closed long before the end
+            assert httpx.post(f"{server.url}/predict", content=ONE).status_code == 200
+        grown = rss_bytes(server.process.pid) - before
+        assert grown < 64 * 2**20, f"the server grew by {grown / 2**20:.0f} MiB"
+
+
+def test_a_trickled_body_gets_408_at_its_deadline(demo_model: Path) -> None:
+    """Two bytes at a time: cut at body_timeout_s, or at the request's own deadline."""
+    env = {"GPUSERVE_BODY_TIMEOUT_S": "1.5"}
+    head = b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    with ServerProcess("--device", "cpu", env=env) as server:
+        wait_ready(server.url)
+        for extra, deadline_s in [(b"", 1.5), (b"x-request-timeout-ms: 300\r\n", 0.3)]:
+            with raw_connection(server.url) as sock:
+                sock.sendall(head + extra + b"content-length: 1000\r\n\r\n")
+                started = time.monotonic()
+                sock.settimeout(0.2)
+                answer = b""
+                while time.monotonic() - started < 20 and not answer:
+                    try:
+                        sock.sendall(b"[1")
+                        answer = sock.recv(65536)
+                    except TimeoutError:
+                        continue
+                    except (ConnectionResetError, BrokenPipeError):
+                        break
+                took = time.monotonic() - started
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+            assert b"did not arrive within" in answer
+            assert deadline_s <= took < deadline_s + 10
+        assert httpx.post(f"{server.url}/predict", content=ONE).status_code == 200

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from gpuserve.config import ModelSettings
 from gpuserve.core.errors import ModelLoadError
 from gpuserve.model.loading import load_model
 from gpuserve.model.sources import (
+    devices_named,
     import_object,
     layout_free_views,
     load_module,
@@ -242,6 +244,51 @@ def test_dynamic_dimensions_of_an_inferred_spec_are_minus_one_with_their_bound(
     spec = spec_from_program(program, "tok", path, 32)
     assert spec.input.shape == (-1,) and spec.input.max_shape == (64,)
     assert spec.input.dtype == "int64" and spec.output.shape == (-1,)
+
+
+def test_a_program_of_variable_length_ids_alone_is_served_without_a_mask(
+    tmp_path: Path,
+) -> None:
+    """Its one input is padded per batch; the program takes the ids alone."""
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=64)
+    ids = torch.ones(2, 5, dtype=torch.int64)
+    path = exported(tmp_path / "tok.pt2", Tokens(), ids, dynamic=({0: batch, 1: length},))
+    handler = load_model(ModelSettings(path=path, tune_batch_size=False), CPU_INFO)
+    assert handler.spec.input is not None and handler.spec.input.mask is False
+    items = [np.array([1, 2, 3]), np.array([4]), np.arange(9)]
+    for got, item in zip(handler(items), items, strict=True):
+        np.testing.assert_allclose(got, item * 2.0)  # each its own length, not the padded one
+
+
+def on_another_device(program_file: Path, out: Path, device: bytes) -> Path:
+    """`program_file` as an export on `device` writes it: the device named in its weights'
+    and graph's JSON, as torch.export.save records an export on a GPU."""
+    with zipfile.ZipFile(program_file) as source, zipfile.ZipFile(out, "w") as copy:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename.endswith(".json"):
+                data = data.replace(b'{"type": "cpu", "index": null}', device)
+            copy.writestr(info, data)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("device", "named"),
+    [(b'{"type": "cuda", "index": 0}', "cuda:0"), (b'{"type": "cuda", "index": 3}', "cuda:3")],
+)
+def test_a_program_exported_on_a_gpu_says_so_where_there_is_none(
+    tmp_path: Path, device: bytes, named: str
+) -> None:
+    batch = torch.export.Dim("batch")
+    path = exported(tmp_path / "clf.pt2", Classifier(), torch.randn(2, 10), dynamic=({0: batch},))
+    assert devices_named(path) == {"cpu"}
+    gpu = on_another_device(path, tmp_path / "gpu.pt2", device)
+    assert devices_named(gpu) == {named}
+    with pytest.raises(ModelLoadError) as caught:
+        load_model(ModelSettings(path=gpu), CPU_INFO)
+    message = caught.value.message
+    assert f"was exported on {named}, which this machine does not have" in message
+    assert "Export it from the CPU" in message and "not compiled" not in message
 
 
 def test_a_program_of_two_inputs_has_both_in_its_inferred_spec(tmp_path: Path) -> None:

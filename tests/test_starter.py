@@ -38,7 +38,8 @@ def test_init_writes_a_config_the_server_reads_and_the_programs_spec(tmp_path: P
     assert spec.input.describe() == "float32[10]" and spec.output.describe() == "float32[3]"
     settings = Settings(config_file=config)
     assert settings.model.path == model  # written relative to the config's folder
-    assert settings.model.max_batch_size == ModelSettings().max_batch_size
+    defaults = ModelSettings(path=model)
+    assert settings.model.max_batch_size == defaults.max_batch_size
     # Every model setting a user may tune is listed, set or commented at its default.
     text = config.read_text()
     listed = {line.lstrip("# ").split(" =")[0] for line in text.splitlines() if " = " in line}
@@ -49,7 +50,7 @@ def test_init_writes_a_config_the_server_reads_and_the_programs_spec(tmp_path: P
         if line.startswith("# ") and " = " in line and '"..."' not in line:
             key, value = line[2:].split("#")[0].split(" = ")
             parsed = tomllib.loads(f"{key.strip()} = {value.strip()}")
-            assert parsed[key.strip()] == getattr(ModelSettings(), key.strip()), line
+            assert parsed[key.strip()] == getattr(defaults, key.strip()), line
 
 
 def test_init_never_overwrites(tmp_path: Path) -> None:

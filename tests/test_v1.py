@@ -16,7 +16,7 @@ from gpuserve.config import ModelSettings, Settings
 from gpuserve.http import create_app
 from gpuserve.model.device import DeviceInfo
 
-from .helpers import SETTINGS, FakeModel, serving
+from .helpers import DEMO, SETTINGS, FakeModel, serving
 
 pytestmark = pytest.mark.anyio
 
@@ -73,7 +73,7 @@ async def test_a_bad_body_is_a_422_that_names_the_problem(
 async def test_the_root_is_kserve_v1_liveness_and_needs_no_key(fake_model: FakeModel) -> None:
     from .helpers import fake_loader
 
-    settings = Settings(device="cpu", api_keys=["a-key-of-sixteen-chars"])
+    settings = Settings(device="cpu", model={"path": DEMO}, api_keys=["a-key-of-sixteen-chars"])
     async with serving(create_app(settings, loader=fake_loader(fake_model))) as client:
         response = await client.get("/")
         assert response.status_code == 200 and response.json() == {"status": "alive"}

@@ -27,6 +27,7 @@ from gpuserve.server import run
 from gpuserve.workers import restart_pause, worker_settings
 
 from .helpers import (
+    DEMO,
     ONE,
     ServerProcess,
     metric,
@@ -43,8 +44,8 @@ pytestmark = pytest.mark.anyio
 
 def test_a_worker_holds_its_share_of_each_queue_and_of_the_connections() -> None:
     models = [
-        ModelSettings(name="a", max_queue_size=100),
-        ModelSettings(name="b", max_queue_size=3),
+        ModelSettings(path=DEMO, name="a", max_queue_size=100),
+        ModelSettings(path=DEMO, name="b", max_queue_size=3),
     ]
     settings = Settings(models=models, default_model="b", max_connections=2049, workers=2)
     share = worker_settings(settings, 2, 9001)
@@ -127,6 +128,45 @@ def test_the_metrics_of_every_worker_are_summed(tmp_path: Path) -> None:
     text = Metrics(str(tmp_path)).render().decode()
     assert f'gpuserve_requests_total{{code="200",model="m",{route}}} 7.0' in text  # counted
     assert 'gpuserve_queue_depth{model="m",version="1"} 2.0' in text  # the live one only
+
+
+def test_the_process_series_of_several_workers_are_their_sums(tmp_path: Path) -> None:
+    """Every live worker's memory, CPU and open files added up; a dead one's left out."""
+    from prometheus_client import ProcessCollector
+
+    def read(pid: int) -> dict[str, float]:
+        families = ProcessCollector(pid=lambda: pid, registry=None).collect()
+        return {f.samples[0].name: f.samples[0].value for f in families}
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+    )
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for pid in (os.getpid(), other.pid, int(gone.stdout)):
+            (tmp_path / f"protocol_stats_{pid}.json").write_text("[]")
+        metrics = Metrics(str(tmp_path))
+        assert metrics._worker_pids() == sorted([os.getpid(), other.pid])
+        text = metrics.render().decode()
+        mine, theirs = read(os.getpid()), read(other.pid)
+    finally:
+        other.kill()
+        other.wait()
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("process_")
+    }
+    assert values["process_start_time_seconds"] == min(
+        mine["process_start_time_seconds"], theirs["process_start_time_seconds"]
+    )
+    fds = values["process_open_fds"]
+    assert fds >= theirs["process_open_fds"] + 3 and fds > mine["process_open_fds"]
+    assert values["process_resident_memory_bytes"] > theirs["process_resident_memory_bytes"]
+    assert values["process_resident_memory_bytes"] > 2**20 + theirs["process_resident_memory_bytes"]
 
 
 def _workers(model: Path, *extra: str) -> ServerProcess:

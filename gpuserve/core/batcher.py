@@ -367,9 +367,10 @@ class MicroBatcher(Generic[T, R]):
         try:
             await asyncio.wait_for(asyncio.shield(self._collector), timeout_s)
         except TimeoutError:
-            logger.warning(
-                "%s: drain took longer than %.1fs; failing the rest", self.name, timeout_s
-            )
+            if self._pending or self._in_flight:  # a stop with nothing accepted is no drain
+                logger.warning(
+                    "%s: drain took longer than %.1fs; failing the rest", self.name, timeout_s
+                )
             self._collector.cancel()
             await asyncio.gather(self._collector, return_exceptions=True)
             self._fail_waiting(BatcherClosed("the server stopped before this request was answered"))

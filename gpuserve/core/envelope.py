@@ -73,11 +73,13 @@ class Envelope:
         status: int | str,
         *,
         count_model: bool = True,
+        probe: bool = False,
     ) -> None:
         """The call was answered with `status` (an HTTP code or a gRPC status name): count it
         under `route` (bounded in number, unlike `path`) and write its access log line.
         `count_model` False keeps a call that only named a model (metadata, say) out of that
-        model's series and statistics, which count inference."""
+        model's series and statistics, which count inference. A `probe` (health checks, a
+        metrics scrape) is logged at DEBUG: orchestrators send one every few seconds."""
         self.metrics.in_flight.dec()
         seconds = time.perf_counter() - record.started
         model, version = record.model if count_model and record.model else ("", "")
@@ -91,8 +93,9 @@ class Envelope:
         self.metrics.observe_request(
             route, status, seconds, model, self.protocol, version, queue_s, compute_s
         )
-        if self.access_log and access.isEnabledFor(logging.INFO):
-            log_call(method, path, record, status, seconds)
+        level = logging.DEBUG if probe else logging.INFO
+        if self.access_log and access.isEnabledFor(level):
+            log_call(method, path, record, status, seconds, level)
 
 
 def authorised(authorization: bytes, keys: list[bytes]) -> bool:
@@ -103,7 +106,14 @@ def authorised(authorization: bytes, keys: list[bytes]) -> bool:
     return any(matches)
 
 
-def log_call(method: str, path: str, record: CallRecord, status: int | str, seconds: float) -> None:
+def log_call(
+    method: str,
+    path: str,
+    record: CallRecord,
+    status: int | str,
+    seconds: float,
+    level: int = logging.INFO,
+) -> None:
     """The access log line of one call, HTTP (status a code) or gRPC (a status name)."""
     fields: dict[str, Any] = {
         "request_id": record.request_id,
@@ -129,7 +139,8 @@ def log_call(method: str, path: str, record: CallRecord, status: int | str, seco
             f" batch={trace.batch_size} queue={fields['queue_ms']:.1f}ms"
             f" forward={fields['forward_ms']:.1f}ms"
         )
-    access.info(
+    access.log(
+        level,
         "%s %s %s %.1fms id=%s%s",
         method,
         path,

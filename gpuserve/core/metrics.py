@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +15,12 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
     multiprocess,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
 
 from gpuserve.core.stats import ModelStats
 from gpuserve.model.device import GpuMonitor, GpuSample
@@ -59,6 +61,9 @@ class Metrics:
     def __init__(self, multiprocess_dir: str | None = None) -> None:
         self.registry = CollectorRegistry()
         self._multiprocess_dir = multiprocess_dir
+        if multiprocess_dir is None:
+            # process_*: this process's memory, CPU time, open files and start time.
+            ProcessCollector(registry=self.registry)
         # Read when scraped; in multiprocess mode copied into the shared files by `refresh`.
         self._readers: dict[tuple[str, str], tuple[Any, Callable[[], float]]] = {}
         self._request_children: dict[tuple[str, int | str, str, str, str], tuple[Any, Any]] = {}
@@ -320,7 +325,53 @@ class Metrics:
         self.refresh()
         summed = CollectorRegistry()
         multiprocess.MultiProcessCollector(summed, self._multiprocess_dir)
+        summed.register(_ProcessTotals(self._worker_pids))
         return generate_latest(summed)
+
+    def _worker_pids(self) -> list[int]:
+        """The live workers: each shares its statistics in a file named by its PID."""
+        assert self._multiprocess_dir is not None
+        pids = []
+        for path in Path(self._multiprocess_dir).glob(f"{_STATS_PREFIX}*.json"):
+            pid = path.stem.removeprefix(_STATS_PREFIX)
+            if pid.isdigit() and Path(f"/proc/{pid}").exists():
+                pids.append(int(pid))
+        return sorted(pids)
+
+
+def _pid_of(pid: int) -> Callable[[], int]:
+    return lambda: pid
+
+
+class _ProcessTotals:
+    """process_* for a server of several worker processes: every live worker's memory, CPU
+    time and open files summed, and the earliest start (Prometheus' process collector reads
+    one process)."""
+
+    _EARLIEST = frozenset({"process_start_time_seconds", "process_max_fds"})
+
+    def __init__(self, pids: Callable[[], list[int]]) -> None:
+        self._pids = pids
+
+    def collect(self) -> Iterator[Metric]:
+        totals: dict[str, Metric] = {}
+        for pid in self._pids():
+            reader = ProcessCollector(pid=_pid_of(pid), registry=None)
+            for family in reader.collect():
+                total = totals.setdefault(
+                    family.name, Metric(family.name, family.documentation, family.type)
+                )
+                for sample in family.samples:
+                    if not total.samples:
+                        total.add_sample(sample.name, sample.labels, sample.value)
+                        continue
+                    kept = total.samples[0]
+                    if family.name in self._EARLIEST:
+                        value = min(kept.value, sample.value)
+                    else:
+                        value = kept.value + sample.value
+                    total.samples[0] = kept._replace(value=value)
+        yield from totals.values()
 
 
 async def sample_gpus(metrics: Metrics, monitor: GpuMonitor, interval_s: float) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gpuserve.config import ModelSettings, Settings
+from gpuserve.config import ModelSettings, Settings, valid_name
 from gpuserve.core.errors import InvalidInput, ModelLoadError, ModelNotFound
 from gpuserve.core.registry import Key, ModelRegistry
 
@@ -37,11 +37,7 @@ def _in_repository(
     come from a request, never a path, and nothing outside the folder is opened.
 
     A version of a configured model keeps that model's batching and device settings."""
-    try:
-        ModelSettings(name=name)  # checks the name's form: no separators, no dots first
-    except ValueError:
-        return {}
-    if folder is None:
+    if folder is None or not valid_name(name):  # no separators, no dots first
         return {}
     root = folder.resolve()
     paths = {1: root / f"{name}.pt2"}
@@ -55,20 +51,23 @@ def _in_repository(
     for version, path in paths.items():
         path = path.resolve()
         if path.is_file() and path.is_relative_to(root):
-            update = {"name": name, "version": version, "path": path, "spec": None}
-            found[version] = base.model_copy(update=update)
+            if base is None:
+                found[version] = ModelSettings(name=name, version=version, path=path)
+            else:
+                update = {"name": name, "version": version, "path": path, "spec": None}
+                found[version] = base.model_copy(update=update)
     return found
 
 
-def _file_model(name: str, configured: dict[Key, ModelSettings]) -> ModelSettings:
+def _file_model(name: str, configured: dict[Key, ModelSettings]) -> ModelSettings | None:
     """The settings a repository version of `name` starts from: the highest configured
-    version's when that is served from a file, else the defaults."""
+    version's when that is served from a file, else None (the defaults)."""
     files = [
         model
         for (n, _), model in configured.items()
         if n == name and model.path is not None and not (model.factory or model.handler)
     ]
-    return max(files, key=lambda model: model.version) if files else ModelSettings(name=name)
+    return max(files, key=lambda model: model.version) if files else None
 
 
 def on_disk(folder: Path | None) -> list[Key]:

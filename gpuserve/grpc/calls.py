@@ -84,4 +84,7 @@ class GrpcCalls:
         finally:
             route = f"/{service}/{method}"
             infer = method == "ModelInfer"
-            envelope.close(record, "GRPC", route, route, status.name, count_model=infer)
+            probe = method in _OPEN
+            envelope.close(
+                record, "GRPC", route, route, status.name, count_model=infer, probe=probe
+            )

@@ -59,7 +59,10 @@ def create_app(
     such as Ray Serve that route to a replica as soon as its start-up ends. `on_no_model` is
     called once every model has failed to load (the server then stops, unless
     `keep_running_without_models`). `peers` makes it one worker process among several.
+    ValueError when the settings name no model.
     """
+    if not settings.served_models:
+        raise ValueError("no model to serve: set model.path (or factory, or handler) or models")
     metrics = Metrics(peers.metrics_dir if peers is not None else None)
     models = ModelRegistry(settings, loader if loader is not None else build_model, metrics)
     if peers is not None:

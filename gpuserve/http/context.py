@@ -21,6 +21,8 @@ from gpuserve.http.responses import CALL, error_response
 _OPEN_PATHS = frozenset(
     {"/", "/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready"}
 )
+# What orchestrators and scrapers call every few seconds: their access lines go at DEBUG.
+_PROBES = _OPEN_PATHS | {"/metrics"}
 
 logger = logging.getLogger("gpuserve.http")
 
@@ -81,7 +83,9 @@ class RequestContext:
             await error_response(failure, scope)(scope, receive, send_with_id)
         finally:
             route = route_label(scope)
-            envelope.close(record, scope["method"], scope["path"], route, status or 500)
+            path = scope["path"]
+            probe = path in _PROBES
+            envelope.close(record, scope["method"], path, route, status or 500, probe=probe)
 
 
 def route_label(scope: Scope) -> str:

@@ -54,6 +54,8 @@ def build_model(
     `module` (already on `device`) and `handler_class` replace what the settings name: the
     Python API serves objects in memory so.
     """
+    started = time.monotonic()
+    origin = _origin(settings, module, handler_class)
     if settings.path is not None:
         # Before the spec, whose own absence would otherwise be reported instead.
         require_file(settings.path)
@@ -78,20 +80,27 @@ def build_model(
         spec = ModelSpec.resolve(source, settings.key)
     handler = (handler_class or _handler_class(settings))(spec, device, settings, module=module)
 
-    started = time.monotonic()
     handler.setup()
-    size = ""
-    if settings.path is not None and settings.path.is_file():
-        size = f" ({settings.path.stat().st_size / 2**20:.1f} MiB)"
     logger.info(
-        "loaded %s from %s%s on %s in %.2fs",
+        "loaded %s from %s on %s in %.2fs",
         spec.name,
-        settings.path or settings.factory or settings.handler,
-        size,
+        origin,
         device.device,
         time.monotonic() - started,
     )
     return handler
+
+
+def _origin(settings: ModelSettings, module: Any, handler_class: type[Handler] | None) -> str:
+    """Where a model comes from, for the load's log line."""
+    if module is not None:
+        return f"a {type(module).__name__} in memory"
+    if handler_class is not None and settings.path is None and settings.factory is None:
+        return f"{handler_class.__module__}.{handler_class.__qualname__}.load"
+    if settings.path is not None:
+        size = settings.path.stat().st_size if settings.path.is_file() else None
+        return str(settings.path) + ("" if size is None else f" ({size / 2**20:.1f} MiB)")
+    return str(settings.factory or f"{settings.handler}.load")
 
 
 def _inferred_spec(settings: ModelSettings, source: object) -> bool:

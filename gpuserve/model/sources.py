@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import stat
 import sys
 import threading
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, get_args
 
@@ -154,6 +156,16 @@ def require_trusted(path: Path) -> None:
 def load_program(path: Path) -> Any:
     """A torch.export program from `path`, on the host; ModelLoadError when it cannot be read."""
     require_file(path)
+    missing = sorted(device for device in devices_named(path) if not _available(device))
+    if missing:
+        # torch.export bakes the export's device into the weights, the constants and the
+        # graph, and its loader has no map_location: say so before torch fails obscurely.
+        raise ModelLoadError(
+            f"{path} was exported on {', '.join(missing)}, which this machine does not have "
+            f"({_cuda_here()}): the device is baked into a torch.export program. Export "
+            "it from the CPU (the module and example inputs on the CPU), and gpuserve moves it "
+            "to the device it serves on, GPU or CPU"
+        )
     try:
         # torch.export.load is not thread-safe, and each model loads in its own thread.
         with _EXPORT_LOAD, open_counted(path) as file:
@@ -164,6 +176,40 @@ def load_program(path: Path) -> Any:
         raise ModelLoadError(
             f"could not load {path} as a torch.export program: {type(exc).__name__}: {exc}"
         ) from exc
+
+
+_DEVICE_FIELD = re.compile(rb'"(?:as_)?device": \{"type": "([a-z]+)", "index": (null|\d+)\}')
+
+
+def devices_named(path: Path) -> set[str]:
+    """The devices a torch.export archive's tensors and graph name (`cpu`, `cuda:0`), read
+    from its JSON entries; empty when it is not such an archive."""
+    found: set[str] = set()
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if name.endswith(".json"):
+                    for kind, index in _DEVICE_FIELD.findall(archive.read(name)):
+                        suffix = "" if index == b"null" else f":{int(index)}"
+                        found.add(kind.decode() + suffix)
+    except (zipfile.BadZipFile, OSError):
+        return set()
+    return found
+
+
+def _available(device: str) -> bool:
+    kind, _, index = device.partition(":")
+    if kind != "cuda":
+        return True
+    return torch.cuda.is_available() and int(index or 0) < torch.cuda.device_count()
+
+
+def _cuda_here() -> str:
+    if torch.version.cuda is None:
+        return "this torch is built without CUDA"
+    if not torch.cuda.is_available():
+        return "no CUDA device is usable"
+    return f"{torch.cuda.device_count()} CUDA device(s)"
 
 
 def program_module(program: Any, device: str) -> torch.nn.Module:
@@ -187,6 +233,9 @@ def spec_from_program(program: Any, name: str, path: Path, max_batch_size: int) 
         )
     _require_dynamic_batch(program, path, max_batch_size)
     given = [_tensor_spec(input_name, value, program, path) for input_name, value in inputs]
+    if len(given) == 1 and given[0].variable:
+        # The program takes its one input alone: a padded batch is called without the mask.
+        given[0] = given[0].model_copy(update={"mask": False})
     names = ["output"] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
     made = [
         _tensor_spec(output_name, value, program, path)
