@@ -401,8 +401,9 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         default=2048,
         ge=1,
-        description="Open client connections past this get a 503 and are closed at once. "
-        "Lowered to what the open-file limit allows (raised to its hard limit at start).",
+        description="Open client connections past this get a 503 and are closed at once; "
+        "gRPC's connections are capped at the same number, counted apart. Lowered to what "
+        "the open-file limit allows for both (raised to its hard limit at start).",
     )
     # NoDecode: the environment gives a comma-separated list, not JSON.
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(

@@ -99,7 +99,8 @@ def serve_one(
         raise_fd_limit,
     )
 
-    max_connections = connection_cap(settings.max_connections, raise_fd_limit())
+    listeners = 2 if settings.grpc else 1
+    max_connections = connection_cap(settings.max_connections, raise_fd_limit(), listeners)
     no_model: list[bool] = []
 
     def stop_without_models() -> None:
@@ -148,6 +149,7 @@ def serve_one(
         app.state.metrics,
         app.state.path,
         share_grpc_port=peers is not None,
+        max_connections=max_connections,
     )
     try:
         server.run(sockets)
@@ -181,8 +183,10 @@ class _DrainingServer(uvicorn.Server):
         metrics: Metrics,
         path: RequestPath,
         share_grpc_port: bool = False,
+        max_connections: int | None = None,
     ) -> None:
         super().__init__(config)
+        self._max_connections = max_connections
         self._path = path
         self._share_grpc_port = share_grpc_port
         self._models = models
@@ -212,6 +216,7 @@ class _DrainingServer(uvicorn.Server):
             self._metrics,
             path=self._path,
             share_port=self._share_grpc_port,
+            max_connections=self._max_connections,
         )
         try:
             port = await grpc_server.start(settings.host, settings.grpc_port)

@@ -28,6 +28,7 @@ INTEGRATION = frozenset(
         "test_fuzz",
         "test_gpu_check",
         "test_grpc_health",
+        "test_grpc_limits",
         "test_handler",
         "test_k8s",
         "test_logs",

@@ -37,10 +37,16 @@ SERVICE = "inference.GRPCInferenceService"
 __all__ = ["SERVICE", "GrpcServer", "InferenceService", "status_of"]
 
 
+_MAX_PENDING = 1 << 20
+
+
 class GrpcServer:
     """The gRPC endpoint: started beside uvicorn on the same loop, stopped with it.
 
-    Messages are bounded like HTTP bodies, by `max_body_bytes`. With `share_port` (worker
+    Messages are bounded like HTTP bodies, by `max_body_bytes`; connections like HTTP's, by
+    `max_connections` (gRPC's own count: a connection past it is closed at once), the
+    HTTP/2 handshake by `header_timeout_s` and an idle connection by `keep_alive_s`. With
+    `share_port` (worker
     processes side by side) it listens with SO_REUSEPORT, and the kernel spreads the
     connections over the workers.
     """
@@ -53,6 +59,7 @@ class GrpcServer:
         *,
         path: RequestPath | None = None,
         share_port: bool = False,
+        max_connections: int | None = None,
     ) -> None:
         self.settings = settings
         options = [
@@ -62,6 +69,17 @@ class GrpcServer:
             # already in use would start and get half the calls: fail instead, unless the
             # sharing is meant.
             ("grpc.so_reuseport", 1 if share_port else 0),
+            ("grpc.max_allowed_incoming_connections", max_connections or settings.max_connections),
+            ("grpc.server_handshake_timeout_ms", int(settings.header_timeout_s * 1000)),
+            ("grpc.max_connection_idle_ms", int(settings.keep_alive_s * 1000)),
+            # Calls that arrived while the event loop was busy wait in gRPC's core for it to
+            # take them; past its default of 1000 the core cancels the rest (CANCELLED, no
+            # trace in gpuserve). Every call reaches gpuserve instead, whose model queue
+            # answers what it cannot take with RESOURCE_EXHAUSTED, counted and logged. (A
+            # limit on a connection's concurrent streams is not set: gRPC's core refuses a
+            # burst past it with REFUSED_STREAM, which clients see as UNAVAILABLE.)
+            ("grpc.server.max_pending_requests", _MAX_PENDING),
+            ("grpc.server.max_pending_requests_hard_limit", _MAX_PENDING),
         ]
         self._server = grpc.aio.server(options=options)
         envelope = Envelope(metrics, settings.api_key_values(), settings.access_log, "grpc")

@@ -49,9 +49,10 @@ def raise_fd_limit() -> int:
     return soft
 
 
-def connection_cap(max_connections: int, fd_limit: int) -> int:
-    """The cap to enforce: the setting, or what the descriptor limit leaves room for."""
-    room = max(1, fd_limit - _RESERVED_FDS)
+def connection_cap(max_connections: int, fd_limit: int, listeners: int = 1) -> int:
+    """The cap to enforce on each of `listeners` (HTTP, and gRPC beside it): the setting, or
+    what the descriptor limit leaves room for when every listener is full."""
+    room = max(1, (fd_limit - _RESERVED_FDS) // listeners)
     if max_connections > room:
         logger.warning(
             "max_connections %d is above what %d open files allow; capping at %d",
