@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,3 +108,72 @@ async def test_a_dead_parse_process_fails_its_request_and_is_replaced() -> None:
         decoder.close()
     with pytest.raises(NotReady):
         await decoder.run(body, pid_of_decoder)
+
+
+# A server process with a parse in progress: it prints its parse process's PID, then stops
+# its decoder (CLOSE) or waits to be killed.
+_HOST = """
+import asyncio, multiprocessing, sys, time
+from gpuserve.core.offload import BodyDecoder
+
+async def main():
+    decoder = BodyDecoder(offload_bytes=1, processes=1)
+    assert await decoder.run(-1, abs, size=2) == 1  # parsed in the parse process, now up
+    (child,) = multiprocessing.active_children()
+    print(child.pid, flush=True)
+    parse = asyncio.ensure_future(decoder.run(60, time.sleep, size=2))  # a parse of a minute
+    await asyncio.sleep(0.5)
+    if sys.argv[1] == "close":
+        decoder.close()
+        print("closed", flush=True)
+    else:
+        await parse
+
+asyncio.run(main())
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def wait_gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("how", ["close", "kill"])
+def test_parse_processes_never_outlive_or_hold_their_server(how: str) -> None:
+    """Closed with a parse in progress, the server exits at once; killed, its parse process
+    goes with it: no orphan either way."""
+    import signal
+    import subprocess
+    import sys
+
+    host = subprocess.Popen([sys.executable, "-c", _HOST, how], stdout=subprocess.PIPE, text=True)
+    try:
+        assert host.stdout is not None
+        parse_pid = int(host.stdout.readline())
+        assert alive(parse_pid)
+        if how == "close":
+            assert host.stdout.readline().strip() == "closed"
+            assert host.wait(timeout=20) == 0  # not the minute the parse would take
+        else:
+            time.sleep(0.5)
+            host.send_signal(signal.SIGKILL)
+            host.wait(timeout=20)
+        assert wait_gone(parse_pid, 10), f"parse process {parse_pid} outlived its server"
+    finally:
+        if host.poll() is None:
+            host.kill()
+            host.wait()
+        if host.stdout is not None:
+            host.stdout.close()

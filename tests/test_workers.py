@@ -342,6 +342,45 @@ def test_workers_that_cannot_load_their_model_stop_the_server_with_status_1(
         assert "restarting worker" not in log
 
 
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid`, read from /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found |= frontier
+    return found
+
+
+def test_sigterm_with_bodies_in_parse_processes_exits_0_and_leaves_no_process(
+    slow_model: Path,
+) -> None:
+    """Every body parsed in a parse process: after the drain, the workers stop their parse
+    processes rather than wait on them, and nothing of the server outlives it."""
+    with slow_server(
+        slow_model, model__max_batch_size="8", workers="2", parse_offload_bytes="64"
+    ) as server:
+        wait_ready(server.url)
+        assert server.process is not None
+        for _ in range(4):  # bodies through both workers, so each starts its parse process
+            assert httpx.post(f"{server.url}/predict", content=ONE).status_code == 200
+        sigterm_with_requests_in_flight(server, 40)
+        family = descendants(server.process.pid)
+        assert server.process.wait(timeout=60) == 0, "".join(server.log[-30:])
+    deadline = time.monotonic() + 10
+    while (left := {pid for pid in family if Path(f"/proc/{pid}").exists()}) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    assert not left, f"processes outlived the server: {sorted(left)}"
+
+
 def test_sigterm_drains_every_worker_then_the_parent_exits_0(slow_model: Path) -> None:
     with slow_server(slow_model, model__max_batch_size="8", workers="2") as server:
         # In flight across both workers, summed in /metrics.

@@ -14,8 +14,12 @@ either place.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import multiprocessing
+import os
+import signal
+import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -62,12 +66,49 @@ class BodyDecoder:
             raise InferenceError("internal error") from exc
 
     def close(self) -> None:
-        """Stop the parse processes; a large body arriving after this gets 503."""
+        """Stop the parse processes, a parse in progress included (the requests have been
+        answered by now); a large body arriving after this gets 503."""
         self._closed = True
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            _stop(pool)
 
     def _start(self) -> ProcessPoolExecutor:
         logger.info("starting %d process(es) to parse large bodies", self.processes)
-        return ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
+        return ProcessPoolExecutor(
+            self.processes,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=die_with_parent,
+            initargs=(os.getpid(),),
+        )
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Shut `pool` down without waiting for a parse in progress: the executor's exit handler
+    would otherwise hold the server's exit until that parse ends."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14 and later
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    if terminate is not None:
+        terminate()
+    else:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+    # Then join the executor's manager thread (quick, its processes gone): left running, it
+    # could close its wake-up pipe while the exit handler writes to it, and the process
+    # would exit 1 on "Bad file descriptor".
+    pool.shutdown(wait=True)
+
+
+def die_with_parent(parent: int) -> None:
+    """A parse process's start: it ends when the server process that started it does, even
+    one killed without a chance to stop it (Linux's parent-death signal)."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the server died before the signal was asked for
+        os._exit(0)
+
+
+_PR_SET_PDEATHSIG = 1
