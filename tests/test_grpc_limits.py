@@ -19,6 +19,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from .helpers import ONE, ServerProcess, wait_ready
+from .test_workers import descendants
 
 
 def infer_request() -> pb.ModelInferRequest:
@@ -134,3 +135,50 @@ async def idle_then_call(address: str) -> list[str]:
         await stub.ModelInfer(infer_request(), timeout=30)
         seen.append("OK")
     return seen
+
+
+def test_a_large_message_is_decoded_in_a_parse_process_with_the_same_answer(
+    demo_model: Path,
+) -> None:
+    """As a large HTTP body is: the event loop never parses it; the answer is the same."""
+    env = {"GPUSERVE_PARSE_OFFLOAD_BYTES": "2048"}
+    rows = np.random.default_rng(0).uniform(0, 16, (16, 64)).astype(np.float32)
+    tensor = pb.ModelInferRequest.InferInputTensor(name="pixels", datatype="FP32", shape=[16, 64])
+    tensor.contents.fp32_contents.extend(rows.ravel().tolist())
+    large = pb.ModelInferRequest(model_name="digits", inputs=[tensor])
+    bad = pb.ModelInferRequest()
+    bad.CopyFrom(large)
+    bad.inputs[0].shape[:] = [16, 65]
+    assert large.ByteSize() > 2048
+
+    async def calls(address: str) -> tuple[list[bytes], bytes, str]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            alone = []
+            for row in rows:  # small: decoded inline
+                one = pb.ModelInferRequest.InferInputTensor(
+                    name="pixels", datatype="FP32", shape=[1, 64]
+                )
+                small = pb.ModelInferRequest(
+                    model_name="digits", inputs=[one], raw_input_contents=[row.tobytes()]
+                )
+                alone.append((await stub.ModelInfer(small, timeout=30)).raw_output_contents[0])
+            together = (await stub.ModelInfer(large, timeout=30)).raw_output_contents[0]
+            try:
+                await stub.ModelInfer(bad, timeout=30)
+                refused = "OK"
+            except grpc.aio.AioRpcError as exc:
+                refused = f"{exc.code().name}: {exc.details()}"
+            return alone, together, refused
+
+    with ServerProcess("--device", "cpu", env=env) as server:
+        wait_ready(server.url)
+        assert server.process is not None
+        before = descendants(server.process.pid)
+        host, port = grpc_port(server)
+        alone, together, refused = asyncio.run(calls(f"{host}:{port}"))
+        started = descendants(server.process.pid) - before
+    expected = np.concatenate([np.frombuffer(out, np.float32) for out in alone])
+    np.testing.assert_allclose(np.frombuffer(together, np.float32), expected, atol=1e-4)
+    assert refused.startswith("INVALID_ARGUMENT") and "request id" in refused
+    assert started, "no parse process was started for the large message"

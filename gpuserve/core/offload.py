@@ -50,6 +50,7 @@ class BodyDecoder:
     ) -> T:
         """`decode(body, *args)`, where it costs the event loop least: in a parse process
         when `size` (by default the body's length) reaches `offload_bytes`."""
+        # `offloads`, inline: this runs for every request, and a call costs more than this.
         if self.processes == 0 or (len(body) if size is None else size) < self.offload_bytes:
             return decode(body, *args)
         if self._closed:
@@ -64,6 +65,10 @@ class BodyDecoder:
                 self._pool = None
             pool.shutdown(wait=False)
             raise InferenceError("internal error") from exc
+
+    def offloads(self, size: int) -> bool:
+        """Whether a body of `size` bytes is decoded in a parse process."""
+        return self.processes > 0 and size >= self.offload_bytes
 
     def close(self) -> None:
         """Stop the parse processes, a parse in progress included (the requests have been

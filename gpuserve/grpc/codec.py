@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 
 from gpuserve.core.errors import InvalidInput
@@ -37,7 +38,13 @@ _CONTENTS: dict[str, tuple[str, Any]] = {
 
 
 def decode_infer(request: Any, spec: ModelSpec, limit: int) -> oip.InferRequest:
-    """An infer request's inputs checked against the model's spec (InvalidInput if not)."""
+    """An infer request's inputs checked against the model's spec (InvalidInput if not);
+    `request` is a ModelInferRequest, or (in a parse process) its serialized bytes."""
+    if isinstance(request, bytes):
+        try:
+            request = pb.ModelInferRequest.FromString(request)
+        except DecodeError as exc:
+            raise InvalidInput(f"the message cannot be read: {exc}") from None
     return oip.decode_fields(_fields(request), spec, _reader(request, limit))
 
 

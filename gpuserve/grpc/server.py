@@ -84,8 +84,7 @@ class GrpcServer:
         self._server = grpc.aio.server(options=options)
         envelope = Envelope(metrics, settings.api_key_values(), settings.access_log, "grpc")
         calls = GrpcCalls(envelope)
-        # Messages are decoded where they arrive (no parse process): their size is bounded
-        # by max_body_bytes, as HTTP bodies are.
+        # On its own (no HTTP app beside it), messages are decoded where they arrive.
         path = path or RequestPath(models, BodyDecoder(settings.parse_offload_bytes, 0))
         inference = InferenceService(settings, path, calls)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self._server)
@@ -203,8 +202,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             call = Call(request.model_name, request.model_version or None, postprocess=False)
 
             async def receive() -> Received[Any]:
-                # The client's deadline, if it set one; the message is decoded inline.
-                return Received(request, context.time_remaining(), 0)
+                # The client's deadline, if it set one, and the message's size: a large one
+                # is decoded in a parse process, as a large HTTP body is, and goes there as
+                # bytes (the generated message classes cannot be pickled).
+                size = request.ByteSize()
+                large = self._path.offload.offloads(size)
+                payload = request.SerializeToString() if large else request
+                return Received(payload, context.time_remaining(), size)
 
             answer = await self._path.infer(call, record, receive, decode_infer)
             decoded = answer.decoded
