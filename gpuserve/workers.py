@@ -36,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing.sharedctypes import SynchronizedArray
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -103,7 +104,7 @@ def supervise(settings: Settings, count: int, target: Target) -> int:
     http = listen(settings.host, settings.port)
     grpc_holder = _hold_grpc_port(settings) if settings.grpc else None
     grpc_port = grpc_holder.getsockname()[1] if grpc_holder is not None else settings.grpc_port
-    metrics_dir = tempfile.mkdtemp(prefix="gpuserve-metrics-")
+    metrics_dir = tempfile.mkdtemp(prefix="gpuserve-metrics-", dir=metrics_parent())
     # Read by prometheus-client when a worker imports it (spawned workers inherit it): its
     # values then live in files there, which any worker's /metrics sums.
     previous_dir = os.environ.get(_METRICS_DIR)
@@ -271,6 +272,31 @@ def restart_pause(lived_s: float, failures: int) -> tuple[float, int]:
     dying soon after starting, so a crash loop costs little CPU and floods no log."""
     failures = failures + 1 if lived_s < _STABLE_S else 1
     return min(_MAX_PAUSE_S, _RESTART_PAUSE_S * 2 ** (failures - 1)), failures
+
+
+# The room a metrics folder must have: a few MiB of files a worker, with a margin.
+_METRICS_ROOM = 64 * 2**20
+
+
+def metrics_parent(candidates: tuple[Path, ...] = (Path("/dev/shm"),)) -> str | None:
+    """Where the workers' metric files go: a memory-backed folder with room, when there is
+    one, so that a full disk cannot reach them (they are written through memory maps, and a
+    write that finds no room kills the process with SIGBUS); else None, the system's
+    temporary folder."""
+    for folder in candidates:
+        try:
+            usable = folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+            if usable and shutil.disk_usage(folder).free >= _METRICS_ROOM:
+                return str(folder)
+        except OSError:
+            continue
+    logger.warning(
+        "no memory-backed folder with %d MiB free for the metrics files; they go in %s, "
+        "where a full disk would stop the workers",
+        _METRICS_ROOM // 2**20,
+        tempfile.gettempdir(),
+    )
+    return None
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -389,3 +389,17 @@ def test_sigterm_drains_every_worker_then_the_parent_exits_0(slow_model: Path) -
         assert server.process.wait(timeout=60) == 0
         assert any("every worker has stopped" in line for line in server.log)
         assert sum("stopped on signal 15 after draining" in line for line in server.log) == 2
+
+
+def test_the_metrics_files_go_where_a_full_disk_cannot_reach_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A memory-backed folder with room first (/dev/shm), else the temporary folder, said."""
+    from gpuserve import workers
+
+    assert workers.metrics_parent((tmp_path / "missing", tmp_path)) == str(tmp_path)
+    if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK):
+        assert workers.metrics_parent() == "/dev/shm"
+    monkeypatch.setattr(workers, "_METRICS_ROOM", 2**62)  # no folder has this much room
+    assert workers.metrics_parent((tmp_path,)) is None
+    assert "where a full disk would stop the workers" in caplog.text
