@@ -342,6 +342,26 @@ def raw_connection(url: str) -> socket.socket:
     return socket.create_connection((address.hostname or "", address.port or 0), timeout=30)
 
 
+def trickle(sock: socket.socket, chunk: bytes, every_s: float, limit_s: float) -> bytes:
+    """Send `chunk` every `every_s` until the server answers or `limit_s` passes.
+
+    Returns the first bytes of the answer, or b"" when none came (or the server hung up).
+    """
+    sock.settimeout(every_s)
+    until = time.monotonic() + limit_s
+    while time.monotonic() < until:
+        try:
+            sock.sendall(chunk)
+            answer = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except (ConnectionResetError, BrokenPipeError):
+            return b""
+        if answer:
+            return answer
+    return b""
+
+
 KEY = "grpc-test-key-0123456789"
 
 

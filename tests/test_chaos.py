@@ -1,9 +1,10 @@
 """Chaos on a real socket: everything hostile at once, then SIGTERM.
 
 Normal clients keep sending while, beside them, a client posts 4 MB bodies that must be
-refused, sockets sit silent or send half their headers, clients hang up mid-request, and
-requests carry inputs on which the model raises a BaseException, raises StopIteration or
-answers NaN. Then the server gets SIGTERM with requests in flight. Bounded: about 30 s.
+refused, another sends megabytes of URL or of headers, another trickles its body, sockets sit
+silent or send half their headers, clients hang up mid-request, and requests carry inputs on
+which the model raises a BaseException, raises StopIteration or answers NaN. Then the server
+gets SIGTERM with requests in flight. Bounded: about 30 s.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .helpers import faulty_server, raw_connection, wait_ready
+from .helpers import faulty_server, raw_connection, trickle, wait_ready
 
 CHAOS_S = 8.0
 NORMAL_CLIENTS = 4
@@ -106,6 +107,53 @@ def poison_client(port: int, until: float, record: Recorder) -> None:
         time.sleep(0.05)
 
 
+def raw_exchange(port: int, data: bytes, pause_s: float = 0.0) -> tuple[int, bytes]:
+    """Send `data` in 64 kB pieces (each after `pause_s`) until the server answers; its
+    status and body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            for start in range(0, len(data), 65536):
+                time.sleep(pause_s)
+                sock.sendall(data[start : start + 65536])
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]) if head else 0, payload
+
+
+def oversized_head_client(port: int, until: float, record: Recorder) -> None:
+    heads = [
+        (414, b"GET /" + b"a" * 4_000_000 + b" HTTP/1.1\r\n"),
+        (431, b"POST /predict HTTP/1.1\r\nhost: x\r\n" + b"x: 1\r\n" * 700_000),
+    ]
+    sent = 0
+    while time.monotonic() < until:
+        expected, data = heads[sent % 2]
+        status, payload = raw_exchange(port, data)
+        record.answer("oversized", status, payload)
+        if status != expected:
+            record.fail("oversized", f"{status} where {expected} was due")
+        sent += 1
+        time.sleep(0.2)
+
+
+def trickle_client(port: int, until: float, record: Recorder) -> None:
+    head = (
+        b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"x-request-timeout-ms: 500\r\ncontent-length: 100\r\n\r\n"
+    )
+    while time.monotonic() < until:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(head)
+            # Two bytes every 0.1 s would take 5 s for the body; 0.5 s is allowed.
+            answer = trickle(sock, b"[1", every_s=0.1, limit_s=10)
+        head_part, _, payload = answer.partition(b"\r\n\r\n")
+        status = int(head_part.split()[1]) if head_part else 0
+        record.answer("trickle", status, payload)
+
+
 def hang_up_client(port: int, until: float) -> None:
     while time.monotonic() < until:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
@@ -137,6 +185,8 @@ def test_chaos_then_sigterm(tmp_path: Path) -> None:
             threading.Thread(target=abusive_client, args=(port, until, record)),
             threading.Thread(target=poison_client, args=(port, until, record)),
             threading.Thread(target=hang_up_client, args=(port, until)),
+            threading.Thread(target=oversized_head_client, args=(port, until, record)),
+            threading.Thread(target=trickle_client, args=(port, until, record)),
         ]
         for thread in threads:
             thread.start()
@@ -178,5 +228,7 @@ def test_chaos_then_sigterm(tmp_path: Path) -> None:
     assert all(windows[window] > 0 for window in range(int(CHAOS_S // 2))), windows
     assert statuses[("poison", 500)] >= 3 and set(s for w, s in statuses if w == "poison") == {500}
     assert statuses[("abusive", 422)] >= 2
+    assert statuses[("oversized", 414)] >= 2 and statuses[("oversized", 431)] >= 2
+    assert statuses[("trickle", 408)] >= 2 and {s for w, s in statuses if w == "trickle"} == {408}
     assert {status for status, _ in in_flight} == {200} and len(in_flight) == 5
     assert code == 0 and took < 5 + 5

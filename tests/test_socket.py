@@ -24,6 +24,7 @@ from .helpers import (
     send_all,
     sigterm_with_requests_in_flight,
     slow_server,
+    trickle,
     wait_ready,
 )
 
@@ -353,16 +354,7 @@ def test_a_trickled_body_gets_408_at_its_deadline(demo_model: Path) -> None:
             with raw_connection(server.url) as sock:
                 sock.sendall(head + extra + b"content-length: 1000\r\n\r\n")
                 started = time.monotonic()
-                sock.settimeout(0.2)
-                answer = b""
-                while time.monotonic() - started < 20 and not answer:
-                    try:
-                        sock.sendall(b"[1")
-                        answer = sock.recv(65536)
-                    except TimeoutError:
-                        continue
-                    except (ConnectionResetError, BrokenPipeError):
-                        break
+                answer = trickle(sock, b"[1", every_s=0.2, limit_s=20)
                 took = time.monotonic() - started
             assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
             assert b"did not arrive within" in answer
