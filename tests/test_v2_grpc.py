@@ -199,6 +199,23 @@ async def test_calls_are_counted_and_in_statistics(digits: Both) -> None:
     assert entry["inference_count"] == "2"
 
 
+@pytest.mark.parametrize("size", [100, 400_000])  # below and past parse_offload_bytes
+async def test_bytes_that_are_no_message_are_invalid_argument_and_counted(
+    digits: Both, size: int
+) -> None:
+    garbage = b"\xff" * size
+    async with grpc.aio.insecure_channel(digits.url) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await infer(garbage, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a ModelInferRequest" in (caught.value.details() or "")
+    assert "request id" in (caught.value.details() or "")
+    text = (await digits.http.get("/metrics")).text
+    assert 'code="INVALID_ARGUMENT",model="",protocol="grpc"' in text
+    assert await digits.grpc.is_model_ready("digits")
+
+
 async def test_a_call_outside_what_is_served_is_unimplemented(digits: Both) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await digits.stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest())

@@ -41,11 +41,16 @@ def decode_infer(request: Any, spec: ModelSpec, limit: int) -> oip.InferRequest:
     """An infer request's inputs checked against the model's spec (InvalidInput if not);
     `request` is a ModelInferRequest, or (in a parse process) its serialized bytes."""
     if isinstance(request, bytes):
-        try:
-            request = pb.ModelInferRequest.FromString(request)
-        except DecodeError as exc:
-            raise InvalidInput(f"the message cannot be read: {exc}") from None
+        request = read_infer_request(request)
     return oip.decode_fields(_fields(request), spec, _reader(request, limit))
+
+
+def read_infer_request(data: bytes) -> Any:
+    """A serialized `ModelInferRequest` read (InvalidInput if it is not one)."""
+    try:
+        return pb.ModelInferRequest.FromString(data)
+    except DecodeError as exc:
+        raise InvalidInput(f"the message is not a ModelInferRequest: {exc}") from None
 
 
 def encode_infer(

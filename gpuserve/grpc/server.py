@@ -29,7 +29,7 @@ from gpuserve.core.metrics import Metrics
 from gpuserve.core.offload import BodyDecoder
 from gpuserve.core.registry import ModelRegistry
 from gpuserve.grpc.calls import GrpcCalls, status_of
-from gpuserve.grpc.codec import decode_infer, encode_infer
+from gpuserve.grpc.codec import decode_infer, encode_infer, read_infer_request
 from gpuserve.grpc.health import health_handler
 from gpuserve.protocols import oip_reads as reads
 
@@ -87,7 +87,7 @@ class GrpcServer:
         # On its own (no HTTP app beside it), messages are decoded where they arrive.
         path = path or RequestPath(models, BodyDecoder(settings.parse_offload_bytes, 0))
         inference = InferenceService(settings, path, calls)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, self._server)
+        _register(self._server, inference)
         self._server.add_generic_rpc_handlers((health_handler(calls, models),))
         self.port = 0
 
@@ -197,17 +197,21 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
         return await self._call("RepositoryModelUnload", context, unload)
 
-    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ModelInfer(self, message: bytes, context: grpc.aio.ServicerContext) -> Any:
+        """Takes the message as bytes (see `_register`), so that one that cannot be
+        read is this call's INVALID_ARGUMENT, counted and logged, and a large one goes to
+        the parse process as it came."""
+
         async def infer(record: CallRecord) -> Any:
+            request = read_infer_request(message)
             call = Call(request.model_name, request.model_version or None, postprocess=False)
 
             async def receive() -> Received[Any]:
                 # The client's deadline, if it set one, and the message's size: a large one
                 # is decoded in a parse process, as a large HTTP body is, and goes there as
                 # bytes (the generated message classes cannot be pickled).
-                size = request.ByteSize()
-                large = self._path.offload.offloads(size)
-                payload = request.SerializeToString() if large else request
+                size = len(message)
+                payload = message if self._path.offload.offloads(size) else request
                 return Received(payload, context.time_remaining(), size)
 
             answer = await self._path.infer(call, record, receive, decode_infer)
@@ -251,6 +255,40 @@ def _not_served(method: str, what: str) -> Any:
 
 for _method, _what in _NOT_SERVED.items():
     setattr(InferenceService, _method, _not_served(_method, _what))
+
+
+class _Handlers:
+    """Stands in for the server to collect the generated registration's handlers."""
+
+    def __init__(self) -> None:
+        self.generic: list[grpc.GenericRpcHandler] = []
+        self.registered: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self.generic.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
+        self.registered.update(handlers)
+
+
+def _register(server: grpc.aio.Server, inference: InferenceService) -> None:
+    """The service's handlers, but for ModelInfer's, which leaves its message as bytes.
+
+    The generated one reads every message on the event loop and answers one that it cannot
+    read UNKNOWN, before gpuserve sees the call; `InferenceService.ModelInfer` reads it itself.
+    """
+    found = _Handlers()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, found)
+    infer = grpc.unary_unary_rpc_method_handler(
+        inference.ModelInfer, response_serializer=pb.ModelInferResponse.SerializeToString
+    )
+    mine = {"ModelInfer": infer}
+    # Registered handlers win over generic ones; generic ones are asked in order.
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE, mine), *found.generic)
+    )
+    if found.registered:
+        server.add_registered_method_handlers(SERVICE, {**found.registered, **mine})
 
 
 def _model(name: str, version: str, record: CallRecord) -> tuple[str, str | None]:
