@@ -2,9 +2,11 @@
 
 Normal clients keep sending while, beside them, a client posts 4 MB bodies that must be
 refused, another sends megabytes of URL or of headers, another trickles its body, sockets sit
-silent or send half their headers, clients hang up mid-request, and requests carry inputs on
-which the model raises a BaseException, raises StopIteration or answers NaN. Then the server
-gets SIGTERM with requests in flight. Bounded: about 30 s.
+silent or send half their headers (on the HTTP port and on the gRPC port), clients hang up
+mid-request, requests carry inputs on which the model raises a BaseException, raises
+StopIteration or answers NaN, and a gRPC client sends good calls between large messages that
+are no message at all. Then the server gets SIGTERM with requests in flight. Bounded: about
+30 s.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
 
 from .helpers import faulty_server, raw_connection, trickle, wait_ready
 
@@ -167,12 +173,42 @@ def hang_up_client(port: int, until: float) -> None:
         time.sleep(0.2)
 
 
+def grpc_client(address: str, until: float, record: Recorder, codes: Counter[str]) -> None:
+    tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1, 4])
+    good = pb.ModelInferRequest(
+        model_name="faulty",
+        inputs=[tensor],
+        raw_input_contents=[np.array([[5.0, 1, 1, 1]], np.float32).tobytes()],
+    ).SerializeToString()
+    garbage = b"\xff" * 400_000  # past parse_offload_bytes
+    with grpc.insecure_channel(address) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        sent = 0
+        while time.monotonic() < until:
+            bad = sent % 2 == 1
+            try:
+                answer = pb.ModelInferResponse.FromString(
+                    infer(garbage if bad else good, timeout=30)
+                )
+                codes["OK"] += 1
+                if bad or np.frombuffer(answer.raw_output_contents[0], np.float32)[0] != 8.0:
+                    record.fail("grpc", f"wrong answer {answer}")
+            except grpc.RpcError as exc:
+                codes[exc.code().name] += 1
+                if not bad or exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    record.fail("grpc", f"{exc.code().name}: {exc.details()}")
+            sent += 1
+            time.sleep(0.02)
+
+
 def test_chaos_then_sigterm(tmp_path: Path) -> None:
     with faulty_server(tmp_path, shutdown=5, header=1.0, connections=512) as server:
         wait_ready(server.url)
         port = int(server.url.rsplit(":", 1)[1])
         record = Recorder()
         silent = [raw_connection(server.url) for _ in range(100)]
+        silent += [raw_connection(f"http://{server.grpc_url}") for _ in range(50)]
+        grpc_codes: Counter[str] = Counter()
         for sock in silent[:20]:
             sock.sendall(b"POST /predict HTTP/1.1\r\nhost: x\r\n")  # half the headers, then nothing
         began = time.monotonic()
@@ -187,6 +223,7 @@ def test_chaos_then_sigterm(tmp_path: Path) -> None:
             threading.Thread(target=hang_up_client, args=(port, until)),
             threading.Thread(target=oversized_head_client, args=(port, until, record)),
             threading.Thread(target=trickle_client, args=(port, until, record)),
+            threading.Thread(target=grpc_client, args=(server.grpc_url, until, record, grpc_codes)),
         ]
         for thread in threads:
             thread.start()
@@ -194,11 +231,13 @@ def test_chaos_then_sigterm(tmp_path: Path) -> None:
             thread.join(timeout=CHAOS_S + 60)
         assert not any(thread.is_alive() for thread in threads)
 
-        # The silent sockets were closed by the server (header timeout), not left to pile up.
+        # The silent sockets were closed by the server (header or handshake timeout), not left
+        # to pile up.
         for sock in silent:
             sock.settimeout(5)
             with contextlib.suppress(ConnectionResetError):
-                assert sock.recv(1) == b""
+                while sock.recv(65536):  # gRPC's port sends its HTTP/2 settings first
+                    pass
             sock.close()
 
         # Requests in flight at SIGTERM, each on its own connection: every one is answered.
@@ -230,5 +269,6 @@ def test_chaos_then_sigterm(tmp_path: Path) -> None:
     assert statuses[("abusive", 422)] >= 2
     assert statuses[("oversized", 414)] >= 2 and statuses[("oversized", 431)] >= 2
     assert statuses[("trickle", 408)] >= 2 and {s for w, s in statuses if w == "trickle"} == {408}
+    assert grpc_codes["OK"] >= 3 and grpc_codes["INVALID_ARGUMENT"] >= 3, grpc_codes
     assert {status for status, _ in in_flight} == {200} and len(in_flight) == 5
     assert code == 0 and took < 5 + 5

@@ -4,13 +4,16 @@ restarts, and a drain across processes. Real processes, real sockets."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -403,3 +406,51 @@ def test_the_metrics_files_go_where_a_full_disk_cannot_reach_them(
     monkeypatch.setattr(workers, "_METRICS_ROOM", 2**62)  # no folder has this much room
     assert workers.metrics_parent((tmp_path,)) is None
     assert "where a full disk would stop the workers" in caplog.text
+
+
+@contextlib.contextmanager
+def full_filesystem(folder: Path, left: int) -> Iterator[Path]:
+    """A small tmpfs at `folder`, filled but for `left` bytes; skips where mounting is not
+    allowed."""
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {mounted.stderr.decode().strip()}")
+    try:
+        (folder / "filler").write_bytes(b"\0" * (shutil.disk_usage(folder).free - left))
+        assert shutil.disk_usage(folder).free == left
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_workers_serve_on_when_the_temporary_disk_is_full(demo_model: Path, tmp_path: Path) -> None:
+    """The workers' metrics files, written through memory maps, are not on the temporary
+    folder's disk: with two pages left there (so that it is still taken as the temporary
+    folder), both workers load, serve and count, and none dies of SIGBUS."""
+    with full_filesystem(tmp_path / "full", left=8192) as full:
+        env = {
+            "GPUSERVE_MODEL__PATH": str(demo_model),
+            "GPUSERVE_MODEL__FREEZE_GC": "false",
+            "TMPDIR": str(full),
+        }
+        with ServerProcess("--device", "cpu", "--workers", "2", env=env) as server:
+            wait_ready(server.url)
+            # A new connection each, so that both workers take some.
+            statuses = [
+                httpx.post(f"{server.url}/predict", content=ONE, timeout=10).status_code
+                for _ in range(61)
+            ]
+            text = httpx.get(f"{server.url}/metrics", timeout=10).text
+            log = "".join(server.log)
+            assert server.stop() == 0
+    assert statuses == [200] * 61
+    counted = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith('gpuserve_requests_total{code="200"') and 'route="/predict"' in line
+    )
+    assert counted == 61
+    assert "restarting worker" not in log and "Bus error" not in log
