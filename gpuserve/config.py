@@ -132,7 +132,8 @@ class ModelSettings(BaseModel):
         default=True,
         description="An idle model holds a batch open for the callers of the last batch still "
         "due back (clients that send their next request once answered), no longer than that "
-        "batch's pass took: full batches rather than halves under a steady crowd. False: "
+        "batch's pass took: full batches rather than halves under a steady crowd; and, while "
+        "calls stream in one at a time (gRPC), until they pause, within max_wait_ms. False: "
         "dispatch at once, for independent arrivals where the hold only adds wait.",
     )
     completion_thread: bool = Field(

@@ -5,6 +5,13 @@ The rules (the batcher's docstring states them for its users):
 - At an idle worker a batch is dispatched at once, unless callers of the last batch are due
   back (`hold_for_callers`): then it stays open for them, no longer than that batch's pass
   took nor `max_wait_s` after the worker became free (or after the oldest item came, if later).
+- Also with `hold_for_callers`, where calls arrive one at a time in a steady stream (gRPC's
+  calls reach the event loop one per wake-up, so none is waiting when a batch finishes), an
+  idle worker's batch stays open while they keep coming (4 calls in a row or more, each
+  within `max_wait_s` of the one before): until no call has come for twice their recent
+  gap, or `max_wait_s`. A hold that
+  catches no call stops these holds for the next 1, 2, 4 ... 1024 batches, so that a lone
+  client pays about one in a thousand.
 - Behind a busy worker a batch grows until it is full or its oldest item has waited
   `max_wait_s`; without `overlap` (the passes and the event loop share the cores), until it is
   full or a worker is free.
@@ -16,6 +23,10 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+
+# Calls in a row, each within max_wait_s of the one before, that make a stream worth holding
+# for: a burst after a pause is not one.
+_STREAM = 4
 
 
 class FormationPolicy:
@@ -41,6 +52,14 @@ class FormationPolicy:
         self._load = 0
         self._hold_until = 0.0
         self._free_since = 0.0  # when the last batch finished, freeing its worker
+        # The stream of arrivals: when the last call came, the recent gap between calls, and
+        # whether holding for them has paid (see `_stream_until`).
+        self._last_arrival = -math.inf
+        self._gap = math.inf
+        self._streak = 0  # calls in a row that came within max_wait_s of the one before
+        self._holding: int | None = None  # the items waiting when a stream hold began
+        self._skip = 0  # batches to dispatch before the next stream hold
+        self._misses = 0  # stream holds in a row that caught nothing
 
     @property
     def batch_cap(self) -> int:
@@ -71,9 +90,42 @@ class FormationPolicy:
             if not self.hold_for_callers:
                 return None
             if waiting >= self._load - in_flight():
-                return None
+                return self._stream_until(waiting, until)
             until = min(until, self._hold_until)
         return until if time.monotonic() < until else None
+
+    def arrived(self) -> None:
+        """A call's items joined the queue."""
+        now = time.monotonic()
+        gap = now - self._last_arrival
+        self._last_arrival = now
+        if gap >= self.max_wait_s:  # a pause: whatever stream there was has ended
+            self._streak, self._gap = 0, math.inf
+            return
+        self._streak += 1
+        self._gap = gap if self._streak == 1 else 0.875 * self._gap + 0.125 * gap
+
+    def _stream_until(self, waiting: int, until: float) -> float | None:
+        """Until when an idle worker's batch stays open for calls still streaming in (None:
+        dispatch now), `until` at the latest."""
+        if self._holding is None:
+            if self._skip or self._streak < _STREAM:
+                return None
+            self._holding = waiting
+        until = min(until, self._last_arrival + 2 * self._gap)
+        return until if time.monotonic() < until else None
+
+    def dispatched(self, waiting: int) -> None:
+        """A batch went to a worker, `waiting` items having waited for it."""
+        if self._holding is None:
+            self._skip = max(0, self._skip - 1)
+            return
+        if waiting > self._holding:  # the hold caught calls: hold again next time
+            self._misses = 0
+        else:
+            self._misses = min(self._misses + 1, 11)
+            self._skip = 2 ** (self._misses - 1)
+        self._holding = None
 
     def finished(self, held: int, started: float | None) -> None:
         """A batch finished, `held` items waiting or in flight as it did; it had run since

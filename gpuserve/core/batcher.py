@@ -313,6 +313,7 @@ class MicroBatcher(Generic[T, R]):
             bucket = bucket_of(item) if bucket_of is not None else None
             self._pending.append(_Entry(item, future, now, bucket, trace))
             futures.append(future)
+        self._policy.arrived()
         self._wake.set()
         return futures
 
@@ -459,6 +460,7 @@ class MicroBatcher(Generic[T, R]):
             self._pending.popleft()
 
     def _dispatch(self) -> None:
+        self._policy.dispatched(len(self._pending))
         entries = self._take_batch(self._policy.batch_cap)
         if not entries:
             return
