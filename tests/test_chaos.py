@@ -1,12 +1,12 @@
 """Chaos on a real socket: everything hostile at once, then SIGTERM.
 
-Normal clients keep sending while, beside them, a client posts 4 MB bodies that must be
-refused, another sends megabytes of URL or of headers, another trickles its body, sockets sit
-silent or send half their headers (on the HTTP port and on the gRPC port), clients hang up
-mid-request, requests carry inputs on which the model raises a BaseException, raises
-StopIteration or answers NaN, and a gRPC client sends good calls between large messages that
-are no message at all. Then the server gets SIGTERM with requests in flight. Bounded: about
-30 s.
+Normal clients keep sending while, beside them, a client posts 4 MB bodies and tiny ones
+declaring huge or 66-dimensional shapes, all of which must be refused, another sends
+megabytes of URL or of headers, another trickles its body, sockets sit silent or send half
+their headers (on the HTTP port and on the gRPC port), clients hang up mid-request, requests
+carry inputs on which the model raises a BaseException, raises StopIteration or answers NaN,
+and a gRPC client sends good calls between large messages that are no message at all. Then
+the server gets SIGTERM with requests in flight. Bounded: about 30 s.
 """
 
 from __future__ import annotations
@@ -92,15 +92,30 @@ def normal_client(port: int, index: int, until: float, record: Recorder) -> None
     connection.close()
 
 
+def v2_body(shape: list[int], datatype: str = "FP32") -> bytes:
+    tensor = {"name": "x", "shape": shape, "datatype": datatype, "data": [1.0, 1.0, 1.0, 1.0]}
+    return json.dumps({"inputs": [tensor]}).encode()
+
+
 def abusive_client(port: int, until: float, record: Recorder) -> None:
     too_many = body(1.0, rows=4_000_000 // 24)[:4_000_000]  # cut: invalid JSON as well
-    kinds = [too_many, body(1.0, rows=150_000)]
+    infer = "/v2/models/faulty/infer"
+    kinds = [
+        ("/predict", too_many, 422),
+        ("/predict", body(1.0, rows=150_000), 422),
+        (infer, v2_body([2**40, 4]), 400),  # a huge shape in a tiny body
+        (infer, v2_body([2**40], "BYTES"), 400),
+        (infer, v2_body([1] * 65 + [4]), 400),  # 66 dimensions
+    ]
     sent = 0
     while time.monotonic() < until:
-        status, payload = post(port, "/predict", kinds[sent % len(kinds)])
+        path, content, expected = kinds[sent % len(kinds)]
+        status, payload = post(port, path, content)
         record.answer("abusive", status, payload)
+        if status != expected:
+            record.fail("abusive", f"{path}: {status} where {expected} was due: {payload[:200]!r}")
         sent += 1
-        time.sleep(0.3)
+        time.sleep(0.2)
 
 
 def poison_client(port: int, until: float, record: Recorder) -> None:
@@ -266,7 +281,7 @@ def test_chaos_then_sigterm(tmp_path: Path) -> None:
     windows = Counter(int((when - began) // 2) for when, _ in normal)
     assert all(windows[window] > 0 for window in range(int(CHAOS_S // 2))), windows
     assert statuses[("poison", 500)] >= 3 and set(s for w, s in statuses if w == "poison") == {500}
-    assert statuses[("abusive", 422)] >= 2
+    assert statuses[("abusive", 422)] >= 2 and statuses[("abusive", 400)] >= 3
     assert statuses[("oversized", 414)] >= 2 and statuses[("oversized", 431)] >= 2
     assert statuses[("trickle", 408)] >= 2 and {s for w, s in statuses if w == "trickle"} == {408}
     assert grpc_codes["OK"] >= 3 and grpc_codes["INVALID_ARGUMENT"] >= 3, grpc_codes
