@@ -1,7 +1,9 @@
 """`bench.py --protocols`: one gpuserve server, the demo model, four ways in.
 
 /predict JSON, v2 HTTP JSON and v2 HTTP binary are driven by wrk; gRPC with raw contents by
-`_grpc_load.py` (a Python client sending pre-serialized requests). Each load generator runs
+`_grpc_load.py` (a Python client sending pre-serialized requests), against gpuserve and then
+against a bare grpc.aio server answering a canned response (`_bare_grpc.py`: the floor that
+grpcio itself sets). Each load generator runs
 on core 1 and the server on core 0, and the protocols take turns within each repeat, so the
 figures compare. Server CPU per request (the process's own CPU seconds over requests
 answered) is the figure that does not depend on how fast the client is.
@@ -16,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 from _loadgen import (
     batch_totals,
@@ -118,7 +121,37 @@ def measure_protocols(
                 print(json.dumps(result), flush=True)
     finally:
         stop(server)
+    runs[FLOOR] = grpc_floor(payloads["gRPC raw"], concurrency, seconds, repeats)
     return median_rows(list(runs.values()))
+
+
+FLOOR = "gRPC floor (bare grpc.aio, canned answer)"
+
+
+def grpc_floor(
+    payload: bytes, concurrency: int, seconds: float, repeats: int
+) -> list[dict[str, Any]]:
+    """The same gRPC load against `_bare_grpc.py` on the same core: grpcio's own cost."""
+    port = free_port()
+    command = [sys.executable, str(SCRIPTS / "_bare_grpc.py"), str(port)]
+    server = subprocess.Popen(pinned(command, 0), cwd=ROOT, start_new_session=True)
+    target = f"127.0.0.1:{port}"
+    runs = []
+    try:
+        with grpc.insecure_channel(target) as channel:
+            grpc.channel_ready_future(channel).result(timeout=60)
+        run_grpc(target, payload, 8, 2)  # warm-up, not recorded
+        for _ in range(repeats):
+            cpu_before = tree_cpu_seconds(server.pid)
+            result = run_grpc(target, payload, concurrency, seconds)
+            answered = max(1, result["requests"] - result["non_2xx"])
+            cpu = tree_cpu_seconds(server.pid) - cpu_before
+            result.update(protocol=FLOOR, cpu_us_per_request=cpu / answered * 1e6, mean_batch=None)
+            runs.append(result)
+            print(json.dumps(result), flush=True)
+    finally:
+        stop(server)
+    return runs
 
 
 def protocols_report(rows: list[dict[str, Any]], concurrency: int) -> str:
