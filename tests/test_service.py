@@ -38,6 +38,12 @@ async def until_settled(service: ModelService) -> None:
             await anyio.sleep(0.005)
 
 
+async def started(service: ModelService) -> ModelService:
+    await service.start()
+    await until_settled(service)
+    return service
+
+
 async def test_start_returns_before_the_load_finishes(fake_model: FakeModel) -> None:
     release = threading.Event()
 
@@ -147,9 +153,7 @@ async def test_a_cpu_model_overlaps_batches_only_when_cores_are_left_beside_its_
     fake_model: FakeModel, monkeypatch: pytest.MonkeyPatch, cores: int, overlap: bool
 ) -> None:
     monkeypatch.setattr("gpuserve.core.service.available_cores", lambda: cores)
-    service = make(fake_loader(fake_model))
-    await service.start()
-    await until_settled(service)
+    service = await started(make(fake_loader(fake_model)))
     assert service.batcher is not None and service.batcher.overlap is overlap
     await service.stop()
 
@@ -367,10 +371,37 @@ async def test_a_failed_warm_up_says_why_and_nothing_of_a_drain(
         raise ModelLoadError("the model takes fewer arguments than a padded batch gives")
 
     fake_model.warm = refuse  # type: ignore[attr-defined]
-    service = make(fake_loader(fake_model))
-    await service.start()
-    await until_settled(service)
+    service = await started(make(fake_loader(fake_model)))
     assert service.state == "failed"
     assert "fewer arguments than a padded batch gives" in (service.reason or "")
     assert not [r for r in caplog.records if "drain took longer" in r.getMessage()]
     await service.stop()
+
+
+async def test_a_call_admitted_before_the_stop_is_answered_while_it_drains(
+    fake_model: FakeModel,
+) -> None:
+    service = await started(make(fake_loader(fake_model)))
+    spec = service.admit()  # a call still receiving its body when the stop signal comes
+    assert spec is fake_model.spec
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(service.stop)
+        await anyio.sleep(0.05)
+        assert service.state == "stopping"
+        with pytest.raises(NotReady, match="shutting down"):
+            service.admit()  # a new call is refused ...
+        # ... the admitted one still reaches the batcher, and the stop waits for it.
+        assert await service.predict([np.ones(4, np.float32)], 10) == [4.0]
+        assert service.batcher is not None and service.batcher.running
+        service.leave()
+    assert not service.batcher.running
+
+
+async def test_a_call_that_never_leaves_cannot_hold_the_stop_past_its_timeout(
+    fake_model: FakeModel,
+) -> None:
+    service = await started(make(fake_loader(fake_model)))
+    service.admit()
+    with anyio.fail_after(5):
+        await service.stop(timeout_s=0.2)
+    assert service.batcher is not None and not service.batcher.running

@@ -100,26 +100,30 @@ class RequestPath:
             models.default_name if call.model is None else call.model, call.version
         )
         record.model = service.key_labels  # for the metrics and the log line
-        spec = service.spec  # NotReady while loading, before the payload is received
-        received = await receive()
-        settings = service.settings
-        decoded = await self.offload.run(
-            received.payload,
-            decode,
-            spec,
-            settings.max_instances_per_request,
-            size=received.size,
-        )
-        timeout_s = settings.request_timeout_s
-        for asked in (received.timeout_s, decoded.timeout_s):
-            if asked is not None and asked < timeout_s:
-                timeout_s = asked
-        trace = record.trace = Trace()
-        if service.retired:  # since the call found it: reloaded, or its version unloaded
-            service = models.current(service, call.version, spec)
-            record.model = service.key_labels
-        work = service.predict(
-            decoded.instances, timeout_s, postprocess=call.postprocess, trace=trace
-        )
-        rows = await (work if wait is None else wait(work))
+        admitted = service
+        spec = admitted.admit()  # NotReady while loading, before the payload is received
+        try:
+            received = await receive()
+            settings = service.settings
+            decoded = await self.offload.run(
+                received.payload,
+                decode,
+                spec,
+                settings.max_instances_per_request,
+                size=received.size,
+            )
+            timeout_s = settings.request_timeout_s
+            for asked in (received.timeout_s, decoded.timeout_s):
+                if asked is not None and asked < timeout_s:
+                    timeout_s = asked
+            trace = record.trace = Trace()
+            if service.retired:  # since the call found it: reloaded, or its version unloaded
+                service = models.current(service, call.version, spec)
+                record.model = service.key_labels
+            work = service.predict(
+                decoded.instances, timeout_s, postprocess=call.postprocess, trace=trace
+            )
+            rows = await (work if wait is None else wait(work))
+        finally:
+            admitted.leave()
         return Answer(service, spec, decoded, rows)

@@ -11,6 +11,7 @@ import contextlib
 import gc
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
@@ -80,6 +81,12 @@ class ModelService:
         self.devices: list[DeviceInfo] = []
         self.batcher: MicroBatcher[Any, Any] | None = None
         self._deadlines = Deadlines()
+        # Calls admitted (their spec read) and not yet answered: a drain waits for them before
+        # it closes the batcher, so that one still being received or decoded at a stop
+        # signal is answered, not refused.
+        self._admitted = 0
+        self._none_admitted = asyncio.Event()
+        self._none_admitted.set()
         self._preprocess: Callable[[Instance], Any] | None = None
         self._postprocess: Callable[[Any], Any] | None = None
         self.progress = LoadProgress(self.title)
@@ -114,6 +121,22 @@ class ModelService:
             raise self._not_ready()
         return self.model.spec
 
+    def admit(self) -> ModelSpec:
+        """Admit a call: its spec (NotReady unless the model is ready). Until `leave`, a
+        stop waits for it, within its drain time, before it closes the batcher."""
+        model = self.model
+        if model is None or self.state != "ready":
+            raise self._not_ready()
+        self._admitted += 1
+        self._none_admitted.clear()
+        return model.spec
+
+    def leave(self) -> None:
+        """An admitted call has its answer, or has failed."""
+        self._admitted -= 1
+        if not self._admitted:
+            self._none_admitted.set()
+
     async def start(self) -> None:
         """Start loading in the background and return at once."""
         self._load_task = asyncio.create_task(self._load(), name="gpuserve-load")
@@ -139,7 +162,9 @@ class ModelService:
         from the queue (or their results from the forward pass already under way).
         """
         batcher = self.batcher
-        if batcher is None or self.state != "ready":
+        # While stopping, calls admitted before the stop still reach the batcher, which
+        # takes them until its drain begins.
+        if batcher is None or self.state not in ("ready", "stopping"):
             raise self._not_ready()
         if self._preprocess is not None:
             if self.settings.offload_hooks:
@@ -214,7 +239,10 @@ class ModelService:
         if self._load_task is not None:
             await asyncio.gather(self._load_task, return_exceptions=True)
         if self.batcher is not None:
-            await self.batcher.stop(timeout_s)
+            began = time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._none_admitted.wait(), timeout_s)
+            await self.batcher.stop(max(0.0, timeout_s - (time.monotonic() - began)))
         self._deadlines.close()  # every accepted request is answered by now
 
     def readiness(self) -> dict[str, Any]:
