@@ -448,6 +448,12 @@ class Settings(BaseSettings):
         "per core available (capped by a cgroup CPU quota). Each model's max_queue_size "
         "and max_connections are split between them.",
     )
+    engine: bool = Field(
+        default=False,
+        description="With workers above 1: one engine process holds every model (loaded once) "
+        "and forms every batch, and the workers only receive, decode and answer requests, so "
+        "all of them meet in the same batches. Off: each worker has its own copy and batches.",
+    )
     default_versions: dict[str, int] = Field(
         default_factory=dict,
         description="Model name -> the version its routes without a version serve, while that "

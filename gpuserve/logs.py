@@ -54,11 +54,12 @@ class TextFormatter(logging.Formatter):
     (a copy of the record, then strftime) cost as much as the rest of a request's logging.
     """
 
-    def __init__(self, worker: int | None = None) -> None:
+    def __init__(self, worker: int | str | None = None) -> None:
         super().__init__(_TEXT_FORMAT)
         self._second = -1
         self._second_text = ""
-        self._tag = "" if worker is None else f" [worker {worker}]"
+        named = f"worker {worker}" if isinstance(worker, int) else worker
+        self._tag = "" if worker is None else f" [{named}]"
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
@@ -93,7 +94,7 @@ class JsonFormatter(logging.Formatter):
     JSON strings escape every control character, so a record is always one line.
     """
 
-    def __init__(self, worker: int | None = None) -> None:
+    def __init__(self, worker: int | str | None = None) -> None:
         super().__init__()
         self._worker = worker
 
@@ -120,9 +121,10 @@ def _iso_time(created: float) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
-def configure(level: str, log_format: LogFormat = "text", worker: int | None = None) -> None:
+def configure(level: str, log_format: LogFormat = "text", worker: int | str | None = None) -> None:
     """Configure the root logger once, for the whole process (uvicorn's loggers included);
-    in a worker process among several, every record says which worker wrote it."""
+    in a worker process among several, every record says which worker (or the engine)
+    wrote it."""
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonFormatter(worker))

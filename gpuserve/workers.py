@@ -17,6 +17,10 @@ port shared with SO_REUSEPORT. The parent loads nothing and serves nothing; it s
 - `/metrics` sums every worker's series (prometheus-client's multiprocess mode);
 - each model's queue bound and the connection cap are split between the workers, so the
   server as a whole holds no more than the settings say.
+
+With `engine = true`, the workers are fronts: one more process, the engine, holds the models
+and forms every batch (`gpuserve.engine`). It starts first and stops last, once every front
+has drained; one that dies is restarted as a worker is, its fronts answering 503 meanwhile.
 """
 
 from __future__ import annotations
@@ -59,8 +63,15 @@ class Peers:
     """What a worker shares with the others: readiness, one slot each in shared memory, and
     the folder of the metrics' files."""
 
-    def __init__(self, slots: SynchronizedArray[Any], index: int, metrics_dir: str) -> None:
+    def __init__(
+        self,
+        slots: SynchronizedArray[Any],
+        index: int,
+        metrics_dir: str,
+        engine_address: str | None = None,
+    ) -> None:
         self._slots, self.index, self.metrics_dir = slots, index, metrics_dir
+        self.engine_address = engine_address  # where the engine listens, if there is one
 
     def publish(self, ready: bool) -> None:
         self._slots[self.index] = 1 if ready else 0
@@ -112,7 +123,17 @@ def supervise(settings: Settings, count: int, target: Target) -> int:
     context = multiprocessing.get_context("spawn")
     slots = context.Array("b", count, lock=False)
     share = worker_settings(settings, count, grpc_port)
-    supervisor = _Supervisor(context, share, target, http, slots, metrics_dir)
+    engine = None
+    if settings.engine:
+        # A folder only this user can enter: the engine's socket trusts whoever reaches it.
+        engine_dir = tempfile.mkdtemp(prefix="gpuserve-engine-")
+        engine = _EngineProcess(
+            context,
+            settings.model_copy(update={"workers": 1}),
+            f"ipc://{engine_dir}/engine.sock",
+            metrics_dir,
+        )
+    supervisor = _Supervisor(context, share, target, http, slots, metrics_dir, engine)
     host, port = http.getsockname()[:2]
     logger.info(
         "%d workers serving http://%s:%d%s",
@@ -128,6 +149,8 @@ def supervise(settings: Settings, count: int, target: Target) -> int:
         if grpc_holder is not None:
             grpc_holder.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        if engine is not None:
+            shutil.rmtree(engine.folder, ignore_errors=True)
         if previous_dir is None:
             os.environ.pop(_METRICS_DIR, None)
         else:
@@ -143,8 +166,10 @@ class _Supervisor:
         http: socket.socket,
         slots: SynchronizedArray[Any],
         metrics_dir: str,
+        engine: _EngineProcess | None = None,
     ) -> None:
         self._context, self._settings, self._http = context, settings, http
+        self._engine = engine
         self._target = target
         self._slots, self._metrics_dir = slots, metrics_dir
         self._workers: dict[int, Any] = {}  # slot -> multiprocessing.Process
@@ -156,10 +181,14 @@ class _Supervisor:
     def run(self, count: int, drain_s: float) -> int:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOP_SIGNALS}
         try:
+            if self._engine is not None:
+                self._engine.start()
             for index in range(count):
                 self._start(index)
             failed = self._watch()
             stopped = self._stop(drain_s)
+            if self._engine is not None:  # last: what the fronts waited for is answered
+                stopped = self._engine.stop(drain_s) or stopped
             return stopped if failed is None else failed
         finally:
             for sig, handler in previous.items():
@@ -180,6 +209,7 @@ class _Supervisor:
             index,
             self._metrics_dir,
             replacing,
+            self._engine.address if self._engine is not None else None,
         )
         process = self._context.Process(
             target=_worker_main,
@@ -201,10 +231,15 @@ class _Supervisor:
                     del self._due[index]
                     self._start(index, replacing=True)
             sentinels = {p.sentinel: i for i, p in self._workers.items()}
-            if not sentinels:  # every worker is waiting for its restart
+            engine = self._engine.watched(now) if self._engine is not None else []
+            if not sentinels and not engine:  # everything is waiting for its restart
                 time.sleep(0.2)
                 continue
-            for sentinel in multiprocessing.connection.wait(list(sentinels), timeout=0.2):
+            for sentinel in multiprocessing.connection.wait([*sentinels, *engine], timeout=0.2):
+                if sentinel not in sentinels:
+                    assert self._engine is not None
+                    self._engine.died()
+                    continue
                 index = sentinels[sentinel]
                 status = self._reap(index)
                 if status is not None:
@@ -349,6 +384,7 @@ def _worker_main(
     index: int,
     metrics_dir: str,
     replacing: bool,
+    engine_address: str | None,
     parent: int,
 ) -> None:
     """A worker: the one-process server on the parent's socket."""
@@ -361,7 +397,7 @@ def _worker_main(
     from gpuserve.logs import configure as configure_logging
 
     configure_logging(settings.log_level, settings.log_format, worker=index)
-    peers = Peers(slots, index, metrics_dir)
+    peers = Peers(slots, index, metrics_dir, engine_address)
     try:
         target(settings, [http], peers, replacing)
     except SystemExit as exc:
@@ -371,6 +407,79 @@ def _worker_main(
             print(exc.code, file=sys.stderr, flush=True)
         peers.give_up()
         raise SystemExit(1) from None
+
+
+class _EngineProcess:
+    """The engine: started before the fronts, restarted when it dies, stopped after them."""
+
+    def __init__(self, context: Any, settings: Settings, address: str, metrics_dir: str) -> None:
+        self._context, self._settings, self.address = context, settings, address
+        self._metrics_dir = metrics_dir
+        self.folder = os.path.dirname(address.removeprefix("ipc://"))
+        self._process: Any = None
+        self._started = 0.0
+        self._failures = 0
+        self._due: float | None = None
+
+    def start(self) -> None:
+        self._due = None
+        process = self._context.Process(
+            target=_engine_main,
+            args=(self._settings, self.address, self._metrics_dir, os.getpid()),
+            name="gpuserve-engine",
+            daemon=False,
+        )
+        process.start()
+        self._process, self._started = process, time.monotonic()
+        logger.info("engine started (pid %d)", process.pid)
+
+    def watched(self, now: float) -> list[Any]:
+        """Its sentinel to wait on; started first if its restart is due."""
+        if self._due is not None and self._due <= now:
+            self.start()
+        return [] if self._process is None else [self._process.sentinel]
+
+    def died(self) -> None:
+        process, self._process = self._process, None
+        process.join()
+        _mark_dead(process.pid, self._metrics_dir)
+        lived_s = time.monotonic() - self._started
+        pause, self._failures = restart_pause(lived_s, self._failures)
+        logger.error(
+            "engine (pid %d) died (exit %s); restarting it in %.0f s",
+            process.pid,
+            process.exitcode,
+            pause,
+        )
+        self._due = time.monotonic() + pause
+
+    def stop(self, drain_s: float) -> int:
+        """Stop it once the fronts are gone; 1 if it had to be killed or failed."""
+        process, self._process = self._process, None
+        if process is None:
+            return 0
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGTERM)
+        process.join(drain_s + _EXIT_MARGIN_S)
+        if process.exitcode is None:
+            logger.error("the engine did not stop in time; killing it")
+            process.kill()
+            process.join()
+        _mark_dead(process.pid, self._metrics_dir)
+        return 0 if process.exitcode == 0 else 1
+
+
+def _engine_main(settings: Settings, address: str, metrics_dir: str, parent: int) -> None:
+    """The engine process (see `gpuserve.engine.process`)."""
+    os.setpgrp()  # the supervisor passes a terminal's Ctrl-C on, once the fronts are done
+    _exit_with_parent()
+    if os.getppid() != parent:
+        raise SystemExit(1)
+    from gpuserve.engine.process import run_engine
+    from gpuserve.logs import configure as configure_logging
+
+    configure_logging(settings.log_level, settings.log_format, worker="engine")
+    run_engine(settings, address, metrics_dir)
 
 
 def _exit_with_parent() -> None:

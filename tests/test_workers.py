@@ -172,8 +172,8 @@ def test_the_process_series_of_several_workers_are_their_sums(tmp_path: Path) ->
     assert values["process_resident_memory_bytes"] > 2**20 + theirs["process_resident_memory_bytes"]
 
 
-def _workers(model: Path, *extra: str) -> ServerProcess:
-    env = {"GPUSERVE_MODEL__PATH": str(model), "GPUSERVE_MODEL__FREEZE_GC": "false"}
+def _workers(model: Path, *extra: str, env: dict[str, str] | None = None) -> ServerProcess:
+    env = {"GPUSERVE_MODEL__PATH": str(model), "GPUSERVE_MODEL__FREEZE_GC": "false", **(env or {})}
     return ServerProcess("--device", "cpu", "--workers", "2", *extra, env=env)
 
 
@@ -192,23 +192,29 @@ def _prefixes(server: ServerProcess) -> set[str]:
     return set(re.findall(r"POST /predict 200 \S+ id=([0-9a-f]{16})", "".join(server.log)))
 
 
+@pytest.mark.parametrize("engine", [False, True], ids=["own copies", "engine"])
 async def test_two_workers_answer_as_one_process_and_count_as_one_server(
-    demo_model: Path,
+    demo_model: Path, engine: bool
 ) -> None:
     images = load_digits().data[:48].astype(np.float32)
     one = create_app(Settings(device="cpu", model=ModelSettings(path=demo_model, freeze_gc=False)))
     async with serving(one) as client:
         response = await client.post("/predict", json={"instances": images.tolist()})
         expected = np.array([out["probabilities"] for out in response.json()["outputs"]])
-    with _workers(demo_model) as server:
+    with _workers(demo_model, env={"GPUSERVE_ENGINE": str(engine).lower()}) as server:
         wait_ready(server.url)
         assert set(_pids(server)) == {0, 1}
+        # With an engine, the model is loaded once, there.
+        loads = [line for line in server.log if "loaded digits from" in line]
+        assert len(loads) == (1 if engine else 2), loads
+        assert all("[engine]" in line for line in loads) == engine
         bodies = [json.dumps({"inputs": image}).encode() for image in images.tolist()]
         sent = 0
         for _ in range(5):  # bounded: until both processes have answered some
             answers = read_all(send_all(server.url, bodies))
             sent += len(bodies)
-            assert [status for status, _ in answers] == [200] * len(bodies)
+            failed = [(status, body) for status, body in answers if status != 200]
+            assert not failed, (failed[:3], server.log[-10:])
             got = np.array([body["outputs"]["probabilities"] for _, body in answers])
             np.testing.assert_allclose(got, expected, atol=1e-6)
             if len(_prefixes(server)) == 2:
@@ -287,6 +293,34 @@ def test_a_killed_worker_is_replaced_while_the_other_keeps_serving(demo_model: P
         assert len(failures) <= 4 and all(isinstance(o, str) for o in failures), failures
         assert len(outcomes) > killed_at + 20
         wait_ready(server.url)
+        answers = read_all(send_all(server.url, [ONE] * 24))
+        assert [status for status, _ in answers] == [200] * 24
+        assert server.stop() == 0
+
+
+def test_a_killed_engine_is_restarted_and_the_workers_answer_503_meanwhile(
+    demo_model: Path,
+) -> None:
+    with _workers(demo_model, env={"GPUSERVE_ENGINE": "true"}) as server:
+        wait_ready(server.url)
+        engine = int(re.findall(r"engine started \(pid (\d+)\)", "".join(server.log))[0])
+        workers = _pids(server)
+        os.kill(engine, signal.SIGKILL)  # a process of the server this test started
+        statuses: set[int] = set()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until the new engine serves
+            assert httpx.get(f"{server.url}/health/live").status_code == 200
+            response = httpx.post(f"{server.url}/predict", content=ONE, timeout=10)
+            statuses.add(response.status_code)
+            if response.status_code == 200 and 503 in statuses:
+                break
+            assert response.status_code in (200, 503), response.text
+            time.sleep(0.05)
+        assert statuses == {200, 503}, server.log[-20:]
+        log = "".join(server.log)
+        assert f"engine (pid {engine}) died" in log
+        assert len(re.findall(r"engine started \(pid (\d+)\)", log)) == 2
+        assert _pids(server) == workers  # the workers lived on
         answers = read_all(send_all(server.url, [ONE] * 24))
         assert [status for status, _ in answers] == [200] * 24
         assert server.stop() == 0
@@ -384,14 +418,18 @@ def test_sigterm_with_bodies_in_parse_processes_exits_0_and_leaves_no_process(
     assert not left, f"processes outlived the server: {sorted(left)}"
 
 
-def test_sigterm_drains_every_worker_then_the_parent_exits_0(slow_model: Path) -> None:
-    with slow_server(slow_model, model__max_batch_size="8", workers="2") as server:
+@pytest.mark.parametrize("engine", ["false", "true"], ids=["own copies", "engine"])
+def test_sigterm_drains_every_worker_then_the_parent_exits_0(slow_model: Path, engine: str) -> None:
+    with slow_server(slow_model, model__max_batch_size="8", workers="2", engine=engine) as server:
         # In flight across both workers, summed in /metrics.
         sigterm_with_requests_in_flight(server, 40)
         assert server.process is not None
         assert server.process.wait(timeout=60) == 0
-        assert any("every worker has stopped" in line for line in server.log)
-        assert sum("stopped on signal 15 after draining" in line for line in server.log) == 2
+        log = "".join(server.log)
+        assert log.count("stopped on signal 15 after draining") == 2
+        # The engine stops last, once the workers have their answers.
+        stopped = log.index("every worker has stopped")
+        assert ("engine stopped" in log[stopped:]) == (engine == "true")
 
 
 def test_the_metrics_files_go_where_a_full_disk_cannot_reach_them(

@@ -40,8 +40,10 @@ class ModelRegistry:
         loader: Loader,
         metrics: Metrics,
         prober: Callable[[str], DeviceInfo] = probe,
+        service: Callable[[ModelSettings], ModelService] | None = None,
     ) -> None:
         self._device = settings.device
+        self._make_service = service
         self._loader, self.metrics, self._prober = loader, metrics, prober
         # What can be loaded: the configured models (the repository's own are added when
         # first loaded), and what is loaded now.
@@ -61,6 +63,8 @@ class ModelRegistry:
         self._drain: asyncio.Future[Any] | None = None
 
     def _service(self, model: ModelSettings) -> ModelService:
+        if self._make_service is not None:
+            return self._make_service(model)
         return ModelService(model, self._device, self._loader, self.metrics, self._prober)
 
     @property

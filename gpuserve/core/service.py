@@ -238,10 +238,11 @@ class ModelService:
             self._load_task.cancel()
         if self._load_task is not None:
             await asyncio.gather(self._load_task, return_exceptions=True)
-        if self.batcher is not None:
-            began = time.monotonic()
+        began = time.monotonic()
+        if self._admitted:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._none_admitted.wait(), timeout_s)
+        if self.batcher is not None:
             await self.batcher.stop(max(0.0, timeout_s - (time.monotonic() - began)))
         self._deadlines.close()  # every accepted request is answered by now
 

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import importlib.resources
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from gpuserve.config import Settings
+from gpuserve.config import ModelSettings, Settings
 from gpuserve.core.calls import RequestPath
 from gpuserve.core.envelope import Envelope
 from gpuserve.core.errors import GpuserveError
@@ -39,6 +40,7 @@ from gpuserve.model.loading import build_model
 from gpuserve.version import __version__
 
 if TYPE_CHECKING:
+    from gpuserve.engine.link import EngineLink
     from gpuserve.workers import Peers
 
 logger = logging.getLogger("gpuserve.http")
@@ -64,7 +66,13 @@ def create_app(
     if not settings.served_models:
         raise ValueError("no model to serve: set model.path (or factory, or handler) or models")
     metrics = Metrics(peers.metrics_dir if peers is not None else None)
-    models = ModelRegistry(settings, loader if loader is not None else build_model, metrics)
+    link = _engine_link(peers)
+    models = ModelRegistry(
+        settings,
+        loader if loader is not None else build_model,
+        metrics,
+        service=None if link is None else _remote(link, metrics),
+    )
     if peers is not None:
         models.peers_ready = peers.others_ready
     decoder = BodyDecoder(settings.parse_offload_bytes, settings.parse_processes)
@@ -72,6 +80,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if link is not None:
+            await link.start()
         await models.start()
         if wait_for_models:
             await models.loaded()
@@ -90,6 +100,8 @@ def create_app(
             if peers is not None:
                 peers.publish(False)
             await models.stop(settings.shutdown_timeout_s)
+            if link is not None:
+                await link.close()
             decoder.close()
             if sampler is not None:
                 sampler.cancel()
@@ -286,3 +298,21 @@ def _one_field(name: str, schema: dict[str, Any]) -> dict[str, Any]:
         "required": [name],
         "additionalProperties": False,
     }
+
+
+def _engine_link(peers: Peers | None) -> EngineLink | None:
+    """A worker in front of an engine reaches it through a link of its own."""
+    if peers is None or peers.engine_address is None:
+        return None
+    from gpuserve.engine.link import EngineLink
+
+    return EngineLink(peers.engine_address, f"front-{peers.index}-{os.getpid()}")
+
+
+def _remote(link: EngineLink, metrics: Metrics) -> Callable[[ModelSettings], ModelService]:
+    from gpuserve.engine.remote import RemoteService
+
+    def service(model: ModelSettings) -> ModelService:
+        return RemoteService(model, link, metrics)
+
+    return service

@@ -1,0 +1,106 @@
+"""What crosses between a front and the engine, and how it is packed.
+
+A message is a kind (one byte string) and a payload pickled with protocol 5: numpy arrays
+travel out of band, as frames of their own that ZeroMQ sends without copying them into the
+payload. Both ends are processes of the same server, started by it, on a socket in a folder
+only its user can reach: pickle's trust is theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from gpuserve.core import errors
+
+HELLO = b"hello"  # front -> engine: send me every model's state
+INFER = b"infer"  # front -> engine: a list of Request
+ABORT = b"abort"  # front -> engine: request ids whose callers are gone
+STATES = b"states"  # engine -> front: a list of ModelState
+ANSWERS = b"answers"  # engine -> front: a list of Answer
+
+
+@dataclass(slots=True)
+class Request:
+    """One call's instances for one model, and when it stops being worth answering
+    (`time.monotonic()`, which every process of the machine shares)."""
+
+    id: int
+    model: tuple[str, str]  # (name, version)
+    instances: list[Any]
+    deadline: float
+    postprocess: bool = True
+
+
+@dataclass(slots=True)
+class Answer:
+    """A request's rows, or its error; and what its batches cost, for the front's logs and
+    statistics."""
+
+    id: int
+    rows: list[Any] | None = None
+    error: tuple[str, str, int | None] | None = None  # (class name, message, retry after)
+    trace: tuple[int, int, float, float] = (0, 0, 0.0, 0.0)
+
+
+@dataclass(slots=True)
+class ModelState:
+    """A model's state in the engine, and what a front needs to serve it once ready."""
+
+    model: tuple[str, str]
+    state: str
+    reason: str | None = None
+    spec: Any = None  # ModelSpec, once loaded
+    devices: list[Any] = field(default_factory=list)  # DeviceInfo, the first the main one
+    max_batch_size: int = 0
+    copies: int = 0
+    progress: dict[str, Any] | None = None
+
+
+def pack(kind: bytes, payload: Any) -> list[Any]:
+    """The frames of one message: its kind, the pickled payload, then each array's buffer."""
+    buffers: list[pickle.PickleBuffer] = []
+    body = pickle.dumps(payload, protocol=5, buffer_callback=buffers.append)
+    return [kind, body, *(buffer.raw() for buffer in buffers)]
+
+
+def unpack(frames: list[Any]) -> tuple[bytes, Any]:
+    """The kind and payload of a message received as frames (bytes or zmq frames)."""
+    kind = bytes(frames[0])
+    payload = pickle.loads(frames[1], buffers=[memoryview(f) for f in frames[2:]])
+    return kind, payload
+
+
+def error_of(exc: BaseException) -> tuple[str, str, int | None]:
+    """An error as it crosses: gpuserve's own keep their class and message; anything else
+    is a failed inference (its traceback stays in the engine's log)."""
+    if isinstance(exc, errors.GpuserveError):
+        return type(exc).__name__, exc.message, exc.retry_after_s
+    return "InferenceError", "inference failed", None
+
+
+def error_from(error: tuple[str, str, int | None]) -> errors.GpuserveError:
+    """The error a front raises for one that crossed."""
+    name, message, retry_after_s = error
+    kind = getattr(errors, name, None)
+    if not (isinstance(kind, type) and issubclass(kind, errors.GpuserveError)):
+        kind = errors.InferenceError
+    return kind(message, retry_after_s)
+
+
+def send_now(sock: Any, frames: list[Any]) -> asyncio.Future[Any]:
+    """Send a message without waiting (zmq's NOBLOCK) through an asyncio socket; the future
+    fails when no peer can take it. Every send goes through the asyncio socket: one through
+    another handle could take the edge of the event descriptor its receiver waits for."""
+    sending: asyncio.Future[Any] = sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+    return sending
+
+
+def ignore_failure(sending: asyncio.Future[Any]) -> None:
+    """For a send whose failure (no peer to take it) changes nothing."""
+    if not sending.cancelled():
+        sending.exception()
