@@ -82,7 +82,10 @@ def serve_one(
 
     try:
         # Fail fast on a device that cannot be had; the load thread reuses this cached answer.
-        probe(settings.device)
+        # A worker in front of an engine uses no device: the engine probes, and only it
+        # touches CUDA.
+        if peers is None or peers.engine_address is None:
+            probe(settings.device)
     except DeviceError as exc:
         sys.exit(f"gpuserve: {exc.message}")
     own_socket = sockets is None

@@ -421,6 +421,16 @@ def main() -> None:
     parser.add_argument(
         "--device", default="cpu", help="with --workers: the servers' device (cuda on a GPU)"
     )
+    parser.add_argument(
+        "--engine",
+        action="store_true",
+        help="with --workers: each count above 1 also with one engine process for every worker",
+    )
+    parser.add_argument(
+        "--gil-free",
+        action="store_true",
+        help="with --workers: the model spends 2 ms a batch with the GIL released, as a GPU does",
+    )
     args = parser.parse_args()
     if args.protocols:
         protocols(args)
@@ -481,11 +491,19 @@ def workers(args: argparse.Namespace) -> None:
     concurrency = args.concurrency[0] if args.concurrency != [1, 8, 32, 128] else 32
     model = demo_model()
     rows = measure_workers(
-        model, args.workers, concurrency, args.seconds, args.repeats, args.spread, args.device
+        model,
+        args.workers,
+        concurrency,
+        args.seconds,
+        args.repeats,
+        args.spread,
+        args.device,
+        args.engine,
+        args.gil_free,
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    text = workers_report(rows, concurrency, args.spread)
-    suffix = "-spread" if args.spread else ""
+    text = workers_report(rows, concurrency, args.spread, args.gil_free)
+    suffix = ("-spread" if args.spread else "") + ("-gil-free" if args.gil_free else "")
     (args.out / f"workers{suffix}.json").write_text(json.dumps(rows, indent=1))
     (args.out / f"workers{suffix}.md").write_text(text + "\n")
     print(text)

@@ -30,17 +30,19 @@ pytestmark = pytest.mark.anyio
 MODEL = ModelSettings(path=DEMO, name="fake", freeze_gc=False, max_wait_ms=1)
 
 
-def test_arrays_travel_as_frames_of_their_own_and_come_back_equal() -> None:
-    values = np.arange(4096, dtype=np.float32).reshape(64, 64)
-    request = wire.Request(7, ("fake", "1"), [values, {"ids": values[0].astype(np.int64)}], 1.5)
+def test_large_arrays_travel_as_frames_of_their_own_and_all_come_back_equal() -> None:
+    large = np.arange(2**16, dtype=np.float32).reshape(256, 256)
+    small = {"ids": np.arange(64, dtype=np.int64)}
+    request = wire.Request(7, ("fake", "1"), [large, small, large[:2]], 1.5)
     frames = wire.pack(wire.INFER, [request])
     assert frames[0] == wire.INFER
-    assert len(frames) == 4  # kind, payload, and one frame per array
-    assert len(frames[1]) < 1024  # the values are not in the payload
+    assert len(frames) == 3  # kind, payload, and the large array
+    assert len(frames[1]) < 4096  # holding the small ones only
     kind, [back] = wire.unpack(frames)
     assert kind == wire.INFER and (back.id, back.model, back.deadline) == (7, ("fake", "1"), 1.5)
-    np.testing.assert_array_equal(back.instances[0], values)
-    np.testing.assert_array_equal(back.instances[1]["ids"], values[0].astype(np.int64))
+    np.testing.assert_array_equal(back.instances[0], large)
+    np.testing.assert_array_equal(back.instances[1]["ids"], small["ids"])
+    np.testing.assert_array_equal(back.instances[2], large[:2])
 
 
 def test_errors_keep_their_class_and_message_and_others_say_only_that_inference_failed() -> None:

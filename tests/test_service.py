@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import threading
@@ -11,7 +12,14 @@ import numpy as np
 import pytest
 
 from gpuserve.config import ModelSettings
-from gpuserve.core.errors import DeviceError, InferenceError, InvalidInput, ModelLoadError, NotReady
+from gpuserve.core.errors import (
+    DeadlineExceeded,
+    DeviceError,
+    InferenceError,
+    InvalidInput,
+    ModelLoadError,
+    NotReady,
+)
 from gpuserve.core.metrics import Metrics
 from gpuserve.core.service import ModelService
 from gpuserve.model.device import DeviceInfo
@@ -405,3 +413,40 @@ async def test_a_call_that_never_leaves_cannot_hold_the_stop_past_its_timeout(
     with anyio.fail_after(5):
         await service.stop(timeout_s=0.2)
     assert service.batcher is not None and not service.batcher.running
+
+
+async def test_submit_answers_as_predict_does_without_a_task_per_call(
+    fake_model: FakeModel,
+) -> None:
+    service = await started(make(fake_loader(fake_model)))
+    tasks_before = len(asyncio.all_tasks())
+    rows = service.submit([np.ones(4, np.float32), np.full(4, 2, np.float32)], 10)
+    assert len(asyncio.all_tasks()) == tasks_before
+    assert await rows == await service.predict(
+        [np.ones(4, np.float32), np.full(4, 2, np.float32)], 10
+    )
+    fake_model.error = RuntimeError("the model broke")
+    with pytest.raises(InferenceError) as failed:
+        await service.submit([np.ones(4, np.float32)], 10)
+    assert isinstance(failed.value.__cause__, RuntimeError)
+    fake_model.error = None
+    await service.stop()
+
+
+async def test_a_submitted_call_past_its_deadline_or_cancelled_leaves_the_queue(
+    fake_model: FakeModel,
+) -> None:
+    settings = ModelSettings(path=DEMO, freeze_gc=False, max_batch_size=1)
+    service = await started(make(fake_loader(fake_model), settings=settings))
+    fake_model.delay_s = 0.3
+    busy = service.submit([np.ones(4, np.float32)], 10)
+    await anyio.sleep(0.05)  # the worker holds the first one
+    late = service.submit([np.full(4, 2, np.float32)], 0.05)
+    gone = service.submit([np.full(4, 3, np.float32)], 10)
+    gone.cancel()
+    with pytest.raises(DeadlineExceeded):
+        await late
+    assert service.batcher is not None and service.batcher.queue_depth == 0
+    assert await busy == [4.0]
+    assert fake_model.batches == [1]  # neither the late nor the cancelled one ran
+    await service.stop()

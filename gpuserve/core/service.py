@@ -183,15 +183,11 @@ class ModelService:
                 results = [await futures[0]]
             else:
                 results = list(await asyncio.gather(*futures))
-        except DeadlinePassed:
-            self._metrics.timed_out.labels(self.name, self.version).inc()
-            raise DeadlineExceeded(
-                f"no result within the request's {timeout_s:g}s deadline"
-            ) from None
-        except GpuserveError:
-            raise
         except Exception as exc:
-            raise InferenceError("inference failed") from exc
+            failure = self._failure(exc, timeout_s)
+            if failure is exc:
+                raise
+            raise failure from (None if isinstance(failure, DeadlineExceeded) else exc)
         finally:
             self._deadlines.discard(deadline)
             # Cancelled futures are skipped when batches form, and leave the queue's count.
@@ -203,6 +199,84 @@ class ModelService:
                 )
             return _run_hook(self._postprocess, results, "postprocessing failed")
         return results
+
+    def submit(
+        self,
+        instances: list[Instance],
+        timeout_s: float,
+        *,
+        postprocess: bool = True,
+        trace: Trace | None = None,
+    ) -> asyncio.Future[list[Any]]:
+        """`predict` as a future rather than a coroutine: the same rows or error, with no task
+        of its own, for a caller with many calls in hand at once (the engine). Cancelling the
+        future takes the instances out of the queue. NotReady and Overloaded raise at once."""
+        hooked = self._preprocess is not None or (self._postprocess is not None and postprocess)
+        if hooked and self.settings.offload_hooks:  # a thread hand-off needs a coroutine
+            return asyncio.ensure_future(
+                self.predict(instances, timeout_s, postprocess=postprocess, trace=trace)
+            )
+        batcher = self.batcher
+        if batcher is None or self.state not in ("ready", "stopping"):
+            raise self._not_ready()
+        if self._preprocess is not None:
+            instances = self._run_preprocess(instances)
+        try:
+            futures = batcher.submit_many(instances, trace)
+        except Overloaded:
+            self._metrics.refused.labels(self.name, self.version).inc()
+            raise
+        rows: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        deadline = self._deadlines.add(timeout_s, lambda: batcher.fail(futures, DeadlinePassed))
+        waiting = len(futures)
+        hook = self._postprocess if postprocess else None
+
+        def settle(done: asyncio.Future[Any]) -> None:
+            nonlocal waiting
+            waiting -= 1
+            if done.cancelled():  # only a release cancels one: the call is over
+                if not rows.done():
+                    rows.cancel()
+                return
+            failed = done.exception() is not None
+            if rows.done() or (waiting and not failed):
+                return
+            self._deadlines.discard(deadline)
+            batcher.release(futures)
+            if failed:  # the first failure answers, as gather's would
+                exc = done.exception()
+                assert exc is not None
+                failure = self._failure(exc, timeout_s)
+                if failure is not exc and not isinstance(failure, DeadlineExceeded):
+                    failure.__cause__ = exc
+                rows.set_exception(failure)
+                return
+            results = [future.result() for future in futures]
+            try:
+                rows.set_result(
+                    results if hook is None else _run_hook(hook, results, "postprocessing failed")
+                )
+            except GpuserveError as error:
+                rows.set_exception(error)
+
+        def abandoned(done: asyncio.Future[list[Any]]) -> None:
+            if done.cancelled():
+                self._deadlines.discard(deadline)
+                batcher.release(futures)
+
+        for future in futures:
+            future.add_done_callback(settle)
+        rows.add_done_callback(abandoned)
+        return rows
+
+    def _failure(self, exc: BaseException, timeout_s: float) -> BaseException:
+        """What a call answers for an error of its instances (a deadline counted)."""
+        if isinstance(exc, DeadlinePassed):
+            self._metrics.timed_out.labels(self.name, self.version).inc()
+            return DeadlineExceeded(f"no result within the request's {timeout_s:g}s deadline")
+        if isinstance(exc, GpuserveError) or not isinstance(exc, Exception):
+            return exc
+        return InferenceError("inference failed")
 
     def _run_preprocess(self, instances: list[Instance]) -> list[Any]:
         assert self._preprocess is not None
@@ -296,7 +370,7 @@ class ModelService:
         # The batch cap the copies measured while warming up.
         self.batcher.max_batch_size = self.max_batch_size
         if self.settings.freeze_gc:
-            _freeze_gc()
+            freeze_gc()
         self._state = "ready"
         self._metrics.ready.labels(self.name, self.version).set(1)
         logger.info(
@@ -402,7 +476,7 @@ def _hook(model: BatchModel, name: str) -> Callable[[Any], Any] | None:
     return hook
 
 
-def _freeze_gc() -> None:
+def freeze_gc() -> None:
     """Move everything alive now (torch, the model, the app) out of the collector's sight.
 
     With torch loaded, a full collection walks millions of objects and stalls the event loop

@@ -13,6 +13,7 @@ waits for is answered first.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import time
@@ -46,7 +47,7 @@ class Engine:
         }
         self._fronts: set[bytes] = set()
         self._answers: dict[bytes, list[wire.Answer]] = {}
-        self._calls: dict[tuple[bytes, int], asyncio.Task[None]] = {}
+        self._calls: dict[tuple[bytes, int], asyncio.Future[list[Any]]] = {}
         self._flush_due = False
         self._sent: dict[tuple[str, str], tuple[str, str | None]] = {}
         self.router: zmq.asyncio.Socket | None = None
@@ -103,32 +104,40 @@ class Engine:
 
     def _start_call(self, front: bytes, request: wire.Request) -> None:
         service = self.services.get(request.model)
+        answer = wire.Answer(request.id)
         if service is None:  # the fronts serve the same settings: a bug if it happens
-            answer = wire.Answer(request.id, error=("ModelNotFound", "no such model", None))
+            answer.error = ("ModelNotFound", "no such model", None)
             self._answer(front, answer)
             return
-        key = (front, request.id)
-        self._calls[key] = asyncio.create_task(self._call(front, service, request))
-
-    async def _call(self, front: bytes, service: ModelService, request: wire.Request) -> None:
         trace = Trace()
-        answer = wire.Answer(request.id)
         try:
-            timeout_s = request.deadline - time.monotonic()
-            answer.rows = await service.predict(
+            rows = service.submit(
                 request.instances,
-                max(0.0, timeout_s),
+                max(0.0, request.deadline - time.monotonic()),
                 postprocess=request.postprocess,
                 trace=trace,
             )
-        except asyncio.CancelledError:  # its caller is gone: nobody to answer
-            return
-        except Exception as exc:
-            if not isinstance(exc, GpuserveError):
-                logger.error("request %d failed in the engine", request.id, exc_info=exc)
+        except Exception as exc:  # not ready, or the queue is full
             answer.error = wire.error_of(exc)
-        finally:
-            self._calls.pop((front, request.id), None)
+            self._answer(front, answer)
+            return
+        key = (front, request.id)
+        self._calls[key] = rows
+        rows.add_done_callback(functools.partial(self._answered, front, answer, trace))
+
+    def _answered(
+        self, front: bytes, answer: wire.Answer, trace: Trace, rows: asyncio.Future[list[Any]]
+    ) -> None:
+        self._calls.pop((front, answer.id), None)
+        if rows.cancelled():  # its caller is gone: nobody to answer
+            return
+        error = rows.exception()
+        if error is None:
+            answer.rows = rows.result()
+        else:
+            if not isinstance(error, GpuserveError):
+                logger.error("request %d failed in the engine", answer.id, exc_info=error)
+            answer.error = wire.error_of(error)
         answer.trace = (trace.batches, trace.batch_size, trace.queue_wait_s, trace.forward_s)
         self._answer(front, answer)
 

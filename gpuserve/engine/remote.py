@@ -18,7 +18,7 @@ from gpuserve.core.batcher import Trace
 from gpuserve.core.deadlines import DeadlinePassed
 from gpuserve.core.errors import DeadlineExceeded
 from gpuserve.core.metrics import Metrics
-from gpuserve.core.service import ModelService
+from gpuserve.core.service import ModelService, freeze_gc
 from gpuserve.engine import wire
 from gpuserve.engine.link import EngineLink
 from gpuserve.spec import Instance, ModelSpec
@@ -49,6 +49,7 @@ class RemoteService(ModelService):
         self._link = link
         self.copies = 0
         self._engine_progress: dict[str, Any] | None = None
+        self._frozen = False
 
     async def start(self) -> None:
         """Follow the engine's state of this model from now on."""
@@ -73,6 +74,11 @@ class RemoteService(ModelService):
             self._engine_progress = state.progress
             if state.spec is not None:
                 self.model = _RemoteModel(state.spec, state.max_batch_size)
+            if state.state == "ready" and self.settings.freeze_gc and not self._frozen:
+                # As a server with the model does once ready: torch is imported here too,
+                # and a full collection would stall the loop for 100 ms or more.
+                self._frozen = True
+                freeze_gc()
                 self.devices = list(state.devices)
                 self.device = self.devices[0] if self.devices else None
                 self.copies = state.copies

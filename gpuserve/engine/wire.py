@@ -1,8 +1,8 @@
 """What crosses between a front and the engine, and how it is packed.
 
-A message is a kind (one byte string) and a payload pickled with protocol 5: numpy arrays
-travel out of band, as frames of their own that ZeroMQ sends without copying them into the
-payload. Both ends are processes of the same server, started by it, on a socket in a folder
+A message is a kind (one byte string) and a payload pickled with protocol 5: large numpy
+arrays travel out of band, as frames of their own that ZeroMQ sends without copying them into
+the payload. Both ends are processes of the same server, started by it, on a socket in a folder
 only its user can reach: pickle's trust is theirs.
 """
 
@@ -61,11 +61,25 @@ class ModelState:
     progress: dict[str, Any] | None = None
 
 
+# Arrays this large travel as frames of their own; smaller ones are copied into the payload,
+# cheaper than a frame each (a row of ten floats is 40 bytes).
+_OUT_OF_BAND_BYTES = 64 * 1024
+
+
 def pack(kind: bytes, payload: Any) -> list[Any]:
-    """The frames of one message: its kind, the pickled payload, then each array's buffer."""
-    buffers: list[pickle.PickleBuffer] = []
-    body = pickle.dumps(payload, protocol=5, buffer_callback=buffers.append)
-    return [kind, body, *(buffer.raw() for buffer in buffers)]
+    """The frames of one message: its kind, the pickled payload, then each large array's
+    buffer."""
+    buffers: list[memoryview] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        raw = buffer.raw()
+        if raw.nbytes < _OUT_OF_BAND_BYTES:
+            return True  # in the payload
+        buffers.append(raw)
+        return False
+
+    body = pickle.dumps(payload, protocol=5, buffer_callback=out_of_band)
+    return [kind, body, *buffers]
 
 
 def unpack(frames: list[Any]) -> tuple[bytes, Any]:
