@@ -16,14 +16,20 @@ import numpy as np
 import pytest
 
 from gpuserve.config import ModelSettings, Settings
-from gpuserve.core.errors import DeadlineExceeded, InferenceError, NotReady, Overloaded
+from gpuserve.core.errors import (
+    DeadlineExceeded,
+    GpuserveError,
+    InferenceError,
+    NotReady,
+    Overloaded,
+)
 from gpuserve.core.metrics import Metrics
 from gpuserve.engine import wire
 from gpuserve.engine.link import EngineLink
 from gpuserve.engine.process import Engine
 from gpuserve.engine.remote import RemoteService
 
-from .helpers import DEMO, FakeModel, fake_loader
+from .helpers import DEMO, FAKE_SPEC, FakeModel, fake_loader
 
 pytestmark = pytest.mark.anyio
 
@@ -217,3 +223,25 @@ async def test_an_engine_that_goes_away_fails_what_waits_at_once_and_reads_as_lo
         await service.stop(1)
         await link.close()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+class DeviceBroken(RuntimeError):
+    """Stands for a sticky CUDA error: the device is gone for this process."""
+
+
+class Breakable(FakeModel):
+    def is_fatal(self, exc: BaseException) -> bool:
+        return isinstance(exc, DeviceBroken)
+
+
+async def test_a_model_lost_to_a_fatal_device_error_ends_the_engine_to_be_replaced() -> None:
+    model = Breakable(FAKE_SPEC)
+    async with engine_with_fronts(model) as (engine, [front]):
+        assert await front.service.predict(rows(1), 10) == [4.0]
+        model.error = DeviceBroken("an illegal memory access was encountered")
+        with pytest.raises(GpuserveError):
+            await front.service.predict(rows(1), 10)
+        with anyio.fail_after(5):
+            while engine.lost is None:
+                await asyncio.sleep(0.01)
+        assert "illegal memory access" in engine.lost

@@ -240,6 +240,12 @@ class MicroBatcher(Generic[T, R]):
         return self._collector is not None and not self._closing and self.error is None
 
     @property
+    def lost(self) -> bool:
+        """Every worker met a fatal error (a sticky CUDA error, say): only a new process can
+        serve this model again."""
+        return bool(self._dead) and len(self._dead) == len(self._workers)
+
+    @property
     def error(self) -> str | None:
         """Why the batcher cannot serve: its collector crashed, a forward pass is stuck, or
         every worker met a fatal error."""

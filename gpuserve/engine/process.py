@@ -51,9 +51,13 @@ class Engine:
         self._flush_due = False
         self._sent: dict[tuple[str, str], tuple[str, str | None]] = {}
         self.router: zmq.asyncio.Socket | None = None
+        self.lost: str | None = None  # why the engine ended itself, if it did
+        self._stopped = asyncio.Event()
 
     async def run(self, stopped: asyncio.Event) -> None:
-        """Serve the fronts until `stopped` is set, then answer what is left and stop."""
+        """Serve the fronts until `stopped` is set, then answer what is left and stop; or
+        until a model is `lost`, when the process must end to be replaced."""
+        self._stopped = stopped
         context = zmq.asyncio.Context()
         sock = self.router = context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 1000)
@@ -183,6 +187,12 @@ class Engine:
         assert self.router is not None
         while True:
             await asyncio.sleep(_STATE_POLL_S)
+            for service in self.services.values():
+                if self.lost is None and service.batcher is not None and service.batcher.lost:
+                    # A sticky device error: this process's CUDA context is gone for good.
+                    self.lost = f"{service.title}: {service.reason}"
+                    logger.critical("no copy of %s can serve; the engine ends", self.lost)
+                    self._stopped.set()
             current: dict[tuple[str, str], tuple[str, str | None]] = {
                 key: (s.state, s.reason) for key, s in self.services.items()
             }
@@ -221,6 +231,8 @@ def run_engine(
         engine = Engine(settings, address, loader, Metrics(metrics_dir))
         logger.info("engine serving %d model(s) on %s", len(engine.services), address)
         await engine.run(stopped)
+        if engine.lost is not None:
+            raise SystemExit(1)  # the supervisor starts a new engine
         logger.info("engine stopped")
 
     asyncio.run(main())
