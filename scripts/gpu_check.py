@@ -10,8 +10,9 @@ hard time limit every thread's traceback is dumped (faulthandler) and the run en
 
 Sections: A probe and NVML, B ordering under stress, C precision, D compile, E out of memory,
 F throughput, G over HTTP (a `gpuserve serve` process loaded by several client processes),
-and, only when asked for (`--only H I`), H worker processes (`workers` 1 to 8) and
-I the encoder under CUDA graphs (`compile = "reduce-overhead"`) against F's eager figures.
+and, only when asked for (`--only H I J`), H worker processes (`workers` 1 to 8), I the
+encoder under CUDA graphs (`compile = "reduce-overhead"`) against F's eager figures, and
+J one engine fed by 1, 2, 4 and 8 fronts (`engine = true`).
 On the CPU the correctness checks run small and the speed bars are reported, not judged. The
 wheels gpuserve needs beyond that machine's packages come from `scripts/gpu_wheels.sh`.
 """
@@ -733,8 +734,43 @@ def graphed_encoder(check: Check) -> Result:
     return {"status": "PASS" if ok else "FAIL", "by_batch_size": rows}
 
 
+@section("J. one engine fed by N fronts (opt-in: --only J)")
+def engine_fronts(check: Check) -> Result:
+    """`engine = true` with `workers` 2, 4, 8 (CPU: 2) against one process, the encoder in
+    bf16 under H's load: req/s and mean batch against one process's, GPU utilisation. The
+    engine should keep one process's batch while the fronts add cores for HTTP."""
+    counts = [1, 2, 4, 8] if not check.cpu else [1, 2]
+    runs: list[Result] = []
+    for workers in counts:
+        run = load_server(
+            check,
+            "encoder",
+            workers=workers,
+            concurrency=int(check.scaled(256, 16)),
+            processes=int(check.scaled(8, 2)),
+            seconds=check.scaled(8.0, 2.0),
+            engine=workers > 1,
+        )
+        run["workers"], run["engine"] = workers, workers > 1
+        if runs:
+            run["scaling"] = run["served_samples_per_s"] / runs[0]["served_samples_per_s"]
+            first = runs[0]["mean_batch"]
+            run["batch_over_one_process"] = run["mean_batch"] / first if first else None
+        runs.append(run)
+        print(f"  J x{workers}: {json.dumps(run, default=str)[:500]}", flush=True)
+    ok = all(r["errors"] == 0 and r["server_exit"] == 0 and r["requests"] for r in runs)
+    return {"status": "PASS" if ok else "FAIL", "runs": runs}
+
+
 def load_server(
-    check: Check, name: str, *, workers: int, concurrency: int, processes: int, seconds: float
+    check: Check,
+    name: str,
+    *,
+    workers: int,
+    concurrency: int,
+    processes: int,
+    seconds: float,
+    engine: bool = False,
 ) -> Result:
     """A `gpuserve serve` process (with `workers`) of one model, loaded over HTTP by several
     client processes for `seconds`: rates, latency, batches, CPU, GPU utilisation, raw rate."""
@@ -759,6 +795,7 @@ def load_server(
         "GPUSERVE_ACCESS_LOG": "false",
         "GPUSERVE_GPU_METRICS_INTERVAL_S": "1" if check.cuda else "0",
         "GPUSERVE_WORKERS": str(workers),
+        "GPUSERVE_ENGINE": str(engine).lower(),
     }
     # The server's log, for the error when it fails: the first H100 run lost why it exited.
     log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
@@ -852,7 +889,7 @@ def load_server(
 
 
 # Sections run only when --only names them: too long for the default run's time limit.
-_OPT_IN = {"H", "I"}
+_OPT_IN = {"H", "I", "J"}
 
 
 def main() -> None:

@@ -89,3 +89,18 @@ def test_the_gpu_machine_gets_every_package_gpuserve_needs_that_it_lacks() -> No
     assert {"fastapi", "pydantic", "pydantic-settings", "uvicorn", "httptools"} <= set(needed)
     assert not set(needed) & ON_DEVICE  # torch, numpy, grpcio... are there already
     assert all(version[0].isdigit() for version in needed.values())
+
+
+def test_the_engine_section_runs_when_asked_for(tmp_path: Path) -> None:
+    out = tmp_path / "engine.json"
+    command = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu", "--only", "J"]
+    command += ["--load-generator", "httpx"]
+    result = subprocess.run(
+        [*command, "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    (section,) = json.loads(out.read_text())["sections"].values()
+    assert section["status"] == "PASS"
+    one, engine = section["runs"]
+    assert (one["engine"], engine["engine"]) == (False, True)
+    assert engine["requests"] > 0 and engine["batch_over_one_process"] is not None
