@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from gpuserve.config import ModelSettings, Settings
+from gpuserve.core.batcher import Trace
 from gpuserve.core.errors import (
     DeadlineExceeded,
     GpuserveError,
@@ -130,12 +131,16 @@ async def test_requests_of_several_fronts_meet_in_one_batch(fake_model: FakeMode
 
 
 async def test_the_engines_errors_reach_the_caller_with_their_class(
-    fake_model: FakeModel,
+    fake_model: FakeModel, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with engine_with_fronts(fake_model) as (_, [front]):
         fake_model.error = RuntimeError("the model broke")
-        with pytest.raises(InferenceError):
-            await front.service.predict(rows(1), 10)
+        with pytest.raises(InferenceError) as failed:
+            await front.service.predict(rows(1), 10, trace=Trace(request_id="abc123"))
+        assert "broke" not in failed.value.message
+        # The traceback is logged where it happened, with the client's request id.
+        (logged,) = [r for r in caplog.records if "failed in the engine" in r.getMessage()]
+        assert "abc123" in logged.getMessage() and logged.exc_info is not None
         fake_model.error = None
         assert await front.service.predict(rows(1), 10) == [4.0]
 

@@ -112,6 +112,7 @@ class Trace:
     batch_size: int = 0
     queue_wait_s: float = 0.0
     forward_s: float = 0.0
+    request_id: str = ""  # for log lines written away from the request (in an engine)
 
 
 # eq=False: entries and batches are compared by identity. Field-wise equality would compare

@@ -116,7 +116,7 @@ class RequestPath:
             for asked in (received.timeout_s, decoded.timeout_s):
                 if asked is not None and asked < timeout_s:
                     timeout_s = asked
-            trace = record.trace = Trace()
+            trace = record.trace = Trace(request_id=record.request_id)
             if service.retired:  # since the call found it: reloaded, or its version unloaded
                 service = models.current(service, call.version, spec)
                 record.model = service.key_labels

@@ -113,7 +113,7 @@ class Engine:
             answer.error = ("ModelNotFound", "no such model", None)
             self._answer(front, answer)
             return
-        trace = Trace()
+        trace = Trace(request_id=request.request_id)
         try:
             rows = service.submit(
                 request.instances,
@@ -139,8 +139,11 @@ class Engine:
         if error is None:
             answer.rows = rows.result()
         else:
-            if not isinstance(error, GpuserveError):
-                logger.error("request %d failed in the engine", answer.id, exc_info=error)
+            # The traceback stays here, where it happened: the front gets the message only.
+            if not isinstance(error, GpuserveError) or error.__cause__ is not None:
+                logger.error(
+                    "request %s failed in the engine", trace.request_id, exc_info=error
+                )
             answer.error = wire.error_of(error)
         answer.trace = (trace.batches, trace.batch_size, trace.queue_wait_s, trace.forward_s)
         self._answer(front, answer)

@@ -113,6 +113,7 @@ class RemoteService(ModelService):
             instances,
             time.monotonic() + timeout_s,
             postprocess,
+            "" if trace is None else trace.request_id,
         )
         future = link.submit(request)
         deadline = self._deadlines.add(timeout_s + _DEADLINE_MARGIN_S, lambda: _expire(future))

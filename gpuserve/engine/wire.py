@@ -34,6 +34,7 @@ class Request:
     instances: list[Any]
     deadline: float
     postprocess: bool = True
+    request_id: str = ""  # the client's, for the engine's log lines
 
 
 @dataclass(slots=True)
