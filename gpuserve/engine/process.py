@@ -141,9 +141,7 @@ class Engine:
         else:
             # The traceback stays here, where it happened: the front gets the message only.
             if not isinstance(error, GpuserveError) or error.__cause__ is not None:
-                logger.error(
-                    "request %s failed in the engine", trace.request_id, exc_info=error
-                )
+                logger.error("request %s failed in the engine", trace.request_id, exc_info=error)
             answer.error = wire.error_of(error)
         answer.trace = (trace.batches, trace.batch_size, trace.queue_wait_s, trace.forward_s)
         self._answer(front, answer)
