@@ -17,6 +17,7 @@ import pytest
 import torch
 import tritonclient.http as triton
 from sklearn.datasets import load_digits
+from tritonclient.utils import InferenceServerException
 
 from gpuserve.config import ModelSettings, Settings
 from gpuserve.handler import softmax
@@ -233,6 +234,16 @@ def test_the_triton_client_round_trips_json_and_binary(demo_model: Path) -> None
                     assert int(index) == int(np.argmax(probabilities)) and label == index
             stats = client.get_inference_statistics("digits")["model_stats"][0]
             assert stats["inference_count"] >= 12  # 6 rows, JSON and binary
+            # Triton's extensions not served say so, to Triton's own client.
+            not_served = {
+                client.get_system_shared_memory_status: "system shared memory",
+                client.get_cuda_shared_memory_status: "CUDA shared memory",
+                client.get_log_settings: "logging",
+                client.get_trace_settings: "trace",
+            }
+            for call, extension in not_served.items():
+                with pytest.raises(InferenceServerException, match=f"{extension} extension is"):
+                    call()
         finally:
             client.close()
         assert server.stop() == 0
@@ -541,3 +552,36 @@ def test_the_triton_client_reaches_each_version(demo_model: Path, tmp_path: Path
         finally:
             client.close()
         assert server.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "extension"),
+    [
+        ("POST", "/v2/systemsharedmemory/region/r/register", "system shared memory"),
+        ("GET", "/v2/cudasharedmemory/status", "CUDA shared memory"),
+        ("POST", "/v2/logging", "logging"),
+        ("GET", "/v2/models/digits/versions/1/trace/setting", "trace"),
+        ("POST", "/v2/models/digits/generate_stream", "generate"),
+    ],
+)
+async def test_an_extension_not_served_is_a_501_that_names_it(
+    client: httpx.AsyncClient, method: str, path: str, extension: str
+) -> None:
+    response = await client.request(method, path)
+    assert response.status_code == 501
+    body = response.json()
+    assert body["error"] == f"the {extension} extension is not served by gpuserve"
+    assert body["request_id"] == response.headers["x-request-id"]
+
+
+async def test_a_route_that_does_not_exist_is_a_404_that_names_it(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.post("/v2/models/digits/infer2")
+    assert response.status_code == 404
+    assert response.json()["error"] == (
+        "no route POST /v2/models/digits/infer2 (the routes are listed at /docs)"
+    )
+    wrong = await client.delete("/v2/models/digits/infer")
+    assert wrong.status_code == 405
+    assert wrong.json()["error"] == "DELETE is not allowed on /v2/models/digits/infer"

@@ -31,6 +31,7 @@ from gpuserve.core.registry import ModelRegistry
 from gpuserve.grpc.calls import GrpcCalls, status_of
 from gpuserve.grpc.codec import decode_infer, encode_infer, read_infer_request
 from gpuserve.grpc.health import health_handler
+from gpuserve.protocols import oip
 from gpuserve.protocols import oip_reads as reads
 
 SERVICE = "inference.GRPCInferenceService"
@@ -109,7 +110,8 @@ class GrpcServer:
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     """The protocol's calls. Those gpuserve does not serve (shared memory, trace and log
-    settings, streaming) answer UNIMPLEMENTED saying so (`_NOT_SERVED`)."""
+    settings, streaming) answer UNIMPLEMENTED saying so (`oip.NOT_SERVED_CALLS`), in the
+    envelope every call gets: no traceback in the log."""
 
     def __init__(self, settings: Settings, path: RequestPath, calls: GrpcCalls) -> None:
         self._settings = settings
@@ -227,21 +229,6 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raise ModelNotFound("the repository API is off (set repository_api to turn it on)")
 
 
-# The protocol's calls gpuserve does not serve, and what each belongs to: answered
-# UNIMPLEMENTED with that said, in the envelope every call gets (no traceback in the log).
-_NOT_SERVED = {
-    "CudaSharedMemoryRegister": "the CUDA shared memory extension",
-    "CudaSharedMemoryStatus": "the CUDA shared memory extension",
-    "CudaSharedMemoryUnregister": "the CUDA shared memory extension",
-    "SystemSharedMemoryRegister": "the system shared memory extension",
-    "SystemSharedMemoryStatus": "the system shared memory extension",
-    "SystemSharedMemoryUnregister": "the system shared memory extension",
-    "LogSettings": "the logging extension",
-    "TraceSetting": "the trace extension",
-    "ModelStreamInfer": "streaming inference (decoupled models)",
-}
-
-
 def _not_served(method: str, what: str) -> Any:
     async def refuse(self: InferenceService, request: Any, context: Any) -> Any:
         def fail(_: CallRecord) -> Any:
@@ -253,7 +240,7 @@ def _not_served(method: str, what: str) -> Any:
     return refuse
 
 
-for _method, _what in _NOT_SERVED.items():
+for _method, _what in oip.NOT_SERVED_CALLS.items():
     setattr(InferenceService, _method, _not_served(_method, _what))
 
 

@@ -114,7 +114,12 @@ async def on_unexpected_error(request: Request, exc: Exception) -> Response:
 async def on_http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own errors (404, 405) in the same shape as ours."""
     assert isinstance(exc, HTTPException)
-    body = {"error": str(exc.detail), "request_id": request_id_of(request.scope)}
+    message = str(exc.detail)
+    if exc.status_code == 404 and message == "Not Found":  # no route: say which, and where to look
+        message = f"no route {request.method} {request.url.path} (the routes are listed at /docs)"
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+    body = {"error": message, "request_id": request_id_of(request.scope)}
     return json_response(body, exc.status_code, dict(exc.headers or {}))
 
 

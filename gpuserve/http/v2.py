@@ -17,7 +17,7 @@ from starlette.responses import Response
 
 from gpuserve.config import Settings
 from gpuserve.core.calls import Call, RequestPath
-from gpuserve.core.errors import NotReady
+from gpuserve.core.errors import NotReady, NotServed
 from gpuserve.core.registry import ModelRegistry
 from gpuserve.http.responses import (
     JSON,
@@ -181,4 +181,17 @@ async def infer_version(request: Request, name: str, version: str | None) -> Res
         content,
         media_type="application/octet-stream",
         headers={"Inference-Header-Content-Length": str(json_length)},
+    )
+
+
+def _not_served(what: str) -> Any:
+    async def refuse(request: Request) -> Response:
+        raise NotServed(f"{what} is not served by gpuserve")
+
+    return refuse
+
+
+for _path, _what in oip.NOT_SERVED_ROUTES.items():
+    router.add_api_route(
+        _path, _not_served(_what), methods=["GET", "POST"], include_in_schema=False
     )

@@ -89,6 +89,37 @@ EXTENSIONS = (
 )
 # Listed too when the repository API is on.
 REPOSITORY_EXTENSION = "model_repository"
+
+# Triton's extensions gpuserve does not serve, by gRPC method and by HTTP route (under /v2):
+# each answers NOT_SERVED (gRPC UNIMPLEMENTED, HTTP 501) saying which, never a bare 404.
+_SYSTEM_SHM = "the system shared memory extension"
+_CUDA_SHM = "the CUDA shared memory extension"
+_TRACE = "the trace extension"
+_LOGGING = "the logging extension"
+_GENERATE = "the generate extension"
+NOT_SERVED_CALLS = {
+    "CudaSharedMemoryRegister": _CUDA_SHM,
+    "CudaSharedMemoryStatus": _CUDA_SHM,
+    "CudaSharedMemoryUnregister": _CUDA_SHM,
+    "SystemSharedMemoryRegister": _SYSTEM_SHM,
+    "SystemSharedMemoryStatus": _SYSTEM_SHM,
+    "SystemSharedMemoryUnregister": _SYSTEM_SHM,
+    "LogSettings": _LOGGING,
+    "TraceSetting": _TRACE,
+    "ModelStreamInfer": "streaming inference (decoupled models)",
+}
+NOT_SERVED_ROUTES = {
+    "/systemsharedmemory{rest:path}": _SYSTEM_SHM,
+    "/cudasharedmemory{rest:path}": _CUDA_SHM,
+    "/logging": _LOGGING,
+    "/trace/setting": _TRACE,
+    "/models/{name}/trace/setting": _TRACE,
+    "/models/{name}/versions/{version}/trace/setting": _TRACE,
+    "/models/{name}/generate": _GENERATE,
+    "/models/{name}/generate_stream": _GENERATE,
+    "/models/{name}/versions/{version}/generate": _GENERATE,
+    "/models/{name}/versions/{version}/generate_stream": _GENERATE,
+}
 # The parameters it acts on, at each level; any other is refused, never silently ignored.
 _REQUEST_PARAMETERS = frozenset({"binary_data_output", "timeout"})
 # Request parameters at the value that asks for nothing: what the protocol's own defaults say
