@@ -232,6 +232,18 @@ def test_the_triton_client_round_trips_json_and_binary(demo_model: Path) -> None
                     first = row[0].decode() if isinstance(row[0], bytes) else row[0]
                     _, index, label = first.split(":")
                     assert int(index) == int(np.argmax(probabilities)) and label == index
+            # Compressed both ways, as Triton's client asks.
+            tensor = triton.InferInput("pixels", list(batch.shape), "FP32")
+            tensor.set_data_from_numpy(batch, binary_data=False)
+            wanted = triton.InferRequestedOutput("logits", binary_data=False)
+            result = client.infer(
+                "digits",
+                [tensor],
+                outputs=[wanted],
+                request_compression_algorithm="gzip",
+                response_compression_algorithm="gzip",
+            )
+            np.testing.assert_allclose(softmax(result.as_numpy("logits")), expected, atol=1e-6)
             stats = client.get_inference_statistics("digits")["model_stats"][0]
             assert stats["inference_count"] >= 12  # 6 rows, JSON and binary
             # Triton's extensions not served say so, to Triton's own client.
@@ -585,3 +597,37 @@ async def test_a_route_that_does_not_exist_is_a_404_that_names_it(
     wrong = await client.delete("/v2/models/digits/infer")
     assert wrong.status_code == 405
     assert wrong.json()["error"] == "DELETE is not allowed on /v2/models/digits/infer"
+
+
+@pytest.mark.parametrize(
+    ("accept", "compressed"),
+    [
+        ("gzip", True),
+        ("deflate, gzip;q=0.5", True),
+        ("*", True),
+        ("gzip;q=0", False),
+        ("identity", False),
+        ("br", False),
+    ],
+)
+async def test_a_large_answer_is_gzipped_for_a_client_that_accepts_it(
+    client: httpx.AsyncClient, accept: str, compressed: bool
+) -> None:
+    body = infer_body(images(12))
+    response = await client.post(
+        "/v2/models/digits/infer", json=body, headers={"accept-encoding": accept}
+    )
+    assert response.status_code == 200
+    assert (response.headers.get("content-encoding") == "gzip") is compressed
+    plain = await client.post(
+        "/v2/models/digits/infer", json=body, headers={"accept-encoding": "identity"}
+    )
+    # httpx inflates a gzipped body: the same outputs either way.
+    assert response.json()["outputs"] == plain.json()["outputs"]
+    sent = int(response.headers["content-length"])
+    assert sent < 0.8 * len(plain.content) if compressed else sent == len(plain.content)
+
+
+async def test_a_small_answer_is_not_worth_compressing(client: httpx.AsyncClient) -> None:
+    response = await client.get("/v2/health/live", headers={"accept-encoding": "gzip"})
+    assert response.status_code == 200 and "content-encoding" not in response.headers

@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpuserve.core.envelope import Envelope
 from gpuserve.core.errors import InferenceError, NotReady, Unauthorized
-from gpuserve.http.responses import CALL, error_response
+from gpuserve.http.responses import CALL, accepts_gzip, error_response, gzipped
 
 # Probes must work without a key: Kubernetes and load balancers carry none.
 _OPEN_PATHS = frozenset(
@@ -40,11 +40,13 @@ class RequestContext:
             return
         envelope = self.envelope
         offered_id = authorization = None
-        for name, value in scope["headers"]:  # one pass, for the two headers read here
+        for name, value in scope["headers"]:  # one pass, for the headers read here
             if name == b"x-request-id":
                 offered_id = value.decode("latin-1")
             elif name == b"authorization":
                 authorization = value
+            elif name == b"accept-encoding" and accepts_gzip(value):
+                send = gzipped(send)
         record = envelope.open(offered_id)
         scope.setdefault("state", {})[CALL] = record
         header = (b"x-request-id", record.request_id.encode())

@@ -14,7 +14,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
-from starlette.types import Receive, Scope
+from starlette.types import Message, Receive, Scope, Send
 
 from gpuserve.core.calls import Received
 from gpuserve.core.errors import (
@@ -318,3 +318,70 @@ async def unless_disconnected(request: Request, work: Awaitable[_T]) -> _T:
 async def _disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+# Responses at least this large are compressed for a client that accepts gzip; smaller ones
+# gain less than the header and the CPU cost.
+_GZIP_MIN_BYTES = 1024
+_GZIP_LEVEL = 1  # the event loop pays for it: the fastest level (JSON numbers shrink ~3x)
+_COMPRESSIBLE = (b"application/json", b"text/")
+
+
+def accepts_gzip(accept_encoding: bytes) -> bool:
+    """Whether an Accept-Encoding header admits gzip (by name or `*`, and not at q=0)."""
+    for part in accept_encoding.split(b","):
+        coding, *params = part.split(b";")
+        if coding.strip().lower() not in (b"gzip", b"x-gzip", b"*"):
+            continue
+        for param in params:
+            key, _, value = param.strip().partition(b"=")
+            if key.strip().lower() == b"q":
+                try:
+                    return float(value) > 0
+                except ValueError:
+                    return False
+        return True
+    return False
+
+
+def gzipped(send: Send) -> Send:
+    """`send`, compressing a whole JSON or text body of `_GZIP_MIN_BYTES` or more with gzip
+    (a streamed or already encoded body passes as it is)."""
+    started: Message | None = None
+
+    async def send_gzipped(message: Message) -> None:
+        nonlocal started
+        if message["type"] == "http.response.start":
+            started = message  # held until the body says whether to compress
+            return
+        if started is None or message["type"] != "http.response.body":
+            await send(message)
+            return
+        start, started = started, None
+        body = message.get("body", b"")
+        headers = list(start.get("headers", ()))
+        if not message.get("more_body") and len(body) >= _GZIP_MIN_BYTES and _compressible(headers):
+            compressor = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+            body = compressor.compress(body) + compressor.flush()
+            headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+            headers += [
+                (b"content-encoding", b"gzip"),
+                (b"content-length", str(len(body)).encode()),
+                (b"vary", b"Accept-Encoding"),
+            ]
+            message = {**message, "body": body}
+        await send({**start, "headers": headers})
+        await send(message)
+
+    return send_gzipped
+
+
+def _compressible(headers: list[tuple[bytes, bytes]]) -> bool:
+    kind = b""
+    for key, value in headers:
+        name = key.lower()
+        if name == b"content-encoding":
+            return False
+        if name == b"content-type":
+            kind = value.lower()
+    return kind.startswith(_COMPRESSIBLE)
