@@ -216,16 +216,26 @@ def test_the_text_classifier_over_triton_clients(workdir: Path) -> None:
     with ServerProcess("--config", config, "--device", "cpu", cwd=workdir) as server:
         wait_ready(server.url)
         http = triton_http.InferenceServerClient(server.url.removeprefix("http://"))
+        # One text per instance, described as Triton describes it (tools such as
+        # perf_analyzer generate inputs from these): [N, 1], reshaped to [N] for the model.
+        assert http.get_model_metadata("text")["inputs"][0]["shape"] == [-1, 1]
+        (described,) = http.get_model_config("text")["input"]
+        assert (described["dims"], described["reshape"]) == ([1], {"shape": []})
         for binary in (False, True):
-            tensor = triton_http.InferInput("text", [len(TEXTS)], "BYTES")
-            tensor.set_data_from_numpy(texts, binary_data=binary)
-            logits = http.infer("text", [tensor]).as_numpy("logits")
-            np.testing.assert_allclose(softmax(logits), expected, atol=1e-6)
+            for shape in ([len(TEXTS)], [len(TEXTS), 1]):
+                tensor = triton_http.InferInput("text", shape, "BYTES")
+                tensor.set_data_from_numpy(texts.reshape(shape), binary_data=binary)
+                logits = http.infer("text", [tensor]).as_numpy("logits")
+                np.testing.assert_allclose(softmax(logits), expected, atol=1e-6)
         client = triton_grpc.InferenceServerClient(server.grpc_url)
-        tensor = triton_grpc.InferInput("text", [len(TEXTS)], "BYTES")
-        tensor.set_data_from_numpy(texts)
+        config = client.get_model_config("text", as_json=True)["config"]
+        assert config["input"][0]["reshape"] == {} and config["input"][0]["dims"] == ["1"]
+        tensor = triton_grpc.InferInput("text", [len(TEXTS), 1], "BYTES")
+        tensor.set_data_from_numpy(texts.reshape(-1, 1))
         logits = client.infer("text", [tensor]).as_numpy("logits")
         np.testing.assert_allclose(softmax(logits), expected, atol=1e-6)
+        tensor = triton_grpc.InferInput("text", [len(TEXTS)], "BYTES")
+        tensor.set_data_from_numpy(texts)
         classes = client.infer(
             "text", [tensor], outputs=[triton_grpc.InferRequestedOutput("logits", class_count=1)]
         ).as_numpy("logits")

@@ -67,16 +67,24 @@ def metadata(spec: ModelSpec, platform: str, versions: list[str]) -> dict[str, A
     """The model metadata response: the versions loaded, tensors with the batch dimension
     as -1."""
 
-    def tensor(t: TensorSpec) -> dict[str, Any]:
-        return {"name": t.name, "datatype": datatype(t), "shape": [-1, *t.shape]}
+    def tensor(t: TensorSpec, dims: list[int]) -> dict[str, Any]:
+        return {"name": t.name, "datatype": datatype(t), "shape": [-1, *dims]}
 
     return {
         "name": spec.name,
         "versions": versions,
         "platform": platform,
-        "inputs": [tensor(t) for t in spec.input_specs],
-        "outputs": [tensor(t) for t in spec.output_specs],
+        "inputs": [tensor(t, input_dims(t)) for t in spec.input_specs],
+        "outputs": [tensor(t, list(t.shape)) for t in spec.output_specs],
     }
+
+
+def input_dims(spec: TensorSpec) -> list[int]:
+    """An input's dimensions past the batch's, as metadata and configuration give them: one
+    value per instance (a text, say) is [1], as Triton describes it (with a reshape to [] in
+    the configuration); requests may send it as [N, 1] or [N]. Tools that generate inputs
+    from these (perf_analyzer) cannot from []."""
+    return list(spec.shape) or [1]
 
 
 # The extensions gpuserve speaks, exactly: server metadata lists these and no others.
@@ -503,6 +511,8 @@ def input_array(
 
 
 def _instances(spec: TensorSpec, array: np.ndarray[Any, Any]) -> list[np.ndarray[Any, Any]]:
+    if not spec.shape and array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]  # one value per instance, sent as the metadata's [N, 1]
     try:
         return block_to_arrays(array, spec, spec.name)
     except InvalidInput as exc:
@@ -649,10 +659,13 @@ def model_config(
     read first. `copies` is (kind: cpu or cuda, GPU index, copies on it) per device;
     `versions` those loaded."""
 
-    def tensor(t: TensorSpec) -> dict[str, Any]:
+    def tensor(t: TensorSpec, dims: list[int]) -> dict[str, Any]:
         # Triton's configuration calls BYTES tensors TYPE_STRING.
         kind = "STRING" if t.dtype == "string" else datatype(t)
-        return {"name": t.name, "data_type": f"TYPE_{kind}", "dims": list(t.shape)}
+        config: dict[str, Any] = {"name": t.name, "data_type": f"TYPE_{kind}", "dims": dims}
+        if list(t.shape) != dims:
+            config["reshape"] = {"shape": list(t.shape)}
+        return config
 
     return {
         "name": spec.name,
@@ -660,8 +673,8 @@ def model_config(
         "backend": "pytorch",
         "version_policy": {"specific": {"versions": [int(v) for v in versions]}},
         "max_batch_size": max_batch_size,
-        "input": [tensor(t) for t in spec.input_specs],
-        "output": [tensor(t) for t in spec.output_specs],
+        "input": [tensor(t, input_dims(t)) for t in spec.input_specs],
+        "output": [tensor(t, list(t.shape)) for t in spec.output_specs],
         "dynamic_batching": {
             "preferred_batch_size": [preferred_batch_size],
             "max_queue_delay_microseconds": round(max_wait_ms * 1000),
