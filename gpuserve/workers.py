@@ -392,6 +392,7 @@ def _worker_main(
     # once, rather than every worker seeing it and then the parent's copy as a second one.
     os.setpgrp()
     _exit_with_parent()
+    _name_process(f"gpuserve-w{index}".encode())
     if os.getppid() != parent:  # the parent died before the line above took effect
         raise SystemExit(1)
     from gpuserve.logs import configure as configure_logging
@@ -473,6 +474,7 @@ def _engine_main(settings: Settings, address: str, metrics_dir: str, parent: int
     """The engine process (see `gpuserve.engine.process`)."""
     os.setpgrp()  # the supervisor passes a terminal's Ctrl-C on, once the fronts are done
     _exit_with_parent()
+    _name_process(b"gpuserve-engine")
     if os.getppid() != parent:
         raise SystemExit(1)
     from gpuserve.engine.process import run_engine
@@ -480,6 +482,14 @@ def _engine_main(settings: Settings, address: str, metrics_dir: str, parent: int
 
     configure_logging(settings.log_level, settings.log_format, worker="engine")
     run_engine(settings, address, metrics_dir)
+
+
+def _name_process(name: bytes) -> None:
+    """The name `ps`, `top` and /proc/PID/comm show for this process (15 bytes at most)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_name = 15
+        libc.prctl(pr_set_name, ctypes.c_char_p(name[:15]))
 
 
 def _exit_with_parent() -> None:

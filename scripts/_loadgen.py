@@ -107,22 +107,28 @@ def _group_alive(group: int) -> bool:
     return True
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """User plus system CPU seconds of a process and all its descendants (Linux /proc)."""
+def tree_cpu_seconds(root: int, name: str | None = None) -> float:
+    """User plus system CPU seconds of a process and all its descendants (Linux /proc); with
+    `name`, of those among them whose name (/proc/PID/comm) it is."""
     parents: dict[int, int] = {}
     times: dict[int, float] = {}
+    names: dict[int, str] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            fields = _stat_fields(entry / "stat")
+            text = (entry / "stat").read_text()
         except OSError:
             continue
+        fields = text.rsplit(")", 1)[1].split()
         pid = int(entry.name)
         parents[pid] = int(fields[1])
         times[pid] = _cpu_seconds(fields)
+        names[pid] = text[text.index("(") + 1 : text.rindex(")")]
     total = 0.0
     for pid, seconds in times.items():
+        if name is not None and names[pid] != name:
+            continue
         walker = pid
         while walker > 1 and walker != root:
             walker = parents.get(walker, 0)

@@ -80,10 +80,12 @@ def measure_workers(
             try:
                 run_wrk(f"{url}/predict", payload, 8, 2)  # warm-up, not recorded
                 tree_before = tree_cpu_seconds(server.pid)
+                engine_before = tree_cpu_seconds(server.pid, "gpuserve-engine")
                 parent_before = _own_cpu_seconds(server.pid)
                 batches_before = batch_totals(url)
                 result = run_wrk(f"{url}/predict", payload, concurrency, seconds)
                 tree = tree_cpu_seconds(server.pid) - tree_before
+                engine_cpu = tree_cpu_seconds(server.pid, "gpuserve-engine") - engine_before
                 parent = _own_cpu_seconds(server.pid) - parent_before
                 batch = mean_batch(batches_before, batch_totals(url))
             finally:
@@ -94,6 +96,9 @@ def measure_workers(
                 engine=with_engine,
                 mean_batch=batch or 0.0,
                 cpu_us_per_request=tree / answered * 1e6,
+                # The workers' (fronts') share: the whole server less the parent and engine.
+                workers_us_per_request=(tree - parent - engine_cpu) / answered * 1e6,
+                engine_us_per_request=engine_cpu / answered * 1e6,
                 parent_us_per_request=parent / answered * 1e6 if count > 1 else 0.0,
             )
             runs[(count, with_engine)].append(result)
@@ -111,8 +116,9 @@ def workers_report(
         "(median of repeats)",
         "",
         "| workers | layout | req/s | mean batch | p50 ms | p99 ms | server CPU µs/request "
-        "(all processes) | parent CPU µs/request | req/s per repeat | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "(all processes) | of which workers' | engine's | parent's | req/s per repeat "
+        "| errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         layout = "engine" if row["engine"] else ("own copies" if row["workers"] > 1 else "-")
@@ -120,6 +126,7 @@ def workers_report(
             f"| {row['workers']} | {layout} | {row['req_per_s']:.0f} | {row['mean_batch']:.1f} | "
             f"{row['p50_ms']:.2f} | "
             f"{row['p99_ms']:.2f} | {row['cpu_us_per_request']:.0f} | "
+            f"{row['workers_us_per_request']:.0f} | {row['engine_us_per_request']:.0f} | "
             f"{row['parent_us_per_request']:.1f} | {row['req_per_s_runs']} | "
             f"{row['errors'] + row['non_2xx']} |"
         )

@@ -305,6 +305,9 @@ def test_a_killed_engine_is_restarted_and_the_workers_answer_503_meanwhile(
         wait_ready(server.url)
         engine = int(re.findall(r"engine started \(pid (\d+)\)", "".join(server.log))[0])
         workers = _pids(server)
+        # Named for ps and top, as the workers are.
+        assert Path(f"/proc/{engine}/comm").read_text().strip() == "gpuserve-engine"
+        assert Path(f"/proc/{workers[1][0]}/comm").read_text().strip() == "gpuserve-w1"
         os.kill(engine, signal.SIGKILL)  # a process of the server this test started
         statuses: set[int] = set()
         deadline = time.monotonic() + 30
