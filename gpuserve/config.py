@@ -148,6 +148,20 @@ class ModelSettings(BaseModel):
         ge=1,
         description="Instances that may wait for a batch; past it requests get 503 at once.",
     )
+    priority_levels: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description="Priority levels, as Triton's: a request may ask for level 1 (the highest) "
+        "to N (the `priority` parameter, or X-Priority on /predict), and batches are filled "
+        "from the highest level first. 0: no priorities (a request's priority is refused).",
+    )
+    default_priority_level: int | None = Field(
+        default=None,
+        ge=1,
+        description="With priority_levels, the level of a request that names none. Default: "
+        "the lowest (priority_levels).",
+    )
     request_timeout_s: float = Field(
         default=30.0,
         gt=0,
@@ -250,6 +264,13 @@ class ModelSettings(BaseModel):
             raise ValueError("a model built by a factory or handler needs a name")
         if self.device is not None:
             object.__setattr__(self, "device", _check_device(self.device))
+        if self.default_priority_level is not None and not (
+            1 <= self.default_priority_level <= self.priority_levels
+        ):
+            raise ValueError(
+                f"default_priority_level must be a level from 1 to priority_levels "
+                f"({self.priority_levels}), not {self.default_priority_level}"
+            )
         if self.length_buckets is not None and (
             not self.length_buckets
             or self.length_buckets != sorted(set(self.length_buckets))

@@ -827,3 +827,50 @@ async def test_a_later_batch_finishing_first_on_another_copy_is_answered_with_ar
         slow_gate.set()
         assert await asyncio.gather(*first) == [3.0, 3.0]
     await batcher.stop()
+
+
+async def test_a_flood_of_low_priority_items_delays_a_high_priority_one_by_one_batch_at_most() -> (
+    None
+):
+    model = GatedDoubler()
+    batcher = await started(model, max_batch_size=4, overlap=False)
+    first = await hold_worker(model, batcher)
+    flood = batcher.submit_many(list(range(100, 140)), level=2)  # the lowest level
+    middle = batcher.submit_many([50, 51], level=1)
+    urgent = batcher.submit_many([7], level=0)
+    later_flood = batcher.submit_many([200], level=2)
+    model.gate.set()
+    assert await urgent[0] == 14 and await first == -2
+    # The batch after the one running: the urgent item first, then the middle level's, then
+    # the flood's oldest; the flood behind them in arrival order, the late one last.
+    assert model.batches[1] == [7, 50, 51, 100]
+    await asyncio.gather(*flood, *middle, *later_flood)
+    flat = [item for batch in model.batches[2:] for item in batch]
+    assert flat == [*range(101, 140), 200]
+    await batcher.stop()
+
+
+async def test_levels_keep_their_order_when_a_bucketed_batch_skips_entries() -> None:
+    model = GatedDoubler()
+    batcher = await started(model, max_batch_size=8, bucket_of=lambda item: item % 2)
+    first = await hold_worker(model, batcher)
+    low = batcher.submit_many([11, 12, 13], level=1)
+    high = batcher.submit_many([2, 3, 4], level=0)
+    model.gate.set()
+    await asyncio.gather(first, *low, *high)
+    # The highest level's oldest (2) decides the bucket: evens of every level, highest first.
+    assert model.batches[1:] == [[2, 4, 12], [3, 11, 13]]
+    await batcher.stop()
+
+
+async def test_a_higher_level_takes_back_the_lower_batch_staged_behind_the_running_one() -> None:
+    model = GatedDoubler()
+    batcher = await started(model, max_batch_size=2, overlap=True)
+    first = await hold_worker(model, batcher)
+    low = batcher.submit_many([100, 101, 102], level=1)
+    await wait_until(lambda: batcher.queue_depth == 1)  # [100, 101] staged behind the first
+    urgent = batcher.submit_many([7], level=0)
+    model.gate.set()
+    await asyncio.gather(first, *low, *urgent)
+    assert model.batches[1:] == [[7, 100], [101, 102]]
+    await batcher.stop()

@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import numpy as np
@@ -250,3 +251,32 @@ async def test_a_model_lost_to_a_fatal_device_error_ends_the_engine_to_be_replac
             while engine.lost is None:
                 await asyncio.sleep(0.01)
         assert "illegal memory access" in engine.lost
+
+
+class Ordered(FakeModel):
+    """Records each batch by its instances' first values."""
+
+    def __init__(self) -> None:
+        super().__init__(FAKE_SPEC)
+        self.seen: list[list[float]] = []
+
+    def __call__(self, instances: list[np.ndarray]) -> list[Any]:
+        self.seen.append([float(x[0]) for x in instances])
+        return super().__call__(instances)
+
+
+async def test_a_requests_priority_level_crosses_to_the_engines_queue() -> None:
+    model = Ordered()
+    settings = MODEL.model_copy(update={"priority_levels": 2, "max_batch_size": 2})
+    async with engine_with_fronts(model, settings=settings) as (_, [front]):
+        model.delay_s = 0.3
+        first = asyncio.create_task(front.service.predict(rows(9), 10))
+        with anyio.fail_after(5):
+            while not model.seen:
+                await asyncio.sleep(0.005)
+        low = [front.service.predict(rows(5), 10, level=1) for _ in range(3)]
+        low_calls = [asyncio.create_task(call) for call in low]
+        await asyncio.sleep(0.05)
+        urgent = await asyncio.gather(front.service.predict(rows(1), 10, level=0), *low_calls)
+        assert urgent[0] == [4.0] and await first == [36.0]
+        assert model.seen[1][0] == 1.0  # the urgent one in the next batch

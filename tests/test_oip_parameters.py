@@ -41,8 +41,9 @@ def test_the_protocols_defaults_and_tritons_reserved_parameters_are_accepted() -
 @pytest.mark.parametrize(
     "parameters",
     [
-        {"priority": 1},
-        {"priority": False},  # not the integer 0
+        {"priority": False},  # not an integer
+        {"priority": -1},
+        {"priority": "1"},
         {"sequence_id": 4},
         {"sequence_start": True},
         {"sequence_end": 0},
@@ -55,3 +56,9 @@ def test_a_parameter_that_asks_for_something_unsupported_is_refused(
     (name,) = parameters
     with pytest.raises(InvalidInput, match=repr(name)):
         decode(parameters)
+
+
+def test_the_priority_parameter_is_read_for_the_service_to_check() -> None:
+    assert decode({}).priority is None
+    assert decode({"priority": 0}).priority == 0  # the model's default level
+    assert decode({"priority": 3}).priority == 3

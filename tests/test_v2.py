@@ -394,8 +394,8 @@ async def test_the_response_id_is_the_clients_or_the_requests_own(
     ("where", "parameter"),
     [
         ("request", {"sequence_id": 4}),
-        ("request", {"priority": 1}),
         ("request", {"sequence_start": True}),
+        ("request", {"sequence_end": True}),
         ("output", {"shared_memory_region": "r1"}),
         ("input", {"shared_memory_region": "r0"}),
     ],

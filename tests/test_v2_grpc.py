@@ -546,3 +546,13 @@ async def test_calls_gpuserve_does_not_serve_say_so_without_a_traceback(
             pass
     assert streamed.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert not [r for r in caplog.records if r.exc_info is not None]
+
+
+async def test_a_priority_over_grpc_reaches_the_model_s_levels(digits: Both) -> None:
+    pixels = triton.InferInput("pixels", [1, 64], "FP32")
+    pixels.set_data_from_numpy(np.zeros((1, 64), np.float32))
+    # The demo model has no priority levels: a priority is refused, saying so; 0 is the default.
+    with pytest.raises(InferenceServerException, match="has no priority levels"):
+        await digits.grpc.infer("digits", [pixels], priority=1)
+    answer = await digits.grpc.infer("digits", [pixels], priority=0)
+    assert answer.as_numpy("logits").shape == (1, 10)

@@ -124,6 +124,7 @@ class _Entry(Generic[T, R]):
     enqueued: float
     bucket: Hashable = None
     trace: Trace | None = None
+    level: int = 0  # its priority: 0 the highest; the queue is in level order, then arrival
 
 
 @dataclass(slots=True, eq=False)
@@ -293,11 +294,13 @@ class MicroBatcher(Generic[T, R]):
         return self.submit_many([item])[0]
 
     def submit_many(
-        self, items: Sequence[T], trace: Trace | None = None
+        self, items: Sequence[T], trace: Trace | None = None, level: int = 0
     ) -> list[asyncio.Future[R]]:
         """Queue several items, all or none: a request is never half admitted.
 
-        `trace`, if given, is filled in as the items' batches finish.
+        `trace`, if given, is filled in as the items' batches finish. `level` is their
+        priority (0 the highest): they queue behind every item of their level or a higher
+        one and ahead of every lower one, so batches take the highest levels first.
         """
         if not self.running or self._loop is None:
             raise BatcherClosed(self._closed_reason())
@@ -314,15 +317,58 @@ class MicroBatcher(Generic[T, R]):
                 )
         now = time.monotonic()
         bucket_of = self._bucket_of
+        pending = self._pending
+        # Behind the queue's tail, the common case (one level, or the lowest); else ahead of
+        # the lower levels' entries, found from the tail.
+        at = None if not pending or pending[-1].level <= level else self._place(level)
+        if at is not None and self._in_flight:
+            self._make_way(level)
+            at = self._place(level)
         futures = []
         for item in items:
             future: asyncio.Future[R] = self._loop.create_future()
             bucket = bucket_of(item) if bucket_of is not None else None
-            self._pending.append(_Entry(item, future, now, bucket, trace))
+            entry = _Entry(item, future, now, bucket, trace, level)
+            if at is None:
+                pending.append(entry)
+            else:
+                pending.insert(at, entry)
+                at += 1
             futures.append(future)
         self._policy.arrived()
         self._wake.set()
         return futures
+
+    def _make_way(self, level: int) -> None:
+        """Take back the batches handed to a worker but not started that hold only lower
+        levels than `level`, so that an item of `level` waits for the pass under way at
+        most, not also for the batch staged behind it. (Not from a pipelined worker: its
+        batch may be launching, with no way to take it back.)"""
+        for staged in list(self._in_flight):
+            if (
+                staged.started is None
+                and self._pipelines[staged.worker] is None
+                and all(entry.level > level for entry in staged.entries)
+                and staged.work is not None
+                and staged.work.cancel()
+            ):
+                staged.requeued = True
+                self._in_flight.remove(staged)
+                if staged.watchdog is not None:
+                    self._watchdogs.discard(staged.watchdog)
+                for entry in reversed(staged.entries):  # each at the head of its level
+                    at = len(self._pending)
+                    while at and self._pending[at - 1].level >= entry.level:
+                        at -= 1
+                    self._pending.insert(at, entry)
+
+    def _place(self, level: int) -> int:
+        """Where an entry of `level` goes: behind the last entry of its level or higher."""
+        pending = self._pending
+        at = len(pending)
+        while at and pending[at - 1].level > level:
+            at -= 1
+        return at
 
     def release(self, futures: Iterable[asyncio.Future[R]]) -> None:
         """The caller no longer wants these results: cancel what is not done.

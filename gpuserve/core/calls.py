@@ -10,7 +10,7 @@ payload and which codec decodes it; `RequestPath.infer` does the rest, the same 
 4. decode and check it against the spec, bounded by the model's instance limit, in a parse
    process when it is large;
 5. the deadline: the model's `request_timeout_s`, or less where the client or the protocol's
-   own `timeout` parameter asks for less;
+   own `timeout` parameter asks for less; the queue level, from the request's priority;
 6. queue on the service that now serves the route, should a reload have replaced it while
    the payload was read (the same tensors, so no request fails across a reload);
 7. await the rows (through `wait`, which lets a transport cancel on a hang-up).
@@ -44,17 +44,22 @@ class Decoded(Protocol):
     @property
     def timeout_s(self) -> float | None: ...
 
+    @property
+    def priority(self) -> int | None: ...
+
 
 D = TypeVar("D", bound=Decoded)
 
 
 class Received(NamedTuple, Generic[P]):
     """A call's payload as its transport received it, with the client's own deadline (None:
-    none asked) and its size (what decides whether it is decoded off the event loop)."""
+    none asked), its size (what decides whether it is decoded off the event loop) and the
+    priority a transport's header asked for (None: none)."""
 
     payload: P
     timeout_s: float | None
     size: int
+    priority: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +125,14 @@ class RequestPath:
             if service.retired:  # since the call found it: reloaded, or its version unloaded
                 service = models.current(service, call.version, spec)
                 record.model = service.key_labels
+            priority = decoded.priority if decoded.priority is not None else received.priority
+            level = service.default_level if priority is None else service.level_of(priority)
             work = service.predict(
-                decoded.instances, timeout_s, postprocess=call.postprocess, trace=trace
+                decoded.instances,
+                timeout_s,
+                postprocess=call.postprocess,
+                trace=trace,
+                level=level,
             )
             rows = await (work if wait is None else wait(work))
         finally:

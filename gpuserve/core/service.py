@@ -22,6 +22,7 @@ from gpuserve.core.errors import (
     DeadlineExceeded,
     GpuserveError,
     InferenceError,
+    InvalidInput,
     NotReady,
     Overloaded,
 )
@@ -67,6 +68,9 @@ class ModelService:
         self.version = str(settings.version)
         self.title = settings.title  # for logs: the name, and the version past 1
         self.key_labels = (self.name, self.version)  # (name, version): metric labels and log fields
+        # The queue level of a request that names no priority (0, the highest, without levels).
+        levels = settings.priority_levels
+        self.default_level = (settings.default_priority_level or levels) - 1 if levels else 0
         # Set by the registry once this copy has left its table (replaced, or unloaded).
         self.retired = False
         self._device_request = settings.device or device
@@ -146,6 +150,21 @@ class ModelService:
         if self._load_task is not None:
             await asyncio.gather(asyncio.shield(self._load_task), return_exceptions=True)
 
+    def level_of(self, priority: int) -> int:
+        """The queue level of a request's priority (1 the highest; 0 the default); InvalidInput
+        for one this model does not have."""
+        levels = self.settings.priority_levels
+        if priority == 0:
+            return self.default_level
+        if not levels:
+            raise InvalidInput(
+                f"priority {priority}: model {self.title!r} has no priority levels "
+                "(set priority_levels)"
+            )
+        if not 1 <= priority <= levels:
+            raise InvalidInput(f"priority must be from 1 (the highest) to {levels}, not {priority}")
+        return priority - 1
+
     async def predict(
         self,
         instances: list[Instance],
@@ -153,13 +172,15 @@ class ModelService:
         *,
         postprocess: bool = True,
         trace: Trace | None = None,
+        level: int = 0,
     ) -> list[Any]:
         """Run validated instances through the batcher; one result per instance, in order.
 
         Each instance goes through the model's `preprocess` first, and each result through its
         `postprocess` unless `postprocess` is False (protocols that return raw tensors).
         Past `timeout_s` the request fails with DeadlineExceeded, and its instances are dropped
-        from the queue (or their results from the forward pass already under way).
+        from the queue (or their results from the forward pass already under way). `level`
+        is the request's queue level (`level_of`).
         """
         batcher = self.batcher
         # While stopping, calls admitted before the stop still reach the batcher, which
@@ -172,7 +193,7 @@ class ModelService:
             else:
                 instances = self._run_preprocess(instances)
         try:
-            futures = batcher.submit_many(instances, trace)
+            futures = batcher.submit_many(instances, trace, level)
         except Overloaded:
             self._metrics.refused.labels(self.name, self.version).inc()
             raise
@@ -207,6 +228,7 @@ class ModelService:
         *,
         postprocess: bool = True,
         trace: Trace | None = None,
+        level: int = 0,
     ) -> asyncio.Future[list[Any]]:
         """`predict` as a future rather than a coroutine: the same rows or error, with no task
         of its own, for a caller with many calls in hand at once (the engine). Cancelling the
@@ -214,7 +236,9 @@ class ModelService:
         hooked = self._preprocess is not None or (self._postprocess is not None and postprocess)
         if hooked and self.settings.offload_hooks:  # a thread hand-off needs a coroutine
             return asyncio.ensure_future(
-                self.predict(instances, timeout_s, postprocess=postprocess, trace=trace)
+                self.predict(
+                    instances, timeout_s, postprocess=postprocess, trace=trace, level=level
+                )
             )
         batcher = self.batcher
         if batcher is None or self.state not in ("ready", "stopping"):
@@ -222,7 +246,7 @@ class ModelService:
         if self._preprocess is not None:
             instances = self._run_preprocess(instances)
         try:
-            futures = batcher.submit_many(instances, trace)
+            futures = batcher.submit_many(instances, trace, level)
         except Overloaded:
             self._metrics.refused.labels(self.name, self.version).inc()
             raise

@@ -120,6 +120,7 @@ class Engine:
                 max(0.0, request.deadline - time.monotonic()),
                 postprocess=request.postprocess,
                 trace=trace,
+                level=request.level,
             )
         except Exception as exc:  # not ready, or the queue is full
             answer.error = wire.error_of(exc)

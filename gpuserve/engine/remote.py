@@ -102,6 +102,7 @@ class RemoteService(ModelService):
         *,
         postprocess: bool = True,
         trace: Trace | None = None,
+        level: int = 0,
     ) -> list[Any]:
         """The instances' rows from the engine, in order (see `ModelService.predict`)."""
         if self.state not in ("ready", "stopping"):
@@ -114,6 +115,7 @@ class RemoteService(ModelService):
             time.monotonic() + timeout_s,
             postprocess,
             "" if trace is None else trace.request_id,
+            level,
         )
         future = link.submit(request)
         deadline = self._deadlines.add(timeout_s + _DEADLINE_MARGIN_S, lambda: _expire(future))

@@ -35,6 +35,7 @@ class Request:
     deadline: float
     postprocess: bool = True
     request_id: str = ""  # the client's, for the engine's log lines
+    level: int = 0  # its queue level (priority), as the front worked it out
 
 
 @dataclass(slots=True)

@@ -168,11 +168,11 @@ async def read_body(request: Request, limit: int, *, binary: bool = False) -> by
 
 
 async def received_body(request: Request, limit: int, binary: bool = False) -> Received[bytes]:
-    """A request's body (`read_body`) with the deadline its client asked for, as the core's
-    request path receives a payload."""
-    timeout_s = asked_timeout_s(request)
+    """A request's body (`read_body`) with the deadline and the priority its client asked for
+    in headers, as the core's request path receives a payload."""
+    timeout_s, priority = asked(request)
     body = await read_body(request, limit, binary=binary)
-    return Received(body, timeout_s, len(body))
+    return Received(body, timeout_s, len(body), priority)
 
 
 def header(request: Request, name: bytes) -> str | None:
@@ -234,16 +234,28 @@ def _decoded(body: bytes, encoding: str, limit: int) -> bytes:
     return data
 
 
-def asked_timeout_s(request: Request) -> float | None:
-    """The deadline the client asks for (X-Request-Timeout-Ms), in seconds; None if none."""
-    asked = header(request, b"x-request-timeout-ms")
-    if asked is None:
-        return None
-    # Plain digits only: int() would also take "+100", "1_000", " 100" and other scripts' digits.
-    asked_s = int(asked) / 1000.0 if asked.isascii() and asked.isdigit() else 0.0
-    if asked_s <= 0:
-        raise InvalidInput(f"X-Request-Timeout-Ms must be a positive integer, not {asked!r}")
-    return asked_s
+def asked(request: Request) -> tuple[float | None, int | None]:
+    """What the client asks for in headers: its deadline (X-Request-Timeout-Ms, in seconds)
+    and its priority (X-Priority: 1 the highest); None for either not asked. One pass over
+    the headers, the first of each counting."""
+    timeout = priority = None
+    for key, value in request.scope["headers"]:
+        if key == b"x-request-timeout-ms":
+            timeout = value.decode("latin-1") if timeout is None else timeout
+        elif key == b"x-priority":
+            priority = value.decode("latin-1") if priority is None else priority
+    timeout_s = None
+    if timeout is not None:
+        # Plain digits only: int() would also take "+100", "1_000", " 100" and other
+        # scripts' digits.
+        timeout_s = int(timeout) / 1000.0 if timeout.isascii() and timeout.isdigit() else 0.0
+        if timeout_s <= 0:
+            raise InvalidInput(f"X-Request-Timeout-Ms must be a positive integer, not {timeout!r}")
+    if priority is None:
+        return timeout_s, None
+    if not (priority.isascii() and priority.isdigit()):
+        raise InvalidInput(f"X-Priority must be a whole number, 1 the highest, not {priority!r}")
+    return timeout_s, int(priority)
 
 
 class HangUp:

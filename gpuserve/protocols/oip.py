@@ -129,11 +129,10 @@ NOT_SERVED_ROUTES = {
     "/models/{name}/versions/{version}/generate_stream": _GENERATE,
 }
 # The parameters it acts on, at each level; any other is refused, never silently ignored.
-_REQUEST_PARAMETERS = frozenset({"binary_data_output", "timeout"})
+_REQUEST_PARAMETERS = frozenset({"binary_data_output", "priority", "timeout"})
 # Request parameters at the value that asks for nothing: what the protocol's own defaults say
 # (no priority, no sequence), accepted as the absence they mean. Another value is refused.
 _NO_OP_DEFAULTS: dict[str, tuple[Any, ...]] = {
-    "priority": (0,),
     "sequence_id": (0, ""),
     "sequence_start": (False,),
     "sequence_end": (False,),
@@ -162,13 +161,15 @@ class InferRequest:
     """A decoded infer request: the model's instances, and which outputs to send back, how.
 
     `timeout_s` is the client's own deadline (the `timeout` parameter, in microseconds as in
-    Triton), if it gave one.
+    Triton), if it gave one; `priority` its `priority` parameter (1 the highest, 0 the
+    model's default), if it gave one.
     """
 
     id: str | None
     instances: list[Instance]
     outputs: list[OutputChoice]
     timeout_s: float | None = None
+    priority: int | None = None
 
 
 def decode_request(
@@ -234,6 +235,7 @@ def decode_fields(request: dict[str, Any], spec: ModelSpec, read: TensorReader) 
         instances=_request_instances(request.get("inputs"), spec, read),
         outputs=_output_choices(request, parameters, spec),
         timeout_s=_timeout_s(parameters.get("timeout")),
+        priority=priority(parameters.get("priority"), "parameter 'priority'"),
     )
 
 
@@ -272,6 +274,16 @@ def _is_no_op(name: str, value: Any) -> bool:
     """Whether a parameter is at the value that asks for nothing (`priority: 0`, say)."""
     defaults = _NO_OP_DEFAULTS.get(name)
     return defaults is not None and type(value) in {type(d) for d in defaults} and value in defaults
+
+
+def priority(value: Any, what: str) -> int | None:
+    """A request's `priority` parameter (1 the highest, 0 the default); whether the model
+    has that level is the service's to say."""
+    if value is None:
+        return None
+    if type(value) is not int or not 0 <= value <= 2**32:
+        raise InvalidInput(f"{what} must be a whole number, 1 the highest, not {value!r}")
+    return value
 
 
 def _timeout_s(value: Any) -> float | None:
@@ -654,10 +666,12 @@ def model_config(
     max_wait_ms: float,
     copies: Sequence[tuple[str, int | None, int]],
     versions: list[str],
+    priority_levels: int = 0,
+    default_priority_level: int = 0,
 ) -> dict[str, Any]:
     """The model configuration in Triton's JSON form, what perf_analyzer and model-analyzer
     read first. `copies` is (kind: cpu or cuda, GPU index, copies on it) per device;
-    `versions` those loaded."""
+    `versions` those loaded; with `priority_levels`, the levels and the default one."""
 
     def tensor(t: TensorSpec, dims: list[int]) -> dict[str, Any]:
         # Triton's configuration calls BYTES tensors TYPE_STRING.
@@ -678,6 +692,14 @@ def model_config(
         "dynamic_batching": {
             "preferred_batch_size": [preferred_batch_size],
             "max_queue_delay_microseconds": round(max_wait_ms * 1000),
+            **(
+                {
+                    "priority_levels": priority_levels,
+                    "default_priority_level": default_priority_level,
+                }
+                if priority_levels
+                else {}
+            ),
         },
         "instance_group": [
             {

@@ -71,6 +71,8 @@ def model_config_of(models: ModelRegistry, name: str, version: str | None) -> di
         max_wait_ms=settings.max_wait_ms,
         copies=copies,
         versions=models.versions(name),
+        priority_levels=settings.priority_levels,
+        default_priority_level=service.default_level + 1 if settings.priority_levels else 0,
     )
 
 

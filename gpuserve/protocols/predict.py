@@ -21,8 +21,9 @@ class PredictBody:
 
     instances: list[Instance]
     single: bool
-    # Neither protocol carries a deadline in its body (X-Request-Timeout-Ms is a header).
+    # Neither protocol carries a deadline or a priority in its body (they are headers).
     timeout_s: None = None
+    priority: None = None
 
 
 def decode_predict(body: bytes, spec: ModelSpec, limit: int) -> PredictBody:
