@@ -97,7 +97,9 @@ def measure_workers(
                 mean_batch=batch or 0.0,
                 cpu_us_per_request=tree / answered * 1e6,
                 # The workers' (fronts') share: the whole server less the parent and engine.
-                workers_us_per_request=(tree - parent - engine_cpu) / answered * 1e6,
+                workers_us_per_request=(tree - (parent if count > 1 else 0) - engine_cpu)
+                / answered
+                * 1e6,
                 engine_us_per_request=engine_cpu / answered * 1e6,
                 parent_us_per_request=parent / answered * 1e6 if count > 1 else 0.0,
             )
