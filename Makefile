@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_MODEL := models/digits.pt2
 CONFIG ?= configs/default.toml
 
-.PHONY: serve test lint typecheck unit integration bench bench-peers clean
+.PHONY: serve test lint typecheck unit integration bench bench-peers perf-analyzer clean
 
 # Serving needs the runtime and the demo's scikit-learn only; the test tools, Ray and the
 # linters come with `make test`.
@@ -44,12 +44,17 @@ typecheck: $(VENV)/.dev-installed
 unit: $(VENV)/.dev-installed $(DEMO_MODEL)
 	$(PY) -m pytest -m unit
 
-integration: $(VENV)/.dev-installed $(DEMO_MODEL)
+integration: $(VENV)/.dev-installed $(DEMO_MODEL) perf-analyzer
 	$(PY) -m pytest -m integration
 
 # Everything: the linters, the type check and every tier.
-test: lint typecheck $(DEMO_MODEL)
+test: lint typecheck $(DEMO_MODEL) perf-analyzer
 	$(PY) -m pytest
+
+# Triton's perf_analyzer in .perf/, for its test; never fails: where it cannot be installed,
+# .perf/why says why and the test skips saying so.
+perf-analyzer: $(VENV)/.installed
+	PYTHON=$(PY) scripts/perf_analyzer_setup.sh
 
 # Needs wrk (Debian: apt-get install wrk). bench: the quick load test; bench-peers: the full
 # side-by-side comparison with LitServe and a naive server (about 15 minutes).
@@ -61,4 +66,4 @@ bench-peers: $(VENV)/.dev-installed
 	$(PY) scripts/bench.py --repeats 2
 
 clean:
-	rm -rf $(VENV) models .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) models .mypy_cache .ruff_cache .pytest_cache .perf

@@ -8,25 +8,26 @@
 # (/v2/models/MODEL/config), then sends inputs at concurrency 1, 8 and 32 (the demo's own
 # digits for `digits`, zeros for another model, or INPUT_DATA=random|zero|FILE.json): JSON and
 # binary tensors over HTTP, and raw contents over gRPC; it prints its tables.
-# Without perf_analyzer on the PATH it is installed into .venv-perf. Where no build can run
-# (its PyPI wheels need glibc 2.38), the script says so and exits 3.
+# Without perf_analyzer on the PATH it is installed into .perf/ (scripts/perf_analyzer_setup.sh,
+# with a newer glibc beside it where this machine's is too old). Where that fails too, the
+# script says so and exits 3.
 set -uo pipefail
+cd "$(dirname "$0")/.."
 model="${1:-digits}"
 url="${2:-127.0.0.1:8000}"
 grpc_url="${3:-127.0.0.1:8001}"
 if ! command -v perf_analyzer >/dev/null 2>&1; then
-    if [ ! -x .venv-perf/bin/python ]; then
-        python3 -m venv .venv-perf >/dev/null 2>&1 || true
-    fi
-    .venv-perf/bin/python -m pip install --quiet "perf-analyzer>=2.40" >/dev/null 2>&1 || true
-    PATH="$PWD/.venv-perf/bin:$PATH"
+    scripts/perf_analyzer_setup.sh >/dev/null
+    PATH="$PWD/.perf/bin:$PATH"
 fi
-# `perf_analyzer --help` exits 99 even where it works: look for its usage text instead.
-usage="$(perf_analyzer --help 2>&1)"
-if ! grep -q -- "--concurrency-range" <<<"$usage"; then
+# Its exit statuses say little (`--help` exits 99 in some versions, is an invalid option in
+# others): look for its version line or its usage text instead.
+usage="$({ perf_analyzer --version; perf_analyzer --help; } 2>&1)"
+if ! grep -q -e "Perf Analyzer Version" -e "--concurrency-range" <<<"$usage"; then
     glibc="$(ldd --version 2>/dev/null | head -1 | awk '{print $NF}')"
     echo "perf_analyzer cannot run on this machine: no build of it installs or starts here" \
-        "(its PyPI wheels need glibc 2.38 or newer; this machine has glibc ${glibc:-unknown})." \
+        "(its PyPI wheels need glibc 2.38 or newer; this machine has glibc ${glibc:-unknown};" \
+        "$(cat .perf/why 2>/dev/null || echo 'scripts/perf_analyzer_setup.sh failed'))." \
         "Run this script where it can, for example in NVIDIA's tritonserver SDK container." >&2
     exit 3
 fi

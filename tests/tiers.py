@@ -32,6 +32,7 @@ INTEGRATION = frozenset(
         "test_handler",
         "test_k8s",
         "test_logs",
+        "test_perf_analyzer",
         "test_protocols",
         "test_quickstart",
         "test_ray_serve",
