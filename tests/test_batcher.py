@@ -874,3 +874,18 @@ async def test_a_higher_level_takes_back_the_lower_batch_staged_behind_the_runni
     await asyncio.gather(first, *low, *urgent)
     assert model.batches[1:] == [[7, 100], [101, 102]]
     await batcher.stop()
+
+
+async def test_each_priority_level_has_the_queue_bound_to_itself() -> None:
+    model = GatedDoubler()
+    batcher = await started(model, max_batch_size=1, max_queue_size=3, overlap=False)
+    first = await hold_worker(model, batcher)
+    low = batcher.submit_many([10, 11, 12], level=1)  # level 1 full
+    with pytest.raises(Overloaded, match=r"\(3 of 3 waiting at priority 2\)"):
+        batcher.submit_many([13], level=1)
+    high = batcher.submit_many([1, 2, 3], level=0)  # a level of its own: room for 3
+    with pytest.raises(Overloaded, match=r"\(3 of 3 waiting at priority 1\)"):
+        batcher.submit_many([4], level=0)
+    model.gate.set()
+    assert await asyncio.gather(first, *high, *low) == [-2, 2, 4, 6, 20, 22, 24]
+    await batcher.stop()

@@ -311,9 +311,19 @@ class MicroBatcher(Generic[T, R]):
             # up on, so a flood of refusals does not scan a full queue each time.
             if self._abandoned:
                 self._sweep()
-            if len(self._pending) + len(items) > limit:
+            # Each priority level has the bound to itself: its entries are counted only when
+            # the whole queue is past the bound and holds other levels too.
+            pending = self._pending
+            waiting = len(pending)
+            if waiting + len(items) > limit and not (
+                not pending or pending[0].level == pending[-1].level == level
+            ):
+                waiting = sum(1 for entry in pending if entry.level == level)
+            if waiting + len(items) > limit:
+                alone = level == 0 and waiting == len(pending)  # no levels in use, likely
+                where = "" if alone else f" at priority {level + 1}"
                 raise Overloaded(
-                    f"the queue is full ({len(self._pending)} of {limit} waiting); retry shortly"
+                    f"the queue is full ({waiting} of {limit} waiting{where}); retry shortly"
                 )
         now = time.monotonic()
         bucket_of = self._bucket_of
