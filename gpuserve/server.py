@@ -54,6 +54,10 @@ def run(settings: Settings, loader: Loader | None = None) -> None:
         )
     _warn_if_exposed(settings)
     if count == 1:
+        if settings.engine:
+            logger.info(
+                "engine = true changes nothing with one worker: the model runs in this process"
+            )
         serve_one(settings, loader)
         return
     status = supervise(settings, count, serve_worker)
