@@ -280,3 +280,23 @@ async def test_a_requests_priority_level_crosses_to_the_engines_queue() -> None:
         urgent = await asyncio.gather(front.service.predict(rows(1), 10, level=0), *low_calls)
         assert urgent[0] == [4.0] and await first == [36.0]
         assert model.seen[1][0] == 1.0  # the urgent one in the next batch
+
+
+async def test_a_front_that_goes_away_loses_its_answers_and_the_others_are_served(
+    fake_model: FakeModel,
+) -> None:
+    async with engine_with_fronts(fake_model, fronts=2) as (engine, [gone, kept]):
+        fake_model.delay_s = 0.2
+        waiting = asyncio.create_task(gone.service.predict(rows(1), 10))
+        with anyio.fail_after(5):
+            while not engine._calls:
+                await asyncio.sleep(0.005)
+        await gone.link.close()  # the front's process died: its socket is gone
+        with pytest.raises(NotReady):
+            await waiting
+        fake_model.delay_s = 0.0
+        # The engine answers into the void for the gone one and serves the other.
+        assert await kept.service.predict(rows(2), 10) == [8.0]
+        with anyio.fail_after(5):
+            while engine._calls:
+                await asyncio.sleep(0.005)
