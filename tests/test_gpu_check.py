@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from .helpers import ROOT
 
@@ -45,15 +46,20 @@ def test_the_gpu_check_runs_on_the_cpu_and_skips_only_what_needs_cuda(tmp_path: 
     assert result.stdout.count("PASS ") == 5 and result.stdout.count("SKIP ") == 2
 
 
-def test_the_worker_section_runs_when_asked_for(tmp_path: Path) -> None:
-    out = tmp_path / "workers.json"
-    command = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu", "--only", "H"]
-    command += ["--load-generator", "httpx"]
+def opt_in_section(tmp_path: Path, letter: str, *extra: str) -> dict[str, Any]:
+    """Run one opt-in section of the check on the CPU; its JSON, once it exited 0."""
+    out = tmp_path / f"{letter}.json"
+    command = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu", "--only", letter]
     result = subprocess.run(
-        [*command, "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT
+        [*command, *extra, "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     (section,) = json.loads(out.read_text())["sections"].values()
+    return dict(section)
+
+
+def test_the_worker_section_runs_when_asked_for(tmp_path: Path) -> None:
+    section = opt_in_section(tmp_path, "H", "--load-generator", "httpx")
     assert section["status"] == "PASS"
     for model in ("light", "encoder"):
         runs = section[model]
@@ -64,13 +70,7 @@ def test_the_worker_section_runs_when_asked_for(tmp_path: Path) -> None:
 
 
 def test_the_cuda_graph_section_runs_when_asked_for(tmp_path: Path) -> None:
-    out = tmp_path / "graphs.json"
-    command = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu", "--only", "I"]
-    result = subprocess.run(
-        [*command, "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    (section,) = json.loads(out.read_text())["sections"].values()
+    section = opt_in_section(tmp_path, "I")
     assert section["status"] == "PASS"
     (row,) = section["by_batch_size"].values()
     assert row["graphs_compiled_while_serving"] == 0 and row["handler_samples_per_s"] > 0
@@ -92,14 +92,7 @@ def test_the_gpu_machine_gets_every_package_gpuserve_needs_that_it_lacks() -> No
 
 
 def test_the_engine_section_runs_when_asked_for(tmp_path: Path) -> None:
-    out = tmp_path / "engine.json"
-    command = [sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--cpu", "--only", "J"]
-    command += ["--load-generator", "httpx"]
-    result = subprocess.run(
-        [*command, "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    (section,) = json.loads(out.read_text())["sections"].values()
+    section = opt_in_section(tmp_path, "J", "--load-generator", "httpx")
     assert section["status"] == "PASS"
     one, engine = section["runs"]
     assert (one["engine"], engine["engine"]) == (False, True)

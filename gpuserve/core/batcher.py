@@ -367,16 +367,14 @@ class MicroBatcher(Generic[T, R]):
                 if staged.watchdog is not None:
                     self._watchdogs.discard(staged.watchdog)
                 for entry in reversed(staged.entries):  # each at the head of its level
-                    at = len(self._pending)
-                    while at and self._pending[at - 1].level >= entry.level:
-                        at -= 1
-                    self._pending.insert(at, entry)
+                    self._pending.insert(self._place(entry.level, first=True), entry)
 
-    def _place(self, level: int) -> int:
-        """Where an entry of `level` goes: behind the last entry of its level or higher."""
+    def _place(self, level: int, first: bool = False) -> int:
+        """Where an entry of `level` goes: behind the last entry of its level or higher, or
+        with `first` ahead of its level's others (an entry taken back keeps its turn)."""
         pending = self._pending
         at = len(pending)
-        while at and pending[at - 1].level > level:
+        while at and (pending[at - 1].level >= level if first else pending[at - 1].level > level):
             at -= 1
         return at
 
