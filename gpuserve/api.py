@@ -13,12 +13,15 @@ import copy
 import re
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpuserve.config import ModelSettings, Settings
 from gpuserve.handler import Handler
 from gpuserve.model.device import DeviceInfo
 from gpuserve.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from gpuserve.model.runner import Runner
 
 # Stands in for the model's source in its settings; the loader brings the object itself.
 _IN_MEMORY = "gpuserve.handler:Handler"
@@ -105,7 +108,7 @@ class _Loader:
         self._placed: dict[str, Any] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, settings: ModelSettings, device: DeviceInfo) -> Handler:
+    def __call__(self, settings: ModelSettings, device: DeviceInfo) -> Runner:
         from gpuserve.model.loading import build_model
 
         return build_model(

@@ -44,20 +44,20 @@ from bench import MODELS, ROOT, export_models, server_command
 
 # (stage, the frames that belong to it: "file.py" or "file.py:function" fragments). A sample
 # counts for the innermost of its frames that some stage names, so that work is charged to
-# the step that asked for it (the torch calls under Handler.forward to the forward pass, the
+# the step that asked for it (the torch calls under the handler's forward to the forward pass, the
 # task a route creates to that route's step); the generic frames of GENERIC count only when
 # no other frame is named.
 STAGES: list[tuple[str, tuple[str, ...]]] = [
-    ("forward (the model)", ("handler.py:forward", "handler.py:_call")),
-    ("collate and copy", ("handler.py:collate", "handler.py:prepare", "handler.py:_pad")),
-    ("split and NaN check", ("handler.py:split", "handler.py:_non_finite", "handler.py:run")),
+    ("forward (the model)", ("handler.py:forward", "handler.py:call_module", "runner.py:forward")),
+    ("collate and copy", ("handler.py:collate", "handler.py:_pad", "runner.py:prepare")),
+    ("split and NaN check", ("handler.py:split", "runner.py:_non_finite", "runner.py:run")),
     ("postprocess", ("handler.py:postprocess", "handler.py:softmax")),
     ("metrics", ("metrics.py", "prometheus_client/")),
     ("logs", ("logs.py", "logging/")),
-    ("read the body", ("app/responses.py:read_body", "starlette/requests.py")),
+    ("read the body", ("http/responses.py:read_body", "starlette/requests.py")),
     ("parse and check", ("decoding.py", "spec.py", "schemas.py", "oip.py", "pydantic")),
-    ("hang-up watch", ("app/responses.py:unless_disconnected", "app/responses.py:_disconnect")),
-    ("encode", ("app/responses.py:json_response", "app/responses.py:error_response")),
+    ("hang-up watch", ("http/responses.py:unless_disconnected", "http/responses.py:_disconnect")),
+    ("encode", ("http/responses.py:json_response", "http/responses.py:error_response")),
     ("batcher: submit, collect, resolve", ("batcher.py",)),
     ("service: hooks, deadline, release", ("service.py",)),
     ("app: lane, context, routes", ("lane.py", "context.py", "routes.py", "v2.py")),

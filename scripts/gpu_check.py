@@ -94,6 +94,7 @@ from gpuserve.core.batcher import BatchStats, MicroBatcher  # noqa: E402
 from gpuserve.handler import Handler  # noqa: E402
 from gpuserve.model.device import DeviceInfo, GpuMonitor, probe, visible_gpu_uuids  # noqa: E402
 from gpuserve.model.loading import build_model  # noqa: E402
+from gpuserve.model.runner import Runner  # noqa: E402
 from gpuserve.spec import ModelSpec, TensorSpec  # noqa: E402
 
 Result = dict[str, Any]
@@ -139,12 +140,12 @@ class Check:
 
     def handler(
         self, name: str, cls: type[Handler] = Handler, module: Any = None, **settings: Any
-    ) -> Handler:
+    ) -> Runner:
         options = {"tune_batch_size": False, "freeze_gc": False, **settings}
         if self.cpu:
             options.setdefault("compile_backend", "eager")
-        handler = cls(
-            self.spec(name), self.info, ModelSettings(path=DEMO, **options), module=module
+        handler = Runner(
+            cls(self.spec(name), self.info, ModelSettings(path=DEMO, **options), module=module)
         )
         if module is None:
             handler.module = self.module(name)
@@ -169,7 +170,7 @@ class Check:
 
 
 def served(
-    workers: list[Handler],
+    workers: list[Runner],
     items: list[Any] | None = None,
     *,
     max_batch_size: int,
@@ -178,7 +179,7 @@ def served(
     example: Any = None,
     time_sizes: bool = False,
     after_warm_up: Callable[[], None] | None = None,
-    measure: Callable[[Handler], Result] | None = None,
+    measure: Callable[[Runner], Result] | None = None,
 ) -> Result:
     """Run items (or `example` for `seconds`) through a real MicroBatcher over `workers`,
     warmed up in their own worker threads, from `submitters` concurrent tasks.
@@ -403,7 +404,7 @@ def precision(check: Check) -> Result:
     return {"status": "PASS" if ok else "FAIL", **figures}
 
 
-def first_and_steady(handler: Handler, items: list[Any], sizes: tuple[int, ...]) -> Result:
+def first_and_steady(handler: Runner, items: list[Any], sizes: tuple[int, ...]) -> Result:
     """In the calling (worker) thread: each size's first batch, and its median of five."""
     timings = {}
     for size in sizes:
@@ -495,7 +496,7 @@ def out_of_memory(check: Check) -> Result:
     # worker's cuBLAS workspaces (tens of MiB per stream on Hopper, kept in the same
     # allocator) then sit in the baseline rather than in the retries' readings.
     settings = ModelSettings(path=DEMO, max_batch_size=64, tune_batch_size=False)
-    handler = Metered(spec, check.info, settings, module=module)
+    handler = Runner(Metered(spec, check.info, settings, module=module))
     handler.setup()
     rng = np.random.default_rng(5)
     items = [rng.standard_normal(1024).astype(np.float32) for _ in range(64)]
@@ -585,7 +586,7 @@ class Utilisation:
         return statistics.median(self.readings) if self.readings else None
 
 
-def handler_rate(handler: Handler, items: list[Any], seconds: float) -> float:
+def handler_rate(handler: Runner, items: list[Any], seconds: float) -> float:
     """Samples/s of `handler` called on `items` back to back for `seconds`, in this thread."""
     began, runs = time.perf_counter(), 0
     while time.perf_counter() - began < seconds:
@@ -718,7 +719,7 @@ def graphed_encoder(check: Check) -> Result:
         )
         items = check.instances("encoder", size, seed=8)
 
-        def measure(worker: Handler, items: list[Any] = items) -> Result:
+        def measure(worker: Runner, items: list[Any] = items) -> Result:
             return {"samples_per_s": handler_rate(worker, items, check.scaled(2.0, 0.3))}
 
         with Utilisation(check) as utilisation:

@@ -20,6 +20,7 @@ from gpuserve.core.progress import open_counted
 from gpuserve.handler import Handler
 from gpuserve.http import create_app
 from gpuserve.model.device import DeviceInfo, passes_share_cores
+from gpuserve.model.runner import Runner
 from gpuserve.spec import ModelSpec, TensorSpec
 
 from .helpers import (
@@ -712,7 +713,7 @@ async def test_a_model_answering_more_rows_than_its_batch_answers_nobody_wrongly
     def module(x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x + 1, x]) if loaded.is_set() and len(x) > 1 else x
 
-    handler = Handler(spec, CPU, ModelSettings(path=DEMO, name="twice"), module=module)
+    handler = Runner(Handler(spec, CPU, ModelSettings(path=DEMO, name="twice"), module=module))
     model = ModelSettings(path=DEMO, name="twice", warmup=False, max_wait_ms=20, freeze_gc=False)
     app = create_app(Settings(device="cpu", model=model), loader=lambda s, d: handler)
     async with serving(app) as client:
@@ -743,7 +744,7 @@ async def test_integer_outputs_are_served_as_the_integers_the_model_made() -> No
     def module(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return (x[:, :1].long() + big, x[:, 1:] > 0)
 
-    handler = Handler(spec, CPU, ModelSettings(path=DEMO, name="ids"), module=module)
+    handler = Runner(Handler(spec, CPU, ModelSettings(path=DEMO, name="ids"), module=module))
     model = ModelSettings(path=DEMO, name="ids", freeze_gc=False)
     app = create_app(Settings(device="cpu", model=model), loader=lambda s, d: handler)
     async with serving(app) as client:

@@ -1,4 +1,5 @@
-"""The default handler hooks: collate, forward, split and postprocess on an eager module."""
+"""The default handler hooks (collate, forward, split, postprocess) run by the runner on an
+eager or compiled module: precision, streams, warm-up, compile governance, row checks."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from gpuserve import handler as handler_module
 from gpuserve.config import ModelSettings
 from gpuserve.core.errors import InferenceError, ModelLoadError
-from gpuserve.handler import Handler, Padded, choose_batch_size
+from gpuserve.handler import Handler, Padded
+from gpuserve.model import compiling as compiling_module
+from gpuserve.model import runner as runner_module
+from gpuserve.model.runner import Runner, choose_batch_size
 from gpuserve.spec import ModelSpec, TensorSpec
 
 from .helpers import CPU, DEMO
@@ -43,8 +46,10 @@ def make(
     labels: list[str] | None = None,
     kind: str | None = None,
     **settings: Any,
-) -> Handler:
-    return Handler(spec(labels, kind), CPU, ModelSettings(path=DEMO, **settings), module=module)
+) -> Runner:
+    return Runner(
+        Handler(spec(labels, kind), CPU, ModelSettings(path=DEMO, **settings), module=module)
+    )
 
 
 class Softmaxed(torch.nn.Module):
@@ -71,7 +76,7 @@ def test_a_batch_gives_the_same_rows_as_each_instance_alone() -> None:
 
 def test_collate_stacks_on_the_device_in_the_spec_dtype() -> None:
     handler = make(Linear())
-    batch = handler.collate(instances(3))
+    batch = handler.handler.collate(instances(3))
     assert batch.shape == (3, 4) and batch.dtype == torch.float32 and batch.device.type == "cpu"
 
 
@@ -175,7 +180,7 @@ def test_warm_up_runs_the_whole_path() -> None:
 def test_bf16_runs_under_autocast_and_stays_close_to_fp32() -> None:
     handler = make(Linear().eval(), precision="bf16")
     with torch.inference_mode():
-        out = handler.forward(handler.collate(instances(4)))
+        out = handler.forward(handler.handler.collate(instances(4)))
     assert out.dtype == torch.bfloat16
     error = handler.check_precision(tolerance=0.05)
     assert 0 < error < 0.05
@@ -210,7 +215,7 @@ def test_a_precision_outside_the_tolerance_fails_the_load() -> None:
 def test_fp32_has_nothing_to_check() -> None:
     handler = make(Linear().eval())
     with torch.inference_mode():
-        assert handler.forward(handler.collate(instances(1))).dtype == torch.float32
+        assert handler.forward(handler.handler.collate(instances(1))).dtype == torch.float32
     assert handler.check_precision(tolerance=1e-9) == 0.0
 
 
@@ -271,13 +276,13 @@ class MaskedMean(torch.nn.Module):
         return self.head(pooled)
 
 
-def token_handler(output_shape: tuple[int, ...] = (3,), **settings: Any) -> Handler:
+def token_handler(output_shape: tuple[int, ...] = (3,), **settings: Any) -> Runner:
     tokens = ModelSpec(
         name="tokens",
         input=TensorSpec(name="ids", shape=(-1,), dtype="int64", min=0, max=49, max_shape=(16,)),
         output=TensorSpec(shape=output_shape),
     )
-    return Handler(tokens, CPU, ModelSettings(path=DEMO, **settings), module=MaskedMean())
+    return Runner(Handler(tokens, CPU, ModelSettings(path=DEMO, **settings), module=MaskedMean()))
 
 
 class IdsOnly(torch.nn.Module):
@@ -298,14 +303,14 @@ def test_a_model_without_a_mask_parameter_is_told_how_to_be_served() -> None:
         input=TensorSpec(name="ids", shape=(-1,), dtype="int64", min=1, max=49, max_shape=(16,)),
         output=TensorSpec(shape=(3,)),
     )
-    refused = Handler(spec, CPU, ModelSettings(path=DEMO), module=IdsOnly())
+    refused = Runner(Handler(spec, CPU, ModelSettings(path=DEMO), module=IdsOnly()))
     with pytest.raises(ModelLoadError) as caught:
         refused.warm_up()
     message = caught.value.message
     assert "called as model(values, mask)" in message and '"mask": false' in message
     # Followed, the advice serves it: each instance's answer is its own unpadded forward.
     alone = spec.model_copy(update={"input": spec.input.model_copy(update={"mask": False})})
-    handler = Handler(alone, CPU, ModelSettings(path=DEMO), module=IdsOnly())
+    handler = Runner(Handler(alone, CPU, ModelSettings(path=DEMO), module=IdsOnly()))
     handler.warm_up()
     items = [np.array([1, 2, 3]), np.array([4]), np.arange(1, 12)]
     with torch.inference_mode():
@@ -316,7 +321,7 @@ def test_a_model_without_a_mask_parameter_is_told_how_to_be_served() -> None:
 
 def test_variable_length_instances_are_padded_and_masked() -> None:
     handler = token_handler()
-    batch = handler.collate([np.array([1, 2, 3]), np.array([4])])
+    batch = handler.handler.collate([np.array([1, 2, 3]), np.array([4])])
     assert isinstance(batch, Padded)
     assert batch.values.tolist() == [[1, 2, 3], [4, 0, 0]]
     assert batch.mask.tolist() == [[True, True, True], [True, False, False]]
@@ -335,9 +340,10 @@ def test_a_padded_batch_gives_each_instance_its_result_alone() -> None:
 def test_length_buckets_group_and_pad_up_to_the_bound() -> None:
     handler = token_handler(length_buckets=[4, 8])
     assert [handler.bucket(np.zeros(n)) for n in (1, 4, 5, 8, 9)] == [0, 0, 1, 1, 2]
-    assert handler.collate([np.ones(3, np.int64), np.ones(5, np.int64)]).values.shape == (2, 8)
+    collate = handler.handler.collate
+    assert collate([np.ones(3, np.int64), np.ones(5, np.int64)]).values.shape == (2, 8)
     # Past the last bound, the longest item sets the length.
-    assert handler.collate([np.ones(11, np.int64)]).values.shape == (1, 11)
+    assert collate([np.ones(11, np.int64)]).values.shape == (1, 11)
     assert token_handler().bucket(np.zeros(3)) is None
 
 
@@ -411,59 +417,74 @@ def test_a_non_finite_row_is_its_own_error_after_completion() -> None:
 def test_outputs_keep_their_shape_on_the_way_to_the_host() -> None:
     Pair = collections.namedtuple("Pair", "a b")
     tensor = torch.ones(2)
-    assert handler_module._to_host(tensor) is tensor  # on the host already: no copy
-    assert handler_module._to_host({"x": tensor})["x"] is tensor
-    assert handler_module._to_host((tensor, [tensor]))[1][0] is tensor
-    pair = handler_module._to_host(Pair(tensor, 3))
+    assert runner_module._to_host(tensor) is tensor  # on the host already: no copy
+    assert runner_module._to_host({"x": tensor})["x"] is tensor
+    assert runner_module._to_host((tensor, [tensor]))[1][0] is tensor
+    pair = runner_module._to_host(Pair(tensor, 3))
     assert isinstance(pair, Pair) and pair.b == 3
 
 
-def test_on_cuda_the_copy_and_the_forward_run_on_this_copys_own_streams(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+class FakeStream:
+    """Stands in for a CUDA stream: says what waits on it."""
+
+    def __init__(self, name: str, calls: list[str]) -> None:
+        self.name, self.calls = name, calls
+
+    def wait_event(self, event: object) -> None:
+        self.calls.append(f"{self.name} waits for the copy")
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
+    """torch.cuda's streams and events as recorders, for a runner given FakeStreams: the
+    calls made, and the stack of current streams (the tensors stay on the CPU)."""
     calls: list[str] = []
     current: list[str] = ["default"]
 
-    class Stream:
-        def __init__(self, name: str) -> None:
-            self.name = name
-
-        def wait_event(self, event: object) -> None:
-            calls.append(f"{self.name} waits for the copy")
-
     class Event:
-        def record(self, stream: Stream) -> None:
+        def record(self, stream: FakeStream) -> None:
             calls.append(f"copy recorded on {stream.name}")
 
         def synchronize(self) -> None:
             calls.append("the output's copy waited for")
 
     @contextlib.contextmanager
-    def on_stream(stream: Stream) -> Iterator[None]:
+    def on_stream(stream: FakeStream) -> Iterator[None]:
         current.append(stream.name)
         yield
         current.pop()
 
     monkeypatch.setattr(torch.cuda, "stream", on_stream)
     monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: Stream(current[-1]))
-    monkeypatch.setattr(handler_module, "_used_on", lambda batch, stream: calls.append("kept"))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: FakeStream(current[-1], calls))
+    monkeypatch.setattr(runner_module, "_used_on", lambda batch, stream: calls.append("kept"))
+    return calls, current
+
+
+def on_fake_streams(runner: Runner, calls: list[str]) -> Runner:
+    runner._copy_stream = FakeStream("copy", calls)  # type: ignore[assignment]
+    runner._compute_stream = FakeStream("compute", calls)  # type: ignore[assignment]
+    return runner
+
+
+def test_on_cuda_the_copy_and_the_forward_run_on_this_copys_own_streams(
+    fake_cuda: tuple[list[str], list[str]],
+) -> None:
+    calls, current = fake_cuda
 
     class Spy(Linear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             calls.append(f"forward on {current[-1]}")
             return super().forward(x)
 
-    handler = make(Spy().eval())
-    # As on a CUDA device; the tensors stay on the CPU.
-    handler._copy_stream, handler._compute_stream = Stream("copy"), Stream("compute")
-    collate = handler.collate
+    handler = on_fake_streams(make(Spy().eval()), calls)  # as on a CUDA device
+    collate = handler.handler.collate
 
     def spied_collate(items: list[Any]) -> Any:
         calls.append(f"collate on {current[-1]}")
         return collate(items)
 
-    handler.collate = spied_collate  # type: ignore[method-assign]
+    handler.handler.collate = spied_collate  # type: ignore[method-assign]
     rows = handler.run(handler.prepare(instances(2)))
     assert len(rows) == 2
     assert calls == [
@@ -482,6 +503,59 @@ def test_on_cuda_the_copy_and_the_forward_run_on_this_copys_own_streams(
     assert not handler.pipelined
 
 
+def test_a_custom_collate_that_leaves_its_batch_on_the_host_keeps_the_copy_overlap(
+    fake_cuda: tuple[list[str], list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls, current = fake_cuda
+    moved: list[tuple[str, str]] = []
+
+    def onto(batch: Any, device: torch.device) -> Any:
+        moved.append((type(batch).__name__, current[-1]))
+        return batch  # the CPU build has no device to copy to
+
+    monkeypatch.setattr(runner_module, "_onto", onto)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    class OwnCollate(Handler):
+        def collate(self, items: list[Any]) -> Any:
+            return torch.from_numpy(np.stack(items))  # on the host, in pageable memory
+
+    runner = Runner(OwnCollate(spec(), CPU, ModelSettings(path=DEMO), module=Linear().eval()))
+    runner.device = torch.device("cuda", 0)  # as for a GPU model; the work stays on the CPU
+    on_fake_streams(runner, calls)
+    rows = runner.run(runner.prepare(instances(2)))
+    # The runner, not the hook, copied the batch over, on the copy stream.
+    assert moved == [("Tensor", "copy")]
+    assert "compute waits for the copy" in calls
+    np.testing.assert_allclose(np.stack(rows), np.stack(make(Linear().eval())(instances(2))))
+
+
+def test_a_batch_left_on_the_host_goes_over_through_pinned_memory_in_its_own_shape(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pinned: list[tuple[int, ...]] = []
+
+    def pin(self: torch.Tensor) -> torch.Tensor:
+        pinned.append(tuple(self.shape))
+        return self.clone()  # this CPU build cannot pin; the logic is the same
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    meta = torch.device("meta")  # a device other than the host's, on a CPU-only build
+    there = torch.empty(1, device=meta)
+    batch = {
+        "padded": Padded(torch.ones(2, 3), torch.ones(2, 3, dtype=torch.bool), [(3,), (2,)]),
+        "several": [torch.zeros(2), there],
+    }
+    moved = runner_module._onto(batch, meta)
+    padded = moved["padded"]
+    assert isinstance(padded, Padded) and padded.lengths == [(3,), (2,)]
+    assert padded.values.device == meta and padded.mask.device == meta
+    assert padded.mask.dtype == torch.bool
+    assert moved["several"][0].device == meta
+    assert moved["several"][1] is there  # on a device already: left alone
+    assert sorted(pinned) == [(2,), (2, 3), (2, 3)]
+
+
 def test_each_stage_makes_the_models_gpu_current_in_its_thread(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -490,7 +564,7 @@ def test_each_stage_makes_the_models_gpu_current_in_its_thread(
     monkeypatch.setattr(torch.cuda, "set_device", selected.append)
     handler = make(Linear().eval())
     handler.device = torch.device("cuda", 1)  # as for a cuda:1 model; the work stays on the CPU
-    handler._to_device = lambda tensor, dtype: tensor.to(dtype=dtype)  # type: ignore[method-assign]
+    handler.handler._to_device = lambda tensor, dtype: tensor.to(dtype=dtype)  # type: ignore[method-assign]
 
     def in_new_thread(work: Callable[[], Any]) -> Any:
         selected.clear()  # a new thread starts on GPU 0
@@ -520,11 +594,11 @@ def test_a_batch_is_stacked_straight_into_pinned_host_memory(
         raise AssertionError("pinned by a second copy")
 
     handler = make(Linear().eval())
-    handler._pin = True
+    handler.handler._pin = True
     monkeypatch.setattr(torch, "empty", pinned_empty)
     monkeypatch.setattr(torch.Tensor, "pin_memory", no_second_copy)
     batch = instances(3)
-    collated = handler.collate(batch)
+    collated = handler.handler.collate(batch)
     assert collated.data_ptr() == buffers[0].data_ptr()  # the stack's own memory, not a copy
     assert np.array_equal(collated.numpy(), np.stack(batch))
 
@@ -580,7 +654,7 @@ def test_nan_at_padded_positions_of_a_per_position_output_is_not_a_failure() -> 
     assert short.tolist() == [[1.0] * 8] and len(long) == 3
 
 
-def served(handler: Handler) -> Handler:
+def served(handler: Runner) -> Runner:
     handler.setup()
     handler.warm_up(handler.settings.warmup_batch_sizes)
     handler.close_compile_gate()
@@ -671,7 +745,7 @@ def test_a_shape_missed_at_warm_up_fails_loudly_instead_of_compiling_while_servi
     handler = served(
         make(Linear().eval(), compile="default", compile_backend="eager", max_batch_size=4)
     )
-    unpadded = handler.collate(instances(3))  # 3 is no warm-up size: never sent by prepare
+    unpadded = handler.handler.collate(instances(3))  # 3 is no warm-up size: never sent by prepare
     with pytest.raises(Exception, match="a new graph was needed while serving"):
         handler.forward(unpadded)
 
@@ -731,7 +805,7 @@ def test_where_torch_compile_has_no_limit_of_its_own_the_process_limit_is_raised
         kept = [p for n, p in signature.parameters.items() if n != "isolate_recompiles"]
         return signature.replace(parameters=kept)
 
-    monkeypatch.setattr(handler_module.inspect, "signature", without_isolation)
+    monkeypatch.setattr(compiling_module.inspect, "signature", without_isolation)
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     copies = [
         served(
@@ -749,7 +823,7 @@ def test_a_text_input_without_a_tokenising_preprocess_fails_to_load_saying_why()
         input=TensorSpec(name="text", shape=(), dtype="string"),
         output=TensorSpec(shape=(2,)),
     )
-    handler = Handler(spec, CPU, module=torch.nn.Linear(4, 2))
+    handler = Runner(Handler(spec, CPU, module=torch.nn.Linear(4, 2)))
     with pytest.raises(ModelLoadError, match="preprocess turns each text into a tensor"):
         handler.warm_up()
 
@@ -757,7 +831,7 @@ def test_a_text_input_without_a_tokenising_preprocess_fails_to_load_saying_why()
         def preprocess(self, instance: Any) -> np.ndarray[Any, Any]:
             return np.full(4, len(str(instance)), dtype=np.float32)
 
-    tokenising = Lengths(spec, CPU, module=torch.nn.Linear(4, 2))
+    tokenising = Runner(Lengths(spec, CPU, module=torch.nn.Linear(4, 2)))
     tokenising.warm_up()  # the default collate stacks what preprocess made, in its own dtype
     rows = tokenising([tokenising.preprocess("ab"), tokenising.preprocess("abcd")])
     assert len(rows) == 2 and rows[0].shape == (2,)

@@ -21,6 +21,7 @@ from gpuserve.core.errors import InferenceError, ModelLoadError
 from gpuserve.handler import Handler
 from gpuserve.http import create_app
 from gpuserve.model.device import DeviceInfo
+from gpuserve.model.runner import Runner
 from gpuserve.model.sources import load_program, spec_from_program
 from gpuserve.spec import ModelSpec, TensorSpec
 
@@ -292,7 +293,7 @@ def test_a_handler_maps_dict_outputs_by_name_and_refuses_the_wrong_count() -> No
             score, embedding = TwoTower()(features, ids)
             return {"embedding": embedding, "score": score}  # not in the spec's order
 
-    handler = Handler(spec, CPU, module=ByName())
+    handler = Runner(Handler(spec, CPU, module=ByName()))
     handler.warm_up()
     (row,) = handler([{k: np.asarray(v) for k, v in INSTANCES[0].items()}])
     score, embedding = direct(**INSTANCES[0])
@@ -304,7 +305,7 @@ def test_a_handler_maps_dict_outputs_by_name_and_refuses_the_wrong_count() -> No
             return features
 
     with pytest.raises(ModelLoadError, match="lists 2 outputs"):
-        Handler(spec, CPU, module=One()).warm_up()
+        Runner(Handler(spec, CPU, module=One())).warm_up()
 
 
 async def test_binary_inputs_follow_the_order_the_request_lists_them(
@@ -356,7 +357,7 @@ def test_a_row_with_nan_in_any_output_fails_alone() -> None:
             broken = (features[:, :1] < 0).to(embedding.dtype)
             return score, embedding / (1 - broken)  # inf where the first feature is negative
 
-    handler = Handler(spec, CPU, module=NanForNegative())
+    handler = Runner(Handler(spec, CPU, module=NanForNegative()))
     rows = handler([{k: np.asarray(v) for k, v in instance.items()} for instance in INSTANCES[1:]])
     assert isinstance(rows[1], InferenceError) and "NaN or infinite" in str(rows[1])
     np.testing.assert_allclose(rows[0]["score"], direct(**INSTANCES[1])[0], atol=1e-6)

@@ -35,4 +35,5 @@ class TextHandler(Handler):
     def collate(self, items: list[np.ndarray[Any, Any]]) -> Padded:
         ids, mask = pad([item.tolist() for item in items])
         lengths = [(len(item),) for item in items]
-        return Padded(ids.to(self.device), mask.to(self.device), lengths)
+        # Left on the host: gpuserve copies it to the device (pinned, without blocking).
+        return Padded(ids, mask, lengths)

@@ -40,7 +40,7 @@ State = Literal["loading", "ready", "failed", "stopping"]
 class BatchModel(Protocol):
     """What a loader returns: a spec, and a batch function of validated instances.
 
-    It may also have the Handler's `preprocess`, `postprocess`, `bucket` and `is_oom`; those
+    It may also have a Runner's `preprocess`, `postprocess`, `bucket` and `is_oom`; those
     it lacks default to doing nothing.
     """
 
@@ -385,7 +385,7 @@ class ModelService:
         self.progress.enter("warming up")
         try:
             # Warm-up, tuning and CUDA graph capture happen in each copy's own worker thread,
-            # the thread that will serve it (see Handler.warm).
+            # the thread that will serve it (see Runner.warm).
             await self.batcher.on_each_worker(_warm)
         except Exception as exc:
             await self.batcher.stop(0)

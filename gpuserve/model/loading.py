@@ -1,9 +1,9 @@
-"""Model loading: a model's settings to a Handler on the probed device.
+"""Model loading: a model's settings to a Runner on the probed device.
 
 The steps, each logged: read the spec (file or inline), build the handler (the default one,
-or the user's class named by `handler`), and load the module through it (`sources` knows the
-file formats and factories). Warming up, tuning the batch cap and checking reduced precision
-are `Handler.warm`, run by the server in the thread that will serve.
+or the user's class named by `handler`), and load the module through its runner (`sources`
+knows the file formats and factories). Warming up, tuning the batch cap and checking reduced
+precision are `Runner.warm`, run by the server in the thread that will serve.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from gpuserve.config import ModelSettings
 from gpuserve.core.errors import ModelLoadError
 from gpuserve.handler import Handler
 from gpuserve.model.device import DeviceInfo
+from gpuserve.model.runner import Runner
 from gpuserve.model.sources import (
     import_object,
     load_program,
@@ -29,17 +30,17 @@ from gpuserve.spec import ModelSpec
 logger = logging.getLogger("gpuserve.model.loading")
 
 
-def load_model(settings: ModelSettings, device: DeviceInfo) -> Handler:
+def load_model(settings: ModelSettings, device: DeviceInfo) -> Runner:
     """Load, place on `device`, and warm up in this thread. Every failure is a
     ModelLoadError with the reason.
 
     The server does the two halves in two threads (`build_model` in the load thread,
-    `Handler.warm` in the worker thread that will serve); this is both at once, for callers
+    `Runner.warm` in the worker thread that will serve); this is both at once, for callers
     that serve from the thread they load in.
     """
-    handler = build_model(settings, device)
-    handler.warm()
-    return handler
+    runner = build_model(settings, device)
+    runner.warm()
+    return runner
 
 
 def build_model(
@@ -48,8 +49,9 @@ def build_model(
     *,
     module: Any = None,
     handler_class: type[Handler] | None = None,
-) -> Handler:
-    """Read the spec, build the handler and load its module onto `device`; no warm-up yet.
+) -> Runner:
+    """Read the spec, build the handler and load its module onto `device` through its runner;
+    no warm-up yet.
 
     `module` (already on `device`) and `handler_class` replace what the settings name: the
     Python API serves objects in memory so.
@@ -79,8 +81,8 @@ def build_model(
     else:
         spec = ModelSpec.resolve(source, settings.key)
     handler = (handler_class or _handler_class(settings))(spec, device, settings, module=module)
-
-    handler.setup()
+    runner = Runner(handler)
+    runner.setup()
     logger.info(
         "loaded %s from %s on %s in %.2fs",
         spec.name,
@@ -88,7 +90,7 @@ def build_model(
         device.device,
         time.monotonic() - started,
     )
-    return handler
+    return runner
 
 
 def _origin(settings: ModelSettings, module: Any, handler_class: type[Handler] | None) -> str:
