@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_MODEL := models/digits.pt2
 CONFIG ?= configs/default.toml
 
-.PHONY: serve test lint typecheck unit integration bench bench-peers perf-analyzer clean
+.PHONY: serve test lint typecheck unit integration docs bench bench-peers perf-analyzer clean
 
 # Serving needs the runtime and the demo's scikit-learn only; the test tools, Ray and the
 # linters come with `make test`.
@@ -50,6 +50,10 @@ integration: $(VENV)/.dev-installed $(DEMO_MODEL) perf-analyzer
 # Everything: the linters, the type check and every tier.
 test: lint typecheck $(DEMO_MODEL) perf-analyzer
 	$(PY) -m pytest
+
+# The settings table of docs/configuration.md, from the settings classes' descriptions.
+docs: $(VENV)/.installed
+	$(PY) -m gpuserve.settings_docs docs/configuration.md
 
 # Triton's perf_analyzer in .perf/, for its test; never fails: where it cannot be installed,
 # .perf/why says why and the test skips saying so.

@@ -23,7 +23,7 @@ from gpuserve.version import __version__
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point; exits 1 with a message on a bad setting or an unusable device."""
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     if args.command == "init":
         _init(args.model_file, args.init_config)
         return
@@ -76,16 +76,17 @@ def nothing_to_serve(settings: Settings) -> str:
     )
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def parser() -> argparse.ArgumentParser:
+    """The command line: `serve`, `probe` and `init`, with their flags."""
+    root = argparse.ArgumentParser(
         prog="gpuserve",
         description="Serve PyTorch models over HTTP with dynamic batching, on the best GPU "
         "or on the CPU.",
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"gpuserve {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    root.add_argument("--version", action="version", version=f"gpuserve {__version__}")
+    commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
     # Defaults are None so an absent flag leaves the file and environment in charge.
     common.add_argument(
@@ -156,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="the config file to write (default: gpuserve.toml)",
     )
-    return parser
+    return root
 
 
 def _setting(name: str, text: str) -> str:

@@ -69,7 +69,8 @@ class ModelSettings(BaseModel):
         default=None,
         description="The model file: .pt2 (torch.export) or TorchScript. Relative paths in a "
         "config file are taken from the file's folder; from a flag or the environment, from "
-        "the working directory.",
+        "the working directory. gpuserve names no model of its own: `serve` refuses to start "
+        "without one (a path, a factory or a handler).",
     )
     factory: str | None = Field(
         default=None,
@@ -118,7 +119,13 @@ class ModelSettings(BaseModel):
         "same bucket (the first bound at or above the instance's length), and are padded up "
         "to that bound, so one long instance does not pad a batch of short ones.",
     )
-    max_batch_size: int = Field(default=32, ge=1, le=4096)
+    max_batch_size: int = Field(
+        default=32,
+        ge=1,
+        le=4096,
+        description="The most instances one forward pass takes (tune_batch_size may cap "
+        "batches lower); a request of more instances is split across passes.",
+    )
     max_wait_ms: float = Field(
         default=2.0,
         ge=0.0,
@@ -142,7 +149,12 @@ class ModelSettings(BaseModel):
         "it, while the model's worker goes on launching the next batch (up to three in "
         "flight). False: the worker waits for each output itself.",
     )
-    max_instances_per_request: int = Field(default=1024, ge=1)
+    max_instances_per_request: int = Field(
+        default=1024,
+        ge=1,
+        description="Instances one request may carry; past this it is refused as invalid "
+        "input (422 on /predict and v1, 400 on v2, INVALID_ARGUMENT over gRPC).",
+    )
     max_queue_size: int = Field(
         default=2048,
         ge=1,
@@ -307,8 +319,8 @@ class RaySettings(BaseModel):
     num_replicas: int | None = Field(
         default=None, ge=1, description="A fixed replica count; unset: autoscale."
     )
-    min_replicas: int = Field(default=1, ge=0)
-    max_replicas: int = Field(default=4, ge=1)
+    min_replicas: int = Field(default=1, ge=0, description="Fewest replicas when autoscaling.")
+    max_replicas: int = Field(default=4, ge=1, description="Most replicas when autoscaling.")
     target_ongoing_requests: float = Field(
         default=32,
         gt=0,
@@ -336,8 +348,17 @@ class Settings(BaseSettings):
     )
 
     config_file: Path | None = Field(default=None, description="TOML file with these settings.")
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
+    host: str = Field(
+        default="127.0.0.1",
+        description="The address HTTP and gRPC listen on; 0.0.0.0 for every interface (in a "
+        "container, say).",
+    )
+    port: int = Field(
+        default=8000,
+        ge=0,
+        le=65535,
+        description="The HTTP port; 0 picks a free one (the log says which).",
+    )
     grpc: bool = Field(
         default=True,
         description="Serve the Open Inference Protocol over gRPC too, on grpc_port (the host "
@@ -351,7 +372,9 @@ class Settings(BaseSettings):
         description="auto (the GPU with most free memory, else CPU), all (every visible GPU), "
         "cpu, cuda or cuda:N.",
     )
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        default="info", description="The least severe log lines written."
+    )
     log_format: Literal["text", "json"] = Field(
         default="text", description="text: readable lines; json: one JSON object per line."
     )

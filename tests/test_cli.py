@@ -195,10 +195,10 @@ def test_every_flag_of_serve_says_its_default_and_its_environment_variable() -> 
 
 
 def test_a_model_file_on_the_command_line_sets_the_model_path() -> None:
-    from gpuserve.cli import _flags, _parser
+    from gpuserve.cli import _flags, parser
 
     for argv in (["serve", "m.pt2"], ["serve", "--model", "m.pt2"]):
-        flags = _flags(_parser().parse_args(argv))
+        flags = _flags(parser().parse_args(argv))
         assert Settings(**flags).model.path == Path("m.pt2")
 
 
