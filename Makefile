@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_MODEL := models/digits.pt2
 CONFIG ?= configs/default.toml
 
-.PHONY: serve test lint typecheck unit integration docs bench bench-peers perf-analyzer clean
+.PHONY: serve test lint typecheck unit integration gpu docs bench bench-peers perf-analyzer clean
 
 # Serving needs the runtime and the demo's scikit-learn only; the test tools, Ray and the
 # linters come with `make test`.
@@ -46,6 +46,10 @@ unit: $(VENV)/.dev-installed $(DEMO_MODEL)
 
 integration: $(VENV)/.dev-installed $(DEMO_MODEL) perf-analyzer
 	$(PY) -m pytest -m integration
+
+# The GPU check's correctness sections as tests, on a machine with a CUDA GPU.
+gpu: $(VENV)/.dev-installed $(DEMO_MODEL)
+	$(PY) -m pytest -m gpu
 
 # Everything: the linters, the type check and every tier.
 test: lint typecheck $(DEMO_MODEL) perf-analyzer

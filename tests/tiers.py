@@ -1,5 +1,6 @@
 """The test tiers. `unit`: no sockets on the network, no processes; `integration`: real
-sockets, processes and clients. A module's tier is listed here; a unit test that binds or
+sockets, processes and clients; `gpu`: needs a CUDA GPU (skipped without one). A module's
+tier is listed here; a unit test that binds or
 connects a network socket, or starts a process, fails with the reason (see `guard`)."""
 
 from __future__ import annotations
@@ -47,12 +48,17 @@ INTEGRATION = frozenset(
         "test_workers",
     }
 )
+# Modules that need a CUDA GPU: they skip where there is none.
+GPU = frozenset({"test_gpu"})
 _NETWORK = (socket.AF_INET, socket.AF_INET6)
 
 
 def tier(module: str) -> str:
     """A test module's tier, by its name (`tests.test_app` or `test_app`)."""
-    return "integration" if module.rsplit(".", 1)[-1] in INTEGRATION else "unit"
+    name = module.rsplit(".", 1)[-1]
+    if name in GPU:
+        return "gpu"
+    return "integration" if name in INTEGRATION else "unit"
 
 
 def _refuse(what: str) -> Any:
