@@ -378,6 +378,14 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         default="text", description="text: readable lines; json: one JSON object per line."
     )
+    traces: bool = Field(
+        default=False,
+        description="Export OpenTelemetry traces over OTLP/HTTP: a span per call (the child of "
+        "a W3C traceparent the client sent) with its queue and batch, and a span per batch, "
+        "linked from its calls. The standard OTEL_* variables configure the exporter "
+        "(OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER, ...). Needs "
+        "the traces extra: pip install 'gpuserve[traces]'.",
+    )
     access_log: bool = Field(
         default=True,
         description="One log line per request: id, route, status, duration, model, batch size, "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any
 import anyio
 import numpy as np
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from gpuserve.config import ModelSettings, Settings
 from gpuserve.core.batcher import Trace
@@ -26,6 +28,7 @@ from gpuserve.core.errors import (
     Overloaded,
 )
 from gpuserve.core.metrics import Metrics
+from gpuserve.core.tracing import Tracing
 from gpuserve.engine import wire
 from gpuserve.engine.link import EngineLink
 from gpuserve.engine.process import Engine
@@ -300,3 +303,20 @@ async def test_a_front_that_goes_away_loses_its_answers_and_the_others_are_serve
         with anyio.fail_after(5):
             while engine._calls:
                 await asyncio.sleep(0.005)
+
+
+async def test_a_fronts_trace_learns_when_its_batch_ran_and_links_the_engines_batch_span(
+    fake_model: FakeModel,
+) -> None:
+    exporter = InMemorySpanExporter()
+    async with engine_with_fronts(fake_model) as (engine, [front]):
+        engine.metrics.traces = Tracing(exporter, immediate=True)  # the batches run there
+        trace = Trace(request_id="traced")
+        before = time.monotonic()
+        assert await front.service.predict(rows(1), 10, trace=trace) == [4.0]
+        after = time.monotonic()
+    (batch,) = [span for span in exporter.get_finished_spans() if span.name == "batch"]
+    # The span's context crossed the socket, and the pass's start on the shared clock.
+    assert trace.links == (batch.context,)
+    assert before <= trace.started <= after
+    assert (trace.batches, trace.batch_size) == (1, 1)

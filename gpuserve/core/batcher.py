@@ -99,6 +99,7 @@ class BatchStats:
     oom_splits: int
     worker: int = 0
     queue_wait_total_s: float = 0.0  # every item's, added up
+    started: float = 0.0  # when the pass began, time.monotonic()
 
 
 @dataclass(slots=True)
@@ -113,6 +114,8 @@ class Trace:
     queue_wait_s: float = 0.0
     forward_s: float = 0.0
     request_id: str = ""  # for log lines written away from the request (in an engine)
+    started: float = 0.0  # when its (last) batch's pass began, time.monotonic()
+    links: tuple[Any, ...] = ()  # what `on_batch` returned for its batches (their spans)
 
 
 # eq=False: entries and batches are compared by identity. Field-wise equality would compare
@@ -155,7 +158,7 @@ class MicroBatcher(Generic[T, R]):
         is_oom: Callable[[BaseException], bool] = is_memory_error,
         is_fatal: Callable[[BaseException], bool] = never_fatal,
         name: str = "batcher",
-        on_batch: Callable[[BatchStats], None] | None = None,
+        on_batch: Callable[[BatchStats], object] | None = None,
         bucket_of: Callable[[T], Hashable] | None = None,
     ) -> None:
         if max_batch_size < 1:
@@ -724,7 +727,7 @@ class MicroBatcher(Generic[T, R]):
                 failed += isinstance(result, BaseException)
                 if entry.trace is not None:
                     waited = started - entry.enqueued
-                    _record(entry.trace, traced, len(outcome.ran), waited, outcome)
+                    _record(entry.trace, traced, len(outcome.ran), waited, started, outcome)
                 if entry.future.done():
                     continue
                 if isinstance(result, BaseException):
@@ -745,7 +748,9 @@ class MicroBatcher(Generic[T, R]):
                 cap,
                 self._policy.oom_cooldown_s,
             )
-        self._report(batch, outcome, failed)
+        note = self._report(batch, outcome, failed)
+        if note is not None:
+            _link(batch.entries, note)
 
     def _retire(self, worker: int, reason: str) -> None:
         """A worker met a fatal error: it serves no more. When none is left, the batcher
@@ -805,9 +810,11 @@ class MicroBatcher(Generic[T, R]):
         self._requeue_staged(batch.worker)  # the stuck batch is running: cancel() spares it
         self._wake.set()
 
-    def _report(self, batch: _Batch[T, R], outcome: Outcome[R], failed: int) -> None:
+    def _report(self, batch: _Batch[T, R], outcome: Outcome[R], failed: int) -> object:
+        """Hand the batch's stats to `on_batch`; what it returns (a span, say) is noted on
+        the batch's traces."""
         if self._on_batch is None or not outcome.ran:
-            return
+            return None
         started = batch.started if batch.started is not None else batch.entries[0].enqueued
         stats = BatchStats(
             size=len(outcome.ran),
@@ -821,11 +828,13 @@ class MicroBatcher(Generic[T, R]):
                 0.0,
                 started * len(batch.entries) - math.fsum(map(_ENQUEUED, batch.entries)),
             ),
+            started=started,
         )
         try:
-            self._on_batch(stats)
+            return self._on_batch(stats)
         except Exception:  # metrics must never break serving
             logger.exception("%s: on_batch callback failed", self.name)
+            return None
 
     def _fail_waiting(self, exc: Exception, *, in_flight: bool = True) -> None:
         """Fail queued futures and, with `in_flight`, those of batches in the worker too.
@@ -852,13 +861,27 @@ def _fail_unanswered(entries: Iterable[_Entry[Any, Any]], exc: Exception) -> Non
             entry.future.set_exception(exc)
 
 
+def _link(entries: list[_Entry[T, R]], note: object) -> None:
+    """Note a batch's `on_batch` result on each of its requests' traces, once per request."""
+    for entry in entries:
+        trace = entry.trace
+        if trace is not None and note not in trace.links:
+            trace.links += (note,)
+
+
 def _record(
-    trace: Trace, traced: set[int], size: int, waited_s: float, outcome: Outcome[R]
+    trace: Trace,
+    traced: set[int],
+    size: int,
+    waited_s: float,
+    started: float,
+    outcome: Outcome[R],
 ) -> None:
     trace.queue_wait_s = max(trace.queue_wait_s, waited_s)
     if id(trace) in traced:  # one request's items share a batch: count the batch once
         return
     traced.add(id(trace))
+    trace.started = started
     trace.batches += 1
     trace.batch_size = max(trace.batch_size, size)
     trace.forward_s = max(trace.forward_s, outcome.forward_s)

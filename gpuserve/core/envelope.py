@@ -30,13 +30,15 @@ class CallRecord:
     """One call from arrival to its log line: its id, the model it reached (name, version)
     and what its batches cost (the trace)."""
 
-    __slots__ = ("model", "request_id", "started", "trace")
+    __slots__ = ("model", "parent", "request_id", "started", "trace")
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, parent: dict[str, str] | None = None) -> None:
         self.request_id = request_id
         self.model: tuple[str, str] | None = None
         self.trace: Trace | None = None
         self.started = time.perf_counter()
+        # The W3C trace context the client sent (traceparent, tracestate), for its span.
+        self.parent = parent
 
 
 class Envelope:
@@ -50,12 +52,18 @@ class Envelope:
         self.access_log = access_log
         self.protocol = protocol
 
-    def open(self, offered_id: str | None) -> CallRecord:
-        """A call has arrived, with the id its client offered (or None)."""
+    def open(self, offered_id: str | None, parent: dict[str, str] | None = None) -> CallRecord:
+        """A call has arrived, with the id its client offered (or None) and the W3C trace
+        context it sent (None: none, or traces are off)."""
         self.metrics.in_flight.inc()
         if offered_id is None:  # most calls: a fresh id
-            return CallRecord(new_request_id())
-        return CallRecord(request_id_from(offered_id))
+            return CallRecord(new_request_id(), parent)
+        return CallRecord(request_id_from(offered_id), parent)
+
+    @property
+    def tracing(self) -> bool:
+        """Whether calls are traced: then a transport reads their W3C trace context."""
+        return self.metrics.traces is not None
 
     def admits(self, authorization: bytes | None) -> bool:
         """Whether a call that carried this Authorization value (HTTP's header, gRPC's
@@ -96,6 +104,9 @@ class Envelope:
         level = logging.DEBUG if probe else logging.INFO
         if self.access_log and access.isEnabledFor(level):
             log_call(method, path, record, status, seconds, level)
+        traces = self.metrics.traces
+        if traces is not None and not probe:
+            traces.call(record, self.protocol, method, route, status, seconds)
 
 
 def authorised(authorization: bytes, keys: list[bytes]) -> bool:

@@ -7,7 +7,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from prometheus_client import (
@@ -48,6 +48,24 @@ _STATS_PREFIX = "protocol_stats_"  # a worker's statistics, beside prometheus-cl
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
+class Spans(Protocol):
+    """Where the spans of calls and batches go, when traces are on (`core.tracing.Tracing`)."""
+
+    def call(
+        self,
+        record: Any,
+        protocol: str,
+        method: str,
+        route: str,
+        status: int | str,
+        seconds: float,
+    ) -> None: ...
+
+    def batch(self, model: str, version: str, device: str, stats: Any) -> object: ...
+
+    def close(self) -> None: ...
+
+
 class Metrics:
     """The server's metrics. Names follow Prometheus conventions (`_seconds`, `_total`).
 
@@ -61,6 +79,8 @@ class Metrics:
     def __init__(self, multiprocess_dir: str | None = None) -> None:
         self.registry = CollectorRegistry()
         self._multiprocess_dir = multiprocess_dir
+        # Spans, where traces are on (set while the server starts): the calls' and batches'.
+        self.traces: Spans | None = None
         if multiprocess_dir is None:
             # process_*: this process's memory, CPU time, open files and start time.
             ProcessCollector(registry=self.registry)

@@ -455,7 +455,9 @@ class ModelService:
             return [best]
         return [self._prober(f"cuda:{index}") for index in range(best.visible_devices)]
 
-    def _observe_batch(self, stats: BatchStats) -> None:
+    def _observe_batch(self, stats: BatchStats) -> object:
+        """Count a finished batch; where traces are on, write its span and return its
+        context, for its calls' spans to link to."""
         self._metrics.observe_batch(
             self.name,
             self.version,
@@ -466,6 +468,11 @@ class ModelService:
             stats.oom_splits,
             stats.queue_wait_total_s,
         )
+        traces = self._metrics.traces
+        if traces is None:
+            return None
+        device = self.devices[stats.worker].device if stats.worker < len(self.devices) else ""
+        return traces.batch(self.name, self.version, device, stats)
 
     def _not_ready(self) -> NotReady:
         state = self.state

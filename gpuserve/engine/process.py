@@ -58,6 +58,11 @@ class Engine:
         """Serve the fronts until `stopped` is set, then answer what is left and stop; or
         until a model is `lost`, when the process must end to be replaced."""
         self._stopped = stopped
+        # The batches' spans are written here, where they run; the calls' by the fronts.
+        if self._settings.traces:
+            from gpuserve.core.tracing import Tracing  # an extra: imported only when on
+
+            self.metrics.traces = Tracing.over_otlp()
         context = zmq.asyncio.Context()
         sock = self.router = context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 1000)
@@ -82,6 +87,8 @@ class Engine:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self.metrics.refresh()
+            if self.metrics.traces is not None:
+                self.metrics.traces.close()
             sock.close()
             context.term()
 
@@ -144,7 +151,7 @@ class Engine:
             if not isinstance(error, GpuserveError) or error.__cause__ is not None:
                 logger.error("request %s failed in the engine", trace.request_id, exc_info=error)
             answer.error = wire.error_of(error)
-        answer.trace = (trace.batches, trace.batch_size, trace.queue_wait_s, trace.forward_s)
+        answer.trace = wire.trace_fields(trace)
         self._answer(front, answer)
 
     def _answer(self, front: bytes, answer: wire.Answer) -> None:

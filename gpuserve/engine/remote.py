@@ -132,7 +132,7 @@ class RemoteService(ModelService):
         finally:
             self._deadlines.discard(deadline)
         if trace is not None:
-            trace.batches, trace.batch_size, trace.queue_wait_s, trace.forward_s = answer.trace
+            wire.fill_trace(trace, answer.trace)
         if answer.error is not None:
             raise wire.error_from(answer.error)
         assert answer.rows is not None

@@ -16,6 +16,7 @@ from typing import Any
 import zmq
 
 from gpuserve.core import errors
+from gpuserve.core.batcher import Trace
 
 HELLO = b"hello"  # front -> engine: send me every model's state
 INFER = b"infer"  # front -> engine: a list of Request
@@ -38,6 +39,23 @@ class Request:
     level: int = 0  # its queue level (priority), as the front worked it out
 
 
+# What a request's batches cost, sent back with its answer: the pass's start is on the
+# machine's monotonic clock, which every process shares; `links` are the batches' span
+# contexts, where traces are on.
+TRACE_FIELDS = ("batches", "batch_size", "queue_wait_s", "forward_s", "started", "links")
+
+
+def trace_fields(trace: Trace) -> tuple[Any, ...]:
+    """A Trace's TRACE_FIELDS, to send."""
+    return tuple([getattr(trace, name) for name in TRACE_FIELDS])
+
+
+def fill_trace(trace: Trace, fields: tuple[Any, ...]) -> None:
+    """Set a Trace's TRACE_FIELDS from what `trace_fields` sent (nothing, when empty)."""
+    for name, value in zip(TRACE_FIELDS, fields, strict=False):
+        setattr(trace, name, value)
+
+
 @dataclass(slots=True)
 class Answer:
     """A request's rows, or its error; and what its batches cost, for the front's logs and
@@ -46,7 +64,7 @@ class Answer:
     id: int
     rows: list[Any] | None = None
     error: tuple[str, str, int | None] | None = None  # (class name, message, retry after)
-    trace: tuple[int, int, float, float] = (0, 0, 0.0, 0.0)
+    trace: tuple[Any, ...] = ()  # its Trace's TRACE_FIELDS, as `trace_fields` reads them
 
 
 @dataclass(slots=True)

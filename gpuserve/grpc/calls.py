@@ -45,7 +45,10 @@ class GrpcCalls:
         `/service/method`); only inference (ModelInfer) counts toward a model's series."""
         metadata = dict(context.invocation_metadata() or ())
         envelope = self.envelope
-        record = envelope.open(metadata.get("x-request-id"))
+        parent = None
+        if envelope.tracing:
+            parent = {k: str(metadata[k]) for k in ("traceparent", "tracestate") if k in metadata}
+        record = envelope.open(metadata.get("x-request-id"), parent)
         request_id = record.request_id
         context.set_trailing_metadata((("x-request-id", request_id),))
         status = grpc.StatusCode.OK

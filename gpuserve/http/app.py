@@ -22,7 +22,7 @@ from gpuserve.config import ModelSettings, Settings
 from gpuserve.core.calls import RequestPath
 from gpuserve.core.envelope import Envelope
 from gpuserve.core.errors import GpuserveError
-from gpuserve.core.metrics import Metrics, sample_gpus
+from gpuserve.core.metrics import Metrics, Spans, sample_gpus
 from gpuserve.core.offload import BodyDecoder
 from gpuserve.core.registry import ModelRegistry
 from gpuserve.core.service import Loader, ModelService
@@ -53,6 +53,7 @@ def create_app(
     wait_for_models: bool = False,
     on_no_model: Callable[[], None] | None = None,
     peers: Peers | None = None,
+    traces: Spans | None = None,
 ) -> FastAPI:
     """Build the ASGI app. The models start loading when the app's lifespan starts.
 
@@ -61,6 +62,7 @@ def create_app(
     such as Ray Serve that route to a replica as soon as its start-up ends. `on_no_model` is
     called once every model has failed to load (the server then stops, unless
     `keep_running_without_models`). `peers` makes it one worker process among several.
+    `traces` receives the spans instead of what `settings.traces` would start.
     ValueError when the settings name no model.
     """
     if not settings.served_models:
@@ -80,6 +82,13 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Started here, in the process that serves (a worker forks before): the exporter's
+        # thread is this process's own.
+        metrics.traces = traces
+        if traces is None and settings.traces:
+            from gpuserve.core.tracing import Tracing  # an extra: imported only when on
+
+            metrics.traces = Tracing.over_otlp()
         if link is not None:
             await link.start()
         await models.start()
@@ -108,6 +117,8 @@ def create_app(
                 await asyncio.gather(sampler, return_exceptions=True)
             if monitor is not None:
                 monitor.close()
+            if metrics.traces is not None:
+                metrics.traces.close()
 
     # No trailing-slash redirects: Starlette builds their Location from the client's Host
     # header, which lets anyone make this server redirect to a host of their choosing.

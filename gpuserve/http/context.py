@@ -24,6 +24,9 @@ _OPEN_PATHS = frozenset(
 # What orchestrators and scrapers call every few seconds: their access lines go at DEBUG.
 _PROBES = _OPEN_PATHS | {"/metrics"}
 
+# The W3C trace context a client may send, for its call's span when traces are on.
+_TRACE_CONTEXT = (b"traceparent", b"tracestate")
+
 logger = logging.getLogger("gpuserve.http")
 
 
@@ -39,7 +42,7 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         envelope = self.envelope
-        offered_id = authorization = None
+        offered_id = authorization = parent = None
         for name, value in scope["headers"]:  # one pass, for the headers read here
             if name == b"x-request-id":
                 offered_id = value.decode("latin-1")
@@ -47,7 +50,10 @@ class RequestContext:
                 authorization = value
             elif name == b"accept-encoding" and accepts_gzip(value):
                 send = gzipped(send)
-        record = envelope.open(offered_id)
+            elif name in _TRACE_CONTEXT:
+                parent = parent or {}
+                parent[name.decode("latin-1")] = value.decode("latin-1")
+        record = envelope.open(offered_id, parent if envelope.tracing else None)
         scope.setdefault("state", {})[CALL] = record
         header = (b"x-request-id", record.request_id.encode())
         status = 0  # no response started yet
