@@ -217,6 +217,14 @@ class ModelSettings(BaseModel):
     compile_backend: str = Field(
         default="inductor", description="The torch.compile backend (eager: for tests)."
     )
+    compile_cache_dir: Path | None = Field(
+        default=None,
+        description="A folder for torch's compile caches (inductor's compiled graphs and "
+        "kernels), kept between starts: a compiled model's second start on the same machine "
+        "reuses them instead of compiling again (mount a volume here in a container). torch "
+        "keeps one such folder per process, so give every compiled model of a server the same "
+        "one. Default: torch's own, under the system's temporary folder.",
+    )
     precision_tolerance: float = Field(
         default=0.02,
         gt=0,
@@ -649,7 +657,7 @@ def _check_device(value: str) -> str:
 
 
 # The settings that name files: in a config file, relative to the file's folder.
-_PATH_KEYS = ("path", "weights", "code_dir", "spec")
+_PATH_KEYS = ("path", "weights", "code_dir", "spec", "compile_cache_dir")
 _SERVER_PATH_KEYS = ("repository_dir",)
 
 

@@ -382,7 +382,8 @@ class ModelService:
             bucket_of=_hook(model, "bucket") if self.settings.length_buckets else None,
         )
         await self.batcher.start()
-        self.progress.enter("warming up")
+        # A compiled model compiles its graphs now, at warm-up: the long part of its start.
+        self.progress.enter("warming up" if self.settings.compile == "off" else "compiling")
         try:
             # Warm-up, tuning and CUDA graph capture happen in each copy's own worker thread,
             # the thread that will serve it (see Runner.warm).

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import collections
 import inspect
+import logging
+import os
 import threading
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from gpuserve.config import ModelSettings
+
+logger = logging.getLogger("gpuserve.model.loading")
 
 
 class RecompileWhileServing(RuntimeError):
@@ -117,3 +122,20 @@ def _set_first(config: Any, names: tuple[str, ...], value: Any) -> None:
         if hasattr(config, name):
             setattr(config, name, value)
             return
+
+
+def use_compile_cache(folder: Path) -> None:
+    """Keep torch's compile caches in `folder`, so that a later start finds them.
+
+    Inductor reads its cache folder from TORCHINDUCTOR_CACHE_DIR at each compile (and writes
+    its default there when unset): the variable is the setting torch gives, process-wide.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is not None and Path(current).resolve() != folder.resolve():
+        logger.warning(
+            "compile_cache_dir %s replaces torch's cache folder %s for the whole process",
+            folder,
+            current,
+        )
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder.resolve())

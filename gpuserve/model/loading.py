@@ -20,6 +20,7 @@ from gpuserve.model.device import DeviceInfo
 from gpuserve.model.runner import Runner
 from gpuserve.model.sources import (
     import_object,
+    is_aoti_package,
     load_program,
     program_module,
     require_file,
@@ -68,6 +69,11 @@ def build_model(
     if module is None and _inferred_spec(settings, source):
         # A .pt2 program without a spec: the program's own shapes and dtypes are the spec.
         assert settings.path is not None
+        if is_aoti_package(settings.path):
+            raise ModelLoadError(
+                f"{settings.path} is an AOTInductor package, which does not describe its "
+                f"inputs and outputs: write {source} (a spec; see docs/models.md)"
+            )
         program = load_program(settings.path)
         spec = spec_from_program(program, settings.key, settings.path, settings.max_batch_size)
         logger.info(

@@ -30,6 +30,7 @@ from gpuserve.model.compiling import (
     compile_backend,
     graph_trees_for_this_thread,
     recompile_limit,
+    use_compile_cache,
 )
 from gpuserve.spec import TensorSpec
 
@@ -269,6 +270,8 @@ class Runner:
                     "a compiled model with variable-length inputs needs length_buckets up to "
                     "the input's max_shape, so that it sees a bounded set of shapes"
                 )
+            if self.settings.compile_cache_dir is not None:
+                use_compile_cache(self.settings.compile_cache_dir)
             # One more for warm-up's first check, a batch of two that is not padded.
             graphs = len(self.graph_shapes()) + 1
             self.graph_gate = GraphGate(compile_backend(self.settings), self.spec.name)

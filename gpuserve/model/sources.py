@@ -1,6 +1,8 @@
 """Where a model's module comes from: a file, or a factory plus a weights file.
 
-- `.pt2`: a `torch.export` program (`torch.export.save`), the format torch recommends now.
+- `.pt2`: a `torch.export` program (`torch.export.save`), the format torch recommends now; or
+  an AOTInductor package (`torch._inductor.aoti_compile_and_package`), compiled ahead of time
+  for one device kind, which starts with no compile at all.
 - `.pt`, `.ts`, `.torchscript`: a TorchScript module (`torch.jit.save`), for existing models.
 - `factory = "package.module:callable"`: user code that builds a `torch.nn.Module`, with its
   state dict read from `weights` (`.safetensors`, or `.pt`/`.pth` with `weights_only=True`).
@@ -32,13 +34,58 @@ _TORCHSCRIPT_SUFFIXES = {".pt", ".ts", ".torchscript"}
 _STATE_DICT_SUFFIXES = {".pt", ".pth", ".bin"}
 
 
-def load_module(settings: ModelSettings, device: torch.device) -> torch.nn.Module:
+def load_module(settings: ModelSettings, device: torch.device) -> Any:
     """The configured module, on `device`, in eval mode. Failures are ModelLoadErrors."""
     if settings.factory is not None:
         return _from_factory(settings, device)
     if settings.path is None:
         raise ModelLoadError(f"model {settings.key!r} has no file or factory to load")
+    if is_aoti_package(settings.path):
+        return load_aoti_package(settings, device)
     return _from_file(settings.path, device, settings.max_batch_size)
+
+
+def is_aoti_package(path: Path) -> bool:
+    """Whether `path` is an AOTInductor package: compiled code, not a program to load."""
+    if path.suffix.lower() not in _EXPORT_SUFFIXES:
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/data/aotinductor/" in name for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def load_aoti_package(settings: ModelSettings, device: torch.device) -> Any:
+    """The compiled model of an AOTInductor package, for `device`; its code was compiled for
+    one kind of device, and its precision and graphs are fixed."""
+    path = settings.path
+    assert path is not None
+    require_file(path)
+    if settings.compile != "off" or settings.precision != "fp32":
+        raise ModelLoadError(
+            f"{path} is an AOTInductor package, compiled ahead of time in the precision it "
+            f'was compiled in: serve it with compile = "off" and precision = "fp32" (it '
+            f"has compile = {settings.compile!r}, precision = {settings.precision!r})"
+        )
+    index = device.index if device.type == "cuda" and device.index is not None else -1
+    try:
+        # One load at a time, as for torch.export programs.
+        with _EXPORT_LOAD:
+            progress.enter(f"loading the compiled {path.name}")
+            compiled = torch._inductor.aoti_load_package(str(path), device_index=index)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not load {path} as an AOTInductor package: {type(exc).__name__}: {exc}"
+        ) from exc
+    built_for = str(compiled.get_metadata().get("AOTI_DEVICE_KEY", ""))
+    if built_for and built_for != device.type:
+        raise ModelLoadError(
+            f"{path} is an AOTInductor package compiled for {built_for}, and runs only there; "
+            f"this model serves on {device}: compile the package with the model and its "
+            f"example inputs on {device.type}, or serve it on {built_for}"
+        )
+    return compiled
 
 
 def import_object(target: str, code_dir: Path | None = None) -> Any:
