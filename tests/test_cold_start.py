@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
 
+import anyio
 import numpy as np
 import pytest
 import torch
@@ -20,7 +22,7 @@ from gpuserve.http import create_app
 from gpuserve.model import sources
 from gpuserve.model.loading import load_model
 
-from .helpers import CPU, serving
+from .helpers import CPU, DEMO, FAKE_SPEC, FakeModel, fake_loader, serving, wait_for_status
 
 pytestmark = pytest.mark.anyio
 
@@ -169,3 +171,26 @@ def _environment() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+
+
+@pytest.mark.parametrize(
+    ("compile_mode", "phase"), [("default", "compiling"), ("off", "warming up")]
+)
+async def test_readiness_says_compiling_while_a_compiled_model_warms_up(
+    compile_mode: str, phase: str
+) -> None:
+    warming, release = threading.Event(), threading.Event()
+
+    class SlowToWarm(FakeModel):
+        def warm(self) -> None:  # where a compiled model compiles its graphs
+            warming.set()
+            assert release.wait(timeout=30)
+
+    model = ModelSettings(path=DEMO, compile=compile_mode, freeze_gc=False)
+    app = create_app(Settings(device="cpu", model=model), loader=fake_loader(SlowToWarm(FAKE_SPEC)))
+    async with serving(app, wait_ready=False) as client:
+        assert await anyio.to_thread.run_sync(warming.wait, 30)
+        body = (await client.get("/health/ready")).json()
+        release.set()
+        await wait_for_status(client, "ready")
+    assert body["models"]["digits"]["progress"]["phase"] == phase
