@@ -124,6 +124,13 @@ def parser() -> argparse.ArgumentParser:
         help="the model file (replaces model.path; the config's other model settings apply). "
         "environment: GPUSERVE_MODEL__PATH",
     )
+    serve.add_argument(
+        "--name",
+        dest="model_name",
+        metavar="NAME",
+        help="the model's name, as clients call it (replaces model.name; default: the file's "
+        "stem). environment: GPUSERVE_MODEL__NAME",
+    )
     serve.add_argument("--host", help=_setting("host", "address to listen on"))
     serve.add_argument(
         "--port", type=int, help=_setting("port", "port to listen on; 0 picks a free one")
@@ -171,11 +178,15 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
     flags = {
         k: v
         for k, v in vars(args).items()
-        if k not in ("command", "json", "model_file", "model_path", "init_config") and v is not None
+        if k not in ("command", "json", "model_file", "model_path", "model_name", "init_config")
+        and v is not None
     }
     model = getattr(args, "model_path", None) or getattr(args, "model_file", None)
     if model is not None:
         flags["model"] = {"path": model}
+    name = getattr(args, "model_name", None)
+    if name is not None:
+        flags.setdefault("model", {})["name"] = name
     return flags
 
 

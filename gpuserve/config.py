@@ -31,6 +31,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from gpuserve.model.layout import model_in_folder
 from gpuserve.spec import ModelSpec
 
 _DEVICE_PATTERN = re.compile(r"^(auto|all|cpu|cuda|cuda:\d+)$")
@@ -264,6 +265,25 @@ class ModelSettings(BaseModel):
         if self.path is not None:
             return self.path.stem
         raise ValueError("a model without a file needs a name")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_in_a_folder(cls, data: Any) -> Any:
+        """A path that is a folder (KServe's /mnt/models, say) names the model it holds: its
+        one model file, or the highest version of a one-model Triton repository, whose
+        folder names the model unless `name` does."""
+        if not isinstance(data, dict) or data.get("path") is None:
+            return data
+        folder = Path(data["path"])
+        if not folder.is_dir():
+            return data
+        found = model_in_folder(folder)
+        resolved = {**data, "path": found.path}
+        if found.name is not None and data.get("name") is None:
+            resolved["name"] = found.name
+        if found.version is not None and data.get("version") is None:
+            resolved["version"] = found.version
+        return resolved
 
     @field_validator("path")
     @classmethod

@@ -27,7 +27,7 @@ _PREFIX = "GPUSERVE_"
 # Nested settings, each listed field by field under its key.
 _NESTED: dict[str, type[BaseModel]] = {"model": ModelSettings, "ray": RaySettings}
 # Flags that set a nested setting (the CLI's other flags carry the setting's own name).
-_FLAG_TARGETS = {"model_path": "model.path"}
+_FLAG_TARGETS = {"model_path": "model.path", "model_name": "model.name"}
 
 
 def table() -> str:

@@ -5,9 +5,10 @@
 For each model (the demo, and bench.py's encoder): the `.pt2` program served eager; compiled
 (`compile = "default"`) on a first start with an empty `compile_cache_dir`, and on a second
 start with the cache the first one left; and an AOTInductor package of the same program
-(compiled here first, not timed). Each start is `gpuserve serve` in a fresh process on core 0
-with torch's default cache folder empty, as in a new container; "load" is the model's own
-load line, "ready" the time from the process's start to `/health/ready` answering 200.
+(compiled here first, not timed), on a first and a second start with `compile_cache_dir`.
+Each start is `gpuserve serve` in a fresh process on core 0 with torch's default cache folder
+empty, as in a new container; "load" is the model's own load line, "ready" the time from the
+process's start to `/health/ready` answering 200.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def main() -> None:
                 ("eager .pt2", program, {}),
                 ("compiled, empty compile_cache_dir", program, _compiled(cache)),
                 ("compiled, its second start", program, _compiled(cache)),
-                ("AOTInductor package", packaged, {}),
+                ("AOTInductor package, empty cache", packaged, _cached(work / f"{name}-aoti")),
+                ("AOTInductor package, second start", packaged, _cached(work / f"{name}-aoti")),
             ]
             for index, (form, path, env) in enumerate(runs):
                 fresh = {"TORCHINDUCTOR_CACHE_DIR": str(work / f"default-{name}-{index}")}
@@ -108,7 +110,11 @@ def main() -> None:
 
 
 def _compiled(cache: Path) -> dict[str, str]:
-    return {"GPUSERVE_MODEL__COMPILE": "default", "GPUSERVE_MODEL__COMPILE_CACHE_DIR": str(cache)}
+    return {"GPUSERVE_MODEL__COMPILE": "default", **_cached(cache)}
+
+
+def _cached(cache: Path) -> dict[str, str]:
+    return {"GPUSERVE_MODEL__COMPILE_CACHE_DIR": str(cache)}
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ INTEGRATION = frozenset(
         "test_grpc_limits",
         "test_handler",
         "test_k8s",
+        "test_kserve_runtime",
         "test_logs",
         "test_perf_analyzer",
         "test_protocols",

@@ -27,10 +27,12 @@ from gpuserve.config import ModelSettings
 from gpuserve.core import progress
 from gpuserve.core.errors import ModelLoadError
 from gpuserve.core.progress import open_counted
+from gpuserve.model.compiling import use_compile_cache
+from gpuserve.model.layout import EXPORT_SUFFIXES, TORCHSCRIPT_SUFFIXES
 from gpuserve.spec import DType, ModelSpec, TensorSpec
 
-_EXPORT_SUFFIXES = {".pt2"}
-_TORCHSCRIPT_SUFFIXES = {".pt", ".ts", ".torchscript"}
+_EXPORT_SUFFIXES = EXPORT_SUFFIXES
+_TORCHSCRIPT_SUFFIXES = TORCHSCRIPT_SUFFIXES
 _STATE_DICT_SUFFIXES = {".pt", ".pth", ".bin"}
 
 
@@ -68,6 +70,10 @@ def load_aoti_package(settings: ModelSettings, device: torch.device) -> Any:
             f'was compiled in: serve it with compile = "off" and precision = "fp32" (it '
             f"has compile = {settings.compile!r}, precision = {settings.precision!r})"
         )
+    if settings.compile_cache_dir is not None:
+        # A package's first load prepares inductor's runtime in its cache folder (seconds on
+        # a CPU): a kept folder spares the later starts that.
+        use_compile_cache(settings.compile_cache_dir)
     index = device.index if device.type == "cuda" and device.index is not None else -1
     try:
         # One load at a time, as for torch.export programs.
