@@ -27,6 +27,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "init":
         _init(args.model_file, args.init_config)
         return
+    if args.command == "from-torchserve":
+        _from_torchserve(args.archive, args.out or Path(args.archive.stem))
+        return
     if getattr(args, "model_path", None) and getattr(args, "model_file", None):
         sys.exit("gpuserve: give the model file once: as MODEL or as --model")
     flags = _flags(args)
@@ -56,6 +59,7 @@ _EXAMPLES = """examples:
   gpuserve serve model.pt2                   serve a torch.export file (spec inferred if no .json)
   gpuserve serve --config configs/default.toml --port 9000
   gpuserve init model.pt2                    write gpuserve.toml (and model.json) to edit
+  gpuserve from-torchserve model.mar         a TorchServe archive as a folder to serve
   GPUSERVE_DEVICE=cpu gpuserve serve         environment variables: GPUSERVE_<SETTING>
   gpuserve probe --json                      which device would be used, and why
 """
@@ -164,6 +168,18 @@ def parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="the config file to write (default: gpuserve.toml)",
     )
+    imported = commands.add_parser(
+        "from-torchserve",
+        help="turn a TorchServe model archive (.mar) into a folder to serve",
+        description="Write a gpuserve config, the model's files and a spec (labels from "
+        "index_to_name.json) for a TorchServe archive holding a TorchScript, .pt2 or eager "
+        "(model.py and a state dict) model; says what is left to do by hand. Runs nothing "
+        "from the archive.",
+    )
+    imported.add_argument("archive", type=Path, metavar="ARCHIVE", help="a .mar file")
+    imported.add_argument(
+        "--out", type=Path, metavar="FOLDER", help="a new folder (default: the archive's name)"
+    )
     return root
 
 
@@ -179,6 +195,7 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
         k: v
         for k, v in vars(args).items()
         if k not in ("command", "json", "model_file", "model_path", "model_name", "init_config")
+        and k not in ("archive", "out")
         and v is not None
     }
     model = getattr(args, "model_path", None) or getattr(args, "model_file", None)
@@ -202,6 +219,20 @@ def _init(model: Path, config: Path) -> None:
     for step in started.todo:
         print(f"  next: {step}")
     print(f"  then: gpuserve serve --config {config}")
+
+
+def _from_torchserve(archive: Path, out: Path) -> None:
+    from gpuserve.model.torchserve import ArchiveError, convert
+
+    try:
+        converted = convert(archive, out)
+    except ArchiveError as exc:
+        sys.exit(f"gpuserve: {exc}")
+    wrote = [converted.config, *converted.files, converted.spec]
+    print("wrote " + ", ".join(str(path) for path in wrote))
+    for note in converted.notes:
+        print(f"  note: {note}")
+    print(f"  then: gpuserve serve --config {converted.config}")
 
 
 def _probe(settings: Settings, as_json: bool) -> None:
