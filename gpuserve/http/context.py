@@ -53,7 +53,8 @@ class RequestContext:
             elif name in _TRACE_CONTEXT:
                 parent = parent or {}
                 parent[name.decode("latin-1")] = value.decode("latin-1")
-        record = envelope.open(offered_id, parent if envelope.tracing else None)
+        # A trace context is kept only where traces are on: most requests carry none.
+        record = envelope.open(offered_id, parent if parent and envelope.tracing else None)
         scope.setdefault("state", {})[CALL] = record
         header = (b"x-request-id", record.request_id.encode())
         status = 0  # no response started yet
