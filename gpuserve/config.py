@@ -275,9 +275,12 @@ class ModelSettings(BaseModel):
         if not isinstance(data, dict) or data.get("path") is None:
             return data
         folder = Path(data["path"])
-        if not folder.is_dir():
+        if folder.name in ("", ".", "..") or not folder.is_dir():
             return data
-        found = model_in_folder(folder)
+        try:
+            found = model_in_folder(folder)
+        except ValueError:
+            return data  # `path`'s own check says why, as that setting's error
         resolved = {**data, "path": found.path}
         if found.name is not None and data.get("name") is None:
             resolved["name"] = found.name
@@ -290,6 +293,8 @@ class ModelSettings(BaseModel):
     def _check_path(cls, path: Path | None) -> Path | None:
         if path is not None and path.name in ("", ".", ".."):
             raise ValueError(f"path must name a model file, not {str(path)!r}")
+        if path is not None and path.is_dir():
+            model_in_folder(path)  # a folder that holds no single model: ValueError, why
         return path
 
     @model_validator(mode="after")
