@@ -66,8 +66,10 @@ def test_the_check_finds_an_unknown_field_and_a_wrong_type() -> None:
 
 def test_the_runtime_serves_pytorch_formats_on_kserves_ports_with_its_probes() -> None:
     spec = manifest("clusterservingruntime.yaml")["spec"]
-    formats = {entry["name"] for entry in spec["supportedModelFormats"]}
-    assert {"pytorch", "pytorch-pt2"} <= formats
+    formats = {entry["name"]: entry for entry in spec["supportedModelFormats"]}
+    assert {"pytorch", "pytorch-pt2"} <= set(formats)
+    # Chosen by itself for .pt2 only: a `pytorch` model stored for TorchServe is a .mar.
+    assert formats["pytorch-pt2"]["autoSelect"] and not formats["pytorch"]["autoSelect"]
     assert set(spec["protocolVersions"]) == {"v1", "v2", "grpc-v2"}
     (container,) = spec["containers"]
     assert container["name"] == "kserve-container"  # the name KServe looks for
