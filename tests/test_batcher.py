@@ -372,6 +372,35 @@ async def test_the_batch_staged_on_a_stuck_copy_goes_back_to_the_queue() -> None
     await batcher.stop()
 
 
+async def test_a_batch_handed_back_from_a_stuck_copy_keeps_the_queue_in_level_order() -> None:
+    stuck, other = GatedDoubler(), GatedDoubler()
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        [stuck, other], max_batch_size=2, max_wait_s=0.0, forward_timeout_s=None
+    )
+    await batcher.start()
+    first = await hold_worker(stuck, batcher)  # runs on copy 0
+    other.gate.clear()
+    running = batcher.submit(2)  # copy 1 takes it
+    await wait_until(lambda: other.batches == [[2]])
+    mixed = [*batcher.submit_many([3], level=0), *batcher.submit_many([4], level=1)]
+    await wait_until(lambda: len(batcher._in_flight) == 3)  # [3, 4] staged on copy 0
+    behind = batcher.submit_many([6], level=1)
+    await wait_until(lambda: len(batcher._in_flight) == 4)  # [6] staged on copy 1
+    urgent = batcher.submit_many([5], level=0)  # queued: every copy has a batch staged
+    batcher.forward_timeout_s = 0.0
+    stuck_batch = batcher._in_flight[0]
+    stuck_batch.started = time.monotonic() - 1
+    batcher._check_stalled(stuck_batch)
+    with pytest.raises(BatcherClosed):
+        await first
+    other.gate.set()
+    await asyncio.wait_for(asyncio.gather(running, *mixed, *behind, *urgent), 10)
+    # [3, 4] went back each at the head of its level: 5 (level 0) still goes before 4.
+    assert other.batches == [[2], [6], [3, 5], [4]]
+    stuck.gate.set()
+    await batcher.stop()
+
+
 async def test_a_wrong_number_of_results_fails_the_batch() -> None:
     batcher = await started(lambda items: items[:-1])
     with pytest.raises(RuntimeError, match="returned 0 results for a batch of 1"):

@@ -362,15 +362,20 @@ class MicroBatcher(Generic[T, R]):
                 staged.started is None
                 and self._pipelines[staged.worker] is None
                 and all(entry.level > level for entry in staged.entries)
-                and staged.work is not None
-                and staged.work.cancel()
             ):
-                staged.requeued = True
-                self._in_flight.remove(staged)
-                if staged.watchdog is not None:
-                    self._watchdogs.discard(staged.watchdog)
-                for entry in reversed(staged.entries):  # each at the head of its level
-                    self._pending.insert(self._place(entry.level, first=True), entry)
+                self._take_back(staged)
+
+    def _take_back(self, staged: _Batch[T, R]) -> None:
+        """Hand a batch given to a worker back to the queue, unless it has started: each
+        entry at the head of its level, so that it keeps its turn and the queue its order."""
+        if staged.work is None or not staged.work.cancel():
+            return
+        staged.requeued = True
+        self._in_flight.remove(staged)
+        if staged.watchdog is not None:
+            self._watchdogs.discard(staged.watchdog)
+        for entry in reversed(staged.entries):
+            self._pending.insert(self._place(entry.level, first=True), entry)
 
     def _place(self, level: int, first: bool = False) -> int:
         """Where an entry of `level` goes: behind the last entry of its level or higher, or
@@ -767,12 +772,7 @@ class MicroBatcher(Generic[T, R]):
     def _requeue_staged(self, worker: int) -> None:
         """Hand the batches waiting on `worker`, not yet started, back to the queue."""
         for staged in [b for b in self._in_flight if b.worker == worker]:
-            if staged.work is not None and staged.work.cancel():
-                staged.requeued = True
-                self._in_flight.remove(staged)
-                if staged.watchdog is not None:
-                    self._watchdogs.discard(staged.watchdog)
-                self._pending.extendleft(reversed(staged.entries))
+            self._take_back(staged)
 
     def _watch(self, batch: _Batch[T, R], after_s: float) -> int:
         return self._watchdogs.add(after_s, functools.partial(self._check_stalled, batch))
