@@ -345,6 +345,13 @@ async def test_one_stuck_copy_fails_its_batch_and_the_other_copies_keep_serving(
     await batcher.stop()
 
 
+def declare_stuck(batcher: MicroBatcher[int, int], batch: Any) -> None:
+    """Run the watchdog's check now on `batch`, as if its pass had run past the timeout."""
+    batcher.forward_timeout_s = 0.0
+    batch.started = time.monotonic() - 1
+    batcher._check_stalled(batch)
+
+
 async def test_the_batch_staged_on_a_stuck_copy_goes_back_to_the_queue() -> None:
     stuck, other = GatedDoubler(), GatedDoubler()
     # No watchdog of its own: the test declares the pass stuck when it chooses.
@@ -359,10 +366,7 @@ async def test_the_batch_staged_on_a_stuck_copy_goes_back_to_the_queue() -> None
     staged = batcher.submit(3)  # both busy: staged behind copy 0's pass (least loaded, first)
     await wait_until(lambda: len(batcher._in_flight) == 3)
     assert [b.worker for b in batcher._in_flight] == [0, 1, 0]
-    batcher.forward_timeout_s = 0.0
-    stuck_batch = batcher._in_flight[0]
-    stuck_batch.started = time.monotonic() - 1
-    batcher._check_stalled(stuck_batch)
+    declare_stuck(batcher, batcher._in_flight[0])
     with pytest.raises(BatcherClosed):
         await first
     other.gate.set()  # copy 1 finishes, then runs the batch handed back from copy 0
@@ -387,10 +391,7 @@ async def test_a_batch_handed_back_from_a_stuck_copy_keeps_the_queue_in_level_or
     behind = batcher.submit_many([6], level=1)
     await wait_until(lambda: len(batcher._in_flight) == 4)  # [6] staged on copy 1
     urgent = batcher.submit_many([5], level=0)  # queued: every copy has a batch staged
-    batcher.forward_timeout_s = 0.0
-    stuck_batch = batcher._in_flight[0]
-    stuck_batch.started = time.monotonic() - 1
-    batcher._check_stalled(stuck_batch)
+    declare_stuck(batcher, batcher._in_flight[0])
     with pytest.raises(BatcherClosed):
         await first
     other.gate.set()
