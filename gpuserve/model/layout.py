@@ -16,6 +16,9 @@ from pathlib import Path
 EXPORT_SUFFIXES = frozenset({".pt2"})
 TORCHSCRIPT_SUFFIXES = frozenset({".pt", ".ts", ".torchscript"})
 MODEL_SUFFIXES = EXPORT_SUFFIXES | TORCHSCRIPT_SUFFIXES
+# State dicts read into a factory's module (`weights`): .safetensors, or torch.load's own.
+STATE_DICT_SUFFIXES = frozenset({".pt", ".pth", ".bin"})
+WEIGHTS_SUFFIXES = STATE_DICT_SUFFIXES | {".safetensors"}
 
 
 @dataclass(frozen=True)

@@ -28,12 +28,13 @@ from gpuserve.core import progress
 from gpuserve.core.errors import ModelLoadError
 from gpuserve.core.progress import open_counted
 from gpuserve.model.compiling import use_compile_cache
-from gpuserve.model.layout import EXPORT_SUFFIXES, TORCHSCRIPT_SUFFIXES
+from gpuserve.model.layout import (
+    EXPORT_SUFFIXES,
+    MODEL_SUFFIXES,
+    STATE_DICT_SUFFIXES,
+    TORCHSCRIPT_SUFFIXES,
+)
 from gpuserve.spec import DType, ModelSpec, TensorSpec
-
-_EXPORT_SUFFIXES = EXPORT_SUFFIXES
-_TORCHSCRIPT_SUFFIXES = TORCHSCRIPT_SUFFIXES
-_STATE_DICT_SUFFIXES = {".pt", ".pth", ".bin"}
 
 
 def load_module(settings: ModelSettings, device: torch.device) -> Any:
@@ -49,7 +50,7 @@ def load_module(settings: ModelSettings, device: torch.device) -> Any:
 
 def is_aoti_package(path: Path) -> bool:
     """Whether `path` is an AOTInductor package: compiled code, not a program to load."""
-    if path.suffix.lower() not in _EXPORT_SUFFIXES:
+    if path.suffix.lower() not in EXPORT_SUFFIXES:
         return False
     try:
         with zipfile.ZipFile(path) as archive:
@@ -363,12 +364,12 @@ def _upper_bound(dim: Any, program: Any) -> int | None:
 def _from_file(path: Path, device: torch.device, max_batch_size: int = 1) -> torch.nn.Module:
     require_file(path)
     suffix = path.suffix.lower()
-    if suffix in _EXPORT_SUFFIXES:
+    if suffix in EXPORT_SUFFIXES:
         program = load_program(path)
         _require_dynamic_batch(program, path, max_batch_size)
         return _on_device(program, device)
     try:
-        if suffix in _TORCHSCRIPT_SUFFIXES:
+        if suffix in TORCHSCRIPT_SUFFIXES:
             with warnings.catch_warnings():
                 # TorchScript is deprecated in torch, but users still hold such files.
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -379,7 +380,7 @@ def _from_file(path: Path, device: torch.device, max_batch_size: int = 1) -> tor
         raise ModelLoadError(
             f"could not load {path} as a TorchScript module: {type(exc).__name__}: {exc}"
         ) from exc
-    known = ", ".join(sorted(_EXPORT_SUFFIXES | _TORCHSCRIPT_SUFFIXES))
+    known = ", ".join(sorted(MODEL_SUFFIXES))
     raise ModelLoadError(
         f"unknown model format {suffix!r} for {path}: use one of {known}, or a factory"
     )
@@ -428,7 +429,7 @@ def _load_weights(module: torch.nn.Module, path: Path) -> None:
     try:
         if suffix == ".safetensors":
             state = _read_safetensors(path)
-        elif suffix in _STATE_DICT_SUFFIXES:
+        elif suffix in STATE_DICT_SUFFIXES:
             # weights_only: a pickle from elsewhere must not run code on load.
             with open_counted(path) as file:
                 state = torch.load(file, map_location="cpu", weights_only=True)

@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from gpuserve.model.layout import MODEL_SUFFIXES, WEIGHTS_SUFFIXES
 from gpuserve.spec import ModelSpec, TensorSpec
 
 _MANIFEST = "MAR-INF/MANIFEST.json"
-_TORCHSCRIPT = (".pt", ".ts", ".torchscript")
-_STATE_DICT = (".pt", ".pth", ".bin", ".safetensors")
 # What TorchServe's built-in handlers did around the model, which a gpuserve model is sent
 # already done (or does in a Handler's preprocess).
 _BUILT_IN = {
@@ -81,7 +80,7 @@ def convert(archive: Path, out: Path) -> Converted:
             source = opened.read(members[PurePosixPath(model_file).name]).decode()
             module_name = PurePosixPath(model_file).stem
             cls = _module_class(source, model_file)
-            if suffix not in _STATE_DICT:
+            if suffix not in WEIGHTS_SUFFIXES:
                 raise ArchiveError(
                     f"{serialized_name} is not a state dict gpuserve reads (.safetensors, .pt, "
                     ".pth, .bin)"
@@ -95,7 +94,7 @@ def convert(archive: Path, out: Path) -> Converted:
                 f'weights = "{weights.name}"',
                 'code_dir = "."',
             ]
-        elif suffix in (*_TORCHSCRIPT, ".pt2"):
+        elif suffix in MODEL_SUFFIXES:
             model = _extract(opened, members[serialized_name], out, f"{name}{suffix}")
             written.append(model)
             model_lines = [f'path = "{model.name}"']
