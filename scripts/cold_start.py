@@ -17,7 +17,6 @@ import argparse
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,17 +26,11 @@ from pathlib import Path
 
 import httpx
 import torch
+from _loadgen import free_port
 from bench import export_models
 
 ROOT = Path(__file__).resolve().parent.parent
 _LOADED = re.compile(r"loaded \S+ from .* in ([0-9.]+)s")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def start(path: Path, env: dict[str, str], work: Path) -> tuple[float, float]:

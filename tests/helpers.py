@@ -279,6 +279,14 @@ def metric(url: str, name: str) -> float:
     return 0.0
 
 
+def free_port() -> int:
+    """A loopback port free now, for a server that must be told its port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 def predicts_answered(url: str) -> float:
     """/predict requests answered so far, whatever their status."""
     text = httpx.get(f"{url}/metrics").text

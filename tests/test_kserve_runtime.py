@@ -5,7 +5,6 @@ and the runtime's exact arguments serve a storage-initializer folder to KServe's
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from .helpers import ROOT, ServerProcess, wait_ready
+from .helpers import ROOT, ServerProcess, free_port, wait_ready
 
 KSERVE = ROOT / "deploy" / "kserve"
 # kserve's generated protobuf modules clash with tritonclient's in one process: its types are
@@ -92,13 +91,6 @@ def runtime_command(folder: Path, name: str, http: int, grpc: int) -> list[str]:
     args[args.index("--grpc-port") + 1] = str(grpc)
     args[args.index("--host") + 1] = "127.0.0.1"  # loopback only, in a test
     return [sys.executable, "-m", "gpuserve", *args]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def storage_layouts(demo_model: Path, root: Path) -> dict[str, Path]:

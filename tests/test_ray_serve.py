@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from sklearn.datasets import load_digits
 from gpuserve.config import ModelSettings, RaySettings, Settings
 from gpuserve.model.loading import load_model
 
-from .helpers import CPU, ROOT
+from .helpers import CPU, ROOT, free_port
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -31,13 +30,6 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from gpuserve import ray_serve  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")
