@@ -199,6 +199,34 @@ def test_bf16_weights_are_cast_once_at_load_and_checked_against_fp32() -> None:
     assert handler._reference is None  # the fp32 copy is let go once checked
 
 
+def test_cast_weights_get_floating_inputs_in_their_dtype_whatever_the_batchs_shape() -> None:
+    seen: dict[str, torch.dtype] = {}
+
+    class ByName(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 3)
+
+        def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+            seen.update({name: value.dtype for name, value in batch.items()})
+            return self.layer(batch["x"]) + batch["ids"].sum()
+
+    class DictBatches(Handler):  # a custom collate: a dict of tensors
+        def collate(self, items: list[Any]) -> Any:
+            x = torch.from_numpy(np.stack(items))
+            return {"x": x, "ids": torch.zeros(len(items), dtype=torch.int64)}
+
+        def forward(self, batch: Any) -> Any:
+            assert self.module is not None
+            return self.module(batch)
+
+    settings = ModelSettings(path=DEMO, precision="bf16-weights")
+    runner = Runner(DictBatches(spec(), CPU, settings, module=ByName().eval()))
+    runner.setup()
+    assert len(runner(instances(2))) == 2
+    assert seen == {"x": torch.bfloat16, "ids": torch.int64}
+
+
 def test_casting_weights_needs_a_module() -> None:
     handler = make(Linear().eval(), precision="fp16-weights")
     handler.module = lambda x: x

@@ -533,14 +533,9 @@ def _cast_weights(module: Any, dtype: torch.dtype) -> Any:
 
 
 def _cast_floats(batch: Any, dtype: torch.dtype) -> Any:
-    """A batch with its floating tensors in `dtype` (a mask or token ids stay as they are)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(dtype) if batch.is_floating_point() else batch
-    if isinstance(batch, Padded):
-        return batch._replace(values=_cast_floats(batch.values, dtype))
-    if isinstance(batch, tuple):
-        return tuple(_cast_floats(value, dtype) for value in batch)
-    return batch
+    """A batch with its floating tensors in `dtype`, whatever its shape (a mask or token ids
+    stay as they are)."""
+    return _map_tensors(batch, lambda t: t.to(dtype) if t.is_floating_point() else t)
 
 
 def _to_host(output: Any) -> Any:
