@@ -81,7 +81,7 @@ def nothing_to_serve(settings: Settings) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    """The command line: `serve`, `probe` and `init`, with their flags."""
+    """The command line: `serve`, `probe`, `init` and `from-torchserve`, with their flags."""
     root = argparse.ArgumentParser(
         prog="gpuserve",
         description="Serve PyTorch models over HTTP with dynamic batching, on the best GPU "
@@ -190,14 +190,14 @@ def _setting(name: str, text: str) -> str:
     return f"{text} ({shown}environment: GPUSERVE_{name.upper()})"
 
 
+# Arguments that are not settings of their own: the command's, or a model setting's.
+_NOT_SETTINGS = frozenset(
+    {"command", "json", "model_file", "model_path", "model_name", "init_config", "archive", "out"}
+)
+
+
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
-    flags = {
-        k: v
-        for k, v in vars(args).items()
-        if k not in ("command", "json", "model_file", "model_path", "model_name", "init_config")
-        and k not in ("archive", "out")
-        and v is not None
-    }
+    flags = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS and v is not None}
     model = getattr(args, "model_path", None) or getattr(args, "model_file", None)
     if model is not None:
         flags["model"] = {"path": model}
