@@ -400,6 +400,13 @@ class Settings(BaseSettings):
     grpc_port: int = Field(
         default=8001, ge=0, le=65535, description="The gRPC port (Triton's default); 0 picks one."
     )
+    grpc_threads: int = Field(
+        default=256,
+        ge=1,
+        description="gRPC calls in progress at once: each waits for its answer in a thread of "
+        "its own (the work runs on the event loop). Calls past it wait for a thread, their "
+        "deadlines running; a health Watch holds one for as long as it is open.",
+    )
     device: str = Field(
         default="auto",
         description="auto (the GPU with most free memory, else CPU), all (every visible GPU), "

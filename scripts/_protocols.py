@@ -2,8 +2,9 @@
 
 /predict JSON, v2 HTTP JSON and v2 HTTP binary are driven by wrk; gRPC with raw contents by
 `_grpc_load.py` (a Python client sending pre-serialized requests), against gpuserve and then
-against a bare grpc.aio server answering a canned response (`_bare_grpc.py`: the floor that
-grpcio itself sets). Each load generator runs
+against bare grpcio servers answering a canned response (`_bare_grpc.py`: the floor that
+grpcio itself sets; its threaded server, which gpuserve uses, and its asyncio one). Each load
+generator runs
 on core 1 and the server on core 0, and the protocols take turns within each repeat, so the
 figures compare. Server CPU per request (the process's own CPU seconds over requests
 answered) is the figure that does not depend on how fast the client is.
@@ -121,19 +122,23 @@ def measure_protocols(
                 print(json.dumps(result), flush=True)
     finally:
         stop(server)
-    runs[FLOOR] = grpc_floor(payloads["gRPC raw"], concurrency, seconds, repeats)
+    for name, flags in FLOORS.items():
+        runs[name] = grpc_floor(name, flags, payloads["gRPC raw"], concurrency, seconds, repeats)
     return median_rows(list(runs.values()))
 
 
-FLOOR = "gRPC floor (bare grpc.aio, canned answer)"
+FLOORS = {
+    "gRPC floor: bare threaded grpcio server, canned answer": [],
+    "bare grpc.aio server, canned answer": ["--asyncio"],
+}
 
 
 def grpc_floor(
-    payload: bytes, concurrency: int, seconds: float, repeats: int
+    name: str, flags: list[str], payload: bytes, concurrency: int, seconds: float, repeats: int
 ) -> list[dict[str, Any]]:
     """The same gRPC load against `_bare_grpc.py` on the same core: grpcio's own cost."""
     port = free_port()
-    command = [sys.executable, str(SCRIPTS / "_bare_grpc.py"), str(port)]
+    command = [sys.executable, str(SCRIPTS / "_bare_grpc.py"), str(port), *flags]
     server = subprocess.Popen(pinned(command, 0), cwd=ROOT, start_new_session=True)
     target = f"127.0.0.1:{port}"
     runs = []
@@ -146,7 +151,7 @@ def grpc_floor(
             result = run_grpc(target, payload, concurrency, seconds)
             answered = max(1, result["requests"] - result["non_2xx"])
             cpu = tree_cpu_seconds(server.pid) - cpu_before
-            result.update(protocol=FLOOR, cpu_us_per_request=cpu / answered * 1e6, mean_batch=None)
+            result.update(protocol=name, cpu_us_per_request=cpu / answered * 1e6, mean_batch=None)
             runs.append(result)
             print(json.dumps(result), flush=True)
     finally:

@@ -7,7 +7,9 @@ import asyncio
 
 import anyio
 import grpc
+import numpy as np
 import pytest
+import tritonclient.grpc.aio as triton
 
 from gpuserve.config import Settings
 
@@ -89,3 +91,28 @@ async def test_an_unloaded_model_is_not_serving_not_an_error(
         stream.cancel()
         await asyncio.sleep(0)
     assert not [r for r in caplog.records if r.exc_info is not None]
+
+
+async def test_calls_past_the_threads_wait_for_one_beside_an_open_watch(
+    fake_model: FakeModel,
+) -> None:
+    """Two threads: an open Watch holds one, and twelve calls at once take turns on the
+    other, each answered with its own rows."""
+    settings = Settings(device="cpu", model=FAKE, grpc_threads=2)
+    async with (
+        both(settings, loader=fake_loader(fake_model)) as servers,
+        grpc.aio.insecure_channel(servers.url) as channel,
+    ):
+        stream = channel.unary_stream("/grpc.health.v1.Health/Watch")(request(""))
+        with anyio.fail_after(10):
+            assert await stream.read() == SERVING
+
+        async def infer(value: float) -> float:
+            x = triton.InferInput("x", [1, 4], "FP32")
+            x.set_data_from_numpy(np.full((1, 4), value, dtype=np.float32))
+            return float((await servers.grpc.infer("fake", [x])).as_numpy("y")[0])
+
+        with anyio.fail_after(30):
+            answers = await asyncio.gather(*(infer(i) for i in range(12)))
+        assert answers == [4.0 * i for i in range(12)]
+        stream.cancel()

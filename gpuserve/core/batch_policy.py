@@ -6,7 +6,8 @@ The rules (the batcher's docstring states them for its users):
   back (`hold_for_callers`): then it stays open for them, no longer than that batch's pass
   took nor `max_wait_s` after the worker became free (or after the oldest item came, if later).
 - Also with `hold_for_callers`, where calls arrive one at a time in a steady stream (gRPC's
-  calls reach the event loop one per wake-up, so none is waiting when a batch finishes), an
+  calls reach the event loop one by one from the threads that take them, so few are
+  waiting when a batch finishes), an
   idle worker's batch stays open while they keep coming (4 calls in a row or more, each
   within `max_wait_s` of the one before): until no call has come for twice their recent
   gap, or `max_wait_s`. A hold that

@@ -13,6 +13,7 @@ import grpc
 
 from gpuserve.core.envelope import CallRecord, Envelope
 from gpuserve.core.errors import ErrorKind, GpuserveError, Unauthorized
+from gpuserve.grpc.bridge import Aborted, LoopContext
 from gpuserve.protocols.status import GRPC_CODES
 
 logger = logging.getLogger("gpuserve.grpc")
@@ -38,14 +39,14 @@ class GrpcCalls:
         self,
         service: str,
         method: str,
-        context: grpc.aio.ServicerContext,
+        context: LoopContext,
         work: Callable[[CallRecord], Awaitable[R] | R],
     ) -> R:
         """Run `work` as the call `method` of `service` (the route in the metrics is
         `/service/method`); only inference (ModelInfer) counts toward a model's series."""
         metadata = dict(context.invocation_metadata() or ())
         envelope = self.envelope
-        parent = None
+        parent: dict[str, str] | None = None
         if envelope.tracing:
             parent = {k: str(metadata[k]) for k in ("traceparent", "tracestate") if k in metadata}
         record = envelope.open(metadata.get("x-request-id"), parent)
@@ -77,7 +78,7 @@ class GrpcCalls:
             status = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
-            if isinstance(exc, grpc.aio.AbortError):
+            if isinstance(exc, Aborted):
                 raise
             # A bug (ours, or in a user's hook): the client gets a request id, the log the rest.
             status = grpc.StatusCode.INTERNAL

@@ -24,6 +24,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from gpuserve.core.envelope import CallRecord
 from gpuserve.core.errors import ModelNotFound
 from gpuserve.core.registry import ModelRegistry
+from gpuserve.grpc.bridge import LoopCalls, LoopContext
 from gpuserve.grpc.calls import GrpcCalls
 
 SERVICE = "grpc.health.v1.Health"
@@ -75,17 +76,19 @@ def status_of(models: ModelRegistry, service: str) -> int:
     return SERVING if ready else NOT_SERVING
 
 
-def health_handler(calls: GrpcCalls, models: ModelRegistry) -> grpc.GenericRpcHandler:
+def health_handler(
+    loop_calls: LoopCalls, calls: GrpcCalls, models: ModelRegistry
+) -> grpc.GenericRpcHandler:
     """The health service's handler, for `server.add_generic_rpc_handlers`. Its calls go
     through `calls`, so they get a request id, metrics and an access log line."""
 
-    async def check(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def check(request: Any, context: LoopContext) -> Any:
         def answer(_: CallRecord) -> Any:
             return HealthCheckResponse(status=status_of(models, request.service))
 
         return await calls.call(SERVICE, "Check", context, answer)
 
-    async def watch(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def watch(request: Any, context: LoopContext) -> AsyncIterator[Any]:
         last = None
         while True:
             try:
@@ -101,7 +104,7 @@ def health_handler(calls: GrpcCalls, models: ModelRegistry) -> grpc.GenericRpcHa
                 return
             await asyncio.sleep(_WATCH_INTERVAL_S)
 
-    return grpc.method_handlers_generic_handler(
+    return loop_calls.service(
         SERVICE,
         {
             "Check": grpc.unary_unary_rpc_method_handler(

@@ -5,7 +5,8 @@ A thin transport like the HTTP routes: each call is a few lines onto the core, i
 envelope every call gets (`calls.GrpcCalls`: request id, API key, status, metrics, access
 log). Inference takes the core's one request path with the gRPC codec (`codec`); metadata,
 configuration, statistics and the repository read what HTTP's v2 routes read
-(`protocols.oip_reads`). It runs on the server's event loop (grpc.aio) on its own port.
+(`protocols.oip_reads`). Its calls' work runs on the server's event loop, as HTTP's does;
+grpcio's threaded server takes them on a port of its own (`bridge`).
 
 The service comes from tritonclient's generated modules, compiled by Triton from its own
 grpc_service.proto, the protocol's reference: nothing generated is kept in this repository.
@@ -13,6 +14,8 @@ grpc_service.proto, the protocol's reference: nothing generated is kept in this 
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -28,6 +31,7 @@ from gpuserve.core.errors import InvalidInput, ModelNotFound, NotServed
 from gpuserve.core.metrics import Metrics
 from gpuserve.core.offload import BodyDecoder
 from gpuserve.core.registry import ModelRegistry
+from gpuserve.grpc.bridge import LoopCalls, LoopContext
 from gpuserve.grpc.calls import GrpcCalls, status_of
 from gpuserve.grpc.codec import decode_infer, encode_infer, read_infer_request
 from gpuserve.grpc.health import health_handler
@@ -42,7 +46,9 @@ _MAX_PENDING = 1 << 20
 
 
 class GrpcServer:
-    """The gRPC endpoint: started beside uvicorn on the same loop, stopped with it.
+    """The gRPC endpoint: started beside uvicorn, its calls' work on the same loop, stopped
+    with it. grpcio's threaded server takes the calls (`bridge`: each waits in a thread of
+    `grpc_threads` while its work runs on the loop).
 
     Messages are bounded like HTTP bodies, by `max_body_bytes`; connections like HTTP's, by
     `max_connections` (gRPC's own count: a connection past it is closed at once), the
@@ -73,8 +79,8 @@ class GrpcServer:
             ("grpc.max_allowed_incoming_connections", max_connections or settings.max_connections),
             ("grpc.server_handshake_timeout_ms", int(settings.header_timeout_s * 1000)),
             ("grpc.max_connection_idle_ms", int(settings.keep_alive_s * 1000)),
-            # Calls that arrived while the event loop was busy wait in gRPC's core for it to
-            # take them; past its default of 1000 the core cancels the rest (CANCELLED, no
+            # Calls that arrive faster than the server takes them wait in gRPC's core; past
+            # its default of 1000 the core cancels the rest (CANCELLED, no
             # trace in gpuserve). Every call reaches gpuserve instead, whose model queue
             # answers what it cannot take with RESOURCE_EXHAUSTED, counted and logged. (A
             # limit on a connection's concurrent streams is not set: gRPC's core refuses a
@@ -82,30 +88,43 @@ class GrpcServer:
             ("grpc.server.max_pending_requests", _MAX_PENDING),
             ("grpc.server.max_pending_requests_hard_limit", _MAX_PENDING),
         ]
-        self._server = grpc.aio.server(options=options)
+        self._options = options
+        self._server: grpc.Server | None = None
+        self._threads: ThreadPoolExecutor | None = None
         envelope = Envelope(metrics, settings.api_key_values(), settings.access_log, "grpc")
-        calls = GrpcCalls(envelope)
+        self._calls = GrpcCalls(envelope)
+        self._models = models
         # On its own (no HTTP app beside it), messages are decoded where they arrive.
         path = path or RequestPath(models, BodyDecoder(settings.parse_offload_bytes, 0))
-        inference = InferenceService(settings, path, calls)
-        _register(self._server, inference)
-        self._server.add_generic_rpc_handlers((health_handler(calls, models),))
+        self._inference = InferenceService(settings, path, self._calls)
         self.port = 0
 
     async def start(self, host: str, port: int) -> int:
         """Listen on `host:port` (0: a port the OS picks) and serve; returns the port."""
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        threads = ThreadPoolExecutor(self.settings.grpc_threads, thread_name_prefix="grpc-call")
+        server = grpc.server(threads, options=self._options)
+        loop_calls = LoopCalls(asyncio.get_running_loop())
+        _register(server, loop_calls, self._inference)
+        server.add_generic_rpc_handlers((health_handler(loop_calls, self._calls, self._models),))
         try:
-            self.port = self._server.add_insecure_port(address)
+            self.port = server.add_insecure_port(address)
         except RuntimeError as exc:  # grpc says only "Failed to bind"
+            threads.shutdown()
             raise OSError(f"gRPC cannot listen on {address}: {exc}") from None
-        await self._server.start()
+        server.start()
+        self._server, self._threads = server, threads
         return self.port
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new calls, let those in progress finish for up to `grace_s`, then cancel
         what is left (its clients get CANCELLED)."""
-        await self._server.stop(grace_s)
+        server, threads = self._server, self._threads
+        if server is not None:
+            # The calls' threads wait for the loop, which runs on while the stop waits.
+            await asyncio.to_thread(lambda: server.stop(grace_s).wait())
+        if threads is not None:
+            threads.shutdown(wait=False)  # every call has ended: the idle threads go
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
@@ -122,30 +141,30 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def _call(self, method: str, context: Any, work: Any) -> Any:
         return await self._calls.call(SERVICE, method, context, work)
 
-    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ServerLive(self, request: Any, context: LoopContext) -> Any:
         return await self._call("ServerLive", context, lambda _: pb.ServerLiveResponse(live=True))
 
-    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ServerReady(self, request: Any, context: LoopContext) -> Any:
         def ready(_: CallRecord) -> Any:
             return pb.ServerReadyResponse(ready=reads.server_ready(self._models))
 
         return await self._call("ServerReady", context, ready)
 
-    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ModelReady(self, request: Any, context: LoopContext) -> Any:
         def ready(record: CallRecord) -> Any:
             name, version = _model(request.name, request.version, record)
             return pb.ModelReadyResponse(ready=reads.model_ready(self._models, name, version))
 
         return await self._call("ModelReady", context, ready)
 
-    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ServerMetadata(self, request: Any, context: LoopContext) -> Any:
         def metadata(_: CallRecord) -> Any:
             body = reads.server_metadata(self._settings)
             return json_format.ParseDict(body, pb.ServerMetadataResponse())
 
         return await self._call("ServerMetadata", context, metadata)
 
-    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ModelMetadata(self, request: Any, context: LoopContext) -> Any:
         def metadata(record: CallRecord) -> Any:
             name, version = _model(request.name, request.version, record)
             body = reads.metadata_of(self._models, name, version)
@@ -153,7 +172,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
         return await self._call("ModelMetadata", context, metadata)
 
-    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ModelConfig(self, request: Any, context: LoopContext) -> Any:
         def config(record: CallRecord) -> Any:
             name, version = _model(request.name, request.version, record)
             config = reads.model_config_of(self._models, name, version)
@@ -161,7 +180,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
         return await self._call("ModelConfig", context, config)
 
-    async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ModelStatistics(self, request: Any, context: LoopContext) -> Any:
         def statistics(record: CallRecord) -> Any:
             name, version = _model(request.name, request.version, record)
             stats = reads.statistics_of(self._models, name or None, version)
@@ -169,7 +188,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
         return await self._call("ModelStatistics", context, statistics)
 
-    async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def RepositoryIndex(self, request: Any, context: LoopContext) -> Any:
         def index(_: CallRecord) -> Any:
             self._repository_on()
             on_disk = repository.on_disk(self._settings.repository_dir)
@@ -178,7 +197,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
         return await self._call("RepositoryIndex", context, index)
 
-    async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def RepositoryModelLoad(self, request: Any, context: LoopContext) -> Any:
         async def load(record: CallRecord) -> Any:
             self._repository_on()
             record.model = (request.model_name, "")
@@ -190,7 +209,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
         return await self._call("RepositoryModelLoad", context, load)
 
-    async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def RepositoryModelUnload(self, request: Any, context: LoopContext) -> Any:
         async def unload(record: CallRecord) -> Any:
             self._repository_on()
             record.model = (request.model_name, "")
@@ -199,7 +218,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
         return await self._call("RepositoryModelUnload", context, unload)
 
-    async def ModelInfer(self, message: bytes, context: grpc.aio.ServicerContext) -> Any:
+    async def ModelInfer(self, message: bytes, context: LoopContext) -> Any:
         """Takes the message as bytes (see `_register`), so that one that cannot be
         read is this call's INVALID_ARGUMENT, counted and logged, and a large one goes to
         the parse process as it came."""
@@ -245,37 +264,33 @@ for _method, _what in oip.NOT_SERVED_CALLS.items():
 
 
 class _Handlers:
-    """Stands in for the server to collect the generated registration's handlers."""
+    """Stands in for the server to collect the generated registration's method handlers
+    (it gives them twice: as a generic handler too, which is not needed here)."""
 
     def __init__(self) -> None:
-        self.generic: list[grpc.GenericRpcHandler] = []
         self.registered: dict[str, grpc.RpcMethodHandler] = {}
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        self.generic.extend(handlers)
+        pass
 
     def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
         self.registered.update(handlers)
 
 
-def _register(server: grpc.aio.Server, inference: InferenceService) -> None:
-    """The service's handlers, but for ModelInfer's, which leaves its message as bytes.
+def _register(server: grpc.Server, calls: LoopCalls, inference: InferenceService) -> None:
+    """The service's handlers, run on the loop, but for ModelInfer's, which leaves its
+    message as bytes.
 
-    The generated one reads every message on the event loop and answers one that it cannot
-    read UNKNOWN, before gpuserve sees the call; `InferenceService.ModelInfer` reads it itself.
+    The generated one reads every message before gpuserve sees the call and answers one that
+    it cannot read UNKNOWN; `InferenceService.ModelInfer` reads it itself.
     """
     found = _Handlers()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, found)
-    infer = grpc.unary_unary_rpc_method_handler(
+    handlers = dict(found.registered)
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
         inference.ModelInfer, response_serializer=pb.ModelInferResponse.SerializeToString
     )
-    mine = {"ModelInfer": infer}
-    # Registered handlers win over generic ones; generic ones are asked in order.
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE, mine), *found.generic)
-    )
-    if found.registered:
-        server.add_registered_method_handlers(SERVICE, {**found.registered, **mine})
+    server.add_generic_rpc_handlers((calls.service(SERVICE, handlers),))
 
 
 def _model(name: str, version: str, record: CallRecord) -> tuple[str, str | None]:
