@@ -85,17 +85,8 @@ class LoopCalls:
         """A unary-unary (or unary) handler: `handler`'s coroutine, run on the loop."""
 
         def run(request: Any, context: grpc.ServicerContext) -> Any:
-            on_loop = LoopContext(context.invocation_metadata(), context.time_remaining())
-            work = self._start(handler(request, on_loop), context)
-            try:
-                return work.result()
-            except concurrent.futures.CancelledError:
-                return None  # the call has ended (cancelled, or past its deadline): no answer
-            except Aborted as exc:
-                context.abort(exc.code, exc.details)  # raises
-            finally:
-                # Sent with the status, which grpc sends once this returns or raises.
-                context.set_trailing_metadata(on_loop.trailing)
+            work, on_loop = self._start(lambda on_loop: handler(request, on_loop), context)
+            return _answer(work, on_loop, context)
 
         return run
 
@@ -104,37 +95,33 @@ class LoopCalls:
         passed to the call's thread as they come."""
 
         def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            on_loop = LoopContext(context.invocation_metadata(), context.time_remaining())
             items: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
-            async def feed() -> None:
+            async def feed(on_loop: LoopContext) -> None:
                 async for item in handler(request, on_loop):
                     items.put(item)
 
-            work = self._start(feed(), context)
+            work, on_loop = self._start(feed, context)
             # However the work ends: a task cancelled before its first step runs no code.
             work.add_done_callback(lambda _: items.put(_END))
             while (item := items.get()) is not _END:
                 yield item
-            try:
-                work.result()
-            except concurrent.futures.CancelledError:
-                return
-            except Aborted as exc:
-                context.abort(exc.code, exc.details)  # raises
-            finally:
-                context.set_trailing_metadata(on_loop.trailing)
+            _answer(work, on_loop, context)
 
         return run
 
     def _start(
-        self, work: Coroutine[Any, Any, Any], context: grpc.ServicerContext
-    ) -> concurrent.futures.Future[Any]:
-        future = asyncio.run_coroutine_threadsafe(work, self._loop)
+        self,
+        work_of: Callable[[LoopContext], Coroutine[Any, Any, Any]],
+        context: grpc.ServicerContext,
+    ) -> tuple[concurrent.futures.Future[Any], LoopContext]:
+        """Start a call's work on the loop, with the loop's view of its context."""
+        on_loop = LoopContext(context.invocation_metadata(), context.time_remaining())
+        future = asyncio.run_coroutine_threadsafe(work_of(on_loop), self._loop)
         # Runs once the call ends, however it ends; cancelling a finished call does nothing.
         if not context.add_callback(future.cancel):
             future.cancel()  # it ended already
-        return future
+        return future, on_loop
 
     def handler(self, found: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """`found` (a coroutine handler, as grpc's helpers build it) for the threaded server.
@@ -155,6 +142,22 @@ class LoopCalls:
         """A generic handler of the service `name`, its methods run on the loop."""
         mine = {method: self.handler(found) for method, found in handlers.items()}
         return grpc.method_handlers_generic_handler(name, mine)
+
+
+def _answer(
+    work: concurrent.futures.Future[Any], on_loop: LoopContext, context: grpc.ServicerContext
+) -> Any:
+    """Wait for a call's work: its result; None when the call has ended (cancelled, or past
+    its deadline: no answer); the threaded context's abort when the work aborted."""
+    try:
+        return work.result()
+    except concurrent.futures.CancelledError:
+        return None
+    except Aborted as exc:
+        context.abort(exc.code, exc.details)  # raises
+    finally:
+        # Sent with the status, which grpc sends once this returns or raises.
+        context.set_trailing_metadata(on_loop.trailing)
 
 
 def _no_messages(
