@@ -139,8 +139,9 @@ class ModelSettings(BaseModel):
     hold_for_callers: bool = Field(
         default=True,
         description="An idle model holds a batch open for the callers of the last batch still "
-        "due back (clients that send their next request once answered), no longer than that "
-        "batch's pass took: full batches rather than halves under a steady crowd; and, while "
+        "due back (clients that send their next request once answered), for one pass or as "
+        "long as they take to come back at their recent pace, within max_wait_ms: full "
+        "batches rather than halves under a steady crowd; and, while "
         "calls stream in one at a time (gRPC), until they pause, within max_wait_ms. False: "
         "dispatch at once, for independent arrivals where the hold only adds wait.",
     )

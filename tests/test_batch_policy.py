@@ -122,3 +122,52 @@ def test_the_first_call_is_never_held(clock: Clock) -> None:
     p = policy(max_wait_s=math.inf)
     p.arrived()
     assert idle_until(p, 1, clock.now) is None
+
+
+def test_callers_due_back_are_held_for_at_their_pace_past_one_pass(clock: Clock) -> None:
+    # A batch of 8 ran 0.5 ms; its callers come back 0.25 ms apart (gRPC's, each paying a
+    # thread's wake-up): all 8 take 2 ms, four passes. One pass of hold would split them.
+    p = policy(max_wait_s=0.005)
+    p.finished(held=8, started=clock.now - 0.0005)
+    freed = clock.now
+    for back in range(1, 8):
+        clock.now += 0.00025
+        p.arrived()
+        # Open for 1.5x the 8 callers' time at that pace, from when the worker came free.
+        assert idle_until(p, back, freed) == pytest.approx(freed + 1.5 * 8 * 0.00025)
+    clock.now += 0.00025
+    p.arrived()
+    # All back: no more wait for them; only the stream rule's, two gaps past the last call.
+    assert idle_until(p, 8, freed) == pytest.approx(clock.now + 2 * 0.00025)
+
+
+def test_the_hold_for_callers_due_back_ends_at_max_wait(clock: Clock) -> None:
+    p = policy(max_wait_s=0.002)
+    p.finished(held=32, started=clock.now - 0.0005)
+    freed = clock.now
+    clock.now += 0.0003
+    p.arrived()  # at that pace the other 31 would take 10 ms: held 2 ms, not 10
+    assert idle_until(p, 1, freed) == pytest.approx(freed + 0.002)
+    clock.now = freed + 0.002
+    assert idle_until(p, 1, freed) is None
+
+
+def test_callers_that_left_are_waited_for_one_pass_when_the_rest_came_back_at_once(
+    clock: Clock,
+) -> None:
+    # Callers that came back in a burst (HTTP's, read in one turn of the loop) set a quick
+    # pace: when some then stop coming, the batch waits one pass for them, not max_wait.
+    p = policy(max_wait_s=3600.0)
+    p.finished(held=4, started=clock.now - 0.001)
+    for _ in range(4):
+        clock.now += 0.00001
+        p.arrived()
+    p.dispatched(4)
+    clock.now += 0.001
+    p.finished(held=4, started=clock.now - 0.001)
+    freed = clock.now
+    clock.now += 0.00001
+    p.arrived()  # one of the four; three never come
+    assert idle_until(p, 1, freed) == pytest.approx(freed + 0.001)
+    clock.now = freed + 0.001
+    assert idle_until(p, 1, freed) is None

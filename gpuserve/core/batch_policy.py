@@ -3,8 +3,11 @@ and futures that carry it out.
 
 The rules (the batcher's docstring states them for its users):
 - At an idle worker a batch is dispatched at once, unless callers of the last batch are due
-  back (`hold_for_callers`): then it stays open for them, no longer than that batch's pass
-  took nor `max_wait_s` after the worker became free (or after the oldest item came, if later).
+  back (`hold_for_callers`): then it stays open for them, as long as that batch's pass took
+  or, if longer, 1.5x the time the batch's callers take to come back at the pace they have
+  been coming back since recent batches finished (gRPC's calls come back one by one, each
+  paying a thread's wake-up on a shared core); never past `max_wait_s` after the worker
+  became free (or after the oldest item came, if later).
 - Also with `hold_for_callers`, where calls arrive one at a time in a steady stream (gRPC's
   calls reach the event loop one by one from the threads that take them, so few are
   waiting when a batch finishes), an
@@ -28,6 +31,8 @@ from collections.abc import Callable
 # Calls in a row, each within max_wait_s of the one before, that make a stream worth holding
 # for: a burst after a pause is not one.
 _STREAM = 4
+# How much longer than their recent pace predicts an idle worker waits for callers due back.
+_SLACK = 1.5
 
 
 class FormationPolicy:
@@ -53,6 +58,8 @@ class FormationPolicy:
         self._load = 0
         self._hold_until = 0.0
         self._free_since = 0.0  # when the last batch finished, freeing its worker
+        self._back = 0  # calls arrived since then
+        self._pace = 0.0  # the recent seconds per caller for callers to come back
         # The stream of arrivals: when the last call came, the recent gap between calls, and
         # whether holding for them has paid (see `_stream_until`).
         self._last_arrival = -math.inf
@@ -92,12 +99,19 @@ class FormationPolicy:
                 return None
             if waiting >= self._load - in_flight():
                 return self._stream_until(waiting, until)
-            until = min(until, self._hold_until)
+            # One pass at least, or as long as the rest take to come back at the pace callers
+            # have been coming back (gRPC's each pay a thread's wake-up on a shared core).
+            due = max(self._hold_until, self._free_since + _SLACK * self._load * self._pace)
+            until = min(until, due)
         return until if time.monotonic() < until else None
 
     def arrived(self) -> None:
         """A call's items joined the queue."""
         now = time.monotonic()
+        self._back += 1
+        if self._back <= self._load:
+            pace = (now - self._free_since) / self._back
+            self._pace = pace if not self._pace else 0.75 * self._pace + 0.25 * pace
         gap = now - self._last_arrival
         self._last_arrival = now
         if gap >= self.max_wait_s:  # a pause: whatever stream there was has ended
@@ -134,6 +148,7 @@ class FormationPolicy:
         now = time.monotonic()
         self._load = held
         self._free_since = now
+        self._back = 0
         self._hold_until = now + (now - started if started is not None else 0.0)
 
     def out_of_memory(self, size: int) -> int:

@@ -8,8 +8,9 @@ and each batch goes to the least loaded one.
 How a batch forms:
 - When a worker is idle, whatever is waiting is dispatched at once (up to `max_batch_size`):
   a lone request never waits for a timer. Unless callers are due back: when fewer wait than
-  the last finished batch left in hand, the batch stays open for them, no longer than that
-  batch's pass took nor past `max_wait_s` (the rules live in `batch_policy`).
+  the last finished batch left in hand, the batch stays open for them, one pass or as long
+  as they take to come back at their recent pace, never past `max_wait_s` (the rules live in
+  `batch_policy`).
 - While every worker runs a batch, arrivals accumulate. The next batch is handed to the worker's
   queue when it reaches `max_batch_size`, when its oldest item has waited `max_wait_s`, or when
   the worker becomes idle, whichever comes first. Handing it over early lets the worker start it
