@@ -116,27 +116,12 @@ def measure_setting(
     repeats: int,
 ) -> dict[str, list[dict[str, Any]]]:
     """One server with the environment `extra`: the protocols `names`, in turn, each run."""
-    port, grpc_port = free_port(), free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "gpuserve", "serve", str(model), "--device", "cpu"]
-    command += ["--port", str(port), "--grpc-port", str(grpc_port)]
-    env = {"GPUSERVE_LOG_LEVEL": "warning", "GPUSERVE_MODEL__MAX_QUEUE_SIZE": "100000", **extra}
-    server = start(command, f"{url}/health/ready", env, ROOT)
+    server, url, grpc_port = serve_demo(model, extra)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     try:
 
         def load(name: str, clients: int, duration: float) -> dict[str, Any]:
-            payload = payloads[name]
-            if name == "gRPC raw":
-                return run_grpc(f"127.0.0.1:{grpc_port}", payload, clients, duration)
-            if name == "predict JSON":
-                return run_wrk(f"{url}/predict", payload, clients, duration)
-            target = f"{url}/v2/models/digits/infer"
-            if name == "v2 HTTP JSON":
-                return run_wrk(target, payload, clients, duration)
-            body, length = payload
-            headers = {"Inference-Header-Content-Length": str(length)}
-            return run_wrk(target, body, clients, duration, headers)
+            return drive(name, payloads, url, grpc_port, clients, duration)
 
         for name in names:
             load(name, 8, 2)  # warm-up, not recorded
@@ -156,6 +141,39 @@ def measure_setting(
     finally:
         stop(server)
     return runs
+
+
+def serve_demo(model: Path, extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], str, int]:
+    """`gpuserve serve` on core 0 with the environment `extra`, once ready: the process, its
+    HTTP URL and its gRPC port."""
+    port, grpc_port = free_port(), free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "gpuserve", "serve", str(model), "--device", "cpu"]
+    command += ["--port", str(port), "--grpc-port", str(grpc_port)]
+    env = {"GPUSERVE_LOG_LEVEL": "warning", "GPUSERVE_MODEL__MAX_QUEUE_SIZE": "100000", **extra}
+    return start(command, f"{url}/health/ready", env, ROOT), url, grpc_port
+
+
+def drive(
+    name: str,
+    payloads: dict[str, Any],
+    url: str,
+    grpc_port: int,
+    clients: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """The load of the protocol `name` (a key of `bodies()`) against a server of `serve_demo`."""
+    payload = payloads[name]
+    if name == "gRPC raw":
+        return run_grpc(f"127.0.0.1:{grpc_port}", payload, clients, seconds)
+    if name == "predict JSON":
+        return run_wrk(f"{url}/predict", payload, clients, seconds)
+    target = f"{url}/v2/models/digits/infer"
+    if name == "v2 HTTP JSON":
+        return run_wrk(target, payload, clients, seconds)
+    body, length = payload
+    headers = {"Inference-Header-Content-Length": str(length)}
+    return run_wrk(target, body, clients, seconds, headers)
 
 
 FLOORS = {

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -471,11 +470,9 @@ def main() -> None:
 
 def protocols(args: argparse.Namespace) -> None:
     from _protocols import measure_protocols, protocols_report
+    from _workers import demo_model
 
-    model = ROOT / "models" / "digits.pt2"
-    if not model.exists():
-        make = [sys.executable, str(SCRIPTS / "make_demo_model.py"), "--out", str(model.parent)]
-        subprocess.run(make, check=True)
+    model = demo_model()
     concurrency = args.concurrency[0] if args.concurrency != [1, 8, 32, 128] else 32
     rows = measure_protocols(model, concurrency, args.seconds, args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)

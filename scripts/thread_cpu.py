@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-from _loadgen import free_port, run_wrk, start, stop
-from _protocols import ROOT, bodies, run_grpc
-
-TICK = os.sysconf("SC_CLK_TCK")
+from _loadgen import _cpu_seconds, stop
+from _protocols import bodies, drive, serve_demo
+from _workers import demo_model
 
 
 def thread_seconds(pid: int) -> dict[int, tuple[str, float]]:
@@ -35,7 +34,7 @@ def thread_seconds(pid: int) -> dict[int, tuple[str, float]]:
             continue  # it ended
         fields = text.rsplit(")", 1)[1].split()
         name = text[text.index("(") + 1 : text.rindex(")")]
-        threads[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / TICK)
+        threads[int(task.name)] = (name, _cpu_seconds(fields))
     return threads
 
 
@@ -62,30 +61,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     args = parser.parse_args()
-    model = ROOT / "models" / "digits.pt2"
-    if not model.exists():
-        subprocess.run(
-            [sys.executable, "scripts/make_demo_model.py", "--out", "models"], cwd=ROOT, check=True
-        )
-    port, grpc_port = free_port(), free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "gpuserve", "serve", str(model), "--device", "cpu"]
-    command += ["--port", str(port), "--grpc-port", str(grpc_port)]
-    env = {
-        "GPUSERVE_LOG_LEVEL": "warning",
-        "GPUSERVE_MODEL__MAX_QUEUE_SIZE": "100000",
-        "GPUSERVE_MODEL__MAX_WAIT_MS": str(args.max_wait_ms),
-    }
-    server = start(command, f"{url}/health/ready", env, ROOT)
+    extra = {"GPUSERVE_MODEL__MAX_WAIT_MS": str(args.max_wait_ms)}
+    server, url, grpc_port = serve_demo(demo_model(), extra)
     payloads = bodies()
-    body, length = payloads["v2 HTTP binary"]
-    headers = {"Inference-Header-Content-Length": str(length)}
-    target = f"{url}/v2/models/digits/infer"
 
-    def load(protocol: str, clients: int, seconds: float) -> dict[str, float]:
-        if protocol == "gRPC raw":
-            return run_grpc(f"127.0.0.1:{grpc_port}", payloads[protocol], clients, seconds)
-        return run_wrk(target, body, clients, seconds, headers)
+    def load(protocol: str, clients: int, seconds: float) -> dict[str, Any]:
+        return drive(protocol, payloads, url, grpc_port, clients, seconds)
 
     try:
         for protocol in ("v2 HTTP binary", "gRPC raw"):
